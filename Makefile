@@ -1,0 +1,140 @@
+# Makefile for the Python Obtuse smtpd/smtpfwdd.
+#
+# Every tunable of the programs lives here.  `make` writes buildconf.py from
+# these values; override any of them on the command line, e.g.
+#     make NOTO_DELAY=5
+# and the next plain `make` writes the defaults back.
+
+# ---------------------------------------------------------------- paths ----
+
+# The smtpd home: smtpd chroots here (-c default).  Real path.
+SPOOLDIR = /var/spool/smtpd
+
+# The spool directory relative to the jail (-d default of smtpd); smtpfwdd's
+# default spool is SPOOLDIR/SPOOLSUBDIR.
+SPOOLSUBDIR = .
+
+# The rules file, a path inside the jail (so normally SPOOLDIR/etc/...).
+CHECK_FILE = /etc/smtpd_check_rules
+
+# The mail agent smtpfwdd runs for each spool file (smtpfwdd -s default).
+MAIL_AGENT = /usr/sbin/sendmail
+
+# Directory of smtpd.pid for `smtpd -D` (smtpd -i default: PID_DIR/smtpd.pid).
+PID_DIR = /var/run
+
+# Installation prefix for `make install`.
+PREFIX = /usr/local
+
+# ------------------------------------------------------------- identity ----
+
+# User and group both daemons run as (-u/-g defaults).  Never root.
+SMTP_USER = smtpd
+SMTP_GROUP = smtpd
+
+# syslog facility of both daemons (a name from syslog.h, without LOG_).
+LOG_FACILITY = mail
+
+# ------------------------------------------------------- smtpd timings ----
+
+# Seconds a noto_delay / deny_delay rule sleeps before its reply.
+NOTO_DELAY = 60
+DENY_DELAY = 60
+
+# Seconds smtpd waits for each read from the client before 421.
+READ_TIMEOUT = 300
+
+# Seconds a whole SMTP session may last before 421.  Also the age after
+# which smtpfwdd removes an unlocked draft left by a killed smtpd.
+SESSION_TIMEOUT = 1800
+
+# Seconds an RFC 1413 ident query may take; 0 = never ask.
+CHECK_IDENT = 10
+
+# TCP port of the client's ident server.
+IDENT_PORT = 113
+
+# Seconds a DNS lookup (PTR, A/AAAA, NS, MX, RBL) may take in all.
+DNS_TIMEOUT = 10
+
+# 1 = a recipient that no rule matches is denied; 0 = allowed (original).
+CHECK_ADDRESS_DENY_ON_FAILURE = 0
+
+# -------------------------------------------------------- smtpd limits ----
+
+# Most recipients accepted per message; further RCPTs get 452.
+MAX_RCPT = 1000
+
+# Workers smtpd -D starts ahead of demand.
+SMTPD_PREFORK = 4
+
+# Most worker processes (sessions at once) of smtpd -D (-M default).
+SMTPD_MAXCHILDREN = 64
+
+# Most concurrent sessions from one client address; more get 421.
+SMTPD_MAX_PER_IP = 10
+
+# Sessions a worker serves before it exits and is replaced.
+SMTPD_MAX_USE = 100
+
+# ----------------------------------------------------- smtpfwdd tunables ----
+
+# Most delivery children at once (smtpfwdd -M default).
+MAXCHILDREN = 10
+
+# Seconds between spool scans (smtpfwdd -P default).
+POLL_TIME = 10
+
+# Most argv elements per mail-agent call: options, sender and recipients.
+MAXARGS = 100
+
+# Seconds a temporarily failed message waits before the next attempt.
+RETRY_DELAY_TIME = 600
+
+# Seconds a message may stay deferred before it is moved to failed/ (5 days).
+QUEUE_LIFETIME = 432000
+
+# ------------------------------------------------------------ build rules ----
+
+CONSTANTS = SPOOLDIR SPOOLSUBDIR CHECK_FILE MAIL_AGENT PID_DIR PREFIX \
+	SMTP_USER SMTP_GROUP LOG_FACILITY NOTO_DELAY DENY_DELAY READ_TIMEOUT \
+	SESSION_TIMEOUT CHECK_IDENT IDENT_PORT DNS_TIMEOUT \
+	CHECK_ADDRESS_DENY_ON_FAILURE MAX_RCPT SMTPD_PREFORK SMTPD_MAXCHILDREN \
+	SMTPD_MAX_PER_IP SMTPD_MAX_USE MAXCHILDREN POLL_TIME MAXARGS \
+	RETRY_DELAY_TIME QUEUE_LIFETIME
+export $(CONSTANTS)
+export CONSTANTS
+
+PYTHON = python3
+VENV = .venv
+VPY = $(VENV)/bin/python
+PYTEST_ARGS =
+
+.PHONY: all venv test clean FORCE
+
+all: buildconf.py
+
+# Written only when its content changes, so an override is always applied
+# and a plain `make` afterwards restores the defaults.
+buildconf.py: FORCE
+	@$(PYTHON) -c 'import os; \
+	  out = ["\"\"\"Generated from Makefile; do not edit.\"\"\"", ""]; \
+	  v = lambda s: int(s) if s.lstrip("-").isdigit() else s; \
+	  out += ["%s = %r" % (n, v(os.environ[n])) for n in os.environ["CONSTANTS"].split()]; \
+	  open("buildconf.py.tmp", "w").write("\n".join(out) + "\n")'
+	@if cmp -s buildconf.py.tmp buildconf.py; then rm -f buildconf.py.tmp; \
+	 else mv buildconf.py.tmp buildconf.py; echo "wrote buildconf.py"; fi
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check \
+	    -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv buildconf.py
+	$(VPY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) t/
+
+clean:
+	rm -rf buildconf.py buildconf.py.tmp __pycache__ t/__pycache__ .pytest_cache .hypothesis

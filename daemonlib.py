@@ -1,0 +1,168 @@
+"""daemonlib - plumbing shared by smtpd, smtpfwdd and checkrules
+
+DESCRIPTION
+    Logging (syslog, optionally mirrored to stderr), fatal errors with
+    sysexits statuses, user/group resolution and the one function that
+    drops privileges, with or without a chroot.
+SECURITY
+    enter_jail() chroots first, then clears supplementary groups, then sets
+    gid and uid, and verifies that root cannot be regained.
+"""
+
+import encodings.idna  # noqa: F401  (socket and dnspython need it in the jail)
+import grp
+import os
+import pwd
+import socket
+import stat
+import sys
+import syslog
+import time
+
+EX_OK = os.EX_OK
+EX_USAGE = os.EX_USAGE
+EX_DATAERR = os.EX_DATAERR
+EX_NOUSER = os.EX_NOUSER
+EX_UNAVAILABLE = os.EX_UNAVAILABLE
+EX_SOFTWARE = os.EX_SOFTWARE
+EX_OSERR = os.EX_OSERR
+EX_OSFILE = os.EX_OSFILE
+EX_CANTCREAT = os.EX_CANTCREAT
+EX_IOERR = os.EX_IOERR
+EX_TEMPFAIL = os.EX_TEMPFAIL
+EX_PROTOCOL = os.EX_PROTOCOL
+EX_CONFIG = os.EX_CONFIG
+
+
+class Log:
+    """syslog with an optional copy of every line on stderr."""
+
+    def __init__(self):
+        self.ident = os.path.basename(sys.argv[0] or "python").removesuffix(".py")
+        self.stderr = False
+        self.opened = False
+
+    def open(self, ident, facility="mail", pid=True, stderr=False):
+        """Open syslog now (LOG_NDELAY keeps the socket across chroot)."""
+        self.ident = ident
+        self.stderr = stderr
+        fac = getattr(syslog, "LOG_" + facility.upper(), syslog.LOG_MAIL)
+        opts = syslog.LOG_NDELAY | (syslog.LOG_PID if pid else 0)
+        syslog.openlog(ident, opts, fac)
+        self.opened = True
+
+    def __call__(self, level, fmt, *args):
+        msg = fmt % args if args else fmt
+        msg = msg.replace("\n", "\\n").replace("\r", "\\r")
+        if self.opened:
+            syslog.syslog(level, msg)
+        if self.stderr:
+            try:
+                os.write(2, ("%s[%d]: %s\n" % (self.ident, os.getpid(), msg))
+                         .encode("utf-8", "backslashreplace"))
+            except OSError:
+                self.stderr = False
+
+
+log = Log()
+
+
+def debug(fmt, *args):
+    log(syslog.LOG_DEBUG, fmt, *args)
+
+
+def info(fmt, *args):
+    log(syslog.LOG_INFO, fmt, *args)
+
+
+def notice(fmt, *args):
+    log(syslog.LOG_NOTICE, fmt, *args)
+
+
+def warn(fmt, *args):
+    log(syslog.LOG_WARNING, fmt, *args)
+
+
+def err(fmt, *args):
+    log(syslog.LOG_ERR, fmt, *args)
+
+
+def crit(fmt, *args):
+    log(syslog.LOG_CRIT, fmt, *args)
+
+
+def alert(fmt, *args):
+    log(syslog.LOG_ALERT, fmt, *args)
+
+
+def die(status, fmt, *args):
+    """Log at LOG_ERR (LOG_CRIT for software errors) and exit."""
+    log(syslog.LOG_CRIT if status == EX_SOFTWARE else syslog.LOG_ERR, fmt, *args)
+    sys.exit(status)
+
+
+def stderr_is_socket():
+    """True when fd 2 is a socket (inetd hands the client over on 0, 1, 2)."""
+    try:
+        return stat.S_ISSOCK(os.fstat(2).st_mode)
+    except OSError:
+        return True
+
+
+def lookup_user(spec):
+    """Resolve a user name or decimal uid; None when unknown."""
+    try:
+        return pwd.getpwuid(int(spec)) if spec.isdigit() else pwd.getpwnam(spec)
+    except (KeyError, ValueError):
+        return None
+
+
+def lookup_group(spec):
+    """Resolve a group name or decimal gid; None when unknown."""
+    try:
+        return grp.getgrgid(int(spec)) if spec.isdigit() else grp.getgrnam(spec)
+    except (KeyError, ValueError):
+        return None
+
+
+def resolve_identity(user, group):
+    """Return (pw, gr) for -u/-g or die: unknown → 64, root → 78."""
+    pw = lookup_user(user)
+    if pw is None:
+        die(EX_USAGE, "unknown user %r", user)
+    gr = lookup_group(group)
+    if gr is None:
+        die(EX_USAGE, "unknown group %r", group)
+    if pw.pw_uid == 0:
+        die(EX_CONFIG, "refusing to run as uid 0 (user %s)", pw.pw_name)
+    if gr.gr_gid == 0:
+        die(EX_CONFIG, "refusing to run as gid 0 (group %s)", gr.gr_name)
+    return pw, gr
+
+
+def prepare_jail():
+    """Do now what a chrooted process could not do later."""
+    time.tzset()
+    socket.gethostname()
+
+
+def enter_jail(pw, gr, jail):
+    """Chroot to jail (unless None) and become pw/gr for good."""
+    if jail is not None:
+        try:
+            os.chroot(jail)
+            os.chdir("/")
+        except OSError as e:
+            die(EX_CONFIG, "chroot(%s): %s", jail, e.strerror)
+    try:
+        os.setgroups([gr.gr_gid])
+        os.setresgid(gr.gr_gid, gr.gr_gid, gr.gr_gid)
+        os.setresuid(pw.pw_uid, pw.pw_uid, pw.pw_uid)
+    except OSError as e:
+        die(EX_OSERR, "dropping privileges to %s/%s: %s",
+            pw.pw_name, gr.gr_name, e.strerror)
+    try:
+        os.setuid(0)
+    except PermissionError:
+        return
+    die(EX_SOFTWARE, "setuid(0) succeeded after dropping privileges")

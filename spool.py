@@ -1,0 +1,316 @@
+"""spool - the smtpd spool directory, its file format and its protocol
+
+SYNOPSIS
+    import spool
+    with spool.Draft(spooldir, sender, recipients) as d:
+        d.write(received_header); d.write(body); name = d.commit()
+    msg = spool.parse(fileobj)
+
+FORMAT
+    One file per message, named "smtpd" followed by six random characters.
+    Every line ends with a single LF; no line of the envelope is longer than
+    512 bytes including its LF:
+
+        FROM <sender as the client typed it, <> for the null sender>
+        RCPT <recipient>            one line per recipient, in order
+        SENT <recipient>            a RCPT already delivered by smtpfwdd
+        BODY
+        Received: ...               smtpd's own trace header
+        <the message, dot-unstuffed, LF line ends>
+
+    This is the format of the original Obtuse smtpd, so the C smtpfwdd can
+    deliver our files and we deliver files of the C smtpd.
+
+PROTOCOL
+    The mode bits are the protocol (spec 5.4):
+        0600    being written (the writer holds an exclusive flock)
+        0750    complete: eligible for delivery
+        0755    temporarily failed; eligible again RETRY_DELAY_TIME seconds
+                after its mtime
+    We write a draft under a name starting with DRAFT_PREFIX (never
+    "smtpd"), mode 0600, O_EXCL, flock held; commit() flushes, fsyncs,
+    chmods 0750, links it to its smtpd name, unlinks the draft and fsyncs
+    the directory -- only then may smtpd answer 250.  The original C smtpd
+    writes in place under the smtpd name at 0600 and chmods 0750 at the end;
+    such files are simply not eligible until complete.  Locks are flock(2),
+    never lockf/fcntl record locks, so the C programs see them.
+
+    Drafts whose writer died (unlocked and older than SESSION_TIMEOUT) are
+    removed: their client never got a 250.  Messages that cannot be
+    delivered are moved to failed/ with a NAME.reason file; nothing accepted
+    is deleted unless delivered.
+"""
+
+import email.utils
+import errno
+import fcntl
+import os
+import secrets
+import stat
+import string
+import time
+
+PREFIX = b"smtpd"
+DRAFT_PREFIX = "draft."
+FAILED_DIR = "failed"
+LINE_MAX = 512
+NAME_CHARS = string.ascii_letters + string.digits
+MODE_DRAFT = 0o600
+MODE_COMPLETE = 0o750
+MODE_DEFERRED = 0o755
+
+
+class Malformed(Exception):
+    """A spool file that cannot be delivered; str() is the reason."""
+
+
+def envelope(sender, recipients):
+    """The envelope bytes; ValueError if a line would exceed LINE_MAX."""
+    lines = [b"FROM " + sender + b"\n"]
+    lines += [b"RCPT " + r + b"\n" for r in recipients]
+    for line in lines:
+        if len(line) > LINE_MAX:
+            raise ValueError("envelope line of %d bytes (max %d)"
+                             % (len(line), LINE_MAX))
+    return b"".join(lines) + b"BODY\n"
+
+
+def new_name():
+    return "smtpd" + "".join(secrets.choice(NAME_CHARS) for _ in range(6))
+
+
+def lock(fd, blocking=False):
+    """flock(LOCK_EX); False if another process holds it (non-blocking)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
+
+
+class Draft:
+    """A message being written; invisible to smtpfwdd until commit()."""
+
+    def __init__(self, spooldir, sender, recipients):
+        data = envelope(sender, recipients)
+        self.spooldir = spooldir
+        self.name = new_name()
+        self.draft = os.path.join(spooldir, DRAFT_PREFIX + self.name)
+        fd = os.open(self.draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                     | os.O_CLOEXEC, MODE_DRAFT)
+        self.file = open(fd, "wb", buffering=65536)
+        lock(fd, blocking=True)
+        self.size = 0
+        self.done = False
+        self.file.write(data)
+
+    def write(self, data):
+        self.file.write(data)
+
+    def commit(self):
+        """Make the message durable and visible; return its name."""
+        self.file.flush()
+        fd = self.file.fileno()
+        os.fsync(fd)
+        os.fchmod(fd, MODE_COMPLETE)
+        while True:
+            path = os.path.join(self.spooldir, self.name)
+            try:
+                os.link(self.draft, path)
+                break
+            except FileExistsError:
+                self.name = new_name()
+        os.unlink(self.draft)
+        fsync_dir(self.spooldir)
+        self.done = True
+        self.file.close()
+        return self.name
+
+    def abort(self):
+        """Remove the draft; safe to call more than once."""
+        if self.done:
+            return
+        self.done = True
+        try:
+            os.unlink(self.draft)
+        except FileNotFoundError:
+            pass
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.abort()
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Message:
+    """A parsed spool file: sender, unsent recipients, where the body is."""
+
+    def __init__(self, sender, recipients, body_offset, arrival):
+        self.sender = sender
+        self.recipients = recipients        # [(offset of the RCPT, address)]
+        self.body_offset = body_offset
+        self.arrival = arrival              # epoch of Received, or None
+
+
+def _line(f, what):
+    line = f.readline(LINE_MAX + 1)
+    if line.endswith(b"\n") and len(line) <= LINE_MAX:
+        return line
+    if len(line) >= LINE_MAX:
+        raise Malformed("%s line too long" % what)
+    raise Malformed("unexpected end of file in envelope")
+
+
+def parse(f):
+    """Parse the spool file open in binary mode f, as smtpfwdd did (6.3)."""
+    f.seek(0)
+    if f.read(5) != b"FROM ":
+        raise Malformed("corrupt (no FROM line)")
+    f.seek(0)
+    sender = _line(f, "FROM")[5:-1]
+    recipients, sent = [], 0
+    while True:
+        offset = f.tell()
+        line = _line(f, "RCPT")
+        if line.startswith(b"SENT "):
+            sent += 1
+        elif line.startswith(b"RCPT "):
+            recipients.append((offset, line[5:-1]))
+        else:
+            break
+    if line != b"BODY\n":
+        raise Malformed("corrupt (no BODY after RCPT)")
+    if not recipients and not sent:
+        raise Malformed("corrupt (no recipient)")
+    body_offset = f.tell()
+    return Message(sender, recipients, body_offset, received_time(f))
+
+
+def received_time(f):
+    """Epoch of the date on smtpd's Received header (ours or the C one's)."""
+    start = f.tell()
+    head = f.read(2048)
+    f.seek(start)
+    if not head.startswith(b"Received:"):
+        return None
+    lines = head.split(b"\n")
+    field = [lines[0]]
+    for line in lines[1:]:
+        if not line[:1] in (b" ", b"\t"):
+            break
+        field.append(line)
+    text = b" ".join(field).decode("ascii", "replace").rsplit(";", 1)[-1].strip()
+    try:
+        return email.utils.parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError, IndexError):
+        pass
+    try:
+        return time.mktime(time.strptime(text, "%a %b %d %H:%M:%S %Y"))
+    except ValueError:
+        return None
+
+
+def eligible(st, now, retry_delay):
+    """Spec 6.2: a complete regular file, not deferred too recently."""
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    if st.st_mode & 0o110 != 0o110:
+        return False
+    if st.st_mode & 0o111 == 0o111 and now - st.st_mtime < retry_delay:
+        return False
+    return True
+
+
+def open_for_delivery(path, now, retry_delay):
+    """Open and lock path; None if busy, gone or no longer eligible."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    if not lock(fd):
+        os.close(fd)
+        return None
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        st = None
+    own = os.fstat(fd)
+    if (st is None or (st.st_dev, st.st_ino) != (own.st_dev, own.st_ino)
+            or not eligible(st, now, retry_delay)):
+        os.close(fd)
+        return None
+    return open(fd, "r+b", buffering=0)
+
+
+def mark_sent(f, offsets):
+    """Overwrite RCPT with SENT at each offset, durably."""
+    fd = f.fileno()
+    for off in offsets:
+        if os.pread(fd, 5, off) != b"RCPT ":
+            raise Malformed("no RCPT at offset %d" % off)
+        os.pwrite(fd, b"SENT", off)
+    os.fsync(fd)
+
+
+def defer(f):
+    """Mark the open file temporarily failed: mode 0755, mtime now."""
+    os.chmod(f.fileno(), MODE_DEFERRED)
+    os.utime(f.fileno())
+
+
+def remove(path):
+    os.unlink(path)
+
+
+def quarantine(spooldir, name, reason):
+    """Move name into failed/ and write NAME.reason; return the new path."""
+    failed = os.path.join(spooldir, FAILED_DIR)
+    try:
+        os.mkdir(failed, 0o700)
+    except FileExistsError:
+        pass
+    dest = os.path.join(failed, name)
+    os.rename(os.path.join(spooldir, name), dest)
+    fd = os.open(dest + ".reason", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w") as r:
+        r.write(reason + "\n")
+    fsync_dir(spooldir)
+    return dest
+
+
+def entries(spooldir):
+    """Directory entries whose names start with smtpd, unsorted."""
+    with os.scandir(os.fsencode(spooldir)) as it:
+        return [e for e in it if e.name.startswith(PREFIX)]
+
+
+def remove_stale_drafts(spooldir, max_age, now):
+    """Unlink unlocked drafts older than max_age; return their names."""
+    removed = []
+    with os.scandir(spooldir) as it:
+        drafts = [e for e in it if e.name.startswith(DRAFT_PREFIX)]
+    for e in drafts:
+        try:
+            fd = os.open(e.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as x:
+            if x.errno in (errno.ENOENT, errno.ELOOP):
+                continue
+            raise
+        try:
+            st = os.fstat(fd)
+            if now - st.st_mtime >= max_age and lock(fd):
+                os.unlink(e.path)
+                removed.append(e.name)
+        finally:
+            os.close(fd)
+    return removed

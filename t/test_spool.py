@@ -1,0 +1,215 @@
+"""spool.py: format, commit protocol, locking, parsing, marks (issue 2)."""
+
+import fcntl
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import PYTHON, ROOT
+import spool
+
+RECEIVED_C = (b'Received: from mail.example.org(192.0.2.10), claiming to be "mailhost"\n'
+              b" via SMTP by mx.my.domain, id smtpdA1b2C3; Tue Jul 14 10:00:00 1998\n")
+SPEC_EXAMPLE = (b"FROM <alice@example.org>\n"
+                b"RCPT <bob@my.domain>\n"
+                b"BODY\n" + RECEIVED_C +
+                b"Subject: t\n\n.dot\n")
+
+
+def smtpd_files(d):
+    return sorted(n for n in os.listdir(d) if n.startswith("smtpd"))
+
+
+def write_message(d, sender=b"<alice@example.org>", rcpts=(b"<bob@my.domain>",),
+                  body=RECEIVED_C + b"Subject: t\n\n.dot\n"):
+    with spool.Draft(str(d), sender, list(rcpts)) as draft:
+        draft.write(body)
+        return draft.commit()
+
+
+def test_round_trip_is_byte_exact_against_spec_example(tmp_path):
+    name = write_message(tmp_path)
+    path = tmp_path / name
+    assert path.read_bytes() == SPEC_EXAMPLE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o750
+    assert name.startswith("smtpd") and len(name) == 11
+    with open(path, "rb") as f:
+        msg = spool.parse(f)
+        assert msg.sender == b"<alice@example.org>"
+        assert [r for _, r in msg.recipients] == [b"<bob@my.domain>"]
+        f.seek(msg.body_offset)
+        assert f.read().startswith(b"Received: from mail.example.org")
+    assert msg.arrival == time.mktime((1998, 7, 14, 10, 0, 0, 0, 0, -1))
+
+
+def test_draft_is_invisible_until_commit(tmp_path):
+    draft = spool.Draft(str(tmp_path), b"<a@b>", [b"<c@d>"])
+    draft.write(b"Subject: x\n")
+    assert smtpd_files(tmp_path) == []
+    (only,) = os.listdir(tmp_path)
+    assert only.startswith(spool.DRAFT_PREFIX)
+    assert stat.S_IMODE((tmp_path / only).stat().st_mode) == 0o600
+    name = draft.commit()
+    assert os.listdir(tmp_path) == [name]
+
+
+def test_abort_leaves_nothing(tmp_path):
+    with spool.Draft(str(tmp_path), b"<a@b>", [b"<c@d>"]) as draft:
+        draft.write(b"x\n")
+    assert os.listdir(tmp_path) == []
+
+
+def test_envelope_line_over_512_bytes_is_refused_before_writing(tmp_path):
+    ok = b"<" + b"a" * 504 + b">"          # "RCPT " + 506 + LF = 512
+    spool.Draft(str(tmp_path), b"<>", [ok]).abort()
+    with pytest.raises(ValueError):
+        spool.Draft(str(tmp_path), b"<>", [ok + b"x"])
+    with pytest.raises(ValueError):
+        spool.Draft(str(tmp_path), ok + b"x", [b"<c@d>"])
+    assert os.listdir(tmp_path) == []
+
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, %r)
+    import spool
+    d = spool.Draft(sys.argv[1], b"<a@b>", [b"<c@d>"])
+    d.write(b"Subject: half a message\\n")
+    d.file.flush()
+    print("ready", flush=True)
+    time.sleep(60)
+""" % ROOT)
+
+
+def test_writer_killed_before_commit_leaves_no_smtpd_file(tmp_path):
+    p = subprocess.Popen([PYTHON, "-c", WRITER, str(tmp_path)],
+                         stdout=subprocess.PIPE)
+    assert p.stdout.readline() == b"ready\n"
+    # While the writer lives, its draft is locked and is not stale.
+    assert spool.remove_stale_drafts(str(tmp_path), 0, time.time() + 10) == []
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert smtpd_files(tmp_path) == []
+    (draft,) = os.listdir(tmp_path)
+    # Young drafts stay; old unlocked ones go.
+    assert spool.remove_stale_drafts(str(tmp_path), 1800, time.time()) == []
+    assert spool.remove_stale_drafts(str(tmp_path), 1800,
+                                     time.time() + 1801) == [draft]
+    assert os.listdir(tmp_path) == []
+
+
+def test_c_style_file_is_not_eligible_until_0750(tmp_path):
+    path = tmp_path / "smtpdAbCdEf"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, SPEC_EXAMPLE)
+    now = time.time()
+    assert not spool.eligible(os.stat(path), now, 600)
+    assert spool.open_for_delivery(str(path), now, 600) is None
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+    assert not spool.eligible(os.stat(path), now, 600)
+    os.chmod(path, 0o750)
+    assert spool.eligible(os.stat(path), now, 600)
+    f = spool.open_for_delivery(str(path), now, 600)
+    assert f is not None
+    assert spool.parse(f).sender == b"<alice@example.org>"
+
+
+def test_deferred_file_waits_retry_delay(tmp_path):
+    name = write_message(tmp_path)
+    path = str(tmp_path / name)
+    f = spool.open_for_delivery(path, time.time(), 600)
+    spool.defer(f)
+    st = os.stat(path)
+    assert stat.S_IMODE(st.st_mode) == 0o755
+    assert abs(st.st_mtime - time.time()) < 5
+    assert not spool.eligible(st, time.time() + 599, 600)
+    assert spool.eligible(st, time.time() + 601, 600)
+    assert path and open(path, "rb").read() == SPEC_EXAMPLE
+
+
+RACER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, %r)
+    import spool
+    start = float(sys.argv[2])
+    while time.time() < start:
+        pass
+    f = spool.open_for_delivery(sys.argv[1], time.time(), 600)
+    print("got" if f else "busy", flush=True)
+    time.sleep(1.5)
+""" % ROOT)
+
+
+def test_two_processes_racing_for_one_file_exactly_one_gets_it(tmp_path):
+    path = str(tmp_path / write_message(tmp_path))
+    start = str(time.time() + 1.0)
+    procs = [subprocess.Popen([PYTHON, "-c", RACER, path, start],
+                              stdout=subprocess.PIPE) for _ in range(2)]
+    results = sorted(p.communicate()[0].decode().strip() for p in procs)
+    assert results == ["busy", "got"]
+
+
+def test_open_for_delivery_rechecks_by_name(tmp_path):
+    path = str(tmp_path / write_message(tmp_path))
+    os.unlink(path)
+    assert spool.open_for_delivery(path, time.time(), 600) is None
+
+
+@pytest.mark.parametrize("content,reason", [
+    (b"", "no FROM line"),
+    (b"RCPT <a@b>\nBODY\n", "no FROM line"),
+    (b"FROM <" + b"a" * 600 + b">\nRCPT <b@c>\nBODY\n", "FROM line too long"),
+    (b"FROM <a@b>\nRCPT <" + b"c" * 600 + b">\nBODY\n", "RCPT line too long"),
+    (b"FROM <a@b>\nRCPT <c@d>\nbody\nx\n", "no BODY after RCPT"),
+    (b"FROM <a@b>\nRCPT <c@d>\n", "unexpected end of file"),
+    (b"FROM <a@b>\nRCPT <c@d>", "unexpected end of file"),
+    (b"FROM <a@b>\nBODY\nhello\n", "no recipient"),
+])
+def test_malformed_files_are_refused_with_their_reason(tmp_path, content, reason):
+    path = tmp_path / "smtpdBadBad"
+    path.write_bytes(content)
+    with open(path, "rb") as f, pytest.raises(spool.Malformed) as e:
+        spool.parse(f)
+    assert reason in str(e.value)
+
+
+def test_mark_sent_changes_only_the_four_bytes(tmp_path):
+    rcpts = [b"<r%d@x>" % i for i in range(3)]
+    name = write_message(tmp_path, rcpts=rcpts, body=b"hi\n")
+    path = tmp_path / name
+    before = path.read_bytes()
+    with open(path, "r+b") as f:
+        msg = spool.parse(f)
+        spool.mark_sent(f, [msg.recipients[0][0], msg.recipients[2][0]])
+        f.seek(0)
+        again = spool.parse(f)
+    after = path.read_bytes()
+    assert after == before.replace(b"RCPT <r0@x>", b"SENT <r0@x>").replace(
+        b"RCPT <r2@x>", b"SENT <r2@x>")
+    assert [r for _, r in again.recipients] == [b"<r1@x>"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o750
+
+
+def test_quarantine_moves_with_reason(tmp_path):
+    name = write_message(tmp_path)
+    before = (tmp_path / name).read_bytes()
+    dest = spool.quarantine(str(tmp_path), name, "agent exited 67")
+    assert smtpd_files(tmp_path) == []
+    assert open(dest, "rb").read() == before
+    assert open(dest + ".reason").read() == "agent exited 67\n"
+
+
+def test_entries_lists_only_smtpd_names(tmp_path):
+    write_message(tmp_path)
+    (tmp_path / ".smtpfwdd.lock").write_text("1\n")
+    (tmp_path / "smtpdDIR").mkdir()
+    names = sorted(e.name for e in spool.entries(str(tmp_path)))
+    assert len(names) == 2 and b"smtpdDIR" in names
