@@ -43,3 +43,38 @@ def tree_factory(tmp_path_factory):
             cache[key] = build_tree(str(dest), **constants)
         return cache[key]
     return make
+
+
+IDENT_PORT = 11313      # the test trees are built with this IDENT_PORT
+
+
+@pytest.fixture(scope="session")
+def dns_server():
+    from fixtures import DNSServer
+    server = DNSServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def dnsz(dns_server, monkeypatch):
+    """The DNS fixture with an empty zone; SMTPD_NAMESERVER points at it."""
+    dns_server.zone.clear()
+    dns_server.queries.clear()
+    monkeypatch.setenv("SMTPD_NAMESERVER", dns_server.spec)
+    return dns_server
+
+
+@pytest.fixture
+def ident_server():
+    """ident_server(addr, user) -> an RFC 1413 server on addr:IDENT_PORT."""
+    from fixtures import IdentServer
+    servers = []
+
+    def start(addr, user):
+        s = IdentServer(addr, IDENT_PORT, user)
+        servers.append(s)
+        return s
+    yield start
+    for s in servers:
+        s.close()

@@ -1,0 +1,562 @@
+#!/usr/bin/env python3
+"""checkrules - the smtpd_check_rules engine and its tester
+
+SYNOPSIS
+    checkrules.py [-v] [-f rules] [-a address] [-n hostname] [-u identuser]
+                  FROM TO
+    checkrules.py -t [-f rules]
+DESCRIPTION
+    The rules engine smtpd(8) runs at each RCPT, and a tester that runs the
+    same code: it prints "allow", "noto <reply>" or "deny <reply>" (or
+    "tempfail <reply>" when a lookup failed) and, with -v, the deciding
+    "file:line: rule" or "default".  -t validates the file and prints every
+    error and warning as "file:line: message".
+    -a is the client address (none: IP tokens never match); -n its confirmed
+    host name, UNKNOWN for none (without -n the name comes from DNS as smtpd
+    gets it); -u its ident user.  FROM and TO as the client typed them.
+EXIT STATUS
+    0 allow, 1 noto, 2 deny, 75 temporary failure, 64 usage, 78 bad file.
+FILES
+    SPOOLDIR/CHECK_FILE, normally /var/spool/smtpd/etc/smtpd_check_rules.
+"""
+
+import getopt
+import ipaddress
+import os
+import re
+import sys
+
+import buildconf
+import lookup
+from lookup import TempFail
+
+ACTIONS = ("allow", "deny", "noto", "deny_delay", "noto_delay", "debug")
+DEFAULT_TEMPLATE = "550 Mail from %F to %T prohibited from your location (%U@%H ip=%I)"
+REPLY_MAX = 511
+TEMPFAIL_REPLY = "451 Requested action not taken: local error in processing"
+SPECIALS = ("ALL", "KNOWN", "UNKNOWN", "EXCEPT")
+TOKEN_SPLIT = re.compile(r"[, \t]+")
+IPV4_CHARS = re.compile(r"^[0-9.]*$")
+IP_GLOB_CHARS = re.compile(r"^[0-9A-Fa-f:.*]*$")
+IPV6_TOKEN = re.compile(r"\[[0-9A-Fa-f:.]*\](/[0-9]*)?")
+ESCAPES = {"F": "sender", "T": "rcpt", "H": "name", "I": "ip", "U": "ident"}
+
+
+class RuleError(Exception):
+    """An invalid rules file; .problems holds every 'file:line: message'."""
+
+    def __init__(self, problems):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Bad(Exception):
+    """One problem with one line (raised while compiling it)."""
+
+
+# ----------------------------------------------------------- primitives ----
+
+def compile_string(pat, warnings):
+    """ALL, /regex/ or glob -> f(text or None) -> bool."""
+    if pat == "ALL":
+        return lambda s, c=None: True
+    if len(pat) >= 2 and pat[0] == "/" and pat[-1] == "/":
+        try:
+            rx = re.compile(pat[1:-1], re.IGNORECASE)
+        except re.error as e:
+            raise Bad("bad regex %s: %s" % (pat, e)) from None
+        return lambda s, c=None: s is not None and rx.search(s) is not None
+    if pat in ("all", "known", "unknown") or (pat.upper() in SPECIALS and pat != pat.upper()):
+        warnings.append("lower-case %r is a literal pattern, not %s" % (pat, pat.upper()))
+    if len(pat) > 1 and pat[0] == "*" and pat[1].isalnum() and "." in pat:
+        warnings.append("%r has no dot boundary: it also matches x%s" % (pat, pat[1:]))
+    if "*" not in pat:
+        low = pat.lower()
+        return lambda s, c=None: s is not None and s.lower() == low
+    rx = re.compile("".join(".*" if c == "*" else re.escape(c) for c in pat),
+                    re.IGNORECASE | re.DOTALL)
+    return lambda s, c=None: s is not None and rx.fullmatch(s) is not None
+
+
+def compile_ip(tok, warnings):
+    """An IP token (spec 4.3) -> f(Addr or Client) -> bool."""
+    if tok == "ALL":
+        return lambda a: a.ip is not None
+    if tok.startswith("RBL."):
+        zone = tok[3:]
+        if len(zone) < 2:
+            raise Bad("RBL token %r has no zone" % tok)
+        return lambda a: a.ip is not None and a.lookup.rbl_listed(a.ip, zone)
+    if tok.startswith("["):
+        addr, _, bits = tok[1:].partition("]")
+        if bits and not bits.startswith("/"):
+            raise Bad("bad IPv6 token %r" % tok)
+        try:
+            net = ipaddress.IPv6Network(addr + bits, strict=False)
+        except ValueError as e:
+            raise Bad("bad IPv6 address or prefix %r: %s" % (tok, e)) from None
+        return net_matcher(net)
+    addr, slash, bits = tok.partition("/")
+    if IPV4_CHARS.match(addr):
+        try:
+            if addr == "0":
+                addr = "0.0.0.0"
+            if addr.count(".") != 3 or (slash and not bits.isdigit()):
+                raise ValueError("not a dotted quad with /bits")
+            net = ipaddress.IPv4Network(addr + slash + bits, strict=False)
+        except ValueError:
+            raise Bad("bad IPv4 address or prefix %r (write a full dotted quad, "
+                      "e.g. 10.0.0.0/8)" % tok) from None
+        return net_matcher(net)
+    glob = compile_string(tok, [])
+    return lambda a: a.ip is not None and glob(a.ip_text)
+
+
+class Addr:
+    """An address as IP tokens see it (the Client is one too)."""
+
+    def __init__(self, ip, lookup_):
+        self.ip = lookup.normalize(ip)
+        self.ip_int = int(self.ip) if self.ip is not None else None
+        self.ip_text = str(self.ip) if self.ip is not None else None
+        self.lookup = lookup_
+
+
+def net_matcher(net):
+    """f(addr): addr.ip is inside net (integer compare: this is hot)."""
+    version, base, mask = net.version, int(net.network_address), int(net.netmask)
+    return lambda a: a.ip is not None and a.ip.version == version and \
+        a.ip_int & mask == base
+
+
+def ns_pattern(pat, warnings):
+    """NS=pat -> f(name, lookup) -> bool (spec 4.8)."""
+    if pat == "UNKNOWN":
+        def unknown(name, lk):
+            names, _, cropped = lk.nameservers(name)
+            return not lk.addresses(name + ".") and (not names or cropped)
+        return unknown
+    if pat == "KNOWN":
+        def known(name, lk):
+            if lk.addresses(name + "."):
+                return True
+            names, _, cropped = lk.nameservers(name)
+            return bool(names) and not cropped
+        return known
+    sfn = compile_string(pat, warnings)
+    try:
+        ipfn = compile_ip(pat, [])
+    except Bad:
+        ipfn = None
+
+    def other(name, lk):
+        names, addrs, _ = lk.nameservers(name)
+        return (any(sfn(n) for n in names)
+                or (ipfn is not None and any(ipfn(Addr(a, lk)) for a in addrs)))
+    return other
+
+
+def on_name(fn):
+    """Adapt f(name, lk) to the empty domain: never matches."""
+    return lambda name, lk: bool(name) and fn(name, lk)
+
+
+# -------------------------------------------------------------- tokens ----
+
+def compile_host(tok, warnings):
+    """A host pattern of a source list -> f(client) -> bool."""
+    if tok in ("TRUSTED", "UNTRUSTED"):
+        raise Bad("%s is not supported (Juniper firewalls only)" % tok)
+    if tok == "ALL":
+        return lambda c: True
+    if tok == "KNOWN":
+        return lambda c: c.known_name() is not None
+    if tok == "UNKNOWN":
+        return lambda c: c.known_name() is None
+    if tok.startswith("NS="):
+        fn = on_name(ns_pattern(tok[3:], warnings))
+
+        def ns(c):
+            name = c.known_name()
+            if name is None and c.ip is not None:
+                name = lookup.dns.reversename.from_address(str(c.ip)).to_text(True)
+            return fn(name, c.lookup)
+        return ns
+    sfn = compile_string(tok, warnings)
+    if tok[:1] == "/" and tok[-1:] == "/":
+        return lambda c: sfn(c.known_name())
+    ipfn = compile_ip(tok, warnings)
+    if tok.startswith(("[", "RBL.")) or (IPV4_CHARS.match(tok.split("/")[0])):
+        return ipfn                       # an address: no name is like it
+    if not IP_GLOB_CHARS.match(tok):
+        return lambda c: sfn(c.host or c.known_name())  # no address is like it
+    return lambda c: ipfn(c) or sfn(c.host or c.known_name())
+
+
+def compile_source(tok, warnings):
+    """A source token: host pattern or user@host (ident)."""
+    whole_regex = len(tok) >= 2 and tok[0] == "/" and tok[-1] == "/"
+    if "@" not in tok or whole_regex:
+        return compile_host(tok, warnings)
+    user, _, host = tok.rpartition("@")
+    hostfn = compile_host(host, warnings)
+    if user == "KNOWN":
+        return lambda c: c.get_ident() is not None and hostfn(c)
+    ufn = compile_string(user, warnings)
+    if user == "ALL":
+        return lambda c: (c.get_ident(), True)[1] and hostfn(c)
+    return lambda c: ufn(c.get_ident()) and hostfn(c)
+
+
+def compile_address(tok, warnings):
+    """A from/to token -> f(address without brackets, client) -> bool."""
+    if len(tok) >= 2 and tok[0] == "/" and tok[-1] == "/":
+        return compile_string(tok, warnings)
+    if "@" not in tok:
+        if tok.startswith("NS="):
+            ns = on_name(ns_pattern(tok[3:], warnings))
+            return lambda a, c: ns(a.rpartition("@")[2], c.lookup)
+        return compile_string(tok, warnings)
+    left, _, right = tok.rpartition("@")
+    if right.startswith("NS="):
+        ns = on_name(ns_pattern(right[3:], warnings))
+        rfn = lambda r, c: ns(r, c.lookup)      # noqa: E731
+    else:
+        sfn = compile_string(right, warnings)
+        rfn = lambda r, c: sfn(r)               # noqa: E731
+    if left == "USER":
+        def user(a, c):
+            local, at, domain = a.rpartition("@")
+            ident = c.ident
+            return (bool(at) and ident is not None and "*" not in ident
+                    and local.lower() == ident and rfn(domain, c))
+        return user
+    lfn = compile_string(left, warnings)
+
+    def both(a, c):
+        local, at, domain = a.rpartition("@")
+        return bool(at) and lfn(local) and rfn(domain, c)
+    return both
+
+
+class TokenList:
+    """A list with EXCEPT (spec 4.5): matches, then not the remainder."""
+
+    def __init__(self, text, compile_token, warnings):
+        tokens = [t for t in TOKEN_SPLIT.split(text.strip()) if t]
+        cut = next((i for i, t in enumerate(tokens) if t.upper() == "EXCEPT"),
+                   len(tokens))
+        if cut == 0:
+            raise Bad("list %r starts with EXCEPT: it can never match" % text)
+        if tokens[cut:] and tokens[cut] != "EXCEPT":
+            warnings.append("write EXCEPT in upper case")
+        self.tokens = [compile_token(t, warnings) for t in tokens[:cut]]
+        self.rest = None
+        if len(self.tokens) == 1 and cut == len(tokens):
+            self.match = self.tokens[0]         # the common case, made cheap
+        if cut < len(tokens):
+            if cut + 1 == len(tokens):
+                raise Bad("EXCEPT with nothing after it in %r" % text)
+            self.rest = TokenList(" ".join(tokens[cut + 1:]), compile_token, warnings)
+
+    def match(self, *args):
+        if not any(t(*args) for t in self.tokens):
+            return False
+        return self.rest is None or not self.rest.match(*args)
+
+
+# --------------------------------------------------------------- rules ----
+
+class Rule:
+    def __init__(self, filename, lineno, text, action, sources, froms, tos, template):
+        self.where = "%s:%d" % (filename, lineno)
+        self.text = text
+        self.action = action
+        # bound matchers: evaluate() calls them once per rule per RCPT
+        self.src, self.frm, self.to = sources.match, froms.match, tos.match
+        self.template = template
+
+
+def split_fields(line):
+    """Split on ':' except inside a [IPv6] token."""
+    fields, cur, i = [], "", 0
+    while i < len(line):
+        m = IPV6_TOKEN.match(line, i) if not cur or cur[-1] in ", \t" else None
+        if m:
+            cur += m.group()
+            i = m.end()
+            continue
+        if line[i] == ":":
+            fields.append(cur)
+            cur = ""
+        else:
+            cur += line[i]
+        i += 1
+    fields.append(cur)
+    return fields
+
+
+def check_template(t):
+    if not re.match(r"^[45][0-9][0-9] ", t):
+        raise Bad("reply %r must start with a 4xx or 5xx code and a space" % t)
+    i = 0
+    while i < len(t):
+        if t[i] == "%":
+            if i + 1 >= len(t) or t[i + 1] not in "FTHIUC%":
+                raise Bad("unknown escape %r in reply (use %%F %%T %%H %%I %%U %%C %%%%)"
+                          % t[i:i + 2])
+            i += 1
+        i += 1
+    return t
+
+
+def parse_line(filename, lineno, line, warnings):
+    """One rule line -> Rule; raises Bad."""
+    fields = split_fields(line)
+    hint = " (an IPv6 token is [address] or [address]/bits)" if "[" in line else ""
+    if len(fields) < 4:
+        raise Bad("bad field count: %d fields, need action:sources:froms:tos%s"
+                  % (len(fields), hint))
+    for i, f in enumerate(fields[:5]):
+        if not f.strip() and not (i == 4 and len(fields) == 5):
+            raise Bad("empty field %d%s" % (i + 1, hint))
+    action = fields[0]
+    if action not in ACTIONS:
+        raise Bad("unknown action %r (allow deny noto deny_delay noto_delay debug)"
+                  % action)
+    template = None
+    if len(fields) > 4:
+        msg = fields[4].lstrip()
+        if msg.startswith("#"):
+            fields = fields[:5]
+        elif msg:
+            template = check_template(msg)
+            if len(fields) > 5 and not fields[5].lstrip().startswith("#"):
+                raise Bad("junk after the message field: %r (a message cannot "
+                          "contain ':', write %%C)" % ":".join(fields[5:]))
+    return Rule(filename, lineno, line, action,
+                TokenList(fields[1], compile_source, warnings),
+                TokenList(fields[2], compile_address, warnings),
+                TokenList(fields[3], compile_address, warnings), template)
+
+
+def parse(data, filename="rules"):
+    """Parse rules text (bytes or str) -> (rules, warnings); RuleError."""
+    if isinstance(data, bytes):
+        data = data.decode("latin-1")
+    rules, problems, warnings = [], [], []
+    for lineno, line in enumerate(data.split("\n"), 1):
+        line = line[:-1] if line.endswith("\r") else line
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        where = "%s:%d: " % (filename, lineno)
+        if "\0" in line:
+            problems.append(where + "NUL byte in line")
+            continue
+        w = []
+        try:
+            rules.append(parse_line(filename, lineno, line, w))
+        except Bad as e:
+            problems.append(where + str(e))
+        warnings.extend(where + "warning: " + x for x in w)
+    if problems:
+        raise RuleError(problems)
+    return rules, warnings
+
+
+def load(path):
+    """Read and parse the file at path -> (rules, warnings); RuleError."""
+    try:
+        with open(path, "rb") as f:
+            return parse(f.read(), path)
+    except OSError as e:
+        raise RuleError(["%s:0: cannot read: %s" % (path, e.strerror)]) from None
+
+
+class RulesFile:
+    """The rules at path, re-read when the file changes (stat per call)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.stamp = None
+        self.rules = None
+        self.error = None
+        self.last_good = None
+
+    def get(self):
+        """The current rules; RuleError if the file is now invalid."""
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        except OSError:
+            stamp = None
+        if stamp != self.stamp or stamp is None:
+            self.stamp = stamp
+            try:
+                self.rules, _ = load(self.path)
+                self.last_good, self.error = self.rules, None
+            except RuleError as e:
+                self.rules, self.error = None, e
+        if self.error is not None:
+            raise self.error
+        return self.rules
+
+
+# ------------------------------------------------------------ evaluation ----
+
+class Client(Addr):
+    """What the rules know about the SMTP client of one session."""
+
+    def __init__(self, ip=None, name=None, lookup_=None, ident=None,
+                 ident_fn=None, name_error=None):
+        super().__init__(ip, lookup_ or lookup.Lookup(None))
+        self.name = name
+        self.name_error = name_error     # a TempFail while finding the name
+        # What host patterns see; None (so known_name() raises) on an error.
+        self.host = None if name_error else (name or "UNKNOWN")
+        self.ident = ident.lower() if ident else None
+        self.ident_fn = None if ident else ident_fn
+
+    def known_name(self):
+        if self.name_error is not None:
+            raise TempFail(self.name_error)
+        return self.name
+
+
+    def get_ident(self):
+        """The ident user; asks RFC 1413 once per session if needed."""
+        if self.ident_fn is not None:
+            fn, self.ident_fn = self.ident_fn, None
+            user = fn()
+            self.ident = user.lower() if user else None
+        return self.ident
+
+
+class Verdict:
+    def __init__(self, action, reply=None, rule=None, delay=0, debug=()):
+        self.action = action         # allow, noto, deny or tempfail
+        self.reply = reply
+        self.rule = rule
+        self.delay = delay
+        self.debug = list(debug)     # debug rules matched on the way
+
+
+def strip_brackets(addr):
+    if addr.startswith("<") and addr.endswith(">") and len(addr) >= 2:
+        return addr[1:-1].lstrip()
+    return addr
+
+
+def format_reply(template, client, sender, rcpt):
+    """Expand %F %T %H %I %U %C %% (spec 4.7); at most 511 bytes."""
+    values = {"F": sender, "T": rcpt, "H": client.name or "UNKNOWN",
+              "I": str(client.ip) if client.ip is not None else "",
+              "U": client.ident or "UNKNOWN", "C": ":", "%": "%"}
+    out, i = [], 0
+    while i < len(template):
+        ch = template[i]
+        if ch == "%" and i + 1 < len(template):
+            out.append(values[template[i + 1]])
+            i += 2
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)[:REPLY_MAX]
+
+
+def evaluate(rules, client, sender, rcpt):
+    """First matching rule decides (spec 4.6); TempFail -> tempfail."""
+    f, t = strip_brackets(sender), strip_brackets(rcpt)
+    debug = []
+    try:
+        for rule in rules:
+            if not (rule.src(client) and rule.frm(f, client) and rule.to(t, client)):
+                continue
+            if rule.action == "debug":
+                debug.append(rule)
+                continue
+            kind = rule.action.split("_")[0]
+            delay = 0
+            if rule.action == "noto_delay":
+                delay = buildconf.NOTO_DELAY
+            elif rule.action == "deny_delay":
+                delay = buildconf.DENY_DELAY
+            reply = None
+            if kind != "allow":
+                reply = format_reply(rule.template or DEFAULT_TEMPLATE,
+                                     client, sender, rcpt)
+            return Verdict(kind, reply, rule, delay, debug)
+    except TempFail as e:
+        return Verdict("tempfail", TEMPFAIL_REPLY + " (%s)" % e, None, 0, debug)
+    if buildconf.CHECK_ADDRESS_DENY_ON_FAILURE:
+        return Verdict("deny", format_reply(DEFAULT_TEMPLATE, client, sender, rcpt),
+                       None, 0, debug)
+    return Verdict("allow", None, None, 0, debug)
+
+
+# ------------------------------------------------------------------- CLI ----
+
+USAGE = """usage: checkrules.py [-v] [-f rules] [-a address] [-n hostname] [-u identuser] FROM TO
+       checkrules.py -t [-f rules]"""
+EXIT = {"allow": 0, "noto": 1, "deny": 2, "tempfail": 75}
+
+
+def default_rules_path():
+    return os.path.join(buildconf.SPOOLDIR, buildconf.CHECK_FILE.lstrip("/"))
+
+
+def usage(msg=None):
+    if msg:
+        print("checkrules.py: " + msg, file=sys.stderr)
+    print(USAGE, file=sys.stderr)
+    return 64
+
+
+def cli_client(address, name, ident):
+    lk = lookup.Lookup(lookup.make_resolver())
+    try:
+        ip = lookup.normalize(address)
+    except ValueError:
+        raise SystemExit(usage("bad address %r" % address))
+    name_error = None
+    if name == "UNKNOWN":
+        name = None
+    elif name is None and ip is not None:
+        try:
+            name, why = lk.confirmed_name(ip)
+        except TempFail as e:
+            name_error = str(e)
+    return Client(ip, name, lk, ident=ident, name_error=name_error)
+
+
+def main(argv):
+    try:
+        opts, args = getopt.getopt(argv, "tvf:a:n:u:")
+    except getopt.GetoptError as e:
+        return usage(str(e))
+    o = dict(opts)
+    path = o.get("-f", default_rules_path())
+    try:
+        rules, warnings = load(path)
+    except RuleError as e:
+        print("\n".join(e.problems))
+        return 78
+    if "-t" in o:
+        if args:
+            return usage("-t takes no FROM TO")
+        print("\n".join(warnings)) if warnings else None
+        return 0
+    if len(args) != 2:
+        return usage()
+    client = cli_client(o.get("-a"), o.get("-n"), o.get("-u"))
+    v = evaluate(rules, client, args[0], args[1])
+    print(v.action if v.reply is None else "%s %s" % (v.action, v.reply))
+    if "-v" in o:
+        print("%s: %s" % (v.rule.where, v.rule.text) if v.rule else "default")
+        for r in v.debug:
+            print("debug %s: %s" % (r.where, r.text))
+    return EXIT[v.action]
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

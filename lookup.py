@@ -1,0 +1,216 @@
+"""lookup - DNS (dnspython) and RFC 1413 ident for smtpd and checkrules
+
+DESCRIPTION
+    make_resolver() builds the one resolver object a process uses; build it
+    before chroot: it keeps working in the jail without any files there.
+    A Lookup wraps it for one SMTP session and caches every answer.
+
+    Lookups answer "found" or "not found" (NXDOMAIN, no data).  Anything
+    else -- timeout, SERVFAIL, no nameserver -- raises TempFail, which the
+    rules engine turns into a 451: never a silent allow.
+
+ENVIRONMENT
+    SMTPD_NAMESERVER    nameservers to ask instead of those of resolv.conf,
+                        comma-separated, each ADDRESS or ADDRESS@PORT
+                        (e.g. 127.0.0.1@5353, ::1@53)
+    SMTPD_RESOLV_CONF   resolv.conf to read instead of /etc/resolv.conf
+    SMTPD_IDENT         the client's user name (RFC 1413 is then not asked);
+                        UNKNOWN means none
+"""
+
+import ipaddress
+import os
+import re
+import socket
+import time
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.nameserver
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.resolver
+import dns.reversename
+
+import buildconf
+
+RDTYPES = ("A", "AAAA", "PTR", "NS", "MX", "SOA", "CNAME", "TXT")
+HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?$")
+IDENT_USER = re.compile(r"^[\x21-\x7e]{1,80}$")
+NSLIMIT, NSIPLIMIT = 100, 500
+
+
+class TempFail(Exception):
+    """A lookup could not be answered now; str() says which."""
+
+
+def make_resolver(timeout=None):
+    """The process's resolver; all imports and parsing happen now."""
+    for t in RDTYPES:   # dnspython imports rdata classes lazily; not in a jail
+        dns.rdata.get_rdata_class(dns.rdataclass.IN, dns.rdatatype.from_text(t))
+    conf = os.environ.get("SMTPD_RESOLV_CONF")
+    servers = os.environ.get("SMTPD_NAMESERVER")
+    r = dns.resolver.Resolver(configure=False)
+    if servers:
+        r.nameservers = []
+        for spec in servers.split(","):
+            addr, _, port = spec.strip().partition("@")
+            r.nameservers.append(dns.nameserver.Do53Nameserver(
+                addr, int(port or 53)))
+    else:
+        try:
+            r.read_resolv_conf(conf or "/etc/resolv.conf")
+        except (OSError, dns.resolver.NoResolverConfiguration):
+            r.nameservers = []
+    r.lifetime = timeout or buildconf.DNS_TIMEOUT
+    r.timeout = min(r.lifetime, 3.0)
+    r.cache = None
+    return r
+
+
+def normalize(addr):
+    """An ipaddress object; IPv4-mapped IPv6 becomes IPv4.  None stays."""
+    if addr is None or addr == "":
+        return None
+    ip = ipaddress.ip_address(addr) if isinstance(addr, str) else addr
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+class Lookup:
+    """One session's DNS questions, each asked at most once."""
+
+    def __init__(self, resolver):
+        self.resolver = resolver
+        self.memo = {}
+
+    def query(self, name, rdtype):
+        """Rdata list for name/rdtype; [] when none exists; TempFail else."""
+        key = (name.lower(), rdtype)
+        if key not in self.memo:
+            self.memo[key] = self._query(name, rdtype)
+        return self.memo[key]
+
+    def _query(self, name, rdtype):
+        if self.resolver is None or not self.resolver.nameservers:
+            raise TempFail("no nameserver configured for %s/%s" % (name, rdtype))
+        try:
+            qname = dns.name.from_text(name)
+            ans = self.resolver.resolve(qname, rdtype, search=False,
+                                        raise_on_no_answer=False)
+        except (dns.resolver.NXDOMAIN, dns.name.EmptyLabel,
+                dns.name.LabelTooLong, dns.name.NameTooLong):
+            return []
+        except dns.exception.Timeout:
+            raise TempFail("DNS %s/%s: timed out" % (name, rdtype)) from None
+        except dns.exception.DNSException as e:
+            raise TempFail("DNS %s/%s: %s" % (name, rdtype, e)) from None
+        out = list(ans.rrset or ())
+        if ans.response is not None and rdtype in ("NS", "MX"):
+            for rrset in ans.response.authority:
+                if rrset.rdtype == dns.rdatatype.from_text(rdtype):
+                    out.extend(rrset)
+        return out
+
+    def addresses(self, name):
+        """A and AAAA addresses of name, as ipaddress objects."""
+        return [ipaddress.ip_address(r.address)
+                for t in ("A", "AAAA") for r in self.query(name, t)]
+
+    def confirmed_name(self, ip):
+        """FCrDNS: (name or None, why-not) for the client address ip."""
+        rev = dns.reversename.from_address(str(ip)).to_text()
+        names = [r.target.to_text(omit_final_dot=True) for r in self.query(rev, "PTR")]
+        if not names:
+            return None, "no reverse mapping for %s" % ip
+        for name in names[:10]:
+            if not HOSTNAME.match(name):
+                return None, "suspicious characters in PTR %r of %s" % (name, ip)
+            if ip in self.addresses(name + "."):
+                return name, None
+        return None, "PTR %s of %s does not resolve back" % (names[0], ip)
+
+    def rbl_listed(self, ip, zone):
+        """True if the DNS blacklist zone (with its leading dot) lists ip."""
+        rev = dns.reversename.from_address(str(ip)).to_text(omit_final_dot=True)
+        rev = rev.rsplit(".in-addr.arpa" if ip.version == 4 else ".ip6.arpa", 1)[0]
+        return bool(self.query(rev + zone.rstrip(".") + ".", "A"))
+
+    def nameservers(self, name):
+        """NS and MX targets of name, dropping labels while none are found.
+
+        Returns (names, addresses, cropped): cropped is True when they were
+        found only after dropping labels (spec 4.8)."""
+        key = ("ns", name.lower())
+        if key not in self.memo:
+            self.memo[key] = self._nameservers(name)
+        return self.memo[key]
+
+    def _nameservers(self, name):
+        labels = name.rstrip(".").split(".")
+        cropped = False
+        while labels:
+            n = ".".join(labels) + "."
+            found = []
+            for r in self.query(n, "NS") + self.query(n, "MX"):
+                t = (r.target if hasattr(r, "target") else r.exchange)
+                t = t.to_text(omit_final_dot=True).lower()
+                if t not in found and HOSTNAME.match(t):
+                    found.append(t)
+            if found:
+                found = found[:NSLIMIT]
+                addrs = []
+                for t in found:
+                    addrs.extend(self.addresses(t + "."))
+                return found, addrs[:NSIPLIMIT], cropped
+            if len(labels) <= 2 and not name.endswith(".arpa"):
+                break   # never query a top-level domain alone
+            labels = labels[1:]
+            cropped = True
+        return [], [], cropped
+
+
+def ident_query(local, peer, port=None, timeout=None):
+    """RFC 1413: the user owning the connection local<->peer, or None.
+
+    local and peer are (address, port) pairs of the SMTP connection."""
+    port = port or buildconf.IDENT_PORT
+    timeout = timeout if timeout is not None else buildconf.CHECK_IDENT
+    if timeout <= 0:
+        return None
+    deadline = time.monotonic() + timeout
+    try:
+        with socket.create_connection((peer[0], port), timeout=timeout,
+                                      source_address=(local[0], 0)) as s:
+            s.sendall(b"%d , %d\r\n" % (peer[1], local[1]))
+            reply = b""
+            while b"\n" not in reply and len(reply) < 1023:
+                s.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = s.recv(1023 - len(reply))
+                if not chunk:
+                    break
+                reply += chunk
+    except OSError:
+        return None
+    return parse_ident_reply(reply, peer[1], local[1])
+
+
+def parse_ident_reply(reply, peer_port, local_port):
+    """The user id of '<port> , <port> : USERID : <os> :<user>', or None."""
+    line = reply.split(b"\n", 1)[0].rstrip(b"\r").decode("latin-1")
+    parts = line.split(":", 3)
+    if len(parts) != 4 or parts[1].strip().upper() != "USERID":
+        return None
+    try:
+        ports = [int(p) for p in parts[0].split(",")]
+    except ValueError:
+        return None
+    words = parts[3].split()
+    if ports != [peer_port, local_port] or not words:
+        return None
+    user = words[0][:80]
+    return user if IDENT_USER.match(user) else None
