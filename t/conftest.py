@@ -78,3 +78,27 @@ def ident_server():
     yield start
     for s in servers:
         s.close()
+
+
+TEST_CONSTANTS = dict(IDENT_PORT=IDENT_PORT, DNS_TIMEOUT=2, NOTO_DELAY=1,
+                      DENY_DELAY=1)
+
+
+@pytest.fixture
+def smtpd(tree_factory, dnsz):
+    """smtpd(rules, *flags, **constants) -> (Inetd, jail): inetd-mode smtpd."""
+    from harness import Inetd, make_jail, smtpd_argv
+    started = []
+
+    def start(rules="allow:ALL:ALL:ALL\n", *flags, env=None, **constants):
+        tree = tree_factory(**dict(TEST_CONSTANTS, **constants))
+        jail = make_jail(rules)
+        e = dict(os.environ, SMTPD_NAMESERVER=dnsz.spec, **(env or {}))
+        srv = Inetd(smtpd_argv(tree, jail, *flags), env=e)
+        srv.jail = jail
+        started.append(srv)
+        return srv
+    yield start
+    for srv in started:
+        srv.close()
+        shutil.rmtree(srv.jail, ignore_errors=True)

@@ -1,0 +1,625 @@
+"""session - one SMTP session of smtpd, on any pair of file descriptors
+
+DESCRIPTION
+    Session(cfg, peer, rfd, wfd).run() speaks SMTP until QUIT, EOF, a
+    timeout, a deny rule or too many errors, and returns the exit status
+    (spec 1.7).  inetd mode, the pre-forked workers and the tests run this
+    same code.  Two records: Session (peer, names, HELO, counters, I/O) and
+    Envelope (sender, recipients), replaced by RSET and at the end of DATA.
+PROTOCOL
+    Only CRLF ends a line; a command line is at most 512 octets; bare CR,
+    bare LF or NUL in a command gets 500 and the line is dropped.  DATA ends
+    only at CRLF.CRLF; a bare CR or LF or a NUL anywhere in the message gets
+    550 after reading to the end, a message over -s gets 552 after reading
+    to the end.  The message is committed (fsync, rename) before the 250.
+"""
+
+import email.utils
+import os
+import re
+import select
+import socket
+import time
+import traceback
+
+import buildconf
+import checkrules
+import daemonlib as dl
+import spool
+
+LINE_MAX = 512
+PATH_MAX = 256
+LOCAL_MAX = 64
+MAX_ERRORS = 10
+CHUNK = 65536
+
+VANILLA = {
+    220: "Sendmail 4.1/SMI-4.1 ready.", 221: "Closing connection",
+    250: "OK", 252: "Can not VRFY user", 354: "OK End with <CRLF>.<CRLF>",
+    421: "Service not available, closing transmission channel",
+    451: "Requested action not taken: local error in processing",
+    452: "Requested action not taken: insufficient system storage",
+    500: "Syntax Error, command unrecognized",
+    501: "Syntax Error in parameters or arguments",
+    502: "Command not implemented", 503: "Bad sequence of commands",
+    521: "Doesn't talk SMTP, Sorry",
+    552: "Requested mail action aborted: exceeded storage allocation",
+    555: "MAIL FROM/RCPT TO parameters not recognized or not implemented",
+}
+ERROR_CODES = (500, 501, 502, 503, 504, 553, 555)
+
+
+class Closed(Exception):
+    """The session is over; .status is the exit status."""
+
+    def __init__(self, status, why=""):
+        super().__init__(why)
+        self.status = status
+
+
+class AddressError(Exception):
+    def __init__(self, code, text):
+        super().__init__(text)
+        self.code, self.text = code, text
+
+
+# ------------------------------------------------------------ addresses ----
+
+DOMAIN = re.compile(r"^([A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?\.?)+$|"
+                    r"^\[(IPv6:[0-9A-Fa-f:.]+|[0-9.]+)\]$")
+ATEXT_BAD = set('()<>[]:;@\\," ')
+
+
+def split_path(arg):
+    """Split 'path [params]' -> (path, params); brackets or quotes group."""
+    depth, quoted, i = 0, False, 0
+    while i < len(arg):
+        ch = arg[i]
+        if ch == "\\" and quoted:
+            i += 1
+        elif ch == '"':
+            quoted = not quoted
+        elif not quoted and ch == "<":
+            depth += 1
+        elif not quoted and ch == ">":
+            depth -= 1
+        elif ch == " " and not quoted and depth == 0:
+            break
+        i += 1
+    if quoted or depth != 0:
+        raise AddressError(501, "Unbalanced quotes or angle brackets")
+    return arg[:i], arg[i:].strip()
+
+
+def parse_local(local):
+    if local.startswith('"'):
+        if len(local) < 2 or not local.endswith('"'):
+            raise AddressError(501, "Bad quoted local part")
+        body = re.sub(r'\\.', "", local[1:-1])
+        if '"' in body:
+            raise AddressError(501, "Bad quoted local part")
+        return
+    if not local or local.startswith(".") or local.endswith(".") or ".." in local:
+        raise AddressError(501, "Bad local part")
+    if "," in local:
+        raise AddressError(553, "Unquoted ',' in address not allowed")
+    if ATEXT_BAD & set(local):
+        raise AddressError(501, "Bad character in local part")
+
+
+def parse_path(arg, null_ok):
+    """A MAIL/RCPT argument -> (stored text, params).
+
+    Brackets are optional; a source route is dropped; "<>" only if null_ok.
+    The stored text is the address as typed (with its brackets, if any)."""
+    if not arg:
+        raise AddressError(501, "Address missing")
+    if any(ord(c) < 0x20 or ord(c) >= 0x7f for c in arg):
+        raise AddressError(501, "Control or 8-bit character in address")
+    path, params = split_path(arg)
+    bracketed = path.startswith("<")
+    inner = path[1:-1] if bracketed and path.endswith(">") else path
+    if bracketed != path.endswith(">") or "<" in inner or ">" in inner:
+        raise AddressError(501, "Unbalanced angle brackets")
+    if inner == "":
+        if not (null_ok and bracketed):
+            raise AddressError(553 if bracketed else 501, "Null address not allowed here")
+        return "<>", params
+    if inner.startswith("@"):               # source route: @a,@b:mailbox
+        route, colon, inner = inner.partition(":")
+        if not colon or not inner:
+            raise AddressError(501, "Bad source route")
+    if len(inner) + 2 > PATH_MAX:
+        raise AddressError(553, "Address longer than %d octets" % PATH_MAX)
+    if inner.startswith("-"):
+        raise AddressError(553, "Address may not start with '-'")
+    local, at, domain = inner.rpartition("@") if "@" in inner else (inner, "", "")
+    if len(local) > LOCAL_MAX:
+        raise AddressError(553, "Local part longer than %d octets" % LOCAL_MAX)
+    parse_local(local)
+    if at and not DOMAIN.match(domain):
+        raise AddressError(501, "Bad domain %s" % domain)
+    return ("<%s>" % inner if bracketed else inner), params
+
+
+# ----------------------------------------------------------------- I/O ----
+
+class Channel:
+    """Buffered reads with timeouts and reply batching over two fds."""
+
+    def __init__(self, rfd, wfd, read_timeout, deadline):
+        self.rfd, self.wfd = rfd, wfd
+        self.read_timeout, self.deadline = read_timeout, deadline
+        self.buf = bytearray()
+        self.out = []
+
+    def reply(self, code, text=None, more=()):
+        text = VANILLA[code] if text is None else text
+        lines = [text] + list(more)
+        for i, line in enumerate(lines):
+            sep = "-" if i < len(lines) - 1 else " "
+            self.out.append(b"%d%s%s\r\n" % (code, sep.encode(), line.encode("latin-1")))
+
+    def raw_reply(self, line):
+        self.out.append(line.encode("latin-1") + b"\r\n")
+
+    def flush(self, final=False):
+        data = b"".join(self.out)
+        self.out = []
+        while data:
+            if final:       # the last words: past the deadline, but briefly
+                if not select.select([], [self.wfd], [], 5)[1]:
+                    return
+            else:
+                self.wait(self.wfd, select.POLLOUT)
+            try:
+                n = os.write(self.wfd, data)
+            except OSError as e:
+                raise Closed(dl.EX_OSERR, "write to client: %s" % e.strerror) from None
+            data = data[n:]
+
+    def wait(self, fd, event):
+        timeout = min(self.read_timeout, self.deadline - time.monotonic())
+        if timeout <= 0:
+            raise Closed(dl.EX_OSERR, "session timeout")
+        p = select.poll()
+        p.register(fd, event)
+        if not p.poll(timeout * 1000):
+            what = "session" if time.monotonic() >= self.deadline else "read"
+            raise Closed(dl.EX_OSERR, "%s timeout (%d seconds)" % (
+                what, buildconf.SESSION_TIMEOUT if what == "session" else self.read_timeout))
+
+    def fill(self):
+        """Read more input (flushing replies first); Closed on EOF/timeout."""
+        if self.out:
+            self.flush()
+        self.wait(self.rfd, select.POLLIN)
+        try:
+            data = os.read(self.rfd, CHUNK)
+        except OSError as e:
+            raise Closed(dl.EX_OSERR, "read from client: %s" % e.strerror) from None
+        if not data:
+            raise Closed(dl.EX_OSERR, "EOF on client fd")
+        self.buf += data
+
+    def command(self):
+        """The next command line without CRLF, or None if it was bad."""
+        discarding = False
+        while True:
+            i = self.buf.find(b"\n")
+            if i < 0:
+                if len(self.buf) > LINE_MAX:
+                    discarding = True
+                    del self.buf[:]
+                self.fill()
+                continue
+            line = bytes(self.buf[:i + 1])
+            del self.buf[:i + 1]
+            if discarding or len(line) > LINE_MAX:
+                return None, "Line too long"
+            if (not line.endswith(b"\r\n") or b"\r" in line[:-2]
+                    or b"\0" in line):
+                return None, "Bare CR or LF or NUL in command"
+            return line[:-2].decode("latin-1"), None
+
+    def chunks(self):
+        """Yield raw input for DATA: what is buffered, then fresh reads."""
+        while True:
+            if not self.buf:
+                self.fill()
+            data = bytes(self.buf)
+            del self.buf[:]
+            yield data
+
+    def unread(self, data):
+        self.buf[0:0] = data
+
+    def linger(self, seconds=1.0):
+        """Half-close, then discard input briefly, so that our last reply
+        is not lost to a reset caused by unread client data."""
+        try:
+            s = socket.socket(fileno=os.dup(self.wfd))
+        except OSError:
+            return
+        try:
+            s.shutdown(socket.SHUT_WR)
+            s.settimeout(seconds)
+            end = time.monotonic() + seconds
+            while time.monotonic() < end and s.recv(CHUNK):
+                pass
+        except OSError:
+            pass
+        finally:
+            s.close()
+
+
+# ---------------------------------------------------------------- DATA ----
+
+class DataReader:
+    """Read a message to CRLF.CRLF; unstuff dots; store LF line ends."""
+
+    def __init__(self, channel, sink, maxsize):
+        self.ch, self.sink, self.maxsize = channel, sink, maxsize
+        self.size = 0
+        self.problem = None      # None, "bare", "size" or "write"
+        self.headers = bytearray()
+        self.in_headers = True
+
+    def run(self):
+        pending, mid_line = b"", False
+        for chunk in self.ch.chunks():
+            pending += chunk
+            if not mid_line and pending.startswith(b".\r\n"):
+                self.ch.unread(pending[3:])
+                return
+            end = pending.find(b"\r\n.\r\n")
+            if end >= 0:
+                self.store(pending[:end + 2], mid_line)
+                self.ch.unread(pending[end + 5:])
+                return
+            cut = pending.rfind(b"\r\n")
+            if cut >= 0:
+                self.store(pending[:cut + 2], mid_line)
+                pending, mid_line = pending[cut + 2:], False
+            elif len(pending) > CHUNK:
+                # A very long line: store all but its last byte (a CR?).
+                self.store(pending[:-1], mid_line, partial=True)
+                pending, mid_line = pending[-1:], True
+
+    def store(self, data, mid_line, partial=False):
+        """Lines ending CRLF (or, if partial, a piece of one long line)."""
+        crlf = 0 if partial else data.count(b"\r\n")
+        if (b"\0" in data or data.count(b"\r") != crlf
+                or data.count(b"\n") != crlf):
+            self.problem = self.problem or "bare"
+        if self.problem:
+            return
+        if not mid_line and data.startswith(b"."):
+            data = data[1:]
+        self.write(data.replace(b"\r\n.", b"\r\n").replace(b"\r\n", b"\n"))
+
+    def write(self, data):
+        self.size += len(data)
+        if self.maxsize and self.size > self.maxsize:
+            self.problem = "size"
+            return
+        if self.in_headers:
+            self.note_headers(data)
+        try:
+            self.sink(data)
+        except OSError as e:
+            dl.err("write to spool file: %s", e.strerror)
+            self.problem = "write"
+
+    def note_headers(self, data):
+        end = data.find(b"\n\n")
+        if data.startswith(b"\n") and not self.headers:
+            end = 0
+        self.headers += data if end < 0 else data[:end + 1]
+        if end >= 0 or len(self.headers) > 1 << 20:
+            self.in_headers = False
+
+
+def header_oddity(headers):
+    """-P: a header byte that is a control (but TAB) or 8-bit character."""
+    for b in headers:
+        if (b < 0x20 and b not in (0x09, 0x0A)) or b >= 0x7F:
+            return True
+    return False
+
+
+# ------------------------------------------------------------- session ----
+
+class Envelope:
+    def __init__(self, sender=None):
+        self.sender = sender        # stored text, e.g. "<a@b>" or "<>"
+        self.recipients = []
+
+
+class Session:
+    """One SMTP session.  cfg: the smtpd options; peer: a checkrules.Client
+    with .local and .peer (address, port) pairs (None when not a socket)."""
+
+    def __init__(self, cfg, client, rfd, wfd):
+        self.cfg, self.client = cfg, client
+        self.ch = Channel(rfd, wfd, buildconf.READ_TIMEOUT,
+                          time.monotonic() + buildconf.SESSION_TIMEOUT)
+        self.helo = None
+        self.esmtp = False
+        self.env = Envelope()
+        self.errors = 0
+        self.draft = None
+        self.summary = []
+        self.where = "%s(%s)" % (client.name or "UNKNOWN", client.ip_text or "")
+
+    # -- plumbing --
+
+    def reply(self, code, text=None, more=()):
+        if code in ERROR_CODES:
+            self.errors += 1
+        self.ch.reply(code, text, more)
+        if self.errors >= MAX_ERRORS:
+            dl.notice("too many errors from %s, closing", self.where)
+            raise Closed(dl.EX_PROTOCOL, "too many errors")
+
+    def log(self, verbose, fragment):
+        """A verbose syslog line, or a fragment of the -q summary line."""
+        if self.cfg.quiet:
+            self.summary.append(fragment)
+        else:
+            dl.info("%s", verbose)
+
+    def flush_summary(self):
+        if self.summary:
+            dl.info("%s", "".join(self.summary).strip())
+            self.summary = []
+
+    def run(self):
+        """Serve the session; return the exit status."""
+        status = dl.EX_OK
+        try:
+            self.greet()
+            while True:
+                line, problem = self.ch.command()
+                if line is None:
+                    self.reply(500, problem)
+                    continue
+                verb, _, arg = line.partition(" ")
+                VERBS.get(verb.upper(), Session.smtp_unknown)(self, arg)
+        except Closed as c:
+            status = c.status
+            if status not in (dl.EX_OK, dl.EX_PROTOCOL) and str(c):
+                self.log("%s from %s" % (c, self.where), " %s." % c)
+            if status != dl.EX_OK:
+                self.ch.reply(421)
+            try:
+                self.ch.flush(final=True)
+            except Closed:
+                pass
+        except Exception:
+            dl.crit("unexpected error with %s: %s", self.where,
+                    traceback.format_exc().replace("\n", " | "))
+            self.ch.out = []
+            self.ch.reply(451)
+            try:
+                self.ch.flush(final=True)
+            except Closed:
+                pass
+            status = dl.EX_SOFTWARE
+        finally:
+            if self.draft is not None:
+                self.draft.abort()
+            self.flush_summary()
+        self.ch.linger()
+        return status
+
+    def greet(self):
+        self.ch.reply(220, "%s %s" % (self.cfg.myname, VANILLA[220]))
+
+    # -- verbs --
+
+    def smtp_helo(self, arg, esmtp=False):
+        if self.helo is not None:
+            self.env = Envelope()
+            return self.reply(503)
+        name = arg.strip()
+        if self.cfg.paranoid and not re.match(r"^[\x21-\x7e]*$", name):
+            raise Closed(dl.EX_PROTOCOL, "suspicious HELO")
+        self.helo, self.esmtp = name, esmtp
+        self.flush_summary()
+        as_ = ' as "%s"' % name if name.lower() != (self.client.name or "").lower() else ""
+        self.log('%s HELO from %s as "%s"' % ("EHLO" if esmtp else "HELO", self.where, name),
+                 "relay=%s/%s%s" % (self.client.name or "UNKNOWN",
+                                    self.client.ip_text or "", as_))
+        text = "%s pleased to meet you, %s" % (self.cfg.myname, name)
+        if not esmtp:
+            return self.reply(250, text)
+        size = "SIZE %d" % self.cfg.maxsize if self.cfg.maxsize else "SIZE"
+        self.reply(250, text, ["PIPELINING", "8BITMIME", size])
+
+    def smtp_ehlo(self, arg):
+        self.smtp_helo(arg, esmtp=True)
+
+    def address(self, arg, keyword, null_ok):
+        """'FROM:<a> params' -> (stored, params) or None after replying."""
+        if not arg[:len(keyword)].upper() == keyword:
+            self.reply(501, 'Syntax: %s<address>' % keyword)
+            return None
+        try:
+            return parse_path(arg[len(keyword):].lstrip(" "), null_ok)
+        except AddressError as e:
+            dl.notice("refused address %r from %s: %s", arg, self.where, e.text)
+            if self.cfg.paranoid:
+                raise Closed(dl.EX_PROTOCOL, "suspicious address") from None
+            self.reply(e.code, e.text)
+            return None
+
+    def mail_params(self, params):
+        """SIZE= and BODY= after EHLO; True if acceptable (else replied)."""
+        if params and not self.esmtp:
+            self.reply(501)
+            return False
+        for p in params.split():
+            key, _, value = p.upper().partition("=")
+            if key == "SIZE" and value.isdigit():
+                if self.cfg.maxsize and int(value) > self.cfg.maxsize:
+                    self.reply(552, "Message size exceeds fixed maximum message size")
+                    return False
+            elif key == "BODY" and value in ("7BIT", "8BITMIME"):
+                pass
+            else:
+                self.reply(555)
+                return False
+        return True
+
+    def smtp_mail(self, arg):
+        if self.helo is None or self.env.sender is not None:
+            return self.reply(503)
+        parsed = self.address(arg, "FROM:", null_ok=True)
+        if parsed is None or not self.mail_params(parsed[1]):
+            return
+        self.env = Envelope(parsed[0])
+        self.log("mail from %s" % parsed[0], " from=%s" % parsed[0])
+        self.reply(250, "sender is %s, sender OK" % parsed[0])
+
+    def smtp_rcpt(self, arg):
+        if self.env.sender is None:
+            return self.reply(503)
+        parsed = self.address(arg, "TO:", null_ok=False)
+        if parsed is None:
+            return
+        rcpt, params = parsed
+        if params:
+            return self.reply(555)
+        if len(self.env.recipients) >= buildconf.MAX_RCPT:
+            return self.reply(452, "Too many recipients")
+        if self.check_rules(rcpt):
+            self.env.recipients.append(rcpt)
+            self.log("Recipient %s" % rcpt, " to=%s" % rcpt)
+            self.reply(250, "recipient %s, recipient OK" % rcpt)
+
+    def check_rules(self, rcpt):
+        """Apply the rules (spec 3.7); True if the recipient is allowed."""
+        try:
+            rules = self.cfg.rules.get()
+        except checkrules.RuleError as e:
+            dl.err("%s", str(e).replace("\n", "; "))
+            self.reply(451, "Requested action not taken: rules file invalid")
+            return False
+        v = checkrules.evaluate(rules, self.client, self.env.sender, rcpt)
+        who = "%s@%s" % (self.client.ident or "UNKNOWN", self.where)
+        for r in v.debug:
+            dl.info("DEBUG: matched %s for %s from %s to %s", r.where, who,
+                    self.env.sender, rcpt)
+        if v.action == "allow":
+            return True
+        dl.info("%s from %s to %s: %s by %s", who, self.env.sender, rcpt, v.action,
+                v.rule.where if v.rule else "lookup failure" if v.action == "tempfail"
+                else "default")
+        if v.delay:
+            dl.info("sleeping for a %s_delay of %d seconds", v.action, v.delay)
+            self.ch.flush()
+            time.sleep(v.delay)
+        self.ch.raw_reply(v.reply)
+        if v.action == "deny":
+            self.log("Forbidden FROM or RCPT for host %s - abandoning" % self.where,
+                     " forbidden FROM or RCPT")
+            raise Closed(dl.EX_PROTOCOL, "denied")
+        if v.action == "noto":
+            self.log("Discarded bad recipient %s" % rcpt,
+                     " discarded bad recipient=%s" % rcpt)
+        return False
+
+    def smtp_data(self, arg):
+        if not self.env.recipients:
+            return self.reply(503)
+        if arg.strip():
+            return self.reply(501)
+        try:
+            self.draft = spool.Draft(self.cfg.spooldir, self.env.sender.encode("latin-1"),
+                                     [r.encode("latin-1") for r in self.env.recipients])
+            self.draft.write(self.received())
+        except OSError as e:
+            dl.crit("creating spool file in %s: %s", self.cfg.spooldir, e.strerror)
+            raise Closed(dl.EX_CANTCREAT, "cannot create spool file") from None
+        self.ch.reply(354)
+        self.ch.flush()
+        reader = DataReader(self.ch, self.draft.write, self.cfg.maxsize)
+        reader.run()
+        self.finish_data(reader)
+
+    def finish_data(self, reader):
+        env, draft = self.env, self.draft
+        self.env = Envelope()
+        problem = reader.problem
+        if not problem and self.cfg.paranoid and header_oddity(reader.headers):
+            draft.abort()
+            self.draft = None
+            raise Closed(dl.EX_PROTOCOL, "unprintable characters in headers")
+        if problem:
+            draft.abort()
+            self.draft = None
+            dl.notice("message from %s refused: %s", self.where, problem)
+            if problem == "bare":
+                return self.reply(550, "Message refused: bare CR or LF or NUL in message")
+            if problem == "size":
+                dl.err("message body exceeds maximum size of %d", self.cfg.maxsize)
+                return self.reply(552)
+            return self.reply(452)
+        try:
+            name = draft.commit()
+        except OSError as e:
+            dl.err("committing spool file: %s", e.strerror)
+            draft.abort()
+            self.draft = None
+            return self.reply(452)
+        self.draft = None
+        self.log("Received %d bytes of message body from %s as %s for %d recipients"
+                 % (reader.size, self.where, name, len(env.recipients)),
+                 " bytes=%d id=%s" % (reader.size, name))
+        self.flush_summary()
+        self.reply(250, "Message accepted for delivery")
+
+    def received(self):
+        """smtpd's trace header (RFC 5322 form)."""
+        c = self.client
+        helo = re.sub(r"[^A-Za-z0-9.:\[\]_-]", "?", self.helo or "")[:255]
+        return ("Received: from %s (%s [%s])\n\tby %s (smtpd) with %s id %s;\n\t%s\n"
+                % (helo or "unknown", c.name or "unknown", c.ip_text or "unknown",
+                   self.cfg.myname, "ESMTP" if self.esmtp else "SMTP", self.draft.name,
+                   email_date())).encode("latin-1")
+
+    def smtp_rset(self, arg):
+        self.env = Envelope()
+        self.reply(250)
+
+    def smtp_noop(self, arg):
+        self.reply(250)
+
+    def smtp_vrfy(self, arg):
+        self.reply(252)
+
+    def smtp_expn(self, arg):
+        self.reply(502)
+
+    def smtp_help(self, arg):
+        self.reply(214, "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT")
+
+    def smtp_quit(self, arg):
+        self.reply(221)
+        raise Closed(dl.EX_OK)
+
+    def smtp_unknown(self, arg):
+        self.reply(500)
+
+
+VERBS = {"HELO": Session.smtp_helo, "EHLO": Session.smtp_ehlo,
+         "MAIL": Session.smtp_mail, "RCPT": Session.smtp_rcpt,
+         "DATA": Session.smtp_data, "RSET": Session.smtp_rset,
+         "NOOP": Session.smtp_noop, "VRFY": Session.smtp_vrfy,
+         "EXPN": Session.smtp_expn, "HELP": Session.smtp_help,
+         "QUIT": Session.smtp_quit}
+
+
+def email_date():
+    return email.utils.formatdate(localtime=True)

@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""smtpd - Obtuse-compatible SMTP storing daemon
+
+SYNOPSIS
+    smtpd.py [-DFHLPq] [-c chrootdir] [-d spooldir] [-u user] [-g group]
+             [-m myname] [-s maxsize] [-l address] [-p port] [-i pidfile] [-M max]
+DESCRIPTION
+    Speaks SMTP on stdin (inetd) or on a listening socket (-D) and writes each
+    accepted message to the spool for smtpfwdd(8).  Every recipient is checked
+    against the smtpd_check_rules file (checkrules.py).
+SECURITY
+    Talks to the network.  Sessions run chrooted to -c as -u/-g; only the
+    master keeps root, and it never reads network input.  Everything the jail
+    lacks (imports, resolver, syslog socket, time zone, own name) is done
+    before the chroot.
+EXIT STATUS
+    0 QUIT or -l refusal; 64 usage; 71 client gone, timeout, I/O error;
+    76 denied by a rule or too many errors; 78 configuration error.
+"""
+
+import getopt
+import ipaddress
+import os
+import socket
+import sys
+
+import buildconf
+import checkrules
+import daemonlib as dl
+import lookup
+import session
+
+USAGE = """usage: smtpd.py [-DFHLPq] [-c chrootdir] [-d spooldir] [-u user] [-g group]
+                [-m myname] [-s maxsize] [-l address] [-p port] [-i pidfile] [-M max]"""
+
+
+class Config:
+    """The options of smtpd, with the Makefile's defaults."""
+
+    def __init__(self):
+        self.chroot = buildconf.SPOOLDIR
+        self.spooldir = buildconf.SPOOLSUBDIR
+        self.user, self.group = buildconf.SMTP_USER, buildconf.SMTP_GROUP
+        self.myname = None
+        self.maxsize = 0
+        self.hostchecks = True
+        self.paranoid = False
+        self.daemon = False
+        self.foreground = False
+        self.log_pid = True
+        self.quiet = False
+        self.listen = None
+        self.port = 25
+        self.pidfile = os.path.join(buildconf.PID_DIR, "smtpd.pid")
+        self.maxchildren = buildconf.SMTPD_MAXCHILDREN
+        self.rules = None
+        self.rules_path = buildconf.CHECK_FILE
+
+
+def usage_error(msg):
+    """Log a bad option and exit 64; stderr only if it is not the client."""
+    dl.err("%s", msg)
+    if not dl.stderr_is_socket():
+        print(USAGE, file=sys.stderr)
+    sys.exit(dl.EX_USAGE)
+
+
+def positive(opt, value):
+    if not value.isdigit() or int(value) <= 0:
+        usage_error("%s needs a positive number, not %r" % (opt, value))
+    return int(value)
+
+
+def absolute(opt, value):
+    if not value.startswith("/"):
+        usage_error("%s needs an absolute path, not %r" % (opt, value))
+    return value
+
+
+def parse_options(argv):
+    cfg = Config()
+    try:
+        opts, args = getopt.getopt(argv, "c:d:u:g:m:s:l:p:i:M:DFHLPq")
+    except getopt.GetoptError as e:
+        usage_error("Unknown option: %s" % e)
+    if args:
+        usage_error("unexpected argument %r" % args[0])
+    for o, v in opts:
+        if o == "-c":
+            cfg.chroot = absolute(o, v)
+        elif o == "-d":
+            cfg.spooldir = absolute(o, v)
+        elif o == "-u":
+            cfg.user = v
+        elif o == "-g":
+            cfg.group = v
+        elif o == "-m":
+            cfg.myname = v
+        elif o == "-s":
+            cfg.maxsize = positive(o, v)
+        elif o == "-l":
+            try:
+                cfg.listen = str(ipaddress.ip_address(v))
+            except ValueError:
+                usage_error("-l needs an IPv4 or IPv6 address, not %r" % v)
+        elif o == "-p":
+            cfg.port = positive(o, v)
+            if cfg.port > 65535:
+                usage_error("-p %s: no such port" % v)
+        elif o == "-i":
+            cfg.pidfile = absolute(o, v)
+        elif o == "-M":
+            cfg.maxchildren = positive(o, v)
+        else:
+            setattr(cfg, {"-D": "daemon", "-F": "foreground", "-q": "quiet",
+                          "-P": "paranoid"}.get(o, "_"), True)
+            if o == "-H":
+                cfg.hostchecks = False
+            elif o == "-L":
+                cfg.log_pid = False
+    return cfg
+
+
+def prepare(cfg):
+    """As the original before its chroot: identity, paths, name, resolver."""
+    cfg.root = os.geteuid() == 0
+    if cfg.root:
+        cfg.pw, cfg.gr = dl.resolve_identity(cfg.user, cfg.group)
+    else:
+        dl.warn("not started as root: no chroot to %s, no change of user; "
+                "jail paths are taken under it", cfg.chroot)
+        cfg.spooldir = os.path.join(cfg.chroot, cfg.spooldir.lstrip("/"))
+        cfg.rules_path = os.path.join(cfg.chroot, cfg.rules_path.lstrip("/"))
+    cfg.rules = checkrules.RulesFile(cfg.rules_path)
+    cfg.resolver = lookup.make_resolver() if cfg.hostchecks else None
+    if cfg.myname is None:
+        cfg.myname = own_name()
+    dl.prepare_jail()
+
+
+def own_name():
+    name = socket.gethostname()
+    if "." not in name:
+        try:
+            name = socket.getaddrinfo(name, None, flags=socket.AI_CANONNAME)[0][3] or name
+        except OSError:
+            pass
+    return name
+
+
+def jail(cfg):
+    """Enter the chroot and drop privileges (root only)."""
+    if cfg.root:
+        dl.enter_jail(cfg.pw, cfg.gr, cfg.chroot)
+
+
+def socket_ends(fd):
+    """(local, peer) (address, port) pairs of fd, or (None, None)."""
+    try:
+        s = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return None, None
+    try:
+        return s.getsockname()[:2], s.getpeername()[:2]
+    except (OSError, TypeError, ValueError):
+        return None, None
+    finally:
+        s.close()
+
+
+def identify(cfg, local, peer):
+    """The checkrules.Client for a connection: FCrDNS unless -H."""
+    lk = lookup.Lookup(cfg.resolver)
+    ip = lookup.normalize(peer[0]) if peer else None
+    name, error = None, None
+    if cfg.hostchecks and ip is not None:
+        try:
+            name, why = lk.confirmed_name(ip)
+            if why:
+                dl.info("%s", why)
+                if cfg.paranoid and not why.startswith("no reverse"):
+                    raise session.Closed(dl.EX_PROTOCOL, why)
+        except lookup.TempFail as e:
+            dl.notice("cannot identify %s: %s", ip, e)
+            error = str(e)
+    ident_fn = None
+    env_ident = os.environ.get("SMTPD_IDENT")
+    if env_ident == "UNKNOWN":
+        env_ident = None
+    elif env_ident is None and local and peer:
+        ident_fn = lambda: lookup.ident_query(local, peer)   # noqa: E731
+    c = checkrules.Client(ip, name, lk, ident=env_ident, ident_fn=ident_fn,
+                          name_error=error)
+    c.local, c.peer = local, peer
+    return c
+
+
+def serve(cfg, rfd, wfd, local=None, peer=None):
+    """One session on rfd/wfd; returns the exit status."""
+    if local is None:
+        local, peer = socket_ends(rfd)
+    try:
+        client = identify(cfg, local, peer)
+    except session.Closed as c:
+        dl.crit("abandoning session with %s: %s", peer and peer[0], c)
+        os.write(wfd, b"421 %s\r\n" % session.VANILLA[421].encode())
+        return c.status
+    return session.Session(cfg, client, rfd, wfd).run()
+
+
+def refused_by_listen(cfg, local):
+    """-l in inetd mode: a connection to another local address gets 521."""
+    if cfg.listen is None or local is None:
+        return False
+    return lookup.normalize(local[0]) != lookup.normalize(cfg.listen)
+
+
+def inetd(cfg):
+    local, peer = socket_ends(0)
+    jail(cfg)
+    if refused_by_listen(cfg, local):
+        dl.info("Refused connection attempt to %s from %s", local[0], peer and peer[0])
+        os.write(1, b"521 %s %s\r\n" % (cfg.myname.encode(), session.VANILLA[521].encode()))
+        return dl.EX_OK
+    return serve(cfg, 0, 1, local, peer)
+
+
+def main(argv):
+    dl.log.open("smtpd", buildconf.LOG_FACILITY, pid=True,
+                stderr=not dl.stderr_is_socket())
+    cfg = parse_options(argv)
+    if cfg.foreground:
+        dl.log.stderr = True
+    if not cfg.log_pid:
+        dl.log.open("smtpd", buildconf.LOG_FACILITY, pid=False, stderr=dl.log.stderr)
+    prepare(cfg)
+    if cfg.daemon:
+        import prefork
+        return prefork.run(cfg)
+    return inetd(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

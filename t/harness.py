@@ -1,0 +1,155 @@
+"""Run smtpd as inetd would, and talk to it: the tests' SMTP client side."""
+
+import grp
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+from conftest import PYTHON, is_root
+
+NOBODY = "nobody"
+NOGROUP = grp.getgrgid(pwd.getpwnam("nobody").pw_gid).gr_name
+
+
+def make_jail(rules="allow:ALL:ALL:ALL\n"):
+    """A jail like SPOOLDIR: spool at its root, etc/smtpd_check_rules."""
+    d = tempfile.mkdtemp(prefix="smtpd-jail-", dir="/tmp")
+    os.mkdir(os.path.join(d, "etc"))
+    write_rules(d, rules)
+    if is_root:
+        pw = pwd.getpwnam(NOBODY)
+        os.chown(d, pw.pw_uid, pw.pw_gid)
+    os.chmod(d, 0o700)
+    return d
+
+
+def write_rules(jail, text):
+    path = os.path.join(jail, "etc", "smtpd_check_rules")
+    tmp = path + ".new"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.rename(tmp, path)
+
+
+def spool_files(d):
+    return sorted(n for n in os.listdir(d) if n.startswith("smtpd"))
+
+
+class Inetd:
+    """Accept on addr:port and run argv for each connection on fds 0/1."""
+
+    def __init__(self, argv, env=None, addr="127.0.0.1", logdir=None):
+        self.argv, self.env = argv, env
+        self.listener = socket.create_server((addr, 0))
+        self.addr, self.port = self.listener.getsockname()
+        self.procs = []
+        self.logdir = logdir or tempfile.mkdtemp(prefix="smtpd-log-")
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
+
+    def loop(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            log = open(os.path.join(self.logdir, "%d.log" % len(self.procs)), "wb")
+            p = subprocess.Popen(self.argv, stdin=conn.fileno(), stdout=conn.fileno(),
+                                 stderr=log, env=self.env, close_fds=True)
+            conn.close()
+            log.close()
+            self.procs.append(p)
+
+    def connect(self, source="127.0.0.1"):
+        s = socket.create_connection((self.addr, self.port), timeout=30,
+                                     source_address=(source, 0))
+        return Client(s)
+
+    def last_status(self, timeout=30):
+        """Exit status of the most recent session."""
+        deadline = time.time() + timeout
+        while not self.procs and time.time() < deadline:
+            time.sleep(0.01)
+        return self.procs[-1].wait(timeout)
+
+    def log(self):
+        """Everything the sessions wrote to stderr (their log lines)."""
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        out = []
+        for n in sorted(os.listdir(self.logdir)):
+            out.append(open(os.path.join(self.logdir, n), errors="replace").read())
+        return "".join(out)
+
+    def close(self):
+        self.listener.close()
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        shutil.rmtree(self.logdir, ignore_errors=True)
+
+
+class Client:
+    """A raw SMTP client: send bytes, read replies."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = b""
+
+    def send(self, data):
+        if isinstance(data, str):
+            data = data.encode("latin-1")
+        self.sock.sendall(data)
+
+    def line(self):
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("connection closed; pending %r" % self.buf)
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line.decode("latin-1")
+
+    def reply(self):
+        """One (possibly multi-line) reply -> (code, [texts])."""
+        texts = []
+        while True:
+            line = self.line()
+            texts.append(line[4:])
+            if line[3:4] != "-":
+                return int(line[:3]), texts
+
+    def code(self):
+        return self.reply()[0]
+
+    def cmd(self, line):
+        self.send(line + "\r\n")
+        return self.reply()
+
+    def closed(self, timeout=10):
+        """True if the server closed the connection (after any buffered data)."""
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(1) == b""
+        except (ConnectionResetError, socket.timeout):
+            return False
+
+    def close(self):
+        self.sock.close()
+
+
+def smtpd_argv(tree, jail, *extra):
+    argv = [PYTHON, os.path.join(tree, "smtpd.py"), "-c", jail, "-m", "mx.my.domain"]
+    if is_root:
+        argv += ["-u", NOBODY, "-g", NOGROUP]
+    return argv + list(extra)
