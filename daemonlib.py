@@ -41,6 +41,7 @@ class Log:
         self.ident = os.path.basename(sys.argv[0] or "python").removesuffix(".py")
         self.stderr = False
         self.opened = False
+        self.role = ""          # e.g. "worker: ", to tell processes apart
 
     def open(self, ident, facility="mail", pid=True, stderr=False):
         """Open syslog now (LOG_NDELAY keeps the socket across chroot)."""
@@ -52,7 +53,7 @@ class Log:
         self.opened = True
 
     def __call__(self, level, fmt, *args):
-        msg = fmt % args if args else fmt
+        msg = self.role + (fmt % args if args else fmt)
         msg = msg.replace("\n", "\\n").replace("\r", "\\r")
         if self.opened:
             syslog.syslog(level, msg)

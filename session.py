@@ -428,7 +428,7 @@ class Session:
         self.helo, self.esmtp = name, esmtp
         self.flush_summary()
         as_ = ' as "%s"' % name if name.lower() != (self.client.name or "").lower() else ""
-        self.log('%s HELO from %s as "%s"' % ("EHLO" if esmtp else "HELO", self.where, name),
+        self.log('%s from %s as "%s"' % ("EHLO" if esmtp else "HELO", self.where, name),
                  "relay=%s/%s%s" % (self.client.name or "UNKNOWN",
                                     self.client.ip_text or "", as_))
         text = "%s pleased to meet you, %s" % (self.cfg.myname, name)

@@ -28,6 +28,7 @@ import buildconf
 import checkrules
 import daemonlib as dl
 import lookup
+import prefork
 import session
 
 USAGE = """usage: smtpd.py [-DFHLPq] [-c chrootdir] [-d spooldir] [-u user] [-g group]
@@ -235,7 +236,7 @@ def main(argv):
         dl.log.open("smtpd", buildconf.LOG_FACILITY, pid=False, stderr=dl.log.stderr)
     prepare(cfg)
     if cfg.daemon:
-        import prefork
+        cfg.serve, cfg.enter_jail = serve, jail
         return prefork.run(cfg)
     return inetd(cfg)
 
