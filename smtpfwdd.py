@@ -1,0 +1,442 @@
+#!/usr/bin/env python3
+"""smtpfwdd - Obtuse-compatible spool forwarder: one mail agent per message
+
+SYNOPSIS
+    smtpfwdd.py [-Fq] [-d spooldir] [-u user] [-g group] [-s mailprog]
+                [-M maxchildren] [-P polltime]
+DESCRIPTION
+    Scans the spool every -P seconds (or on SIGUSR1) and, for each complete
+    smtpd* file, forks a delivery child that runs
+        mailprog -oi -f <sender> -- <recipient>...
+    (never through a shell) with the message on standard input, at most
+    MAXARGS arguments per call, marking delivered batches SENT.  Exit status
+    0 removes the file; 71 72 74 75 defer it (retried after
+    RETRY_DELAY_TIME); 78, a missing agent or a signal defer it and log
+    CRIT; anything else, and a message deferred beyond QUEUE_LIFETIME, moves
+    it to failed/ with the reason.  Nothing accepted is deleted unless
+    delivered.
+SECURITY
+    Runs as -u/-g (supplementary groups cleared), never as root.
+SIGNALS
+    SIGTERM, SIGINT: stop scanning, wait up to SHUTDOWN_TIMEOUT seconds for
+    running deliveries, exit 0.  SIGUSR1, SIGHUP: scan now.
+"""
+
+import fcntl
+import getopt
+import os
+import select
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import daemon
+
+import buildconf
+import daemonlib as dl
+import spool
+
+USAGE = """usage: smtpfwdd.py [-Fq] [-d spooldir] [-u user] [-g group] [-s mailprog]
+                   [-M maxchildren] [-P polltime]"""
+LOCKFILE = ".smtpfwdd.lock"
+TEMPORARY = (dl.EX_OSERR, dl.EX_OSFILE, dl.EX_IOERR, dl.EX_TEMPFAIL)
+STDERR_MAX = 4096
+ALERT_EVERY = 86400
+
+
+class Config:
+    def __init__(self):
+        self.spooldir = os.path.normpath(os.path.join(buildconf.SPOOLDIR,
+                                                      buildconf.SPOOLSUBDIR))
+        self.user, self.group = buildconf.SMTP_USER, buildconf.SMTP_GROUP
+        self.agent = buildconf.MAIL_AGENT
+        self.maxchildren = buildconf.MAXCHILDREN
+        self.poll = buildconf.POLL_TIME
+        self.quiet = self.foreground = False
+
+
+def config_error(msg):
+    """Option errors exit 78, as the original's did."""
+    dl.err("%s", msg)
+    print("smtpfwdd.py: %s\n%s" % (msg, USAGE), file=sys.stderr)
+    sys.exit(dl.EX_CONFIG)
+
+
+def bounded(opt, value):
+    if not value.isdigit() or not 1 <= int(value) <= 1000:
+        config_error("%s needs a number from 1 to 1000, not %r" % (opt, value))
+    return int(value)
+
+
+def parse_options(argv):
+    cfg = Config()
+    try:
+        opts, args = getopt.getopt(argv, "qFu:g:d:s:M:P:")
+    except getopt.GetoptError as e:
+        config_error(str(e))
+    if args:
+        config_error("unexpected argument %r" % args[0])
+    for o, v in opts:
+        if o in ("-d", "-s") and not v.startswith("/"):
+            config_error("%s needs an absolute path, not %r" % (o, v))
+        if o == "-d":
+            cfg.spooldir = v
+        elif o == "-s":
+            cfg.agent = v
+        elif o == "-u":
+            cfg.user = v
+        elif o == "-g":
+            cfg.group = v
+        elif o == "-M":
+            cfg.maxchildren = bounded(o, v)
+        elif o == "-P":
+            cfg.poll = bounded(o, v)
+        elif o == "-q":
+            cfg.quiet = True
+        elif o == "-F":
+            cfg.foreground = True
+    return cfg
+
+
+# ------------------------------------------------------------- delivery ----
+
+def unquoted_comma(addr):
+    quoted = False
+    for ch in addr:
+        if ch == '"':
+            quoted = not quoted
+        elif ch == "," and not quoted:
+            return True
+    return False
+
+
+def bare(addr):
+    """The address without its outer angle brackets ("<>" stays "<>")."""
+    if addr.startswith("<") and addr.endswith(">") and addr != "<>":
+        return addr[1:-1]
+    return addr
+
+
+def check_recipient(r):
+    """Why the C smtpd's recipient r must not reach sendmail, or None."""
+    a = bare(r)
+    if a.startswith("-"):
+        return "recipient %s starts with '-'" % r
+    if unquoted_comma(a):
+        return "recipient %s has an unquoted ','" % r
+    if not a:
+        return "empty recipient"
+    return None
+
+
+class Delivery:
+    """The delivery child's work on one spool file."""
+
+    def __init__(self, cfg, name):
+        self.cfg, self.name = cfg, name
+        self.path = os.path.join(cfg.spooldir, name)
+
+    def run(self):
+        f = spool.open_for_delivery(self.path, time.time(), buildconf.RETRY_DELAY_TIME)
+        if f is None:
+            dl.debug("%s: busy or no longer eligible", self.name)
+            return dl.EX_TEMPFAIL
+        self.f = f
+        try:
+            msg = spool.parse(f)
+        except spool.Malformed as e:
+            return self.fail("malformed spool file: %s" % e, "?", [])
+        sender = msg.sender.decode("latin-1")
+        rcpts = [(off, r.decode("latin-1")) for off, r in msg.recipients]
+        self.msg, self.sender = msg, sender
+        for _, r in rcpts:
+            why = check_recipient(r)
+            if why:
+                return self.fail(why, sender, [r for _, r in rcpts])
+        return self.batches(sender, rcpts)
+
+    def argv(self, sender, batch):
+        return [self.cfg.agent, "-oi", "-f", bare(sender) or "<>", "--"] + \
+            [bare(r) for _, r in batch]
+
+    def batches(self, sender, rcpts):
+        per_call = max(1, buildconf.MAXARGS - 5)
+        done = []
+        while rcpts:
+            batch, rcpts = rcpts[:per_call], rcpts[per_call:]
+            status, why = self.call(self.argv(sender, batch))
+            names = [r for _, r in batch]
+            if status != 0:
+                return self.failed_batch(status, why, sender, names, done)
+            done += names
+            if rcpts:
+                spool.mark_sent(self.f, [off for off, _ in batch])
+        spool.remove(self.path)
+        self.outcome("delivered", sender, done)
+        return dl.EX_OK
+
+    def call(self, argv):
+        """Run the agent on the message; (exit status or None, why)."""
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.lseek(fd, self.msg.body_offset, os.SEEK_SET)
+            p = subprocess.Popen(argv, stdin=fd, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, close_fds=True,
+                                 env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        except OSError as e:
+            return None, "cannot run %s: %s" % (argv[0], e.strerror)
+        finally:
+            os.close(fd)
+        err = read_bounded(p.stderr, buildconf.AGENT_TIMEOUT)
+        try:
+            status = p.wait(max(1, buildconf.AGENT_TIMEOUT))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            return None, "%s took more than %d seconds; killed" % (argv[0], buildconf.AGENT_TIMEOUT)
+        said = err.decode("latin-1", "replace").strip().replace("\n", " | ")
+        if status < 0:
+            why = "%s killed by signal %d" % (argv[0], -status)
+        else:
+            why = "%s exited %d" % (argv[0], status)
+        if said and (status != 0 or not self.cfg.quiet):
+            why += ", saying: " + said
+            if status == 0:
+                dl.notice("%s: %s", self.name, why)
+        return (None if status < 0 else status), why
+
+    def failed_batch(self, status, why, sender, names, done):
+        if done:
+            why += " (earlier batches delivered to %s)" % ", ".join(done)
+        if status is None or status == dl.EX_CONFIG:
+            dl.crit("%s: %s; deferred, fix the mail agent", self.name, why)
+            return self.defer(why, sender, names)
+        if status in TEMPORARY:
+            return self.defer(why, sender, names)
+        return self.fail(why, sender, names)
+
+    def defer(self, why, sender, names):
+        age = time.time() - (self.msg.arrival or time.time())
+        if age > buildconf.QUEUE_LIFETIME:
+            return self.fail("%s; undeliverable for %d days" % (why, age // 86400),
+                             sender, names)
+        spool.defer(self.f)
+        self.outcome("deferred: %s" % why, sender, names)
+        return dl.EX_TEMPFAIL
+
+    def fail(self, why, sender, names):
+        dest = spool.quarantine(self.cfg.spooldir, self.name, why)
+        self.outcome("failed: %s; moved to %s" % (why, dest), sender, names)
+        return dl.EX_DATAERR
+
+    def outcome(self, what, sender, names):
+        if self.cfg.quiet:
+            dl.info("%s from=%s%s status=%s", self.name, sender,
+                    "".join(" to=%s" % n for n in names), what)
+        else:
+            dl.info("%s from %s to %s: %s", self.name, sender, ", ".join(names) or "-", what)
+
+
+def read_bounded(pipe, timeout):
+    """Read a pipe to EOF keeping at most STDERR_MAX bytes."""
+    kept = b""
+    deadline = time.monotonic() + max(1, timeout)
+    fd = pipe.fileno()
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not r:
+            break
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        kept = (kept + chunk)[:STDERR_MAX]
+    pipe.close()
+    return kept
+
+
+# --------------------------------------------------------------- master ----
+
+class Forwarder:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.running = {}           # pid -> name
+        self.stopping = self.scan_now = False
+        self.warned = {}            # name -> when we last warned about it
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGTERM, self.on_stop)
+        signal.signal(signal.SIGINT, self.on_stop)
+        signal.signal(signal.SIGUSR1, self.on_scan)
+        signal.signal(signal.SIGHUP, self.on_scan)
+        signal.signal(signal.SIGCHLD, lambda *a: None)
+
+    def on_stop(self, *a):
+        self.stopping = True
+
+    def on_scan(self, *a):
+        self.scan_now = True
+
+    def sleep(self, seconds):
+        select.select([self.wake_r], [], [], seconds)
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def reap(self):
+        while self.running:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.running.clear()
+                return
+            if pid == 0:
+                return
+            name = self.running.pop(pid, "?")
+            if not self.cfg.quiet:
+                dl.debug("delivery of %s ended with %s", name, status >> 8)
+
+    def run(self):
+        dl.info("scanning %s every %d seconds with %s", self.cfg.spooldir,
+                self.cfg.poll, self.cfg.agent)
+        while not self.stopping:
+            self.scan()
+            deadline = time.monotonic() + self.cfg.poll
+            while not (self.stopping or self.scan_now) and time.monotonic() < deadline:
+                self.sleep(deadline - time.monotonic())
+                self.reap()
+            self.scan_now = False
+        return self.shutdown()
+
+    def scan(self):
+        now = time.time()
+        for name in spool.remove_stale_drafts(self.cfg.spooldir,
+                                              buildconf.SESSION_TIMEOUT, now):
+            dl.notice("removed %s: a draft left by an smtpd that died before its 250", name)
+        try:
+            entries = spool.entries(self.cfg.spooldir)
+        except OSError as e:
+            dl.err("scanning %s: %s", self.cfg.spooldir, e.strerror)
+            return
+        for e in entries:
+            if self.stopping:
+                return
+            self.consider(e, now)
+
+    def consider(self, entry, now):
+        name = os.fsdecode(entry.name)
+        if name in self.running.values():
+            return
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            return self.warn_once(name, now, "stat(%s): %s" % (name, e.strerror))
+        if not stat.S_ISREG(st.st_mode):
+            return self.warn_once(name, now, "%s is not a regular file; skipped" % name)
+        if st.st_mode & 0o110 != 0o110:
+            if now - st.st_mtime > ALERT_EVERY:
+                self.warn_once(name, now, "%s incomplete since %s; investigate"
+                               % (name, time.ctime(st.st_mtime)))
+            return
+        if not spool.eligible(st, now, buildconf.RETRY_DELAY_TIME):
+            return
+        while len(self.running) >= self.cfg.maxchildren and not self.stopping:
+            self.sleep(1)
+            self.reap()
+        if not self.stopping:
+            self.fork(name)
+
+    def warn_once(self, name, now, msg):
+        if now - self.warned.get(name, 0) >= ALERT_EVERY:
+            self.warned[name] = now
+            dl.alert("%s", msg)
+
+    def fork(self, name):
+        try:
+            pid = os.fork()
+        except OSError as e:
+            dl.err("fork for %s: %s", name, e.strerror)
+            return
+        if pid == 0:
+            status = dl.EX_SOFTWARE
+            try:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
+                            signal.SIGHUP, signal.SIGCHLD):
+                    signal.signal(sig, signal.SIG_DFL)
+                signal.set_wakeup_fd(-1)
+                status = Delivery(self.cfg, name).run()
+            except BaseException as e:
+                dl.crit("delivery of %s: %s: %s", name, type(e).__name__, e)
+            os._exit(status)
+        self.running[pid] = name
+
+    def shutdown(self):
+        deadline = time.monotonic() + buildconf.SHUTDOWN_TIMEOUT
+        if self.running:
+            dl.info("stopping: waiting for %d deliveries", len(self.running))
+        while self.running and time.monotonic() < deadline:
+            self.sleep(0.2)
+            self.reap()
+        for pid, name in self.running.items():
+            dl.warn("delivery of %s still running; left to finish alone", name)
+        dl.info("stopped")
+        return dl.EX_OK
+
+
+def take_lock(spooldir):
+    """Open and flock .smtpfwdd.lock; exit 78 if another smtpfwdd has it."""
+    path = os.path.join(spooldir, LOCKFILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        dl.die(dl.EX_CONFIG, "open(%s): %s", path, e.strerror)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        print("smtpfwdd.py: already running (pid %s holds %s)" % (pid, path),
+              file=sys.stderr)
+        dl.die(dl.EX_CONFIG, "already running (pid %s holds %s)", pid, path)
+    return fd
+
+
+def write_pid(fd):
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, b"%7d\n" % os.getpid(), 0)
+
+
+def main(argv):
+    dl.log.open("smtpfwdd", buildconf.LOG_FACILITY, pid=True)
+    cfg = parse_options(argv)
+    dl.log.stderr = cfg.foreground
+    if os.geteuid() == 0:
+        pw, gr = dl.resolve_identity(cfg.user, cfg.group)
+        dl.enter_jail(pw, gr, None)
+    else:
+        dl.warn("not started as root: running as uid %d", os.getuid())
+    try:
+        os.chdir(cfg.spooldir)
+    except OSError as e:
+        print("smtpfwdd.py: chdir(%s): %s" % (cfg.spooldir, e.strerror), file=sys.stderr)
+        dl.die(dl.EX_CONFIG, "chdir(%s): %s", cfg.spooldir, e.strerror)
+    lock = take_lock(cfg.spooldir)
+    if cfg.foreground:
+        write_pid(lock)
+        return Forwarder(cfg).run()
+    with daemon.DaemonContext(files_preserve=[lock], working_directory=cfg.spooldir,
+                              umask=0o077, signal_map={signal.SIGHUP: None,
+                                                       signal.SIGTERM: None}):
+        dl.log.open("smtpfwdd", buildconf.LOG_FACILITY, pid=True)
+        write_pid(lock)
+        return Forwarder(cfg).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
