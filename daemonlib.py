@@ -13,6 +13,7 @@ import encodings.idna  # noqa: F401  (socket and dnspython need it in the jail)
 import grp
 import os
 import pwd
+import signal
 import socket
 import stat
 import sys
@@ -100,6 +101,13 @@ def die(status, fmt, *args):
     """Log at LOG_ERR (LOG_CRIT for software errors) and exit."""
     log(syslog.LOG_CRIT if status == EX_SOFTWARE else syslog.LOG_ERR, fmt, *args)
     sys.exit(status)
+
+
+def ignore_stop_signals():
+    """On the way out: a late SIGTERM/SIGINT/SIGHUP must not turn a clean
+    exit into death by signal (Python resets its handlers at exit)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def stderr_is_socket():

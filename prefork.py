@@ -369,6 +369,7 @@ class Master:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+        dl.ignore_stop_signals()
         dl.info("stopped")
         return dl.EX_OK
 
@@ -376,7 +377,11 @@ class Master:
 
     def become_worker(self, ctrl):
         try:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            # The master decides when sessions end: a Ctrl-C or hangup sent to
+            # the whole process group must not cut them short.
+            for sig in (signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
+            for sig in (signal.SIGTERM, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
             signal.set_wakeup_fd(-1)
             self.listener.close()

@@ -367,8 +367,10 @@ class Forwarder:
         if pid == 0:
             status = dl.EX_SOFTWARE
             try:
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
-                            signal.SIGHUP, signal.SIGCHLD):
+                # A Ctrl-C to the process group must not cut a delivery short.
+                for sig in (signal.SIGINT, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_IGN)
+                for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
                 signal.set_wakeup_fd(-1)
                 status = Delivery(self.cfg, name).run()
@@ -386,6 +388,7 @@ class Forwarder:
             self.reap()
         for pid, name in self.running.items():
             dl.warn("delivery of %s still running; left to finish alone", name)
+        dl.ignore_stop_signals()
         dl.info("stopped")
         return dl.EX_OK
 
