@@ -144,3 +144,69 @@ test: venv buildconf.py
 
 clean:
 	rm -rf buildconf.py buildconf.py.tmp __pycache__ t/__pycache__ .pytest_cache .hypothesis
+
+# --------------------------------------------------------- make run ----
+
+# The mail agent of `make run`; e.g. make run MAILPROG=/usr/sbin/sendmail
+MAILPROG =
+
+.PHONY: run
+run: venv buildconf.py
+	MAILPROG="$(MAILPROG)" bin/run-local
+
+# ------------------------------------------------------ make install ----
+
+# Where `make install` puts things (all under DESTDIR when it is set).
+LIBDIR = $(PREFIX)/lib/smtpd
+SBINDIR = $(PREFIX)/sbin
+MANDIR = $(PREFIX)/share/man
+DOCDIR = $(PREFIX)/share/doc/smtpd
+# The Python the installed programs run with (readable by SMTP_USER).
+INSTALL_PYTHON = /usr/bin/python3
+MODULES = smtpd.py smtpfwdd.py checkrules.py spool.py daemonlib.py lookup.py \
+	session.py prefork.py
+PROGRAMS = smtpd smtpfwdd checkrules
+EXAMPLES = etc/smtpd_check_rules.example etc/antispam_check_rules.example \
+	etc/smtpd.service etc/smtpfwdd.service etc/smtpd.socket etc/smtpd@.service \
+	etc/init.d/smtpd etc/init.d/smtpfwdd etc/rc.d/smtpd etc/rc.d/smtpfwdd \
+	etc/inetd.conf.smtpd etc/xinetd.d/smtpd
+
+.PHONY: install uninstall
+install: all venv
+	install -d -m 755 $(DESTDIR)$(LIBDIR) $(DESTDIR)$(SBINDIR) \
+	    $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(DOCDIR)
+	install -m 644 $(MODULES) buildconf.py $(DESTDIR)$(LIBDIR)/
+	rm -rf $(DESTDIR)$(LIBDIR)/vendor
+	$(VPY) -m pip install -q --disable-pip-version-check --no-compile \
+	    --target $(DESTDIR)$(LIBDIR)/vendor -r requirements.txt
+	chmod -R a+rX $(DESTDIR)$(LIBDIR)
+	for p in $(PROGRAMS); do \
+	    printf '#!/bin/sh\n# %s: installed by make install\nPYTHONPATH=%s/vendor exec %s -s %s/%s.py "$$@"\n' \
+	        $$p $(LIBDIR) $(INSTALL_PYTHON) $(LIBDIR) $$p > $(DESTDIR)$(SBINDIR)/$$p; \
+	    chmod 755 $(DESTDIR)$(SBINDIR)/$$p; \
+	done
+	install -m 644 man/smtpd.8 man/smtpfwdd.8 man/checkrules.8 $(DESTDIR)$(MANDIR)/man8/
+	install -m 644 man/smtpd_check_rules.5 $(DESTDIR)$(MANDIR)/man5/
+	for f in $(EXAMPLES); do \
+	    d=$(DESTDIR)$(DOCDIR)/$${f#etc/}; install -d -m 755 $$(dirname $$d); \
+	    sed -e 's|@SBINDIR@|$(SBINDIR)|g' -e 's|@SPOOLDIR@|$(SPOOLDIR)|g' \
+	        -e 's|@PYTHON@|$(INSTALL_PYTHON)|g' $$f > $$d; \
+	    if [ -x $$f ]; then chmod 755 $$d; else chmod 644 $$d; fi; \
+	done
+	install -d -m 700 $(DESTDIR)$(SPOOLDIR) $(DESTDIR)$(SPOOLDIR)/etc
+	chmod 755 $(DESTDIR)$(SPOOLDIR)/etc
+	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" = 0 ]; then \
+	    getent group $(SMTP_GROUP) >/dev/null || groupadd --system $(SMTP_GROUP); \
+	    getent passwd $(SMTP_USER) >/dev/null || useradd --system --gid $(SMTP_GROUP) \
+	        --home-dir $(SPOOLDIR) --no-create-home --shell /usr/sbin/nologin $(SMTP_USER); \
+	    chown $(SMTP_USER):$(SMTP_GROUP) $(SPOOLDIR); \
+	    echo "spool $(SPOOLDIR) owned by $(SMTP_USER):$(SMTP_GROUP)"; \
+	fi
+
+uninstall:
+	rm -rf $(DESTDIR)$(LIBDIR)
+	for p in $(PROGRAMS); do rm -f $(DESTDIR)$(SBINDIR)/$$p; done
+	rm -f $(DESTDIR)$(MANDIR)/man8/smtpd.8 $(DESTDIR)$(MANDIR)/man8/smtpfwdd.8 \
+	    $(DESTDIR)$(MANDIR)/man8/checkrules.8 $(DESTDIR)$(MANDIR)/man5/smtpd_check_rules.5
+	rm -rf $(DESTDIR)$(DOCDIR)
+	@echo "left alone: $(SPOOLDIR) (the spool and rules) and the $(SMTP_USER) account"

@@ -1,0 +1,205 @@
+"""make run, make install, man pages, etc/ files (issue 7)."""
+
+import glob
+import os
+import shutil
+import signal
+import smtplib
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from conftest import PYTHON, ROOT
+
+EXAMPLE_RULES = ["etc/smtpd_check_rules.example", "etc/antispam_check_rules.example",
+                 "etc/run-local.rules"]
+
+
+def port_busy(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def copy_tree():
+    """A copy of the source tree every user can read, sharing our .venv."""
+    d = tempfile.mkdtemp(prefix="smtpd-copy-", dir="/tmp")
+    os.chmod(d, 0o755)
+    dest = os.path.join(d, "src")
+    shutil.copytree(ROOT, dest, symlinks=True, ignore=shutil.ignore_patterns(
+        ".venv", "var", ".git", "__pycache__", ".pytest_cache", ".hypothesis"))
+    os.symlink(os.path.join(ROOT, ".venv"), os.path.join(dest, ".venv"))
+    for dirpath, dirs, files in os.walk(dest):
+        os.chmod(dirpath, 0o755)
+    return d, dest
+
+
+def test_make_run_delivers_into_var_mail_and_stops_on_sigint():
+    if port_busy(2525):
+        pytest.skip("127.0.0.1:2525 is in use")
+    top, src = copy_tree()
+    log = open(os.path.join(top, "run.log"), "wb")
+    p = subprocess.Popen(["make", "-s", "run"], cwd=src, stdin=subprocess.DEVNULL,
+                         stdout=log, stderr=log, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while not port_busy(2525):
+            assert p.poll() is None, open(os.path.join(top, "run.log")).read()
+            assert time.time() < deadline
+            time.sleep(0.2)
+        with smtplib.SMTP("127.0.0.1", 2525, timeout=30) as s:
+            s.sendmail("me@example.org", ["you@localhost"],
+                       b"Subject: make run\r\n\r\nIt works.\r\n")
+        box = os.path.join(src, "var", "mail", "you")
+        deadline = time.time() + 30
+        while not (os.path.exists(box) and b"It works." in open(box, "rb").read()):
+            assert time.time() < deadline, open(os.path.join(top, "run.log")).read()
+            time.sleep(0.2)
+        mail = open(box, "rb").read()
+        assert mail.startswith(b"From me@example.org ")
+        assert b"\nSubject: make run\n\nIt works.\n\n" in mail
+    finally:
+        os.killpg(p.pid, signal.SIGINT)             # what Ctrl-C does
+        p.wait(60)
+        log.close()
+    out = open(os.path.join(top, "run.log")).read()
+    assert "run-local: smtpd exited 0, smtpfwdd exited 0" in out
+    assert not port_busy(2525)
+    shutil.rmtree(top)
+
+
+@pytest.fixture(scope="module")
+def installed():
+    destdir = tempfile.mkdtemp(prefix="smtpd-install-", dir="/tmp")
+    p = subprocess.run(["make", "-s", "install", "DESTDIR=" + destdir, "PREFIX=/usr"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    subprocess.run(["make", "-s"], cwd=ROOT, check=True)   # restore buildconf
+    yield destdir
+    shutil.rmtree(destdir)
+
+
+def mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_make_install_tree_and_modes(installed):
+    d = installed
+    for prog in ("smtpd", "smtpfwdd", "checkrules"):
+        wrapper = os.path.join(d, "usr/sbin", prog)
+        assert mode(wrapper) == 0o755
+        text = open(wrapper).read()
+        assert "/usr/lib/smtpd/%s.py" % prog in text and "PYTHONPATH=/usr/lib/smtpd/vendor" in text
+    for mod in ("smtpd.py", "smtpfwdd.py", "checkrules.py", "spool.py", "session.py",
+                "prefork.py", "lookup.py", "daemonlib.py", "buildconf.py"):
+        assert mode(os.path.join(d, "usr/lib/smtpd", mod)) == 0o644
+    assert "PREFIX = '/usr'" in open(os.path.join(d, "usr/lib/smtpd/buildconf.py")).read()
+    for pkg in ("daemon", "lockfile", "dns"):
+        assert os.path.isdir(os.path.join(d, "usr/lib/smtpd/vendor", pkg))
+    for page in ("man8/smtpd.8", "man8/smtpfwdd.8", "man8/checkrules.8",
+                 "man5/smtpd_check_rules.5"):
+        assert mode(os.path.join(d, "usr/share/man", page)) == 0o644
+    doc = os.path.join(d, "usr/share/doc/smtpd")
+    assert mode(os.path.join(doc, "init.d/smtpd")) == 0o755
+    assert mode(os.path.join(doc, "smtpd.service")) == 0o644
+    assert "ExecStart=/usr/sbin/smtpd -D -F" in open(os.path.join(doc, "smtpd.service")).read()
+    assert not glob.glob(doc + "/**/*@SBINDIR@*", recursive=True)
+    assert mode(os.path.join(d, "var/spool/smtpd")) == 0o700
+    assert os.path.isdir(os.path.join(d, "var/spool/smtpd/etc"))
+
+
+def test_installed_checkrules_runs_from_its_vendor_dir(installed):
+    lib = os.path.join(installed, "usr/lib/smtpd")
+    p = subprocess.run(["/usr/bin/python3", "-s", os.path.join(lib, "checkrules.py"), "-t",
+                        "-f", os.path.join(installed, "usr/share/doc/smtpd/smtpd_check_rules.example")],
+                       env={"PYTHONPATH": os.path.join(lib, "vendor"), "PATH": "/usr/bin:/bin"},
+                       capture_output=True, text=True)
+    assert (p.returncode, p.stdout, p.stderr) == (0, "", "")
+
+
+def test_make_uninstall(installed):
+    d = tempfile.mkdtemp(prefix="smtpd-uninstall-", dir="/tmp")
+    shutil.copytree(installed, d, dirs_exist_ok=True, symlinks=True)
+    subprocess.run(["make", "-s", "uninstall", "DESTDIR=" + d, "PREFIX=/usr"],
+                   cwd=ROOT, check=True, capture_output=True)
+    left = [os.path.relpath(os.path.join(p, f), d) for p, _, fs in os.walk(d) for f in fs]
+    assert left == []
+    assert os.path.isdir(os.path.join(d, "var/spool/smtpd"))     # the spool stays
+    shutil.rmtree(d)
+
+
+@pytest.mark.skipif(not shutil.which("mandoc"), reason="mandoc not installed")
+@pytest.mark.parametrize("page", ["smtpd.8", "smtpfwdd.8", "checkrules.8",
+                                  "smtpd_check_rules.5"])
+def test_man_page_is_mandoc_lint_clean(page):
+    p = subprocess.run(["mandoc", "-Tlint", "-W", "warning", os.path.join(ROOT, "man", page)],
+                       capture_output=True, text=True)
+    assert (p.returncode, p.stdout, p.stderr) == (0, "", "")
+
+
+def test_every_flag_is_in_the_man_pages():
+    smtpd8 = open(os.path.join(ROOT, "man/smtpd.8")).read()
+    for flag in "cdugmslpiMDFHLPq":
+        assert ".It Fl %s" % flag in smtpd8, flag
+    fwd8 = open(os.path.join(ROOT, "man/smtpfwdd.8")).read()
+    for flag in "dugsMPqF":
+        assert ".It Fl %s" % flag in fwd8, flag
+    makefile = open(os.path.join(ROOT, "Makefile")).read()
+    pages = smtpd8 + fwd8
+    for const in ("NOTO_DELAY", "DENY_DELAY", "READ_TIMEOUT", "SESSION_TIMEOUT",
+                  "CHECK_IDENT", "MAX_RCPT", "SMTPD_PREFORK", "SMTPD_MAXCHILDREN",
+                  "SMTPD_MAX_PER_IP", "SMTPD_MAX_USE", "SHUTDOWN_TIMEOUT", "MAXARGS",
+                  "RETRY_DELAY_TIME", "QUEUE_LIFETIME", "AGENT_TIMEOUT", "DNS_TIMEOUT",
+                  "MAXCHILDREN", "POLL_TIME", "MAIL_AGENT", "CHECK_FILE"):
+        assert const in makefile and const in pages, const
+
+
+@pytest.mark.parametrize("rules", EXAMPLE_RULES)
+def test_example_rules_validate(rules):
+    p = subprocess.run([PYTHON, os.path.join(ROOT, "checkrules.py"), "-t", "-f",
+                        os.path.join(ROOT, rules)], capture_output=True, text=True)
+    assert (p.returncode, p.stdout) == (0, "")
+
+
+def test_example_rules_refuse_relaying_and_allow_the_hub():
+    f = os.path.join(ROOT, "etc/smtpd_check_rules.example")
+
+    def check(*args):
+        return subprocess.run([PYTHON, os.path.join(ROOT, "checkrules.py"), "-f", f] +
+                              list(args), capture_output=True, text=True).returncode
+    assert check("-a", "10.0.0.9", "-n", "hub.my.domain", "<a@my.domain>", "<x@far.example>") == 0
+    assert check("-a", "192.0.2.7", "-n", "UNKNOWN", "<a@b.example>", "<x@far.example>") == 1
+    assert check("-a", "192.0.2.7", "-n", "UNKNOWN", "<a@b.example>", "<bob@my.domain>") == 0
+    assert check("-a", "192.0.2.7", "-n", "UNKNOWN", "<a@b.example>",
+                 "<x%far.example@my.domain>") == 1
+
+
+@pytest.mark.parametrize("script", ["etc/init.d/smtpd", "etc/init.d/smtpfwdd",
+                                    "etc/rc.d/smtpd", "etc/rc.d/smtpfwdd"])
+def test_shell_scripts_parse(script):
+    assert subprocess.run(["sh", "-n", os.path.join(ROOT, script)]).returncode == 0
+
+
+def test_run_local_parses():
+    assert subprocess.run(["bash", "-n", os.path.join(ROOT, "bin/run-local")]).returncode == 0
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="no systemd-analyze")
+def test_systemd_units_verify(installed, tmp_path):
+    sbin = os.path.join(installed, "usr/sbin")
+    names = ["smtpd.service", "smtpfwdd.service", "smtpd.socket", "smtpd@.service"]
+    for n in names:
+        text = open(os.path.join(ROOT, "etc", n)).read()
+        text = text.replace("@SBINDIR@", sbin).replace("@SPOOLDIR@", "/var/spool")
+        (tmp_path / n).write_text(text)
+    p = subprocess.run(["systemd-analyze", "verify", "--man=no"] + [str(tmp_path / n) for n in names],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    problems = [l for l in p.stderr.splitlines() if "smtpd" in l or "smtpfwdd" in l]
+    assert problems == [], p.stderr
