@@ -128,9 +128,13 @@ def wait_for(pred, timeout=10):
 @needs_root
 def test_workers_are_jailed_unprivileged_with_one_group(daemon_):
     d = daemon_().wait_ready()
-    assert wait_for(lambda: len(d.workers()) >= 4)
     import pwd
     pw = pwd.getpwnam(NOBODY)
+
+    def settled():          # a worker is root for the instant before its jail
+        ws = d.workers()
+        return len(ws) >= 4 and all(status_field(p, "Uid")[0] != "0" for p in ws)
+    assert wait_for(settled)
     for pid in d.workers():
         assert status_field(pid, "Uid") == [str(pw.pw_uid)] * 4
         assert status_field(pid, "Gid") == [str(pw.pw_gid)] * 4
@@ -153,6 +157,7 @@ def test_pid_file_holds_master_pid_and_goes_on_sigterm(daemon_):
 def test_detached_daemon_pid_file_and_sigterm(daemon_):
     d = daemon_(detach=True).wait_ready()
     assert d.proc.wait(10) == 0               # the foreground parent
+    assert wait_for(lambda: os.path.exists(d.pidfile) and open(d.pidfile).read().endswith("\n"))
     pid = d.master_pid()
     assert pid != d.proc.pid and os.path.exists("/proc/%d" % pid)
     assert send(d.port) == {}
