@@ -37,7 +37,6 @@ import dns.reversename
 
 import buildconf
 
-RDTYPES = ("A", "AAAA", "PTR", "NS", "MX", "SOA", "CNAME", "TXT")
 HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?$")
 IDENT_USER = re.compile(r"^[\x21-\x7e]{1,80}$")
 NSLIMIT, NSIPLIMIT = 100, 500
@@ -49,8 +48,10 @@ class TempFail(Exception):
 
 def make_resolver(timeout=None):
     """The process's resolver; all imports and parsing happen now."""
-    for t in RDTYPES:   # dnspython imports rdata classes lazily; not in a jail
-        dns.rdata.get_rdata_class(dns.rdataclass.IN, dns.rdatatype.from_text(t))
+    # dnspython imports an rdata class the first time an answer holds one;
+    # inside the jail that import would fail, so load them all now.
+    for t in dns.rdatatype.RdataType:
+        dns.rdata.get_rdata_class(dns.rdataclass.IN, t)
     conf = os.environ.get("SMTPD_RESOLV_CONF")
     servers = os.environ.get("SMTPD_NAMESERVER")
     r = dns.resolver.Resolver(configure=False)

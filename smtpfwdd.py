@@ -137,6 +137,16 @@ class Delivery:
     def __init__(self, cfg, name):
         self.cfg, self.name = cfg, name
         self.path = os.path.join(cfg.spooldir, name)
+        self.f = None
+
+    def give_up_for_now(self):
+        """After an unexpected error: defer the file so that it is not
+        retried before RETRY_DELAY_TIME (a crash loop helps nobody)."""
+        if self.f is not None:
+            try:
+                spool.defer(self.f)
+            except OSError as e:
+                dl.crit("deferring %s: %s", self.name, e.strerror)
 
     def run(self):
         f = spool.open_for_delivery(self.path, time.time(), buildconf.RETRY_DELAY_TIME)
@@ -365,7 +375,7 @@ class Forwarder:
             dl.err("fork for %s: %s", name, e.strerror)
             return
         if pid == 0:
-            status = dl.EX_SOFTWARE
+            status, delivery = dl.EX_SOFTWARE, None
             try:
                 # A Ctrl-C to the process group must not cut a delivery short.
                 for sig in (signal.SIGINT, signal.SIGHUP):
@@ -373,9 +383,12 @@ class Forwarder:
                 for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
                 signal.set_wakeup_fd(-1)
-                status = Delivery(self.cfg, name).run()
+                delivery = Delivery(self.cfg, name)
+                status = delivery.run()
             except BaseException as e:
-                dl.crit("delivery of %s: %s: %s", name, type(e).__name__, e)
+                dl.crit("delivery of %s: %s: %s; deferred", name, type(e).__name__, e)
+                if delivery is not None:
+                    delivery.give_up_for_now()
             os._exit(status)
         self.running[pid] = name
 

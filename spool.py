@@ -41,6 +41,7 @@ PROTOCOL
     is deleted unless delivered.
 """
 
+import _strptime  # noqa: F401  time.strptime imports it lazily; not after setuid
 import email.utils
 import errno
 import fcntl

@@ -381,3 +381,26 @@ def test_bad_options_exit_78(tree_factory, args):
                        stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
     assert p.returncode == 78
     assert b"usage: smtpfwdd.py" in p.stderr
+
+
+def test_file_with_unparsable_received_date_is_delivered(fwd_env):
+    # time.strptime imports a module lazily: after setuid, from a Python
+    # the unprivileged user cannot read, that import used to kill delivery.
+    name = put(fwd_env.spool, body=b"Received: from somewhere; not a date\n" + BODY)
+    fwd_env.start()
+    assert wait_for(lambda: not os.path.exists(os.path.join(fwd_env.spool, name)))
+    assert len(fwd_env.agent.calls()) == 1
+
+
+def test_unexpected_error_in_delivery_defers_instead_of_looping(fwd_env):
+    fwd_env.agent.statuses(67)
+    with open(os.path.join(fwd_env.spool, "failed"), "w") as f:
+        f.write("a file where the failed/ directory should be\n")
+    name = put(fwd_env.spool)
+    path = os.path.join(fwd_env.spool, name)
+    f = fwd_env.start(RETRY_DELAY_TIME=600)
+    assert wait_for(lambda: mode(path) == 0o755)
+    time.sleep(2.5)
+    assert len(fwd_env.agent.calls()) == 1
+    assert "NotADirectoryError" in f.log() and "deferred" in f.log()
+    assert f.proc.poll() is None
