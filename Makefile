@@ -164,7 +164,7 @@ DOCDIR = $(PREFIX)/share/doc/smtpd
 # The Python the installed programs run with (readable by SMTP_USER).
 INSTALL_PYTHON = /usr/bin/python3
 MODULES = smtpd.py smtpfwdd.py checkrules.py spool.py daemonlib.py lookup.py \
-	session.py prefork.py
+	session.py prefork.py replies.py
 PROGRAMS = smtpd smtpfwdd checkrules
 EXAMPLES = etc/smtpd_check_rules.example etc/antispam_check_rules.example \
 	etc/smtpd.service etc/smtpfwdd.service etc/smtpd.socket etc/smtpd@.service \
@@ -210,3 +210,9 @@ uninstall:
 	    $(DESTDIR)$(MANDIR)/man8/checkrules.8 $(DESTDIR)$(MANDIR)/man5/smtpd_check_rules.5
 	rm -rf $(DESTDIR)$(DOCDIR)
 	@echo "left alone: $(SPOOLDIR) (the spool and rules) and the $(SMTP_USER) account"
+
+# ------------------------------------------------------------ make bench ----
+
+.PHONY: bench
+bench: venv buildconf.py
+	$(VPY) bench/run.py

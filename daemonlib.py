@@ -11,6 +11,7 @@ SECURITY
 
 import encodings.idna  # noqa: F401  (socket and dnspython need it in the jail)
 import grp
+import ipaddress
 import os
 import pwd
 import signal
@@ -108,6 +109,16 @@ def ignore_stop_signals():
     exit into death by signal (Python resets its handlers at exit)."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
+
+
+def normalize_ip(addr):
+    """An ipaddress object; IPv4-mapped IPv6 becomes IPv4; None/"" -> None."""
+    if addr is None or addr == "":
+        return None
+    ip = ipaddress.ip_address(addr) if isinstance(addr, str) else addr
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 def stderr_is_socket():

@@ -36,6 +36,7 @@ import dns.resolver
 import dns.reversename
 
 import buildconf
+from daemonlib import normalize_ip as normalize  # noqa: F401  (lookup.normalize)
 
 HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?$")
 IDENT_USER = re.compile(r"^[\x21-\x7e]{1,80}$")
@@ -70,16 +71,6 @@ def make_resolver(timeout=None):
     r.timeout = min(r.lifetime, 3.0)
     r.cache = None
     return r
-
-
-def normalize(addr):
-    """An ipaddress object; IPv4-mapped IPv6 becomes IPv4.  None stays."""
-    if addr is None or addr == "":
-        return None
-    ip = ipaddress.ip_address(addr) if isinstance(addr, str) else addr
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 class Lookup:

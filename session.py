@@ -26,6 +26,7 @@ import buildconf
 import checkrules
 import daemonlib as dl
 import spool
+from replies import VANILLA
 
 LINE_MAX = 512
 PATH_MAX = 256
@@ -33,19 +34,6 @@ LOCAL_MAX = 64
 MAX_ERRORS = 10
 CHUNK = 65536
 
-VANILLA = {
-    220: "Sendmail 4.1/SMI-4.1 ready.", 221: "Closing connection",
-    250: "OK", 252: "Can not VRFY user", 354: "OK End with <CRLF>.<CRLF>",
-    421: "Service not available, closing transmission channel",
-    451: "Requested action not taken: local error in processing",
-    452: "Requested action not taken: insufficient system storage",
-    500: "Syntax Error, command unrecognized",
-    501: "Syntax Error in parameters or arguments",
-    502: "Command not implemented", 503: "Bad sequence of commands",
-    521: "Doesn't talk SMTP, Sorry",
-    552: "Requested mail action aborted: exceeded storage allocation",
-    555: "MAIL FROM/RCPT TO parameters not recognized or not implemented",
-}
 ERROR_CODES = (500, 501, 502, 503, 504, 553, 555)
 
 
@@ -340,8 +328,9 @@ class Session:
     """One SMTP session.  cfg: the smtpd options; peer: a checkrules.Client
     with .local and .peer (address, port) pairs (None when not a socket)."""
 
-    def __init__(self, cfg, client, rfd, wfd):
+    def __init__(self, cfg, client, rfd, wfd, greeted=False):
         self.cfg, self.client = cfg, client
+        self.greeted = greeted      # inetd mode sends the 220 before loading
         self.ch = Channel(rfd, wfd, buildconf.READ_TIMEOUT,
                           time.monotonic() + buildconf.SESSION_TIMEOUT)
         self.helo = None
@@ -414,7 +403,8 @@ class Session:
         return status
 
     def greet(self):
-        self.ch.reply(220, "%s %s" % (self.cfg.myname, VANILLA[220]))
+        if not self.greeted:
+            self.ch.reply(220, "%s %s" % (self.cfg.myname, VANILLA[220]))
 
     # -- verbs --
 

@@ -25,11 +25,12 @@ import socket
 import sys
 
 import buildconf
-import checkrules
 import daemonlib as dl
-import lookup
-import prefork
-import session
+from replies import VANILLA
+
+# checkrules, lookup, prefork and session take ~90 ms to import: load_engine()
+# imports them after the greeting has gone out, and always before the jail.
+checkrules = lookup = prefork = session = None
 
 USAGE = """usage: smtpd.py [-DFHLPq] [-c chrootdir] [-d spooldir] [-u user] [-g group]
                 [-m myname] [-s maxsize] [-l address] [-p port] [-i pidfile] [-M max]"""
@@ -122,8 +123,17 @@ def parse_options(argv):
     return cfg
 
 
+def load_engine():
+    """Import the rules engine, resolver, session and daemon code."""
+    global checkrules, lookup, prefork, session
+    import checkrules
+    import lookup
+    import prefork
+    import session
+
+
 def prepare(cfg):
-    """As the original before its chroot: identity, paths, name, resolver."""
+    """As the original before its chroot: identity, paths and own name."""
     cfg.root = os.geteuid() == 0
     if cfg.root:
         cfg.pw, cfg.gr = dl.resolve_identity(cfg.user, cfg.group)
@@ -132,10 +142,15 @@ def prepare(cfg):
                 "jail paths are taken under it", cfg.chroot)
         cfg.spooldir = os.path.join(cfg.chroot, cfg.spooldir.lstrip("/"))
         cfg.rules_path = os.path.join(cfg.chroot, cfg.rules_path.lstrip("/"))
-    cfg.rules = checkrules.RulesFile(cfg.rules_path)
-    cfg.resolver = lookup.make_resolver() if cfg.hostchecks else None
     if cfg.myname is None:
         cfg.myname = own_name()
+
+
+def prepare_engine(cfg):
+    """The rest of what the jail lacks: the engine, rules, resolver."""
+    load_engine()
+    cfg.rules = checkrules.RulesFile(cfg.rules_path)
+    cfg.resolver = lookup.make_resolver()
     dl.prepare_jail()
 
 
@@ -196,7 +211,7 @@ def identify(cfg, local, peer):
     return c
 
 
-def serve(cfg, rfd, wfd, local=None, peer=None):
+def serve(cfg, rfd, wfd, local=None, peer=None, greeted=False):
     """One session on rfd/wfd; returns the exit status."""
     if local is None:
         local, peer = socket_ends(rfd)
@@ -204,26 +219,34 @@ def serve(cfg, rfd, wfd, local=None, peer=None):
         client = identify(cfg, local, peer)
     except session.Closed as c:
         dl.crit("abandoning session with %s: %s", peer and peer[0], c)
-        os.write(wfd, b"421 %s\r\n" % session.VANILLA[421].encode())
+        os.write(wfd, b"421 %s\r\n" % VANILLA[421].encode())
         return c.status
-    return session.Session(cfg, client, rfd, wfd).run()
+    return session.Session(cfg, client, rfd, wfd, greeted).run()
 
 
 def refused_by_listen(cfg, local):
     """-l in inetd mode: a connection to another local address gets 521."""
     if cfg.listen is None or local is None:
         return False
-    return lookup.normalize(local[0]) != lookup.normalize(cfg.listen)
+    return dl.normalize_ip(local[0]) != dl.normalize_ip(cfg.listen)
 
 
 def inetd(cfg):
+    """One session on fds 0/1.  The greeting goes out first, so the client
+    does not wait while the engine loads; nothing is read before the jail."""
     local, peer = socket_ends(0)
-    jail(cfg)
     if refused_by_listen(cfg, local):
         dl.info("Refused connection attempt to %s from %s", local[0], peer and peer[0])
-        os.write(1, b"521 %s %s\r\n" % (cfg.myname.encode(), session.VANILLA[521].encode()))
+        os.write(1, b"521 %s %s\r\n" % (cfg.myname.encode(), VANILLA[521].encode()))
         return dl.EX_OK
-    return serve(cfg, 0, 1, local, peer)
+    try:
+        os.write(1, b"220 %s %s\r\n" % (cfg.myname.encode(), VANILLA[220].encode()))
+    except OSError as e:
+        dl.info("write to client: %s", e.strerror)
+        return dl.EX_OSERR
+    prepare_engine(cfg)
+    jail(cfg)
+    return serve(cfg, 0, 1, local, peer, greeted=True)
 
 
 def main(argv):
@@ -236,6 +259,7 @@ def main(argv):
         dl.log.open("smtpd", buildconf.LOG_FACILITY, pid=False, stderr=dl.log.stderr)
     prepare(cfg)
     if cfg.daemon:
+        prepare_engine(cfg)
         cfg.serve, cfg.enter_jail = serve, jail
         return prefork.run(cfg)
     return inetd(cfg)

@@ -5,8 +5,8 @@ SYNOPSIS
     smtpfwdd.py [-Fq] [-d spooldir] [-u user] [-g group] [-s mailprog]
                 [-M maxchildren] [-P polltime]
 DESCRIPTION
-    Scans the spool every -P seconds (or on SIGUSR1) and, for each complete
-    smtpd* file, forks a delivery child that runs
+    Scans the spool every -P seconds (or on SIGUSR1) and hands each complete
+    smtpd* file to one of at most -M long-lived delivery processes, which runs
         mailprog -oi -f <sender> -- <recipient>...
     (never through a shell) with the message on standard input, at most
     MAXARGS arguments per call, marking delivered batches SENT.  Exit status
@@ -27,6 +27,7 @@ import getopt
 import os
 import select
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -268,10 +269,47 @@ def read_bounded(pipe, timeout):
 
 # --------------------------------------------------------------- master ----
 
+class Worker:
+    """A long-lived delivery process; the master sends it one name at a time."""
+
+    def __init__(self, pid, sock):
+        self.pid, self.sock = pid, sock
+        self.name = None            # the file it is delivering, or None
+        self.dead = False
+
+
+def worker_loop(cfg, sock):
+    """Deliver the files the master names until it closes the socket."""
+    # A Ctrl-C to the process group must not cut a delivery short.
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)
+    while True:
+        try:
+            name = sock.recv(4096).decode("latin-1")
+        except OSError:
+            return dl.EX_OK
+        if not name:
+            return dl.EX_OK
+        delivery = Delivery(cfg, name)
+        try:
+            status = delivery.run()
+        except Exception as e:
+            dl.crit("delivery of %s: %s: %s; deferred", name, type(e).__name__, e)
+            delivery.give_up_for_now()
+            status = dl.EX_SOFTWARE
+        finally:
+            if delivery.f is not None:
+                delivery.f.close()      # releases the lock
+        sock.send(bytes([status]))
+
+
 class Forwarder:
     def __init__(self, cfg):
         self.cfg = cfg
-        self.running = {}           # pid -> name
+        self.workers = {}           # pid -> Worker
         self.stopping = self.scan_now = False
         self.warned = {}            # name -> when we last warned about it
         self.wake_r, self.wake_w = os.pipe()
@@ -290,26 +328,55 @@ class Forwarder:
     def on_scan(self, *a):
         self.scan_now = True
 
+    def running(self):
+        return {w.name for w in self.workers.values() if w.name is not None}
+
+    def busy(self):
+        return sum(1 for w in self.workers.values() if w.name is not None)
+
     def sleep(self, seconds):
-        select.select([self.wake_r], [], [], seconds)
+        """Wait for a signal, a worker's answer or the timeout."""
+        socks = [w.sock for w in self.workers.values() if w.name is not None]
+        r, _, _ = select.select([self.wake_r] + socks, [], [], max(0, seconds))
+        for s in r:
+            if s == self.wake_r:
+                try:
+                    while os.read(self.wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+            else:
+                self.answer(next(w for w in self.workers.values() if w.sock is s))
+        self.reap()
+
+    def answer(self, w):
         try:
-            while os.read(self.wake_r, 512):
-                pass
-        except BlockingIOError:
-            pass
+            msg = w.sock.recv(16)
+        except OSError:
+            msg = b""
+        if not msg:
+            dl.crit("delivery worker %d died delivering %s; it will be retried",
+                    w.pid, w.name)
+            w.dead = True
+        elif not self.cfg.quiet:
+            dl.debug("delivery of %s ended with %d", w.name, msg[0])
+        w.name = None
 
     def reap(self):
-        while self.running:
+        while self.workers:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                self.running.clear()
                 return
             if pid == 0:
                 return
-            name = self.running.pop(pid, "?")
-            if not self.cfg.quiet:
-                dl.debug("delivery of %s ended with %s", name, status >> 8)
+            w = self.workers.pop(pid, None)
+            if w is None:
+                continue
+            w.sock.close()
+            if w.name is not None:
+                dl.crit("delivery worker %d died delivering %s; it will be retried",
+                        pid, w.name)
 
     def run(self):
         dl.info("scanning %s every %d seconds with %s", self.cfg.spooldir,
@@ -319,7 +386,6 @@ class Forwarder:
             deadline = time.monotonic() + self.cfg.poll
             while not (self.stopping or self.scan_now) and time.monotonic() < deadline:
                 self.sleep(deadline - time.monotonic())
-                self.reap()
             self.scan_now = False
         return self.shutdown()
 
@@ -333,74 +399,89 @@ class Forwarder:
         except OSError as e:
             dl.err("scanning %s: %s", self.cfg.spooldir, e.strerror)
             return
+        running = self.running()
         for e in entries:
             if self.stopping:
                 return
-            self.consider(e, now)
+            name = os.fsdecode(e.name)
+            if name not in running and self.eligible(e, name, now):
+                self.dispatch(name)
 
-    def consider(self, entry, now):
-        name = os.fsdecode(entry.name)
-        if name in self.running.values():
-            return
+    def eligible(self, entry, name, now):
         try:
             st = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
-            return
+            return False
         except OSError as e:
-            return self.warn_once(name, now, "stat(%s): %s" % (name, e.strerror))
+            self.warn_once(name, now, "stat(%s): %s" % (name, e.strerror))
+            return False
         if not stat.S_ISREG(st.st_mode):
-            return self.warn_once(name, now, "%s is not a regular file; skipped" % name)
+            self.warn_once(name, now, "%s is not a regular file; skipped" % name)
+            return False
         if st.st_mode & 0o110 != 0o110:
             if now - st.st_mtime > ALERT_EVERY:
                 self.warn_once(name, now, "%s incomplete since %s; investigate"
                                % (name, time.ctime(st.st_mtime)))
-            return
-        if not spool.eligible(st, now, buildconf.RETRY_DELAY_TIME):
-            return
-        while len(self.running) >= self.cfg.maxchildren and not self.stopping:
-            self.sleep(1)
-            self.reap()
-        if not self.stopping:
-            self.fork(name)
+            return False
+        return spool.eligible(st, now, buildconf.RETRY_DELAY_TIME)
 
     def warn_once(self, name, now, msg):
         if now - self.warned.get(name, 0) >= ALERT_EVERY:
             self.warned[name] = now
             dl.alert("%s", msg)
 
-    def fork(self, name):
+    def dispatch(self, name):
+        """Hand name to an idle worker, starting one or waiting as needed."""
+        while not self.stopping:
+            idle = next((w for w in self.workers.values()
+                         if w.name is None and not w.dead), None)
+            if idle is None and len(self.workers) < self.cfg.maxchildren:
+                idle = self.spawn()
+            if idle is not None:
+                try:
+                    idle.sock.send(name.encode("latin-1"))
+                    idle.name = name
+                except OSError as e:
+                    dl.err("handing %s to worker %d: %s", name, idle.pid, e.strerror)
+                return
+            self.sleep(1)
+
+    def spawn(self):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             pid = os.fork()
         except OSError as e:
-            dl.err("fork for %s: %s", name, e.strerror)
-            return
+            dl.err("fork: %s", e.strerror)
+            ours.close()
+            theirs.close()
+            time.sleep(1)
+            return None
         if pid == 0:
-            status, delivery = dl.EX_SOFTWARE, None
+            status = dl.EX_SOFTWARE
             try:
-                # A Ctrl-C to the process group must not cut a delivery short.
-                for sig in (signal.SIGINT, signal.SIGHUP):
-                    signal.signal(sig, signal.SIG_IGN)
-                for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD):
-                    signal.signal(sig, signal.SIG_DFL)
-                signal.set_wakeup_fd(-1)
-                delivery = Delivery(self.cfg, name)
-                status = delivery.run()
+                ours.close()
+                for w in self.workers.values():
+                    w.sock.close()
+                os.close(self.wake_r)
+                os.close(self.wake_w)
+                status = worker_loop(self.cfg, theirs)
             except BaseException as e:
-                dl.crit("delivery of %s: %s: %s; deferred", name, type(e).__name__, e)
-                if delivery is not None:
-                    delivery.give_up_for_now()
+                dl.crit("delivery worker: %s: %s", type(e).__name__, e)
             os._exit(status)
-        self.running[pid] = name
+        theirs.close()
+        w = self.workers[pid] = Worker(pid, ours)
+        return w
 
     def shutdown(self):
         deadline = time.monotonic() + buildconf.SHUTDOWN_TIMEOUT
-        if self.running:
-            dl.info("stopping: waiting for %d deliveries", len(self.running))
-        while self.running and time.monotonic() < deadline:
+        if self.busy():
+            dl.info("stopping: waiting for %d deliveries", self.busy())
+        while self.busy() and time.monotonic() < deadline:
             self.sleep(0.2)
-            self.reap()
-        for pid, name in self.running.items():
-            dl.warn("delivery of %s still running; left to finish alone", name)
+        for w in self.workers.values():
+            if w.name is not None:
+                dl.warn("delivery of %s still running; left to finish alone", w.name)
+            w.sock.close()          # idle workers see EOF and exit
         dl.ignore_stop_signals()
         dl.info("stopped")
         return dl.EX_OK

@@ -404,3 +404,20 @@ def test_unexpected_error_in_delivery_defers_instead_of_looping(fwd_env):
     assert len(fwd_env.agent.calls()) == 1
     assert "NotADirectoryError" in f.log() and "deferred" in f.log()
     assert f.proc.poll() is None
+
+
+def test_killed_delivery_worker_is_replaced_and_file_delivered_later(fwd_env):
+    fwd_env.agent.statuses("sleep 2")
+    name = put(fwd_env.spool)
+    path = os.path.join(fwd_env.spool, name)
+    f = fwd_env.start()
+    assert wait_for(lambda: fwd_env.agent.calls())
+    workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and
+               open("/proc/%s/stat" % p).read().rsplit(")", 1)[1].split()[1] == str(f.proc.pid)]
+    assert len(workers) == 1
+    os.kill(workers[0], signal.SIGKILL)
+    assert wait_for(lambda: "delivery worker %d died" % workers[0] in f.log())
+    fwd_env.agent.statuses(0)
+    assert wait_for(lambda: not os.path.exists(path), 20)
+    assert f.proc.poll() is None
+    assert f.stop() == 0

@@ -1,0 +1,336 @@
+#!/usr/bin/env python3
+"""bench/run.py - smtpd against Postfix and aiosmtpd, and smtpfwdd's drain rate
+
+Run by `make bench` (never by `make test`).  In one run it:
+  * installs what it needs (Debian's postfix for smtpd and smtp-source, and
+    aiosmtpd in bench/.venv) unless already there;
+  * starts our `smtpd.py -D -F -H` (fsync on, a few realistic rules), a
+    second Postfix instance "postfix-bench" (loopback only, discard
+    transports: every message queued with fsync, then dropped) and aiosmtpd
+    with a handler that writes and fsyncs each message and its directory;
+  * drives each with smtp-source at 1, 10 and 50 sessions x 1, 10, 100 KB,
+    a new connection per message and reused connections (-d), the servers
+    interleaved, RUNS times; reports the median and spread of msgs/s;
+  * measures smtpfwdd draining 2,000 messages into an agent that reads stdin
+    and exits 0, the peak RSS of a worker, inetd-mode connect-to-greeting
+    time, and the disk's fsync rate (the bound of any durable server);
+  * prints one table and writes bench/results.md.
+Environment: RUNS (default 3), QUICK=1 (only the 10 x 10 KB cells).
+"""
+
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOP = os.path.dirname(HERE)
+sys.path.insert(0, TOP)
+import spool  # noqa: E402
+
+PY = os.path.join(TOP, ".venv", "bin", "python")
+BENCH_VENV = os.path.join(HERE, ".venv")
+RUNS = int(os.environ.get("RUNS", "3"))
+PORTS = {"smtpd": 2601, "postfix": 2602, "aiosmtpd": 2603}
+ROOT = os.geteuid() == 0
+RULES = """# a few realistic lines
+allow:127.0.0.0/8 [::1]:ALL:ALL
+noto:ALL:ALL:*%*@* *!*@* *@*@*:551 no routing tricks
+allow:ALL:ALL:*@my.domain *@*.my.domain
+noto:ALL:ALL:ALL:551 no relaying to %T
+"""
+AIOSMTPD = r'''
+import asyncio, os, sys, itertools
+from aiosmtpd.controller import Controller
+d, port = sys.argv[1], int(sys.argv[2])
+n = itertools.count()
+class FsyncHandler:
+    async def handle_DATA(self, server, session, envelope):
+        path = os.path.join(d, "msg%d-%d" % (os.getpid(), next(n)))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, envelope.original_content or envelope.content)
+        os.fsync(fd)
+        os.close(fd)
+        dfd = os.open(d, os.O_RDONLY)
+        os.fsync(dfd)
+        os.close(dfd)
+        return "250 Message accepted for delivery"
+c = Controller(FsyncHandler(), hostname="127.0.0.1", port=port)
+c.start()
+print("ready", flush=True)
+try:
+    asyncio.get_event_loop().run_forever()
+except KeyboardInterrupt:
+    pass
+'''
+
+
+def sh(*argv, **kw):
+    return subprocess.run(argv, check=True, **kw)
+
+
+def ensure_tools():
+    if not shutil.which("smtp-source") or not shutil.which("postmulti"):
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        sh("sh", "-c", "echo 'postfix postfix/main_mailer_type select Local only' "
+           "| debconf-set-selections", env=env)
+        sh("apt-get", "install", "-y", "-qq", "--no-install-recommends", "postfix",
+           env=env, stdin=subprocess.DEVNULL)
+    if not os.path.exists(os.path.join(BENCH_VENV, "bin", "python")):
+        sh(sys.executable, "-m", "venv", BENCH_VENV)
+        sh(os.path.join(BENCH_VENV, "bin", "pip"), "install", "-q", "aiosmtpd==1.4.6")
+
+
+def wait_port(port, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit("nothing listens on port %d" % port)
+
+
+# ---------------------------------------------------------------- servers ----
+
+def start_ours(work):
+    tree = os.path.join(work, "tree")
+    os.makedirs(tree)
+    for f in ("smtpd.py", "session.py", "prefork.py", "checkrules.py", "lookup.py",
+              "spool.py", "daemonlib.py", "smtpfwdd.py", "replies.py", "Makefile"):
+        shutil.copy(os.path.join(TOP, f), tree)
+    # One client address drives every session, so lift the per-address cap.
+    sh("make", "-s", "-C", tree, "buildconf.py", "SMTPD_MAX_PER_IP=200",
+       "SMTPD_PREFORK=8", stdout=subprocess.DEVNULL)
+    jail = os.path.join(work, "jail")
+    os.makedirs(os.path.join(jail, "etc"))
+    open(os.path.join(jail, "etc", "smtpd_check_rules"), "w").write(RULES)
+    ids = []
+    if ROOT:
+        shutil.chown(jail, "nobody")
+        ids = ["-u", "nobody", "-g", "nogroup"]
+    os.chmod(jail, 0o700)
+    log = open(os.path.join(work, "smtpd.log"), "wb")
+    p = subprocess.Popen([PY, os.path.join(tree, "smtpd.py"), "-D", "-F", "-H", "-q",
+                          "-c", jail, "-l", "127.0.0.1", "-p", str(PORTS["smtpd"]),
+                          "-M", "64", "-m", "bench.example", "-i",
+                          os.path.join(work, "smtpd.pid")] + ids,
+                         stdout=log, stderr=log)
+    wait_port(PORTS["smtpd"])
+    return p, jail, tree
+
+
+def start_postfix():
+    inst = "postfix-bench"
+    if subprocess.run(["postmulti", "-l"], capture_output=True, text=True).stdout.find(inst) < 0:
+        sh("postmulti", "-e", "init")
+        sh("postmulti", "-I", inst, "-e", "create")
+    pc = ["postmulti", "-i", inst, "-x", "postconf"]
+    sh(*pc, "-e", "master_service_disable =", "multi_instance_enable = yes",
+       "inet_interfaces = 127.0.0.1", "inet_protocols = ipv4",
+       "mynetworks = 127.0.0.0/8", "mydestination =", "relay_domains =",
+       "default_transport = discard", "local_transport = discard",
+       "relay_transport = discard", "smtpd_recipient_restrictions = permit_mynetworks, reject",
+       "default_process_limit = 100", "smtpd_client_connection_count_limit = 0",
+       "smtpd_client_connection_rate_limit = 0", "anvil_rate_time_unit = 60s")
+    sh(*pc, "-M#", "smtp/inet")
+    sh(*pc, "-M", "127.0.0.1:%d/inet=127.0.0.1:%d inet n - y - - smtpd"
+       % (PORTS["postfix"], PORTS["postfix"]))
+    subprocess.run(["postmulti", "-i", inst, "-p", "stop"], capture_output=True)
+    sh("postmulti", "-i", inst, "-p", "start", stdout=subprocess.DEVNULL,
+       stderr=subprocess.DEVNULL)
+    wait_port(PORTS["postfix"])
+    return inst
+
+
+def start_aiosmtpd(work):
+    d = os.path.join(work, "aiosmtpd")
+    os.makedirs(d)
+    p = subprocess.Popen([os.path.join(BENCH_VENV, "bin", "python"), "-c", AIOSMTPD, d,
+                          str(PORTS["aiosmtpd"])], stdout=subprocess.PIPE)
+    p.stdout.readline()
+    wait_port(PORTS["aiosmtpd"])
+    return p, d
+
+
+# ---------------------------------------------------------------- measure ----
+
+def source(port, sessions, size, count, reuse):
+    argv = ["smtp-source", "-s", str(sessions), "-l", str(size), "-m", str(count),
+            "-f", "alice@example.org", "-t", "bob@my.domain", "-M", "client.example"]
+    if reuse:
+        argv.append("-d")
+    t0 = time.perf_counter()
+    subprocess.run(argv + ["127.0.0.1:%d" % port], check=True, timeout=600,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return count / (time.perf_counter() - t0)
+
+
+def clean(d):
+    for n in os.listdir(d):
+        p = os.path.join(d, n)
+        if os.path.isfile(p) and (n.startswith("smtpd") or n.startswith("msg")):
+            os.unlink(p)
+
+
+def fsync_rate(work, n=300):
+    path = os.path.join(work, "fsync-probe")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        os.write(fd, b"x" * 1024)
+        os.fsync(fd)
+    rate = n / (time.perf_counter() - t0)
+    os.close(fd)
+    os.unlink(path)
+    return rate
+
+
+def drain_rate(work, tree, n=2000):
+    d = os.path.join(work, "drain")
+    os.makedirs(d)
+    agent = os.path.join(work, "null-agent")
+    open(agent, "w").write("#!/bin/sh\nexec cat >/dev/null\n")
+    os.chmod(agent, 0o755)
+    body = b"Received: test\n" + b"x" * 1000 + b"\n"
+    for i in range(n):
+        with spool.Draft(d, b"<a@b.example>", [b"<c@d.example>"]) as dr:
+            dr.write(body)
+            dr.commit()
+    ids = []
+    if ROOT:
+        for name in os.listdir(d):
+            shutil.chown(os.path.join(d, name), "nobody")
+        shutil.chown(d, "nobody")
+        ids = ["-u", "nobody", "-g", "nogroup"]
+    t0 = time.perf_counter()
+    p = subprocess.Popen([PY, os.path.join(tree, "smtpfwdd.py"), "-F", "-q", "-P", "1",
+                          "-d", d, "-s", agent] + ids,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while any(x.startswith("smtpd") for x in os.listdir(d)):
+        time.sleep(0.05)
+    rate = n / (time.perf_counter() - t0)
+    p.terminate()
+    p.wait()
+    return rate
+
+
+def worker_rss(pidfile):
+    master = int(open(pidfile).read())
+    peak = 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            if int(open("/proc/%s/stat" % d).read().rsplit(")", 1)[1].split()[1]) != master:
+                continue
+            for line in open("/proc/%s/status" % d):
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+        except OSError:
+            continue
+    return peak / 1024.0
+
+
+def greeting_latency(work, tree, n=30):
+    jail = os.path.join(work, "jail")
+    ids = ["-u", "nobody", "-g", "nogroup"] if ROOT else []
+    lst = socket.create_server(("127.0.0.1", 0))
+    times = []
+    for _ in range(n):
+        c = socket.socket()
+        t0 = time.perf_counter()
+        c.connect(lst.getsockname())
+        conn, _ = lst.accept()
+        p = subprocess.Popen([PY, os.path.join(tree, "smtpd.py"), "-H", "-c", jail,
+                              "-m", "bench.example"] + ids,
+                             stdin=conn, stdout=conn, stderr=subprocess.DEVNULL)
+        conn.close()
+        data = c.recv(100)
+        times.append(time.perf_counter() - t0)
+        assert data.startswith(b"220"), data
+        c.sendall(b"QUIT\r\n")
+        c.recv(100)
+        c.close()
+        p.wait()
+    lst.close()
+    return statistics.median(times) * 1000, max(times) * 1000
+
+
+# ------------------------------------------------------------------ main ----
+
+def main():
+    ensure_tools()
+    work = tempfile.mkdtemp(prefix="smtpd-bench-", dir="/tmp")
+    os.chmod(work, 0o755)
+    ours, jail, tree = start_ours(work)
+    inst = start_postfix()
+    aio, aio_dir = start_aiosmtpd(work)
+    cells = [(s, k, r) for r in (False, True) for s in (1, 10, 50) for k in (1, 10, 100)]
+    if os.environ.get("QUICK"):
+        cells = [(10, 10, False), (10, 10, True)]
+    results = {}
+    servers = list(PORTS)
+    try:
+        for sessions, kb, reuse in cells:
+            count = {1: 300, 10: 1000, 50: 1500}[sessions] // (4 if kb == 100 else 1)
+            for run in range(RUNS):
+                order = servers[run % 3:] + servers[:run % 3]     # interleaved
+                for srv in order:
+                    rate = source(PORTS[srv], sessions, kb * 1024, count, reuse)
+                    results.setdefault((sessions, kb, reuse, srv), []).append(rate)
+                    clean(jail)
+                    clean(aio_dir)
+        rss = worker_rss(os.path.join(work, "smtpd.pid"))
+    finally:
+        ours.terminate()
+        ours.wait()
+        aio.terminate()
+        aio.wait()
+        subprocess.run(["postmulti", "-i", inst, "-p", "stop"], capture_output=True)
+    greet_med, greet_max = greeting_latency(work, tree)
+    drain = drain_rate(work, tree)
+    fsyncs = fsync_rate(work)
+    report(results, cells, rss, greet_med, greet_max, drain, fsyncs)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def fmt(rates):
+    med = statistics.median(rates)
+    return "%.0f ±%.0f" % (med, (max(rates) - min(rates)) / 2), med
+
+
+def report(results, cells, rss, greet_med, greet_max, drain, fsyncs):
+    lines = ["# Benchmark results", "",
+             "Machine: %s, %d cores, Python %s, %s. Runs per cell: %d (median ±half-range)."
+             % (platform.platform(), os.cpu_count(), platform.python_version(),
+                time.strftime("%Y-%m-%d"), RUNS), "",
+             "msgs/s with smtp-source; every server fsyncs each message before 250.", "",
+             "| sessions | size | connection | ours | Postfix | aiosmtpd | ours/Postfix | ours/aiosmtpd |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for sessions, kb, reuse in cells:
+        o, om = fmt(results[(sessions, kb, reuse, "smtpd")])
+        p, pm = fmt(results[(sessions, kb, reuse, "postfix")])
+        a, am = fmt(results[(sessions, kb, reuse, "aiosmtpd")])
+        lines.append("| %d | %d KB | %s | %s | %s | %s | %.2f | %.2f |"
+                     % (sessions, kb, "reused (-d)" if reuse else "new per message",
+                        o, p, a, om / pm, om / am))
+    lines += ["", "| measure | value | target |", "|---|---:|---:|",
+              "| smtpfwdd drain, 2,000 messages into `cat >/dev/null` | %.0f msgs/s | ≥ 500 |" % drain,
+              "| peak RSS of an smtpd worker | %.1f MB | ≤ 25 MB |" % rss,
+              "| inetd mode connect-to-greeting, median (max) | %.1f ms (%.1f) | ≤ 80 ms |"
+              % (greet_med, greet_max),
+              "| this disk: fsync of a 1 KB append, one process | %.0f /s | (bound) |" % fsyncs]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    open(os.path.join(HERE, "results.md"), "w").write(text)
+
+
+if __name__ == "__main__":
+    main()
