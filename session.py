@@ -140,6 +140,11 @@ class Channel:
         self.read_timeout, self.deadline = read_timeout, deadline
         self.buf = bytearray()
         self.out = []
+        for fd in {rfd, wfd}:       # try first, poll only when it would block
+            try:
+                os.set_blocking(fd, False)
+            except OSError:
+                pass
 
     def reply(self, code, text=None, more=()):
         text = VANILLA[code] if text is None else text
@@ -155,16 +160,18 @@ class Channel:
         data = b"".join(self.out)
         self.out = []
         while data:
+            try:
+                data = data[os.write(self.wfd, data):]
+                continue
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                raise Closed(dl.EX_OSERR, "write to client: %s" % e.strerror) from None
             if final:       # the last words: past the deadline, but briefly
                 if not select.select([], [self.wfd], [], 5)[1]:
                     return
             else:
                 self.wait(self.wfd, select.POLLOUT)
-            try:
-                n = os.write(self.wfd, data)
-            except OSError as e:
-                raise Closed(dl.EX_OSERR, "write to client: %s" % e.strerror) from None
-            data = data[n:]
 
     def wait(self, fd, event):
         timeout = min(self.read_timeout, self.deadline - time.monotonic())
@@ -181,11 +188,16 @@ class Channel:
         """Read more input (flushing replies first); Closed on EOF/timeout."""
         if self.out:
             self.flush()
-        self.wait(self.rfd, select.POLLIN)
-        try:
-            data = os.read(self.rfd, CHUNK)
-        except OSError as e:
-            raise Closed(dl.EX_OSERR, "read from client: %s" % e.strerror) from None
+        if time.monotonic() >= self.deadline:      # also for a client that never pauses
+            raise Closed(dl.EX_OSERR, "session timeout (%d seconds)" % buildconf.SESSION_TIMEOUT)
+        while True:
+            try:
+                data = os.read(self.rfd, CHUNK)
+                break
+            except BlockingIOError:
+                self.wait(self.rfd, select.POLLIN)
+            except OSError as e:
+                raise Closed(dl.EX_OSERR, "read from client: %s" % e.strerror) from None
         if not data:
             raise Closed(dl.EX_OSERR, "EOF on client fd")
         self.buf += data

@@ -28,9 +28,9 @@ PROTOCOL
         0755    temporarily failed; eligible again RETRY_DELAY_TIME seconds
                 after its mtime
     We write a draft under a name starting with DRAFT_PREFIX (never
-    "smtpd"), mode 0600, O_EXCL, flock held; commit() flushes, fsyncs,
-    chmods 0750, links it to its smtpd name, unlinks the draft and fsyncs
-    the directory -- only then may smtpd answer 250.  The original C smtpd
+    "smtpd"), mode 0600, O_EXCL, flock held; commit() flushes, chmods 0750,
+    fsyncs (data and mode), links it to its smtpd name, unlinks the draft
+    and fsyncs the directory -- only then may smtpd answer 250.  The original C smtpd
     writes in place under the smtpd name at 0600 and chmods 0750 at the end;
     such files are simply not eligible until complete.  Locks are flock(2),
     never lockf/fcntl record locks, so the C programs see them.
@@ -112,8 +112,8 @@ class Draft:
         """Make the message durable and visible; return its name."""
         self.file.flush()
         fd = self.file.fileno()
+        os.fchmod(fd, MODE_COMPLETE)    # before the fsync, so the mode is durable too
         os.fsync(fd)
-        os.fchmod(fd, MODE_COMPLETE)
         while True:
             path = os.path.join(self.spooldir, self.name)
             try:

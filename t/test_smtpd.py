@@ -599,3 +599,19 @@ def test_non_root_start_runs_without_jail_under_c(tmp_path_factory, dnsz):
         assert log.count("not started as root") == 1
     finally:
         srv.close()
+
+
+def test_session_timeout_holds_for_a_client_that_never_pauses(smtpd):
+    srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H", READ_TIMEOUT=5, SESSION_TIMEOUT=2)
+    helo(c)
+    envelope(c)
+    assert c.cmd("DATA")[0] == 354
+    t0 = time.time()
+    try:
+        while time.time() - t0 < 10:
+            c.send(b"x" * 8192 + b"\r\n")
+    except OSError:
+        pass
+    assert time.time() - t0 < 5
+    assert srv.last_status() == 71
+    assert os.listdir(srv.jail) == ["etc"]
