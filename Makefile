@@ -216,3 +216,19 @@ uninstall:
 .PHONY: bench
 bench: venv buildconf.py
 	$(VPY) bench/run.py
+
+# ------------------------------------------------------------- make fuzz ----
+
+# Inputs per atheris harness (fuzz/); not part of make test.
+FUZZ_RUNS = 100000
+FUZZ_VENV = fuzz/.venv
+
+.PHONY: fuzz
+fuzz: buildconf.py
+	test -x $(FUZZ_VENV)/bin/python || $(PYTHON) -m venv $(FUZZ_VENV)
+	$(FUZZ_VENV)/bin/pip install -q --disable-pip-version-check -r requirements.txt atheris==2.3.0
+	for h in fuzz/fuzz_*.py; do \
+	    echo "== $$h"; mkdir -p fuzz/corpus-$$(basename $$h .py); \
+	    $(FUZZ_VENV)/bin/python $$h -runs=$(FUZZ_RUNS) -print_final_stats=1 \
+	        -rss_limit_mb=2048 fuzz/corpus-$$(basename $$h .py) || exit 1; \
+	done

@@ -17,8 +17,9 @@ SIGNALS
 """
 
 import errno
+import gc
 import os
-import select
+import selectors
 import signal
 import socket
 import sys
@@ -146,6 +147,8 @@ class Master:
         self.rules = rules
         self.rules_stamp = self.stamp()
         self.workers = {}           # pid -> Worker
+        self.idle_workers = {}      # pid -> Worker, ready for a connection
+        self.nbusy = 0
         self.pending = []           # (conn, ip) accepted, waiting for a worker
         self.per_ip = {}
         self.stopping = self.hup = False
@@ -158,13 +161,20 @@ class Master:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.on_stop)
         signal.signal(signal.SIGHUP, self.on_hup)
-        signal.signal(signal.SIGCHLD, lambda *a: None)
+        signal.signal(signal.SIGCHLD, self.on_child)
+        self.child_exited = False
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.wake_r, selectors.EVENT_READ, None)
+        self.listening = False
 
     def on_stop(self, *a):
         self.stopping = True
 
     def on_hup(self, *a):
         self.hup = True
+
+    def on_child(self, *a):
+        self.child_exited = True
 
     def stamp(self):
         try:
@@ -176,24 +186,26 @@ class Master:
     # -- the pool --
 
     def idle(self):
-        return [w for w in self.workers.values() if not w.busy and not w.retiring]
+        return list(self.idle_workers.values())
 
     def busy(self):
-        return sum(1 for w in self.workers.values() if w.busy)
+        return self.nbusy
 
     def maintain(self):
         want = min(buildconf.SMTPD_PREFORK + len(self.pending),
-                   self.cfg.maxchildren - self.busy())
-        while len(self.idle()) < want and len(self.workers) < self.cfg.maxchildren:
+                   self.cfg.maxchildren - self.nbusy)
+        while len(self.idle_workers) < want and len(self.workers) < self.cfg.maxchildren:
             if not self.spawn():
                 break
-        for w in self.idle()[max(2 * buildconf.SMTPD_PREFORK, want):]:
+        extra = len(self.idle_workers) - max(2 * buildconf.SMTPD_PREFORK, want)
+        for w in self.idle()[:max(0, extra)]:
             self.retire(w)
 
     def spawn(self):
         if time.monotonic() < self.next_fork:
             return False
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        gc.freeze()     # the worker's collections then leave our pages shared
         try:
             pid = os.fork()
         except OSError as e:
@@ -208,17 +220,22 @@ class Master:
             self.become_worker(theirs)
         self.fork_backoff = 0
         theirs.close()
-        self.workers[pid] = Worker(pid, ours)
+        w = self.workers[pid] = self.idle_workers[pid] = Worker(pid, ours)
+        self.sel.register(ours, selectors.EVENT_READ, w)
         return True
 
     def retire(self, w):
         w.retiring = True
+        self.idle_workers.pop(w.pid, None)
         try:
             w.ctrl.send(b"Q")
         except OSError:
             pass
 
     def reap(self):
+        if not self.child_exited:
+            return
+        self.child_exited = False
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -229,8 +246,11 @@ class Master:
             w = self.workers.pop(pid, None)
             if w is None:
                 continue
+            self.idle_workers.pop(pid, None)
+            self.unwatch(w)
             w.ctrl.close()
             if w.busy:
+                self.nbusy -= 1
                 self.release(w.ip)
             if os.WIFSIGNALED(status) or os.WEXITSTATUS(status) not in (0,):
                 dl.warn("worker %d ended with %s", pid, describe(status))
@@ -277,6 +297,8 @@ class Master:
             try:
                 socket.send_fds(w.ctrl, [b"S"], [conn.fileno()])
                 w.busy, w.ip = True, ip
+                self.nbusy += 1
+                del self.idle_workers[w.pid]
             except OSError as e:
                 dl.err("passing a connection to worker %d: %s", w.pid, e.strerror)
                 self.release(ip)
@@ -290,10 +312,21 @@ class Master:
             msg = b""
         if msg in (b"D", b"X") and w.busy:
             w.busy = False
+            self.nbusy -= 1
             self.release(w.ip)
             w.ip = None
+            if not w.retiring:
+                self.idle_workers[w.pid] = w
         if msg in (b"X", b""):
-            w.retiring = True
+            self.retire(w)
+        if not msg:
+            self.unwatch(w)                 # gone: reap() will see it
+
+    def unwatch(self, w):
+        try:
+            self.sel.unregister(w.ctrl)
+        except (KeyError, ValueError):
+            pass
 
     # -- rules --
 
@@ -320,17 +353,14 @@ class Master:
             self.reap()
             self.maintain()
             self.dispatch()
-            fds = [self.wake_r] + [w.ctrl for w in self.workers.values()]
-            if self.can_accept():
-                fds.append(self.listener)
-            r, _, _ = select.select(fds, [], [], 1.0)
-            for f in r:
-                if f is self.listener:
-                    self.accept()
-                elif f == self.wake_r:
+            self.listen(self.can_accept())
+            for key, _ in self.sel.select(1.0):
+                if key.data is None:
                     drain(self.wake_r)
+                elif key.data == "listen":
+                    self.accept()
                 else:
-                    self.from_worker(self.worker_of(f))
+                    self.from_worker(key.data)
             if self.hup:
                 self.hup = False
                 self.reload("SIGHUP")
@@ -340,12 +370,19 @@ class Master:
                     self.reload("rules file changed")
         return self.shutdown()
 
-    def worker_of(self, ctrl):
-        return next(w for w in self.workers.values() if w.ctrl is ctrl)
+    def listen(self, on):
+        """Watch the listening socket only while there is capacity."""
+        if on != self.listening:
+            if on:
+                self.sel.register(self.listener, selectors.EVENT_READ, "listen")
+            else:
+                self.sel.unregister(self.listener)
+            self.listening = on
 
     def shutdown(self):
         dl.info("stopping: no new connections; waiting up to %d seconds for %d sessions",
                 buildconf.SHUTDOWN_TIMEOUT, self.busy())
+        self.listen(False)
         self.listener.close()
         for conn, ip in self.pending:
             conn.close()
@@ -354,13 +391,12 @@ class Master:
         while self.workers and time.monotonic() < deadline:
             for w in self.idle():
                 self.retire(w)
-            r, _, _ = select.select([w.ctrl for w in self.workers.values()]
-                                    + [self.wake_r], [], [], 0.2)
-            for f in r:
-                if f == self.wake_r:
+            for key, _ in self.sel.select(0.2):
+                if key.data is None:
                     drain(self.wake_r)
                 else:
-                    self.from_worker(self.worker_of(f))
+                    self.from_worker(key.data)
+            self.child_exited = True
             self.reap()
         for pid in list(self.workers):
             dl.warn("worker %d still busy after %d seconds; terminating it",
@@ -391,6 +427,7 @@ class Master:
                 w.ctrl.close()
             os.close(self.wake_r)
             os.close(self.wake_w)
+            self.sel.close()
             set_title("smtpd: worker")
             dl.log.role = "worker: "
             self.cfg.rules = FrozenRules(self.rules)

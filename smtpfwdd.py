@@ -56,6 +56,7 @@ class Config:
         self.maxchildren = buildconf.MAXCHILDREN
         self.poll = buildconf.POLL_TIME
         self.quiet = self.foreground = False
+        self.lock_fd = None
 
 
 def config_error(msg):
@@ -460,6 +461,7 @@ class Forwarder:
             status = dl.EX_SOFTWARE
             try:
                 ours.close()
+                os.close(self.cfg.lock_fd)  # a new smtpfwdd must not wait for us
                 for w in self.workers.values():
                     w.sock.close()
                 os.close(self.wake_r)
@@ -523,7 +525,7 @@ def main(argv):
     except OSError as e:
         print("smtpfwdd.py: chdir(%s): %s" % (cfg.spooldir, e.strerror), file=sys.stderr)
         dl.die(dl.EX_CONFIG, "chdir(%s): %s", cfg.spooldir, e.strerror)
-    lock = take_lock(cfg.spooldir)
+    lock = cfg.lock_fd = take_lock(cfg.spooldir)
     if cfg.foreground:
         write_pid(lock)
         return Forwarder(cfg).run()

@@ -29,8 +29,8 @@ PROTOCOL
                 after its mtime
     We write a draft under a name starting with DRAFT_PREFIX (never
     "smtpd"), mode 0600, O_EXCL, flock held; commit() flushes, chmods 0750,
-    fsyncs (data and mode), links it to its smtpd name, unlinks the draft
-    and fsyncs the directory -- only then may smtpd answer 250.  The original C smtpd
+    fsyncs (data and mode), renames it to its smtpd name (never replacing
+    one) and fsyncs the directory -- only then may smtpd answer 250.  The original C smtpd
     writes in place under the smtpd name at 0600 and chmods 0750 at the end;
     such files are simply not eligible until complete.  Locks are flock(2),
     never lockf/fcntl record locks, so the C programs see them.
@@ -42,6 +42,7 @@ PROTOCOL
 """
 
 import _strptime  # noqa: F401  time.strptime imports it lazily; not after setuid
+import ctypes
 import email.utils
 import errno
 import fcntl
@@ -117,11 +118,10 @@ class Draft:
         while True:
             path = os.path.join(self.spooldir, self.name)
             try:
-                os.link(self.draft, path)
+                rename_noreplace(self.draft, path)
                 break
             except FileExistsError:
                 self.name = new_name()
-        os.unlink(self.draft)
         fsync_dir(self.spooldir)
         self.done = True
         self.file.close()
@@ -143,6 +143,37 @@ class Draft:
 
     def __exit__(self, *exc):
         self.abort()
+
+
+def _renameat2():
+    """glibc's renameat2(2), or None where there is none."""
+    try:
+        f = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    f.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                  ctypes.c_uint]
+    return f
+
+
+RENAMEAT2 = _renameat2()
+AT_FDCWD, RENAME_NOREPLACE = -100, 1
+
+
+def rename_noreplace(src, dst):
+    """Rename src to dst atomically, never replacing dst (FileExistsError).
+
+    renameat2(RENAME_NOREPLACE) where the kernel and file system have it,
+    else link(2) then unlink(2): a message is never overwritten."""
+    if RENAMEAT2 is not None:
+        if RENAMEAT2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst),
+                     RENAME_NOREPLACE) == 0:
+            return
+        e = ctypes.get_errno()
+        if e not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(e, os.strerror(e), dst)
+    os.link(src, dst)
+    os.unlink(src)
 
 
 def fsync_dir(path):
@@ -282,9 +313,10 @@ def quarantine(spooldir, name, reason):
         pass
     dest = os.path.join(failed, name)
     os.rename(os.path.join(spooldir, name), dest)
-    fd = os.open(dest + ".reason", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(dest + ".reason.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with open(fd, "w") as r:
         r.write(reason + "\n")
+    os.rename(dest + ".reason.tmp", dest + ".reason")     # whole or not at all
     fsync_dir(spooldir)
     return dest
 

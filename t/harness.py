@@ -1,6 +1,8 @@
 """Run smtpd as inetd would, and talk to it: the tests' SMTP client side."""
 
+import glob
 import grp
+import json
 import os
 import pwd
 import shutil
@@ -10,7 +12,7 @@ import tempfile
 import threading
 import time
 
-from conftest import PYTHON, is_root
+from conftest import PYTHON, ROOT, is_root
 
 NOBODY = "nobody"
 NOGROUP = grp.getgrgid(pwd.getpwnam("nobody").pw_gid).gr_name
@@ -153,3 +155,28 @@ def smtpd_argv(tree, jail, *extra):
     if is_root:
         argv += ["-u", NOBODY, "-g", NOGROUP]
     return argv + list(extra)
+
+
+class Agent:
+    """A copy of t/bin/fake-sendmail that every user can run."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="fake-sendmail-", dir="/tmp")
+        os.chmod(self.dir, 0o755)
+        self.path = os.path.join(self.dir, "sendmail")
+        shutil.copy(os.path.join(ROOT, "t", "bin", "fake-sendmail"), self.path)
+        os.chmod(self.path, 0o755)
+        os.mkdir(os.path.join(self.dir, "calls"))
+        os.chmod(os.path.join(self.dir, "calls"), 0o777)
+
+    def statuses(self, *values):
+        with open(os.path.join(self.dir, "statuses"), "w") as f:
+            f.write("\n".join(str(v) for v in values) + "\n")
+        os.chmod(os.path.join(self.dir, "statuses"), 0o644)
+
+    def calls(self):
+        return [json.load(open(p)) for p in sorted(glob.glob(self.dir + "/calls/*.json"))]
+
+    def reset(self):
+        for p in glob.glob(self.dir + "/calls/*.json"):
+            os.unlink(p)

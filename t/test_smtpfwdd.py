@@ -16,6 +16,7 @@ import pytest
 
 import spool
 from conftest import PYTHON, ROOT, is_root
+from harness import Agent
 
 FWD_CONSTANTS = dict(RETRY_DELAY_TIME=1, SESSION_TIMEOUT=2, SHUTDOWN_TIMEOUT=20)
 RECEIVED = (b"Received: from mailhost (mail.example.org [192.0.2.10])\n"
@@ -27,31 +28,6 @@ BODY = b"Subject: test\n\nHello.\n"
 def now_date():
     import email.utils
     return email.utils.formatdate(localtime=True).encode()
-
-
-class Agent:
-    """A copy of t/bin/fake-sendmail that every user can run."""
-
-    def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="fake-sendmail-", dir="/tmp")
-        os.chmod(self.dir, 0o755)
-        self.path = os.path.join(self.dir, "sendmail")
-        shutil.copy(os.path.join(ROOT, "t", "bin", "fake-sendmail"), self.path)
-        os.chmod(self.path, 0o755)
-        os.mkdir(os.path.join(self.dir, "calls"))
-        os.chmod(os.path.join(self.dir, "calls"), 0o777)
-
-    def statuses(self, *values):
-        with open(os.path.join(self.dir, "statuses"), "w") as f:
-            f.write("\n".join(str(v) for v in values) + "\n")
-        os.chmod(os.path.join(self.dir, "statuses"), 0o644)
-
-    def calls(self):
-        return [json.load(open(p)) for p in sorted(glob.glob(self.dir + "/calls/*.json"))]
-
-    def reset(self):
-        for p in glob.glob(self.dir + "/calls/*.json"):
-            os.unlink(p)
 
 
 class Fwd:

@@ -213,3 +213,24 @@ def test_entries_lists_only_smtpd_names(tmp_path):
     (tmp_path / "smtpdDIR").mkdir()
     names = sorted(e.name for e in spool.entries(str(tmp_path)))
     assert len(names) == 2 and b"smtpdDIR" in names
+
+
+def test_commit_never_replaces_an_existing_message(tmp_path):
+    d = spool.Draft(str(tmp_path), b"<a@b>", [b"<c@d>"])
+    d.write(b"new\n")
+    taken = tmp_path / d.name
+    taken.write_bytes(b"an older message with the same name\n")
+    name = d.commit()
+    assert name != taken.name
+    assert taken.read_bytes() == b"an older message with the same name\n"
+    assert (tmp_path / name).read_bytes().endswith(b"BODY\nnew\n")
+
+
+def test_rename_noreplace_falls_back_to_link(tmp_path, monkeypatch):
+    monkeypatch.setattr(spool, "RENAMEAT2", None)
+    (tmp_path / "a").write_text("a")
+    (tmp_path / "b").write_text("b")
+    with pytest.raises(FileExistsError):
+        spool.rename_noreplace(str(tmp_path / "a"), str(tmp_path / "b"))
+    spool.rename_noreplace(str(tmp_path / "a"), str(tmp_path / "c"))
+    assert sorted(os.listdir(tmp_path)) == ["b", "c"]

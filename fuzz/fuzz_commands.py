@@ -1,0 +1,42 @@
+#!/usr/bin/env python3
+"""atheris harness: a whole SMTP session on arbitrary client bytes.
+
+Only documented exit statuses; never an unexpected exception (EX_SOFTWARE)."""
+import os
+import sys
+import tempfile
+
+import atheris
+
+with atheris.instrument_imports():
+    import common  # noqa: F401
+    import checkrules
+    import daemonlib as dl
+    import session
+    import smtpd
+
+SPOOL = tempfile.mkdtemp(prefix="fuzz-cmd-")
+CFG = smtpd.Config()
+CFG.myname, CFG.spooldir, CFG.maxsize = "fuzz.example", SPOOL, 4096
+RULES, _ = checkrules.parse("noto:ALL:ALL:*@no.example:550 no\nallow:ALL:ALL:ALL\n")
+CFG.rules = type("R", (), {"get": lambda self: RULES})()
+DEVNULL = os.open(os.devnull, os.O_WRONLY)
+
+
+def TestOneInput(data):
+    r, w = os.pipe()
+    os.write(w, data[:60000])
+    os.close(w)
+    client = checkrules.Client("192.0.2.1", None)
+    status = session.Session(CFG, client, r, DEVNULL).run()
+    os.close(r)
+    if status not in (dl.EX_OK, dl.EX_OSERR, dl.EX_PROTOCOL):
+        raise RuntimeError("session ended with status %d" % status)
+    for n in os.listdir(SPOOL):
+        if n.startswith("draft."):
+            raise RuntimeError("draft left behind: " + n)
+        os.unlink(os.path.join(SPOOL, n))
+
+
+atheris.Setup(sys.argv, TestOneInput)
+atheris.Fuzz()
