@@ -57,7 +57,10 @@ class Bad(Exception):
 # ----------------------------------------------------------- primitives ----
 
 def compile_string(pat, warnings):
-    """ALL, /regex/ or glob -> f(text or None) -> bool."""
+    """ALL, /regex/ or glob -> f(text or None) -> bool.
+
+    The text is in lower case already (evaluate() and Client see to it), so
+    matching is case-insensitive without lowering it again per token."""
     if pat == "ALL":
         return lambda s, c=None: True
     if len(pat) >= 2 and pat[0] == "/" and pat[-1] == "/":
@@ -72,10 +75,31 @@ def compile_string(pat, warnings):
         warnings.append("%r has no dot boundary: it also matches x%s" % (pat, pat[1:]))
     if "*" not in pat:
         low = pat.lower()
-        return lambda s, c=None: s is not None and s.lower() == low
-    rx = re.compile("".join(".*" if c == "*" else re.escape(c) for c in pat),
-                    re.IGNORECASE | re.DOTALL)
-    return lambda s, c=None: s is not None and rx.fullmatch(s) is not None
+        return lambda s, c=None: s is not None and s == low
+    parts = pat.lower().split("*")
+    if len(parts) == 2:                     # the common *.domain, user@*, ...
+        head, tail = parts
+        n = len(head) + len(tail)
+        return lambda s, c=None: (s is not None and len(s) >= n
+                                  and s.startswith(head) and s.endswith(tail))
+    return lambda s, c=None: s is not None and glob_match(parts, s)
+
+
+def glob_match(parts, s):
+    """Does s match the glob whose pieces between '*'s are parts?
+
+    Greedy, left to right: linear in len(s), whatever the pattern (a regex
+    of many '.*' could take exponential time on a hostile address)."""
+    first, last = parts[0], parts[-1]
+    if not s.startswith(first) or len(s) < len(first) + len(last):
+        return False
+    pos, end = len(first), len(s) - len(last)
+    for piece in parts[1:-1]:
+        pos = s.find(piece, pos, end)
+        if pos < 0:
+            return False
+        pos += len(piece)
+    return s.endswith(last)
 
 
 def compile_ip(tok, warnings):
@@ -229,7 +253,7 @@ def compile_address(tok, warnings):
             local, at, domain = a.rpartition("@")
             ident = c.ident
             return (bool(at) and ident is not None and "*" not in ident
-                    and local.lower() == ident and rfn(domain, c))
+                    and local == ident and rfn(domain, c))
         return user
     lfn = compile_string(left, warnings)
 
@@ -412,8 +436,9 @@ class Client(Addr):
         super().__init__(ip, lookup_ or lookup.Lookup(None))
         self.name = name
         self.name_error = name_error     # a TempFail while finding the name
-        # What host patterns see; None (so known_name() raises) on an error.
-        self.host = None if name_error else (name or "UNKNOWN")
+        # What host patterns see, in lower case; None (so known_name()
+        # raises) on an error.
+        self.host = None if name_error else (name or "UNKNOWN").lower()
         self.ident = ident.lower() if ident else None
         self.ident_fn = None if ident else ident_fn
 
@@ -466,7 +491,7 @@ def format_reply(template, client, sender, rcpt):
 
 def evaluate(rules, client, sender, rcpt):
     """First matching rule decides (spec 4.6); TempFail -> tempfail."""
-    f, t = strip_brackets(sender), strip_brackets(rcpt)
+    f, t = strip_brackets(sender).lower(), strip_brackets(rcpt).lower()
     debug = []
     try:
         for rule in rules:

@@ -53,8 +53,8 @@ class AddressError(Exception):
 
 # ------------------------------------------------------------ addresses ----
 
-DOMAIN = re.compile(r"^([A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?\.?)+$|"
-                    r"^\[(IPv6:[0-9A-Fa-f:.]+|[0-9.]+)\]$")
+LABEL = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+LITERAL = re.compile(r"^\[(?:IPv6:[0-9A-Fa-f:.]+|[0-9.]+)\]$")
 ATEXT_BAD = set('()<>[]:;@\\," ')
 
 
@@ -95,6 +95,15 @@ def parse_local(local):
         raise AddressError(501, "Bad character in local part")
 
 
+def valid_domain(domain):
+    """A dotted host name (label by label: no backtracking blow-up) or an
+    address literal."""
+    if domain.startswith("["):
+        return LITERAL.match(domain) is not None
+    labels = domain[:-1].split(".") if domain.endswith(".") else domain.split(".")
+    return all(LABEL.match(label) for label in labels)
+
+
 def parse_path(arg, null_ok):
     """A MAIL/RCPT argument -> (stored text, params).
 
@@ -125,7 +134,7 @@ def parse_path(arg, null_ok):
     if len(local) > LOCAL_MAX:
         raise AddressError(553, "Local part longer than %d octets" % LOCAL_MAX)
     parse_local(local)
-    if at and not DOMAIN.match(domain):
+    if at and not valid_domain(domain):
         raise AddressError(501, "Bad domain %s" % domain)
     return ("<%s>" % inner if bracketed else inner), params
 

@@ -186,3 +186,37 @@ def test_helo_cannot_inject_headers_or_reply_lines(smtpd):
     assert re.match(rb"^evil[A-Za-z0-9.:\[\]_?-]*X-Injected:yes$", helo), first
     assert b"\nX-Injected" not in data
     assert received.count(b"\n") == 2               # still a three-line header
+
+
+def finishes(fn, seconds=5):
+    """fn() returns within seconds (run in a thread we can abandon)."""
+    import threading
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    t.join(seconds)
+    return not t.is_alive()
+
+
+def test_address_parser_is_linear_on_hostile_domains():
+    # Found by fuzz/fuzz_address.py: the domain regex backtracked
+    # exponentially ('a' * 24 + '!' took a second, 40 would take days).
+    import session
+
+    def parse():
+        for n in (30, 60, 200):
+            with pytest.raises(session.AddressError):
+                session.parse_path("<a@" + "a" * n + "!>", False)
+            with pytest.raises(session.AddressError):
+                session.parse_path("<a@" + "a-" * (n // 2) + "!.x>", False)
+    assert finishes(parse)
+
+
+def test_glob_rules_are_linear_on_hostile_addresses():
+    import checkrules
+    rules, _ = checkrules.parse("noto:ALL:ALL:*a*a*a*a*a*a*a*a*a*a*z:550 no\n"
+                                "allow:ALL:ALL:ALL\n")
+    client = checkrules.Client("192.0.2.1", None)
+    verdicts = []
+    assert finishes(lambda: verdicts.append(checkrules.evaluate(
+        rules, client, "<x@y.example>", "<" + "a" * 200 + "@b.example>")))
+    assert verdicts[0].action == "allow"
