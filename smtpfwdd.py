@@ -105,9 +105,14 @@ def parse_options(argv):
 # ------------------------------------------------------------- delivery ----
 
 def unquoted_comma(addr):
-    quoted = False
+    """A ',' outside "quotes" (where backslash escapes the next character)."""
+    quoted = escaped = False
     for ch in addr:
-        if ch == '"':
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"':
             quoted = not quoted
         elif ch == "," and not quoted:
             return True

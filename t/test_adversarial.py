@@ -220,3 +220,18 @@ def test_glob_rules_are_linear_on_hostile_addresses():
     assert finishes(lambda: verdicts.append(checkrules.evaluate(
         rules, client, "<x@y.example>", "<" + "a" * 200 + "@b.example>")))
     assert verdicts[0].action == "allow"
+
+
+@pytest.mark.parametrize("addr,comma", [
+    ('<"\\","@x.example>', False),        # found by fuzz/fuzz_address.py
+    ('<"a,b"@x.example>', False), ('<"a\\"b,c"@x.example>', False),
+    ('<"a"b,c@x.example>', True), ("<a,b@x.example>", True)])
+def test_smtpd_and_smtpfwdd_agree_on_commas(addr, comma):
+    import session
+    import smtpfwdd
+    try:
+        stored = session.parse_path(addr, False)[0]
+    except session.AddressError:
+        stored = None
+    assert (stored is None) == comma
+    assert (smtpfwdd.check_recipient(addr) is not None) == comma
