@@ -246,9 +246,8 @@ class Channel:
     def linger(self, seconds=1.0):
         """Half-close, then discard input briefly, so that our last reply
         is not lost to a reset caused by unread client data."""
-        try:
-            s = socket.socket(fileno=os.dup(self.wfd))
-        except OSError:
+        s = dup_socket(self.wfd)
+        if s is None:
             return
         try:
             s.shutdown(socket.SHUT_WR)
@@ -260,6 +259,16 @@ class Channel:
             pass
         finally:
             s.close()
+
+
+def dup_socket(fd):
+    """A socket object on a dup of fd, or None if fd is not a socket."""
+    d = os.dup(fd)
+    try:
+        return socket.socket(fileno=d)
+    except OSError:
+        os.close(d)
+        return None
 
 
 # ---------------------------------------------------------------- DATA ----

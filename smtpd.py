@@ -172,9 +172,11 @@ def jail(cfg):
 
 def socket_ends(fd):
     """(local, peer) (address, port) pairs of fd, or (None, None)."""
+    d = os.dup(fd)
     try:
-        s = socket.socket(fileno=os.dup(fd))
+        s = socket.socket(fileno=d)
     except OSError:
+        os.close(d)
         return None, None
     try:
         return s.getsockname()[:2], s.getpeername()[:2]

@@ -235,3 +235,25 @@ def test_smtpd_and_smtpfwdd_agree_on_commas(addr, comma):
         stored = None
     assert (stored is None) == comma
     assert (smtpfwdd.check_recipient(addr) is not None) == comma
+
+
+def test_sessions_on_non_socket_fds_leak_no_descriptors(tmp_path):
+    # Found by fuzz/fuzz_commands.py: a dup() per session was never closed
+    # when the descriptors were not sockets.
+    import checkrules
+    import session
+    import smtpd
+    cfg = smtpd.Config()
+    cfg.myname, cfg.spooldir = "fuzz.example", str(tmp_path)
+    rules, _ = checkrules.parse("allow:ALL:ALL:ALL\n")
+    cfg.rules = type("R", (), {"get": lambda self: rules})()
+    out = os.open(os.devnull, os.O_WRONLY)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        r, w = os.pipe()
+        os.write(w, b"HELO x\r\nQUIT\r\n")
+        os.close(w)
+        assert session.Session(cfg, checkrules.Client(None), r, out).run() == 0
+        os.close(r)
+    assert len(os.listdir("/proc/self/fd")) == before
+    os.close(out)
