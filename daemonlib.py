@@ -121,6 +121,19 @@ def normalize_ip(addr):
     return ip
 
 
+def reaped():
+    """Yield (pid, wait status) of every child that has finished, without
+    waiting for the others."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
+
+
 def stderr_is_socket():
     """True when fd 2 is a socket (inetd hands the client over on 0, 1, 2)."""
     try:

@@ -236,13 +236,7 @@ class Master:
         if not self.child_exited:
             return
         self.child_exited = False
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in dl.reaped():
             w = self.workers.pop(pid, None)
             if w is None:
                 continue

@@ -369,13 +369,7 @@ class Forwarder:
         w.name = None
 
     def reap(self):
-        while self.workers:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in dl.reaped():
             w = self.workers.pop(pid, None)
             if w is None:
                 continue
