@@ -18,8 +18,6 @@ def model(data):
     if data.startswith(b".\r\n"):
         return b"", data[3:]
     end = data.find(b"\r\n.\r\n")
-    if end < 0:
-        return "no end", b""
     msg, rest = data[:end + 2], data[end + 5:]
     lines = msg[:-2].split(b"\r\n")
     if any(b"\r" in l or b"\n" in l or b"\0" in l for l in lines):
@@ -28,10 +26,8 @@ def model(data):
 
 
 def TestOneInput(data):
-    data = data[:200000]
+    data = data[:200000] + b"\r\n.\r\n"     # always an end, maybe not the first
     want, rest = model(data)
-    if want == "no end":
-        return
     r, w = os.pipe()
     os.set_blocking(w, False)
     stored = []
