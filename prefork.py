@@ -53,6 +53,7 @@ class Worker:
         self.ip = None          # the client address while busy
         self.busy = False
         self.retiring = False
+        self.idle_since = time.monotonic()
 
 
 def set_title(title):
@@ -197,9 +198,13 @@ class Master:
         while len(self.idle_workers) < want and len(self.workers) < self.cfg.maxchildren:
             if not self.spawn():
                 break
+        # Spare workers beyond need go only after a quiet spell: retiring
+        # them between the sessions of a busy client means forking anew.
         extra = len(self.idle_workers) - max(2 * buildconf.SMTPD_PREFORK, want)
+        now = time.monotonic()
         for w in self.idle()[:max(0, extra)]:
-            self.retire(w)
+            if now - w.idle_since >= buildconf.SMTPD_IDLE_TIME:
+                self.retire(w)
 
     def spawn(self):
         if time.monotonic() < self.next_fork:
@@ -311,6 +316,7 @@ class Master:
             w.ip = None
             if not w.retiring:
                 self.idle_workers[w.pid] = w
+                w.idle_since = time.monotonic()
         if msg in (b"X", b""):
             self.retire(w)
         if not msg:

@@ -154,7 +154,7 @@ def test_every_flag_is_in_the_man_pages():
     pages = smtpd8 + fwd8
     for const in ("NOTO_DELAY", "DENY_DELAY", "READ_TIMEOUT", "SESSION_TIMEOUT",
                   "CHECK_IDENT", "MAX_RCPT", "SMTPD_PREFORK", "SMTPD_MAXCHILDREN",
-                  "SMTPD_MAX_PER_IP", "SMTPD_MAX_USE", "SHUTDOWN_TIMEOUT", "MAXARGS",
+                  "SMTPD_MAX_PER_IP", "SMTPD_MAX_USE", "SMTPD_IDLE_TIME", "SHUTDOWN_TIMEOUT", "MAXARGS",
                   "RETRY_DELAY_TIME", "QUEUE_LIFETIME", "AGENT_TIMEOUT", "DNS_TIMEOUT",
                   "MAXCHILDREN", "POLL_TIME", "MAIL_AGENT", "CHECK_FILE"):
         assert const in makefile and const in pages, const

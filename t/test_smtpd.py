@@ -343,7 +343,7 @@ def test_path_limit(smtpd, path_len, code):
     srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H")
     helo(c)
     envelope(c)
-    domain = "d" * 60 + "." + "e" * 60 + "." + "f" * 60 + "."
+    domain = "d" * 63 + "." + "e" * 63 + "." + "f" * 63 + "."    # labels <= 63
     domain += "g" * (path_len - 2 - 3 - len(domain))
     path = "<ab@%s>" % domain
     assert len(path) == path_len
