@@ -27,6 +27,7 @@ import re
 import sys
 
 import buildconf
+import daemonlib as dl
 import lookup
 from lookup import TempFail
 
@@ -140,7 +141,7 @@ class Addr:
     """An address as IP tokens see it (the Client is one too)."""
 
     def __init__(self, ip, lookup_):
-        self.ip = lookup.normalize(ip)
+        self.ip = dl.normalize_ip(ip)
         self.ip_int = int(self.ip) if self.ip is not None else None
         self.ip_text = str(self.ip) if self.ip is not None else None
         self.lookup = lookup_
@@ -203,7 +204,7 @@ def compile_host(tok, warnings):
         def ns(c):
             name = c.known_name()
             if name is None and c.ip is not None:
-                name = lookup.dns.reversename.from_address(str(c.ip)).to_text(True)
+                name = lookup.reverse_name(c.ip)
             return fn(name, c.lookup)
         return ns
     sfn = compile_string(tok, warnings)
@@ -540,7 +541,7 @@ def usage(msg=None):
 def cli_client(address, name, ident):
     lk = lookup.Lookup(lookup.make_resolver())
     try:
-        ip = lookup.normalize(address)
+        ip = dl.normalize_ip(address)
     except ValueError:
         raise SystemExit(usage("bad address %r" % address))
     name_error = None

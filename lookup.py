@@ -36,7 +36,6 @@ import dns.resolver
 import dns.reversename
 
 import buildconf
-from daemonlib import normalize_ip as normalize  # noqa: F401  (lookup.normalize)
 
 HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?$")
 IDENT_USER = re.compile(r"^[\x21-\x7e]{1,80}$")
@@ -71,6 +70,11 @@ def make_resolver(timeout=None):
     r.timeout = min(r.lifetime, 3.0)
     r.cache = None
     return r
+
+
+def reverse_name(ip):
+    """The in-addr.arpa or ip6.arpa name of ip, without the final dot."""
+    return dns.reversename.from_address(str(ip)).to_text(omit_final_dot=True)
 
 
 class Lookup:

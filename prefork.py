@@ -32,7 +32,6 @@ import lockfile
 import buildconf
 import checkrules
 import daemonlib as dl
-import lookup
 
 REFUSAL = b"421 Too many connections from your address, try again later\r\n"
 
@@ -276,7 +275,7 @@ class Master:
             dl.err("accept: %s", e.strerror)
             time.sleep(0.1)
             return
-        ip = lookup.normalize(addr[0])
+        ip = dl.normalize_ip(addr[0])
         if self.per_ip.get(ip, 0) >= buildconf.SMTPD_MAX_PER_IP:
             dl.notice("refused %s: %d sessions already", ip, self.per_ip[ip])
             try:

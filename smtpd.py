@@ -189,7 +189,7 @@ def socket_ends(fd):
 def identify(cfg, local, peer):
     """The checkrules.Client for a connection: FCrDNS unless -H."""
     lk = lookup.Lookup(cfg.resolver)
-    ip = lookup.normalize(peer[0]) if peer else None
+    ip = dl.normalize_ip(peer[0]) if peer else None
     name, error = None, None
     if cfg.hostchecks and ip is not None:
         try:

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import checkrules
+import daemonlib as dl
 import lookup
 from checkrules import Client
 from conftest import IDENT_PORT, PYTHON, ROOT
@@ -22,7 +23,7 @@ def session(text, ip, name=None, resolve=True):
     err = None
     if resolve:
         try:
-            name, _ = lk.confirmed_name(lookup.normalize(ip))
+            name, _ = lk.confirmed_name(dl.normalize_ip(ip))
         except lookup.TempFail as e:
             err = str(e)
     return rules, Client(ip, name, lk, name_error=err)

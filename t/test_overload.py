@@ -4,7 +4,6 @@
 SESSION_TIMEOUT, a well-behaved client is served once capacity frees, and a
 flood from one address is held to SMTPD_MAX_PER_IP."""
 
-import os
 import socket
 import threading
 import time

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import PYTHON, TEST_CONSTANTS, is_root
-from harness import make_jail, spool_files
+from harness import spool_files
 
 USER = "fwdtest"
 MAILBOX = "/var/mail/" + USER

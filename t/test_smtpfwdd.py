@@ -1,8 +1,6 @@
 """smtpfwdd.py with the recording fake sendmail (issue 6)."""
 
 import fcntl
-import glob
-import json
 import os
 import pwd
 import shutil
@@ -15,7 +13,7 @@ import time
 import pytest
 
 import spool
-from conftest import PYTHON, ROOT, is_root
+from conftest import PYTHON, is_root
 from harness import Agent
 
 FWD_CONSTANTS = dict(RETRY_DELAY_TIME=1, SESSION_TIMEOUT=2, SHUTDOWN_TIMEOUT=20)
@@ -309,7 +307,6 @@ def test_sigterm_waits_for_a_slow_agent(fwd_env):
 def test_sigusr1_scans_now(fwd_env):
     f = fwd_env.start()
     time.sleep(1.5)
-    f2 = None
     name = put(fwd_env.spool)
     f.proc.send_signal(signal.SIGUSR1)
     assert wait_for(lambda: not os.path.exists(os.path.join(fwd_env.spool, name)), 5)
