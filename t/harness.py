@@ -6,6 +6,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -41,6 +42,22 @@ def write_rules(jail, text):
 
 def spool_files(d):
     return sorted(n for n in os.listdir(d) if n.startswith("smtpd"))
+
+
+class Daemon:
+    """A daemon started by a test: .proc, its log file .logpath."""
+
+    def log(self):
+        return open(self.logpath, errors="replace").read()
+
+    def stop(self, timeout=40):
+        """SIGTERM (if still running); the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.log_file.close()
 
 
 class Inetd:

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from conftest import PYTHON, TEST_CONSTANTS, is_root, needs_root
+import harness
 from harness import Client, NOBODY, make_jail, spool_files, write_rules
 
 
@@ -20,7 +21,7 @@ def free_port(addr="127.0.0.1"):
         return s.getsockname()[1]
 
 
-class Daemon:
+class Daemon(harness.Daemon):
     def __init__(self, tree, jail, *flags, port=None, pidfile=None, env=None, detach=False):
         self.jail = jail
         self.port = port or free_port()
@@ -58,16 +59,6 @@ class Daemon:
     def workers(self):
         return children(self.master_pid())
 
-    def log(self):
-        return open(self.logpath, errors="replace").read()
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(40)
-        finally:
-            self.log_file.close()
 
 
 def children(ppid):

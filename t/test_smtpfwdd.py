@@ -14,6 +14,7 @@ import pytest
 
 import spool
 from conftest import PYTHON, is_root
+import harness
 from harness import Agent
 
 FWD_CONSTANTS = dict(RETRY_DELAY_TIME=1, SESSION_TIMEOUT=2, SHUTDOWN_TIMEOUT=20)
@@ -28,10 +29,10 @@ def now_date():
     return email.utils.formatdate(localtime=True).encode()
 
 
-class Fwd:
+class Fwd(harness.Daemon):
     def __init__(self, tree, spooldir, agent, *flags):
-        self.log_path = spooldir + ".log"
-        self.log_file = open(self.log_path, "ab")
+        self.logpath = spooldir + ".log"
+        self.log_file = open(self.logpath, "ab")
         argv = [PYTHON, os.path.join(tree, "smtpfwdd.py"), "-F", "-d", spooldir,
                 "-s", agent, "-P", "1"] + list(flags)
         if is_root:
@@ -39,16 +40,6 @@ class Fwd:
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                      stdout=self.log_file, stderr=self.log_file)
 
-    def log(self):
-        return open(self.log_path, errors="replace").read()
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        finally:
-            self.log_file.close()
 
 
 @pytest.fixture
