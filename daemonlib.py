@@ -121,6 +121,15 @@ def normalize_ip(addr):
     return ip
 
 
+def drain(fd):
+    """Read a non-blocking pipe (a signal wakeup fd) empty."""
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
+
+
 def reaped():
     """Yield (pid, wait status) of every child that has finished, without
     waiting for the others."""

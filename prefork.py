@@ -355,7 +355,7 @@ class Master:
             self.listen(self.can_accept())
             for key, _ in self.sel.select(1.0):
                 if key.data is None:
-                    drain(self.wake_r)
+                    dl.drain(self.wake_r)
                 elif key.data == "listen":
                     self.accept()
                 else:
@@ -392,7 +392,7 @@ class Master:
                 self.retire(w)
             for key, _ in self.sel.select(0.2):
                 if key.data is None:
-                    drain(self.wake_r)
+                    dl.drain(self.wake_r)
                 else:
                     self.from_worker(key.data)
             self.child_exited = True
@@ -462,14 +462,6 @@ def worker_loop(cfg, ctrl):
         except OSError:
             return dl.EX_OK
     return dl.EX_OK
-
-
-def drain(fd):
-    try:
-        while os.read(fd, 512):
-            pass
-    except BlockingIOError:
-        pass
 
 
 def describe(status):

@@ -346,11 +346,7 @@ class Forwarder:
         r, _, _ = select.select([self.wake_r] + socks, [], [], max(0, seconds))
         for s in r:
             if s == self.wake_r:
-                try:
-                    while os.read(self.wake_r, 512):
-                        pass
-                except BlockingIOError:
-                    pass
+                dl.drain(self.wake_r)
             else:
                 self.answer(next(w for w in self.workers.values() if w.sock is s))
         self.reap()

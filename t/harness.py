@@ -40,6 +40,16 @@ def write_rules(jail, text):
     os.rename(tmp, path)
 
 
+def wait_for(pred, timeout=15):
+    """Poll pred until it is true or timeout seconds have passed."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
+
+
 def spool_files(d):
     return sorted(n for n in os.listdir(d) if n.startswith("smtpd"))
 

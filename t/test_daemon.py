@@ -12,7 +12,7 @@ import pytest
 
 from conftest import PYTHON, TEST_CONSTANTS, is_root, needs_root
 import harness
-from harness import Client, NOBODY, make_jail, spool_files, write_rules
+from harness import Client, NOBODY, make_jail, spool_files, wait_for, write_rules
 
 
 def free_port(addr="127.0.0.1"):
@@ -105,15 +105,6 @@ def send(port, rcpt="bob@my.domain", source="127.0.0.1"):
     with smtplib.SMTP("127.0.0.1", port, timeout=30,
                       source_address=(source, 0)) as s:
         return s.sendmail("alice@example.org", [rcpt], b"Subject: x\r\n\r\nhello\r\n")
-
-
-def wait_for(pred, timeout=10):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
 
 
 @needs_root

@@ -15,7 +15,7 @@ import pytest
 import spool
 from conftest import PYTHON, is_root
 import harness
-from harness import Agent
+from harness import Agent, wait_for
 
 FWD_CONSTANTS = dict(RETRY_DELAY_TIME=1, SESSION_TIMEOUT=2, SHUTDOWN_TIMEOUT=20)
 RECEIVED = (b"Received: from mailhost (mail.example.org [192.0.2.10])\n"
@@ -84,15 +84,6 @@ def give_to_nobody(path):
     if is_root:
         pw = pwd.getpwnam("nobody")
         os.chown(path, pw.pw_uid, pw.pw_gid)
-
-
-def wait_for(pred, timeout=15):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
 
 
 def mode(path):
