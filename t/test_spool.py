@@ -80,7 +80,7 @@ WRITER = textwrap.dedent("""
     import spool
     d = spool.Draft(sys.argv[1], b"<a@b>", [b"<c@d>"])
     d.write(b"Subject: half a message\\n")
-    d.file.flush()
+    d.flush()
     print("ready", flush=True)
     time.sleep(60)
 """ % ROOT)
