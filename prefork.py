@@ -149,7 +149,7 @@ class Master:
         self.workers = {}           # pid -> Worker
         self.idle_workers = {}      # pid -> Worker, ready for a connection
         self.nbusy = 0
-        self.pending = []           # (conn, ip) accepted, waiting for a worker
+        self.pending = []           # (conn, ip, addr) accepted, waiting for a worker
         self.per_ip = {}
         self.stopping = self.hup = False
         self.fork_backoff = 0
@@ -285,15 +285,18 @@ class Master:
             conn.close()
             return
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
-        self.pending.append((conn, ip))
+        self.pending.append((conn, ip, addr))
 
     def dispatch(self):
         for w in self.idle():
             if not self.pending:
                 return
-            conn, ip = self.pending.pop(0)
+            conn, ip, addr = self.pending.pop(0)
             try:
-                socket.send_fds(w.ctrl, [b"S"], [conn.fileno()])
+                # The family and peer travel with the descriptor, so the
+                # worker need not ask the kernel for them again.
+                socket.send_fds(w.ctrl, [b"S %d %s %d" % (conn.family, addr[0].encode(), addr[1])],
+                                [conn.fileno()])
                 w.busy, w.ip = True, ip
                 self.nbusy += 1
                 del self.idle_workers[w.pid]
@@ -383,7 +386,7 @@ class Master:
                 buildconf.SHUTDOWN_TIMEOUT, self.busy())
         self.listen(False)
         self.listener.close()
-        for conn, ip in self.pending:
+        for conn, _, _ in self.pending:
             conn.close()
         self.pending = []
         deadline = time.monotonic() + buildconf.SHUTDOWN_TIMEOUT
@@ -420,7 +423,7 @@ class Master:
                 signal.signal(sig, signal.SIG_DFL)
             signal.set_wakeup_fd(-1)
             self.listener.close()
-            for conn, _ in self.pending:
+            for conn, _, _ in self.pending:
                 conn.close()
             for w in self.workers.values():
                 w.ctrl.close()
@@ -444,16 +447,19 @@ def worker_loop(cfg, ctrl):
     """Serve sessions handed over by the master; the exit status."""
     for used in range(1, buildconf.SMTPD_MAX_USE + 1):
         try:
-            msg, fds, _, _ = socket.recv_fds(ctrl, 16, 1)
+            msg, fds, _, _ = socket.recv_fds(ctrl, 128, 1)
         except OSError:
             return dl.EX_OK
-        if msg != b"S" or not fds:
-            for fd in fds:
-                os.close(fd)
+        conn = handed_over(msg, fds)
+        if conn is None:
             return dl.EX_OK
-        fd = fds[0]
-        status = cfg.serve(cfg, fd, fd)
-        os.close(fd)
+        sock, peer = conn
+        try:
+            local = sock.getsockname()[:2]
+        except OSError:
+            local = None
+        status = cfg.serve(cfg, sock.fileno(), sock.fileno(), local, peer, sock=sock)
+        sock.close()
         if status == dl.EX_SOFTWARE:
             return status
         last = used == buildconf.SMTPD_MAX_USE
@@ -462,6 +468,21 @@ def worker_loop(cfg, ctrl):
         except OSError:
             return dl.EX_OK
     return dl.EX_OK
+
+
+def handed_over(msg, fds):
+    """(socket, peer) from the master's b"S family address port" and its
+    descriptor; None (descriptors closed) for anything else, e.g. b"Q"."""
+    try:
+        verb, family, address, port = msg.split()
+        if verb != b"S" or len(fds) != 1:
+            raise ValueError(msg)
+        sock = socket.socket(int(family), socket.SOCK_STREAM, 0, fileno=fds[0])
+        return sock, (address.decode(), int(port))
+    except (ValueError, OSError):
+        for fd in fds:
+            os.close(fd)
+        return None
 
 
 def describe(status):

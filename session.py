@@ -144,8 +144,8 @@ def parse_path(arg, null_ok):
 class Channel:
     """Buffered reads with timeouts and reply batching over two fds."""
 
-    def __init__(self, rfd, wfd, read_timeout, deadline):
-        self.rfd, self.wfd = rfd, wfd
+    def __init__(self, rfd, wfd, read_timeout, deadline, sock=None):
+        self.rfd, self.wfd, self.sock = rfd, wfd, sock
         self.read_timeout, self.deadline = read_timeout, deadline
         self.buf = bytearray()
         self.out = []
@@ -246,7 +246,7 @@ class Channel:
     def linger(self, seconds=1.0):
         """Half-close, then discard input briefly, so that our last reply
         is not lost to a reset caused by unread client data."""
-        s = dup_socket(self.wfd)
+        s = self.sock or dup_socket(self.wfd)
         if s is None:
             return
         try:
@@ -258,7 +258,8 @@ class Channel:
         except OSError:
             pass
         finally:
-            s.close()
+            if s is not self.sock:      # the caller's socket is the caller's to close
+                s.close()
 
 
 def dup_socket(fd):
@@ -358,11 +359,11 @@ class Session:
     """One SMTP session.  cfg: the smtpd options; peer: a checkrules.Client
     with .local and .peer (address, port) pairs (None when not a socket)."""
 
-    def __init__(self, cfg, client, rfd, wfd, greeted=False):
+    def __init__(self, cfg, client, rfd, wfd, greeted=False, sock=None):
         self.cfg, self.client = cfg, client
         self.greeted = greeted      # inetd mode sends the 220 before loading
         self.ch = Channel(rfd, wfd, buildconf.READ_TIMEOUT,
-                          time.monotonic() + buildconf.SESSION_TIMEOUT)
+                          time.monotonic() + buildconf.SESSION_TIMEOUT, sock)
         self.helo = None
         self.esmtp = False
         self.env = Envelope()

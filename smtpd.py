@@ -213,8 +213,9 @@ def identify(cfg, local, peer):
     return c
 
 
-def serve(cfg, rfd, wfd, local=None, peer=None, greeted=False):
-    """One session on rfd/wfd; returns the exit status."""
+def serve(cfg, rfd, wfd, local=None, peer=None, greeted=False, sock=None):
+    """One session on rfd/wfd (sock: their socket object, if the caller has
+    one); returns the exit status."""
     if local is None:
         local, peer = socket_ends(rfd)
     try:
@@ -223,7 +224,7 @@ def serve(cfg, rfd, wfd, local=None, peer=None, greeted=False):
         dl.crit("abandoning session with %s: %s", peer and peer[0], c)
         os.write(wfd, b"421 %s\r\n" % VANILLA[421].encode())
         return c.status
-    return session.Session(cfg, client, rfd, wfd, greeted).run()
+    return session.Session(cfg, client, rfd, wfd, greeted, sock).run()
 
 
 def refused_by_listen(cfg, local):

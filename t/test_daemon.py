@@ -290,3 +290,23 @@ def test_port_25_bound_as_root_served_unprivileged(daemon_):
     (name,) = spool_files(d.jail)
     import pwd
     assert os.stat(os.path.join(d.jail, name)).st_uid == pwd.getpwnam(NOBODY).pw_uid
+
+
+def test_handover_message_carries_family_and_peer_and_anything_else_closes():
+    import prefork
+    a, b = socket.socketpair()
+    try:
+        sock, peer = prefork.handed_over(b"S %d 192.0.2.7 4321" % socket.AF_UNIX,
+                                         [os.dup(a.fileno())])
+        assert peer == ("192.0.2.7", 4321) and sock.family == socket.AF_UNIX
+        sock.sendall(b"x")
+        assert b.recv(1) == b"x"
+        sock.close()
+        for msg in (b"Q", b"", b"S 2 1.2.3.4", b"S x 1.2.3.4 5"):
+            fd = os.dup(a.fileno())
+            assert prefork.handed_over(msg, [fd]) is None
+            with pytest.raises(OSError):
+                os.fstat(fd)            # closed, not leaked
+    finally:
+        a.close()
+        b.close()
