@@ -297,9 +297,9 @@ def test_sigusr1_scans_now(fwd_env):
 def test_stale_draft_is_removed(fwd_env):
     d = spool.Draft(fwd_env.spool, b"<a@b>", [b"<c@d>"])
     d.write(b"half")
-    d.file.flush()
+    d.flush()
     draft = d.draft
-    d.file.close()                  # the writer died: unlocked
+    os.close(d.fd)                  # the writer died: unlocked
     give_to_nobody(draft)
     os.utime(draft, (time.time() - 10, time.time() - 10))
     f = fwd_env.start()
