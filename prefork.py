@@ -3,10 +3,16 @@
 DESCRIPTION
     The master binds the listening socket(s) as root, takes the pid file,
     detaches (unless -F) and keeps a pool of workers: SMTPD_PREFORK spare
-    ones, at most -M (SMTPD_MAXCHILDREN) in all.  It accepts connections
-    and passes each to an idle worker over a Unix socket; it never reads
-    what a client sends.  A client address with SMTPD_MAX_PER_IP sessions
-    already gets "421" and is closed.  Each worker chroots to -c and
+    ones, at most -M (SMTPD_MAXCHILDREN) in all; it never reads what a
+    client sends.  Idle workers wait on the shared listening socket
+    (EPOLLEXCLUSIVE: one wakes per connection) and accept for themselves,
+    which spares every session two wake-ups of the master and a descriptor
+    passed over a Unix socket.  A shared-memory Scoreboard holds each
+    worker's state and client; a client address with SMTPD_MAX_PER_IP
+    sessions already gets "421" and is closed.  A worker tells the master
+    ("N") when spares run low.  If the master dies, workers close their
+    copy of the listener at once (parent-death signal), so a restarted
+    master can bind while they finish.  Each worker chroots to -c and
     becomes -u/-g before its first session, serves SMTPD_MAX_USE sessions,
     then exits.  The master holds the rules: it re-reads them on SIGHUP and
     when the file changes; an invalid new file is logged and the old rules
@@ -16,12 +22,17 @@ SIGNALS
     SHUTDOWN_TIMEOUT seconds, exit 0.  SIGHUP: re-read the rules.
 """
 
+import ctypes
 import errno
+import fcntl
 import gc
+import mmap
 import os
+import select
 import selectors
 import signal
 import socket
+import struct
 import sys
 import time
 
@@ -47,12 +58,9 @@ class FrozenRules:
 
 
 class Worker:
-    def __init__(self, pid, ctrl):
-        self.pid, self.ctrl = pid, ctrl
-        self.ip = None          # the client address while busy
-        self.busy = False
+    def __init__(self, pid, ctrl, slot):
+        self.pid, self.ctrl, self.slot = pid, ctrl, slot
         self.retiring = False
-        self.idle_since = time.monotonic()
 
 
 def set_title(title):
@@ -141,16 +149,69 @@ def check_pidfile(path):
     os.unlink(path)
 
 
+class Scoreboard:
+    """Shared memory the workers write and the master reads: one 32-byte
+    slot per worker -- the client address (16 bytes, IPv4 mapped), a state
+    byte, and when it last became idle.  A POSIX record lock on the memfd
+    (per process, unlike flock) makes a worker's count-then-claim of an
+    address atomic among workers."""
+
+    SLOT, STATE, SINCE = 32, 16, 24
+    FREE, IDLE, BUSY = 0, 1, 2
+
+    def __init__(self, n):
+        self.n = n
+        self.fd = os.memfd_create("smtpd-scoreboard", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, n * self.SLOT)
+        self.mm = mmap.mmap(self.fd, n * self.SLOT)
+
+    @staticmethod
+    def key(ip):
+        """16 bytes for an ipaddress object (IPv4 as ::ffff:a.b.c.d)."""
+        packed = ip.packed
+        return packed if len(packed) == 16 else b"\0" * 10 + b"\xff\xff" + packed
+
+    def set(self, slot, state, key=b"\0" * 16):
+        off = slot * self.SLOT
+        self.mm[off:off + 16] = key
+        self.mm[off + self.STATE] = state
+        if state == self.IDLE:
+            struct.pack_into("d", self.mm, off + self.SINCE, time.monotonic())
+
+    def state(self, slot):
+        return self.mm[slot * self.SLOT + self.STATE]
+
+    def idle_since(self, slot):
+        return struct.unpack_from("d", self.mm, slot * self.SLOT + self.SINCE)[0]
+
+    def count(self, state):
+        return self.mm[self.STATE::self.SLOT].count(state)
+
+    def claim(self, slot, key, limit):
+        """Mark slot busy with key unless limit slots already have it;
+        the number of sessions key already had."""
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        try:
+            n, pos = 0, self.mm.find(key)
+            while pos >= 0:
+                if pos % self.SLOT == 0 and self.mm[pos + self.STATE] == self.BUSY:
+                    n += 1
+                pos = self.mm.find(key, pos + 1)
+            if n < limit:
+                self.set(slot, self.BUSY, key)
+            return n
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+
 class Master:
     def __init__(self, cfg, listener, rules):
         self.cfg, self.listener = cfg, listener
         self.rules = rules
         self.rules_stamp = self.stamp()
         self.workers = {}           # pid -> Worker
-        self.idle_workers = {}      # pid -> Worker, ready for a connection
-        self.nbusy = 0
-        self.pending = []           # (conn, ip, addr) accepted, waiting for a worker
-        self.per_ip = {}
+        self.board = Scoreboard(cfg.maxchildren)
+        self.free_slots = list(range(cfg.maxchildren - 1, -1, -1))
         self.stopping = self.hup = False
         self.fork_backoff = 0
         self.next_fork = 0
@@ -165,7 +226,6 @@ class Master:
         self.child_exited = False
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.wake_r, selectors.EVENT_READ, None)
-        self.listening = False
 
     def on_stop(self, *a):
         self.stopping = True
@@ -186,29 +246,34 @@ class Master:
     # -- the pool --
 
     def idle(self):
-        return list(self.idle_workers.values())
+        """Workers waiting for a connection and not asked to leave."""
+        return [w for w in self.workers.values()
+                if not w.retiring and self.board.state(w.slot) == Scoreboard.IDLE]
 
     def busy(self):
-        return self.nbusy
+        return self.board.count(Scoreboard.BUSY)
 
     def maintain(self):
-        want = min(buildconf.SMTPD_PREFORK + len(self.pending),
-                   self.cfg.maxchildren - self.nbusy)
-        while len(self.idle_workers) < want and len(self.workers) < self.cfg.maxchildren:
-            if not self.spawn():
+        idle = self.idle()
+        while len(idle) < buildconf.SMTPD_PREFORK and len(self.workers) < self.cfg.maxchildren:
+            w = self.spawn()
+            if w is None:
                 break
+            idle.append(w)
         # Spare workers beyond need go only after a quiet spell: retiring
         # them between the sessions of a busy client means forking anew.
-        extra = len(self.idle_workers) - max(2 * buildconf.SMTPD_PREFORK, want)
+        extra = len(idle) - 2 * buildconf.SMTPD_PREFORK
         now = time.monotonic()
-        for w in self.idle()[:max(0, extra)]:
-            if now - w.idle_since >= buildconf.SMTPD_IDLE_TIME:
+        for w in idle[:max(0, extra)]:
+            if now - self.board.idle_since(w.slot) >= buildconf.SMTPD_IDLE_TIME:
                 self.retire(w)
 
     def spawn(self):
-        if time.monotonic() < self.next_fork:
-            return False
+        if time.monotonic() < self.next_fork or not self.free_slots:
+            return None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        slot = self.free_slots.pop()
+        self.board.set(slot, Scoreboard.IDLE)
         gc.freeze()     # the worker's collections then leave our pages shared
         try:
             pid = os.fork()
@@ -218,21 +283,22 @@ class Master:
             dl.err("fork: %s; retrying in %d seconds", e.strerror, self.fork_backoff)
             ours.close()
             theirs.close()
-            return False
+            self.board.set(slot, Scoreboard.FREE)
+            self.free_slots.append(slot)
+            return None
         if pid == 0:
             ours.close()
-            self.become_worker(theirs)
+            self.become_worker(theirs, slot)
         self.fork_backoff = 0
         theirs.close()
-        w = self.workers[pid] = self.idle_workers[pid] = Worker(pid, ours)
+        w = self.workers[pid] = Worker(pid, ours, slot)
         self.sel.register(ours, selectors.EVENT_READ, w)
-        return True
+        return w
 
     def retire(self, w):
         w.retiring = True
-        self.idle_workers.pop(w.pid, None)
         try:
-            w.ctrl.send(b"Q")
+            w.ctrl.send(b"Q", socket.MSG_DONTWAIT)
         except OSError:
             pass
 
@@ -244,85 +310,22 @@ class Master:
             w = self.workers.pop(pid, None)
             if w is None:
                 continue
-            self.idle_workers.pop(pid, None)
             self.unwatch(w)
             w.ctrl.close()
-            if w.busy:
-                self.nbusy -= 1
-                self.release(w.ip)
+            self.board.set(w.slot, Scoreboard.FREE)
+            self.free_slots.append(w.slot)
             if os.WIFSIGNALED(status) or os.WEXITSTATUS(status) not in (0,):
                 dl.warn("worker %d ended with %s", pid, describe(status))
 
-    def release(self, ip):
-        n = self.per_ip.get(ip, 1) - 1
-        if n <= 0:
-            self.per_ip.pop(ip, None)
-        else:
-            self.per_ip[ip] = n
-
-    # -- connections --
-
-    def can_accept(self):
-        return (not self.stopping
-                and self.busy() + len(self.pending) < self.cfg.maxchildren)
-
-    def accept(self):
-        try:
-            conn, addr = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            dl.err("accept: %s", e.strerror)
-            time.sleep(0.1)
-            return
-        ip = dl.normalize_ip(addr[0])
-        if self.per_ip.get(ip, 0) >= buildconf.SMTPD_MAX_PER_IP:
-            dl.notice("refused %s: %d sessions already", ip, self.per_ip[ip])
-            try:
-                conn.send(REFUSAL, socket.MSG_DONTWAIT)
-            except OSError:
-                pass
-            conn.close()
-            return
-        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
-        self.pending.append((conn, ip, addr))
-
-    def dispatch(self):
-        for w in self.idle():
-            if not self.pending:
-                return
-            conn, ip, addr = self.pending.pop(0)
-            try:
-                # The family and peer travel with the descriptor, so the
-                # worker need not ask the kernel for them again.
-                socket.send_fds(w.ctrl, [b"S %d %s %d" % (conn.family, addr[0].encode(), addr[1])],
-                                [conn.fileno()])
-                w.busy, w.ip = True, ip
-                self.nbusy += 1
-                del self.idle_workers[w.pid]
-            except OSError as e:
-                dl.err("passing a connection to worker %d: %s", w.pid, e.strerror)
-                self.release(ip)
-                self.retire(w)
-            conn.close()
-
     def from_worker(self, w):
+        """b"N": a worker took a connection and spares ran low (the loop
+        forks); end of file: it is leaving (reap() will see it)."""
         try:
             msg = w.ctrl.recv(16)
         except OSError:
             msg = b""
-        if msg in (b"D", b"X") and w.busy:
-            w.busy = False
-            self.nbusy -= 1
-            self.release(w.ip)
-            w.ip = None
-            if not w.retiring:
-                self.idle_workers[w.pid] = w
-                w.idle_since = time.monotonic()
-        if msg in (b"X", b""):
-            self.retire(w)
         if not msg:
-            self.unwatch(w)                 # gone: reap() will see it
+            self.unwatch(w)
 
     def unwatch(self, w):
         try:
@@ -353,14 +356,11 @@ class Master:
         next_check = 0
         while not self.stopping:
             self.reap()
-            self.maintain()
-            self.dispatch()
-            self.listen(self.can_accept())
+            if not self.stopping:
+                self.maintain()
             for key, _ in self.sel.select(1.0):
                 if key.data is None:
                     dl.drain(self.wake_r)
-                elif key.data == "listen":
-                    self.accept()
                 else:
                     self.from_worker(key.data)
             if self.hup:
@@ -372,27 +372,20 @@ class Master:
                     self.reload("rules file changed")
         return self.shutdown()
 
-    def listen(self, on):
-        """Watch the listening socket only while there is capacity."""
-        if on != self.listening:
-            if on:
-                self.sel.register(self.listener, selectors.EVENT_READ, "listen")
-            else:
-                self.sel.unregister(self.listener)
-            self.listening = on
-
     def shutdown(self):
         dl.info("stopping: no new connections; waiting up to %d seconds for %d sessions",
                 buildconf.SHUTDOWN_TIMEOUT, self.busy())
-        self.listen(False)
+        # shutdown(2) on a listening socket stops it for every process that
+        # shares it: waiting connections are reset, workers' accept fails.
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.listener.close()
-        for conn, _, _ in self.pending:
-            conn.close()
-        self.pending = []
+        for w in self.workers.values():
+            self.retire(w)
         deadline = time.monotonic() + buildconf.SHUTDOWN_TIMEOUT
         while self.workers and time.monotonic() < deadline:
-            for w in self.idle():
-                self.retire(w)
             for key, _ in self.sel.select(0.2):
                 if key.data is None:
                     dl.drain(self.wake_r)
@@ -413,7 +406,7 @@ class Master:
 
     # -- in the child --
 
-    def become_worker(self, ctrl):
+    def become_worker(self, ctrl, slot):
         try:
             # The master decides when sessions end: a Ctrl-C or hangup sent to
             # the whole process group must not cut them short.
@@ -422,9 +415,6 @@ class Master:
             for sig in (signal.SIGTERM, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
             signal.set_wakeup_fd(-1)
-            self.listener.close()
-            for conn, _, _ in self.pending:
-                conn.close()
             for w in self.workers.values():
                 w.ctrl.close()
             os.close(self.wake_r)
@@ -433,8 +423,10 @@ class Master:
             set_title("smtpd: worker")
             dl.log.role = "worker: "
             self.cfg.rules = FrozenRules(self.rules)
+            master = os.getppid()
             self.cfg.enter_jail(self.cfg)
-            status = worker_loop(self.cfg, ctrl)
+            status = WorkerLoop(self.cfg, ctrl, self.listener, self.board, slot,
+                                master).run()
         except SystemExit as e:
             status = e.code if isinstance(e.code, int) else dl.EX_SOFTWARE
         except BaseException as e:
@@ -443,46 +435,98 @@ class Master:
         os._exit(status)
 
 
-def worker_loop(cfg, ctrl):
-    """Serve sessions handed over by the master; the exit status."""
-    for used in range(1, buildconf.SMTPD_MAX_USE + 1):
-        try:
-            msg, fds, _, _ = socket.recv_fds(ctrl, 128, 1)
-        except OSError:
-            return dl.EX_OK
-        conn = handed_over(msg, fds)
-        if conn is None:
-            return dl.EX_OK
-        sock, peer = conn
-        try:
-            local = sock.getsockname()[:2]
-        except OSError:
-            local = None
-        status = cfg.serve(cfg, sock.fileno(), sock.fileno(), local, peer, sock=sock)
-        sock.close()
-        if status == dl.EX_SOFTWARE:
-            return status
-        last = used == buildconf.SMTPD_MAX_USE
-        try:
-            ctrl.send(b"X" if last else b"D")
-        except OSError:
-            return dl.EX_OK
-    return dl.EX_OK
+class WorkerLoop:
+    """A jailed worker: wait for a connection or a word from the master,
+    accept, check the client's address against SMTPD_MAX_PER_IP, serve."""
 
+    def __init__(self, cfg, ctrl, listener, board, slot, master):
+        self.cfg, self.ctrl, self.listener = cfg, ctrl, listener
+        self.board, self.slot = board, slot
+        self.orphaned = False
+        # If the master dies, let go of the listening socket at once, so a
+        # new master can bind it while this session ends.  (Set after the
+        # jail: a change of credentials clears it.)
+        signal.signal(signal.SIGUSR2, self.on_master_death)
+        set_parent_death_signal(signal.SIGUSR2)
+        if os.getppid() != master:
+            self.on_master_death()
+        self.poller = select.epoll()
+        # EPOLLEXCLUSIVE: one connection wakes one idle worker, not all.
+        self.poller.register(listener.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        self.poller.register(ctrl.fileno(), select.EPOLLIN)
 
-def handed_over(msg, fds):
-    """(socket, peer) from the master's b"S family address port" and its
-    descriptor; None (descriptors closed) for anything else, e.g. b"Q"."""
-    try:
-        verb, family, address, port = msg.split()
-        if verb != b"S" or len(fds) != 1:
-            raise ValueError(msg)
-        sock = socket.socket(int(family), socket.SOCK_STREAM, 0, fileno=fds[0])
-        return sock, (address.decode(), int(port))
-    except (ValueError, OSError):
-        for fd in fds:
-            os.close(fd)
+    def on_master_death(self, *a):
+        self.orphaned = True
+        self.listener.close()
+
+    def run(self):
+        used = 0
+        while used < buildconf.SMTPD_MAX_USE and not self.orphaned:
+            self.board.set(self.slot, Scoreboard.IDLE)
+            conn = self.next_connection()
+            if conn is None:
+                return dl.EX_OK
+            sock, addr = conn
+            if not self.admit(sock, addr):
+                continue
+            used += 1
+            try:
+                local = sock.getsockname()[:2]
+            except OSError:
+                local = None
+            status = self.cfg.serve(self.cfg, sock.fileno(), sock.fileno(), local,
+                                    addr[:2], sock=sock)
+            sock.close()
+            if status == dl.EX_SOFTWARE:
+                return status
+        return dl.EX_OK
+
+    def next_connection(self):
+        """(socket, peer address), or None when it is time to leave."""
+        ctrl = self.ctrl.fileno()
+        while not self.orphaned:
+            events = self.poller.poll()
+            if any(fd == ctrl for fd, _ in events):
+                return None         # "Q", or the master is gone
+            try:
+                return self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue            # another worker took it
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    dl.err("accept: %s", e.strerror)
+                    time.sleep(0.1)
+                    continue
+                return None         # the listener was shut down or closed
         return None
+
+    def admit(self, sock, addr):
+        """Claim our slot for this client, or refuse it with 421."""
+        ip = dl.normalize_ip(addr[0])
+        n = self.board.claim(self.slot, Scoreboard.key(ip), buildconf.SMTPD_MAX_PER_IP)
+        if n >= buildconf.SMTPD_MAX_PER_IP:
+            dl.notice("refused %s: %d sessions already", ip, n)
+            try:
+                sock.send(REFUSAL, socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+            sock.close()
+            return False
+        if self.board.count(Scoreboard.IDLE) < buildconf.SMTPD_PREFORK:
+            try:
+                self.ctrl.send(b"N", socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+        return True
+
+
+def set_parent_death_signal(sig):
+    """prctl(PR_SET_PDEATHSIG): sig when the master exits (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(sig), 0, 0, 0)       # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
 
 def describe(status):

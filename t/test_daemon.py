@@ -292,21 +292,53 @@ def test_port_25_bound_as_root_served_unprivileged(daemon_):
     assert os.stat(os.path.join(d.jail, name)).st_uid == pwd.getpwnam(NOBODY).pw_uid
 
 
-def test_handover_message_carries_family_and_peer_and_anything_else_closes():
+
+def test_scoreboard_claims_an_address_at_most_limit_times():
+    import ipaddress
     import prefork
-    a, b = socket.socketpair()
-    try:
-        sock, peer = prefork.handed_over(b"S %d 192.0.2.7 4321" % socket.AF_UNIX,
-                                         [os.dup(a.fileno())])
-        assert peer == ("192.0.2.7", 4321) and sock.family == socket.AF_UNIX
-        sock.sendall(b"x")
-        assert b.recv(1) == b"x"
-        sock.close()
-        for msg in (b"Q", b"", b"S 2 1.2.3.4", b"S x 1.2.3.4 5"):
-            fd = os.dup(a.fileno())
-            assert prefork.handed_over(msg, [fd]) is None
-            with pytest.raises(OSError):
-                os.fstat(fd)            # closed, not leaked
-    finally:
-        a.close()
-        b.close()
+    board = prefork.Scoreboard(4)
+    a = board.key(ipaddress.ip_address("192.0.2.7"))
+    b = board.key(ipaddress.ip_address("2001:db8::7"))
+    assert len(a) == len(b) == 16 and a != b
+    assert board.claim(0, a, 2) == 0
+    assert board.claim(1, a, 2) == 1
+    assert board.claim(2, a, 2) == 2            # refused: slot 2 stays free
+    assert board.state(2) == board.FREE
+    assert board.claim(2, b, 2) == 0            # another address is not counted
+    assert board.count(board.BUSY) == 3
+    board.set(0, board.IDLE)                    # a session ended
+    assert board.count(board.IDLE) == 1 and board.idle_since(0) <= time.monotonic()
+    assert board.claim(3, a, 2) == 1
+    assert [board.state(i) for i in range(4)] == [board.IDLE, board.BUSY, board.BUSY, board.BUSY]
+
+
+def port_is_free(port):
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            s.listen(1)
+            return True
+        except OSError:
+            return False
+
+
+def test_master_killed_mid_session_frees_the_port_and_the_session_ends_well(daemon_):
+    d = daemon_().wait_ready()
+    c = d.connect()
+    assert c.code() == 220
+    assert c.cmd("HELO x")[0] == 250
+    os.kill(d.master_pid(), signal.SIGKILL)
+    d.proc.wait()
+    # Workers share the listening socket; the parent-death signal makes them
+    # let go of it, so a new master can bind while this session goes on.
+    assert wait_for(lambda: port_is_free(d.port), 5)
+    d2 = daemon_(port=d.port).wait_ready()
+    assert send(d2.port) == {}
+    assert len(spool_files(d2.jail)) == 1
+    assert c.cmd("MAIL FROM:<a@b.example>")[0] == 250
+    assert c.cmd("RCPT TO:<c@d.example>")[0] == 250
+    assert c.cmd("DATA")[0] == 354
+    assert c.cmd("Subject: still here\r\n\r\nbody\r\n.")[0] == 250
+    assert c.cmd("QUIT")[0] == 221
+    assert len(spool_files(d.jail)) == 1
