@@ -149,6 +149,8 @@ class Channel:
         self.read_timeout, self.deadline = read_timeout, deadline
         self.buf = bytearray()
         self.out = []
+        self.read_poll = select.poll()
+        self.read_poll.register(rfd, select.POLLIN)
         for fd in {rfd, wfd}:       # try first, poll only when it would block
             try:
                 os.set_blocking(fd, False)
@@ -186,8 +188,11 @@ class Channel:
         timeout = min(self.read_timeout, self.deadline - time.monotonic())
         if timeout <= 0:
             raise Closed(dl.EX_OSERR, "session timeout")
-        p = select.poll()
-        p.register(fd, event)
+        if fd == self.rfd and event == select.POLLIN:
+            p = self.read_poll
+        else:
+            p = select.poll()
+            p.register(fd, event)
         if not p.poll(timeout * 1000):
             what = "session" if time.monotonic() >= self.deadline else "read"
             raise Closed(dl.EX_OSERR, "%s timeout (%d seconds)" % (
@@ -195,10 +200,15 @@ class Channel:
 
     def fill(self):
         """Read more input (flushing replies first); Closed on EOF/timeout."""
-        if self.out:
+        answered = bool(self.out)
+        if answered:
             self.flush()
         if time.monotonic() >= self.deadline:      # also for a client that never pauses
             raise Closed(dl.EX_OSERR, "session timeout (%d seconds)" % buildconf.SESSION_TIMEOUT)
+        if answered:
+            # A client that waits for each reply has sent nothing yet: poll
+            # first rather than fail a read (pipelined input returns at once).
+            self.wait(self.rfd, select.POLLIN)
         while True:
             try:
                 data = os.read(self.rfd, CHUNK)
@@ -239,6 +249,12 @@ class Channel:
             data = bytes(self.buf)
             del self.buf[:]
             yield data
+
+    def unread_input(self):
+        """Input we have not consumed, buffered or waiting (or EOF)?  A
+        close with unread data resets the connection, which can destroy
+        our last reply before the client reads it; nothing else can."""
+        return bool(self.buf) or bool(self.read_poll.poll(0))
 
     def unread(self, data):
         self.buf[0:0] = data
@@ -430,7 +446,8 @@ class Session:
             if self.draft is not None:
                 self.draft.abort()
             self.flush_summary()
-        self.ch.linger()
+        if status != dl.EX_OK or self.ch.unread_input():
+            self.ch.linger()
         return status
 
     def greet(self):
