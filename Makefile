@@ -167,7 +167,7 @@ DOCDIR = $(PREFIX)/share/doc/smtpd
 # The Python the installed programs run with (readable by SMTP_USER).
 INSTALL_PYTHON = /usr/bin/python3
 MODULES = smtpd.py smtpfwdd.py checkrules.py spool.py daemonlib.py lookup.py \
-	session.py prefork.py replies.py
+	session.py channel.py prefork.py replies.py
 PROGRAMS = smtpd smtpfwdd checkrules
 EXAMPLES = etc/smtpd_check_rules.example etc/antispam_check_rules.example \
 	etc/smtpd.service etc/smtpfwdd.service etc/smtpd.socket etc/smtpd@.service \

@@ -102,7 +102,7 @@ def wait_port(port, timeout=30):
 def start_ours(work):
     tree = os.path.join(work, "tree")
     os.makedirs(tree)
-    for f in ("smtpd.py", "session.py", "prefork.py", "checkrules.py", "lookup.py",
+    for f in ("smtpd.py", "session.py", "channel.py", "prefork.py", "checkrules.py", "lookup.py",
               "spool.py", "daemonlib.py", "smtpfwdd.py", "replies.py", "Makefile"):
         shutil.copy(os.path.join(TOP, f), tree)
     # One client address drives every session, so lift the per-address cap.

@@ -10,7 +10,7 @@ import atheris
 
 with atheris.instrument_imports():
     import common  # noqa: F401
-    import session
+    import channel
 
 
 def model(data):
@@ -31,9 +31,9 @@ def TestOneInput(data):
     r, w = os.pipe()
     os.set_blocking(w, False)
     stored = []
-    ch = session.Channel(r, w, 5, 1e18)
+    ch = channel.Channel(r, w, 5, 1e18)
     ch.buf += data                      # as if it had been read already
-    reader = session.DataReader(ch, stored.append, 0)
+    reader = channel.DataReader(ch, stored.append, 0)
     reader.run()
     got = None if reader.problem else b"".join(stored)
     os.close(r)

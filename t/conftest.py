@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 PYTHON = sys.executable
 SOURCES = ["smtpd.py", "smtpfwdd.py", "checkrules.py", "spool.py", "replies.py",
-           "daemonlib.py", "lookup.py", "session.py", "prefork.py", "Makefile"]
+           "daemonlib.py", "lookup.py", "session.py", "channel.py", "prefork.py", "Makefile"]
 
 is_root = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not is_root, reason="needs root")

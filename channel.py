@@ -1,0 +1,256 @@
+"""channel - the client side of an SMTP session: command lines, replies, DATA
+
+DESCRIPTION
+    Channel(rfd, wfd, read_timeout, deadline, sock=None) reads and writes
+    the client's descriptors without blocking past READ_TIMEOUT or the
+    session deadline: command() returns the next CRLF-terminated line,
+    reply() and flush() batch replies, chunks() feeds DATA, linger()
+    half-closes so a last reply is not lost to a reset.  DataReader reads a
+    message to CRLF.CRLF, unstuffs dots, stores LF line ends and says why a
+    message must be refused (bare CR/LF/NUL, size, write error).  Closed
+    ends a session with an exit status.  session.py speaks the protocol.
+"""
+
+import os
+import select
+import socket
+import time
+
+import buildconf
+import daemonlib as dl
+from replies import VANILLA
+
+LINE_MAX = 512
+CHUNK = 65536
+
+
+class Closed(Exception):
+    """The session is over; .status is the exit status."""
+
+    def __init__(self, status, why=""):
+        super().__init__(why)
+        self.status = status
+
+
+# ----------------------------------------------------------------- I/O ----
+
+class Channel:
+    """Buffered reads with timeouts and reply batching over two fds."""
+
+    def __init__(self, rfd, wfd, read_timeout, deadline, sock=None):
+        self.rfd, self.wfd, self.sock = rfd, wfd, sock
+        self.read_timeout, self.deadline = read_timeout, deadline
+        self.buf = bytearray()
+        self.out = []
+        self.read_poll = select.poll()
+        self.read_poll.register(rfd, select.POLLIN)
+        for fd in {rfd, wfd}:       # try first, poll only when it would block
+            try:
+                os.set_blocking(fd, False)
+            except OSError:
+                pass
+
+    def reply(self, code, text=None, more=()):
+        text = VANILLA[code] if text is None else text
+        lines = [text] + list(more)
+        for i, line in enumerate(lines):
+            sep = "-" if i < len(lines) - 1 else " "
+            self.out.append(b"%d%s%s\r\n" % (code, sep.encode(), line.encode("latin-1")))
+
+    def raw_reply(self, line):
+        self.out.append(line.encode("latin-1") + b"\r\n")
+
+    def flush(self, final=False):
+        data = b"".join(self.out)
+        self.out = []
+        while data:
+            try:
+                data = data[os.write(self.wfd, data):]
+                continue
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                raise Closed(dl.EX_OSERR, "write to client: %s" % e.strerror) from None
+            if final:       # the last words: past the deadline, but briefly
+                if not select.select([], [self.wfd], [], 5)[1]:
+                    return
+            else:
+                self.wait(self.wfd, select.POLLOUT)
+
+    def wait(self, fd, event):
+        timeout = min(self.read_timeout, self.deadline - time.monotonic())
+        if timeout <= 0:
+            raise Closed(dl.EX_OSERR, "session timeout")
+        if fd == self.rfd and event == select.POLLIN:
+            p = self.read_poll
+        else:
+            p = select.poll()
+            p.register(fd, event)
+        if not p.poll(timeout * 1000):
+            what = "session" if time.monotonic() >= self.deadline else "read"
+            raise Closed(dl.EX_OSERR, "%s timeout (%d seconds)" % (
+                what, buildconf.SESSION_TIMEOUT if what == "session" else self.read_timeout))
+
+    def fill(self):
+        """Read more input (flushing replies first); Closed on EOF/timeout."""
+        answered = bool(self.out)
+        if answered:
+            self.flush()
+        if time.monotonic() >= self.deadline:      # also for a client that never pauses
+            raise Closed(dl.EX_OSERR, "session timeout (%d seconds)" % buildconf.SESSION_TIMEOUT)
+        if answered:
+            # A client that waits for each reply has sent nothing yet: poll
+            # first rather than fail a read (pipelined input returns at once).
+            self.wait(self.rfd, select.POLLIN)
+        while True:
+            try:
+                data = os.read(self.rfd, CHUNK)
+                break
+            except BlockingIOError:
+                self.wait(self.rfd, select.POLLIN)
+            except OSError as e:
+                raise Closed(dl.EX_OSERR, "read from client: %s" % e.strerror) from None
+        if not data:
+            raise Closed(dl.EX_OSERR, "EOF on client fd")
+        self.buf += data
+
+    def command(self):
+        """The next command line without CRLF, or None if it was bad."""
+        discarding = False
+        while True:
+            i = self.buf.find(b"\n")
+            if i < 0:
+                if len(self.buf) > LINE_MAX:
+                    discarding = True
+                    del self.buf[:]
+                self.fill()
+                continue
+            line = bytes(self.buf[:i + 1])
+            del self.buf[:i + 1]
+            if discarding or len(line) > LINE_MAX:
+                return None, "Line too long"
+            if (not line.endswith(b"\r\n") or b"\r" in line[:-2]
+                    or b"\0" in line):
+                return None, "Bare CR or LF or NUL in command"
+            return line[:-2].decode("latin-1"), None
+
+    def chunks(self):
+        """Yield raw input for DATA: what is buffered, then fresh reads."""
+        while True:
+            if not self.buf:
+                self.fill()
+            data = bytes(self.buf)
+            del self.buf[:]
+            yield data
+
+    def unread_input(self):
+        """Input we have not consumed, buffered or waiting (or EOF)?  A
+        close with unread data resets the connection, which can destroy
+        our last reply before the client reads it; nothing else can."""
+        return bool(self.buf) or bool(self.read_poll.poll(0))
+
+    def unread(self, data):
+        self.buf[0:0] = data
+
+    def linger(self, seconds=1.0):
+        """Half-close, then discard input briefly, so that our last reply
+        is not lost to a reset caused by unread client data."""
+        s = self.sock or dup_socket(self.wfd)
+        if s is None:
+            return
+        try:
+            s.shutdown(socket.SHUT_WR)
+            s.settimeout(seconds)
+            end = time.monotonic() + seconds
+            while time.monotonic() < end and s.recv(CHUNK):
+                pass
+        except OSError:
+            pass
+        finally:
+            if s is not self.sock:      # the caller's socket is the caller's to close
+                s.close()
+
+
+def dup_socket(fd):
+    """A socket object on a dup of fd, or None if fd is not a socket."""
+    d = os.dup(fd)
+    try:
+        return socket.socket(fileno=d)
+    except OSError:
+        os.close(d)
+        return None
+
+
+# ---------------------------------------------------------------- DATA ----
+
+class DataReader:
+    """Read a message to CRLF.CRLF; unstuff dots; store LF line ends."""
+
+    def __init__(self, channel, sink, maxsize):
+        self.ch, self.sink, self.maxsize = channel, sink, maxsize
+        self.size = 0
+        self.problem = None      # None, "bare", "size" or "write"
+        self.headers = bytearray()
+        self.in_headers = True
+
+    def run(self):
+        pending, mid_line = b"", False
+        for chunk in self.ch.chunks():
+            pending += chunk
+            if not mid_line and pending.startswith(b".\r\n"):
+                self.ch.unread(pending[3:])
+                return
+            end = pending.find(b"\r\n.\r\n")
+            if end >= 0:
+                self.store(pending[:end + 2], mid_line)
+                self.ch.unread(pending[end + 5:])
+                return
+            cut = pending.rfind(b"\r\n")
+            if cut >= 0:
+                self.store(pending[:cut + 2], mid_line)
+                pending, mid_line = pending[cut + 2:], False
+            elif len(pending) > CHUNK:
+                # A very long line: store all but its last byte (a CR?).
+                self.store(pending[:-1], mid_line, partial=True)
+                pending, mid_line = pending[-1:], True
+
+    def store(self, data, mid_line, partial=False):
+        """Lines ending CRLF (or, if partial, a piece of one long line)."""
+        crlf = 0 if partial else data.count(b"\r\n")
+        if (b"\0" in data or data.count(b"\r") != crlf
+                or data.count(b"\n") != crlf):
+            self.problem = self.problem or "bare"
+        if self.problem:
+            return
+        if not mid_line and data.startswith(b"."):
+            data = data[1:]
+        self.write(data.replace(b"\r\n.", b"\r\n").replace(b"\r\n", b"\n"))
+
+    def write(self, data):
+        self.size += len(data)
+        if self.maxsize and self.size > self.maxsize:
+            self.problem = "size"
+            return
+        if self.in_headers:
+            self.note_headers(data)
+        try:
+            self.sink(data)
+        except OSError as e:
+            dl.err("write to spool file: %s", e.strerror)
+            self.problem = "write"
+
+    def note_headers(self, data):
+        end = data.find(b"\n\n")
+        if data.startswith(b"\n") and not self.headers:
+            end = 0
+        self.headers += data if end < 0 else data[:end + 1]
+        if end >= 0 or len(self.headers) > 1 << 20:
+            self.in_headers = False
+
+
+def header_oddity(headers):
+    """-P: a header byte that is a control (but TAB) or 8-bit character."""
+    for b in headers:
+        if (b < 0x20 and b not in (0x09, 0x0A)) or b >= 0x7F:
+            return True
+    return False
