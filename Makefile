@@ -83,6 +83,10 @@ SMTPD_IDLE_TIME = 10
 # Seconds smtpd -D lets running sessions finish after SIGTERM/SIGINT.
 SHUTDOWN_TIMEOUT = 30
 
+# Largest rules file smtpd and checkrules read, in bytes; a larger file is
+# an error (the old rules stay in smtpd -D).
+RULES_MAX_SIZE = 4194304
+
 # ----------------------------------------------------- smtpfwdd tunables ----
 
 # Most delivery children at once (smtpfwdd -M default).
@@ -109,7 +113,8 @@ CONSTANTS = SPOOLDIR SPOOLSUBDIR CHECK_FILE MAIL_AGENT PID_DIR PREFIX \
 	SMTP_USER SMTP_GROUP LOG_FACILITY NOTO_DELAY DENY_DELAY READ_TIMEOUT \
 	SESSION_TIMEOUT CHECK_IDENT IDENT_PORT DNS_TIMEOUT \
 	CHECK_ADDRESS_DENY_ON_FAILURE MAX_RCPT SMTPD_PREFORK SMTPD_MAXCHILDREN \
-	SMTPD_MAX_PER_IP SMTPD_MAX_USE SMTPD_IDLE_TIME SHUTDOWN_TIMEOUT MAXCHILDREN POLL_TIME MAXARGS \
+	SMTPD_MAX_PER_IP SMTPD_MAX_USE SMTPD_IDLE_TIME SHUTDOWN_TIMEOUT RULES_MAX_SIZE \
+	MAXCHILDREN POLL_TIME MAXARGS \
 	RETRY_DELAY_TIME QUEUE_LIFETIME AGENT_TIMEOUT
 export $(CONSTANTS)
 export CONSTANTS
@@ -166,8 +171,8 @@ MANDIR = $(PREFIX)/share/man
 DOCDIR = $(PREFIX)/share/doc/smtpd
 # The Python the installed programs run with (readable by SMTP_USER).
 INSTALL_PYTHON = /usr/bin/python3
-MODULES = smtpd.py smtpfwdd.py checkrules.py spool.py daemonlib.py lookup.py \
-	session.py channel.py prefork.py replies.py
+# Every top-level module is part of the programs.
+MODULES = $(filter-out buildconf.py,$(wildcard *.py))
 PROGRAMS = smtpd smtpfwdd checkrules
 EXAMPLES = etc/smtpd_check_rules.example etc/antispam_check_rules.example \
 	etc/smtpd.service etc/smtpfwdd.service etc/smtpd.socket etc/smtpd@.service \

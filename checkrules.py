@@ -24,6 +24,7 @@ import getopt
 import ipaddress
 import os
 import re
+import stat
 import sys
 
 import buildconf
@@ -67,8 +68,8 @@ def compile_string(pat, warnings):
     if len(pat) >= 2 and pat[0] == "/" and pat[-1] == "/":
         try:
             rx = re.compile(pat[1:-1], re.IGNORECASE)
-        except re.error as e:
-            raise Bad("bad regex %s: %s" % (pat, e)) from None
+        except Exception as e:      # re.error, OverflowError, RecursionError, ...
+            raise Bad("bad regex %s: %s" % (pat, e or type(e).__name__)) from None
         return lambda s, c=None: s is not None and rx.search(s) is not None
     if pat in ("all", "known", "unknown") or (pat.upper() in SPECIALS and pat != pat.upper()):
         warnings.append("lower-case %r is a literal pattern, not %s" % (pat, pat.upper()))
@@ -265,29 +266,38 @@ def compile_address(tok, warnings):
 
 
 class TokenList:
-    """A list with EXCEPT (spec 4.5): matches, then not the remainder."""
+    """A list with EXCEPT (spec 4.5): "A EXCEPT B EXCEPT C" matches what A
+    matches unless (B matches unless C matches).  The groups are kept in a
+    flat list and matched in a loop, so a long chain cannot recurse."""
 
     def __init__(self, text, compile_token, warnings):
         tokens = [t for t in TOKEN_SPLIT.split(text.strip()) if t]
-        cut = next((i for i, t in enumerate(tokens) if t.upper() == "EXCEPT"),
-                   len(tokens))
-        if cut == 0:
-            raise Bad("list %r starts with EXCEPT: it can never match" % text)
-        if tokens[cut:] and tokens[cut] != "EXCEPT":
-            warnings.append("write EXCEPT in upper case")
-        self.tokens = [compile_token(t, warnings) for t in tokens[:cut]]
-        self.rest = None
-        if len(self.tokens) == 1 and cut == len(tokens):
-            self.match = self.tokens[0]         # the common case, made cheap
-        if cut < len(tokens):
-            if cut + 1 == len(tokens):
-                raise Bad("EXCEPT with nothing after it in %r" % text)
-            self.rest = TokenList(" ".join(tokens[cut + 1:]), compile_token, warnings)
+        groups, group = [], []
+        for t in tokens:
+            if t.upper() != "EXCEPT":
+                group.append(t)
+                continue
+            if t != "EXCEPT" and "write EXCEPT in upper case" not in warnings:
+                warnings.append("write EXCEPT in upper case")
+            if not group:
+                raise Bad(("list %r starts with EXCEPT: it can never match" if not groups
+                           else "EXCEPT EXCEPT in %r") % text)
+            groups.append(group)
+            group = []
+        if not group:
+            raise Bad("EXCEPT with nothing after it in %r" % text)
+        groups.append(group)
+        self.groups = [[compile_token(t, warnings) for t in g] for g in groups]
+        if len(self.groups) == 1 and len(self.groups[0]) == 1:
+            self.match = self.groups[0][0]      # the common case, made cheap
 
     def match(self, *args):
-        if not any(t(*args) for t in self.tokens):
-            return False
-        return self.rest is None or not self.rest.match(*args)
+        negated = False
+        for group in self.groups:
+            if not any(t(*args) for t in group):
+                return negated
+            negated = not negated
+        return negated
 
 
 # --------------------------------------------------------------- rules ----
@@ -383,19 +393,51 @@ def parse(data, filename="rules"):
             rules.append(parse_line(filename, lineno, line, w))
         except Bad as e:
             problems.append(where + str(e))
+        except Exception as e:      # never a crash: e.g. MemoryError, RecursionError
+            problems.append(where + "cannot compile this line: %s: %s"
+                            % (type(e).__name__, e))
         warnings.extend(where + "warning: " + x for x in w)
     if problems:
         raise RuleError(problems)
     return rules, warnings
 
 
+def read_text(path, limit=None, shown=None):
+    """The bytes of the rules file at path; RuleError if it cannot be read.
+
+    Read the careful way, because the jail belongs to the smtpd user: the
+    open never blocks (a FIFO), only a regular file is read (not a device
+    or a socket), and at most RULES_MAX_SIZE bytes are accepted.  shown:
+    the name for messages (default: path)."""
+    limit = buildconf.RULES_MAX_SIZE if limit is None else limit
+    name = shown or path
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):     # not even opened
+            raise RuleError(["%s:0: not a regular file; not read" % name])
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise RuleError(["%s:0: cannot read: %s" % (name, e.strerror)]) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):      # swapped since
+            raise RuleError(["%s:0: not a regular file; not read" % name])
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            size += len(chunk)
+        raise RuleError(["%s:0: larger than %d bytes (RULES_MAX_SIZE); not read"
+                         % (name, limit)])
+    except OSError as e:
+        raise RuleError(["%s:0: cannot read: %s" % (name, e.strerror)]) from None
+    finally:
+        os.close(fd)
+
+
 def load(path):
     """Read and parse the file at path -> (rules, warnings); RuleError."""
-    try:
-        with open(path, "rb") as f:
-            return parse(f.read(), path)
-    except OSError as e:
-        raise RuleError(["%s:0: cannot read: %s" % (path, e.strerror)]) from None
+    return parse(read_text(path), path)
 
 
 class RulesFile:

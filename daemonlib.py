@@ -143,6 +143,15 @@ def reaped():
         yield pid, status
 
 
+def set_title(title):
+    """Name the process (ps, top, /proc/PID/comm), e.g. "smtpd: worker"."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(title[:15])
+    except OSError:
+        pass
+
+
 def stderr_is_socket():
     """True when fd 2 is a socket (inetd hands the client over on 0, 1, 2)."""
     try:

@@ -14,9 +14,11 @@ DESCRIPTION
     copy of the listener at once (parent-death signal), so a restarted
     master can bind while they finish.  Each worker chroots to -c and
     becomes -u/-g before its first session, serves SMTPD_MAX_USE sessions,
-    then exits.  The master holds the rules: it re-reads them on SIGHUP and
-    when the file changes; an invalid new file is logged and the old rules
-    stay.  Workers are then replaced so new sessions use the new rules.
+    then exits.  The master holds the rules but never opens anything in the
+    jail: a jailed watcher (rulewatch.py) reads the file at start, when it
+    changes and on SIGHUP, and sends the text; an invalid new text is logged
+    and the old rules stay.  Workers are then replaced so new sessions use
+    the new rules.
 SIGNALS
     SIGTERM, SIGINT: stop accepting, let sessions finish for at most
     SHUTDOWN_TIMEOUT seconds, exit 0.  SIGHUP: re-read the rules.
@@ -43,6 +45,7 @@ import lockfile
 import buildconf
 import checkrules
 import daemonlib as dl
+import rulewatch
 
 REFUSAL = b"421 Too many connections from your address, try again later\r\n"
 
@@ -63,34 +66,39 @@ class Worker:
         self.retiring = False
 
 
-def set_title(title):
-    """Name the process (ps, top, /proc/PID/comm) as master or worker."""
-    try:
-        with open("/proc/self/comm", "w") as f:
-            f.write(title[:15])
-    except OSError:
-        pass
-
-
-def master_rules_path(cfg):
-    if cfg.root:
-        return os.path.join(cfg.chroot, cfg.rules_path.lstrip("/"))
-    return cfg.rules_path
+def compile_rules(cfg, frame):
+    """(rules, warnings) from what the watcher sent; RuleError."""
+    kind, data = frame
+    if kind == "E":
+        raise checkrules.RuleError([data])
+    return checkrules.parse(data, rulewatch.shown_path(cfg))
 
 
 def load_rules(cfg):
-    """The rules at start: an invalid file stops smtpd with 78."""
+    """The rules at start, read in the jail by a one-shot watcher; an
+    unreadable or invalid file stops smtpd with 78.  (rules, text)."""
+    w = rulewatch.Watcher(cfg, cfg.enter_jail).start()
+    frame = None
     try:
-        rules, warnings = checkrules.load(master_rules_path(cfg))
+        frame = w.first()
+        rules, warnings = compile_rules(cfg, frame)
+        problems = []
+    except rulewatch.WatcherError as e:
+        problems = [str(e)]
     except checkrules.RuleError as e:
-        for p in e.problems:
+        problems = e.problems
+    finally:
+        w.stop()
+        os.waitpid(w.pid, 0)
+    if problems:
+        for p in problems:
             dl.err("%s", p)
             if not dl.log.stderr:
                 print(p, file=sys.stderr)
         sys.exit(dl.EX_CONFIG)
     for w in warnings:
         dl.warn("%s", w)
-    return rules
+    return rules, frame[1]
 
 
 def bind(cfg):
@@ -126,27 +134,48 @@ def bind_or_die(s, addr, port):
 
 
 def check_pidfile(path):
-    """Replace a stale pid file; exit 1 if a live smtpd holds it."""
+    """Replace a stale pid file; exit 1 if a live smtpd master holds it.
+
+    A pid is only ours if that process is an smtpd master of our user
+    (/proc/PID/comm and its uid): after a crash and a reboot the pid may
+    belong to anything else."""
     try:
-        pid = int(open(path).read().split()[0])
+        with open(path, "rb") as f:
+            pid = int(f.read(64).split()[0])
     except FileNotFoundError:
         return
     except (OSError, ValueError, IndexError):
         pid = None
-    if pid:
+    if pid and pid != os.getpid() and is_smtpd_master(pid):
+        dl.err("already running as pid %d (pid file %s)", pid, path)
+        if not dl.log.stderr:
+            print("smtpd.py: already running as pid %d (%s)" % (pid, path),
+                  file=sys.stderr)
+        sys.exit(1)
+    dl.notice("removing stale pid file %s%s", path,
+              " (pid %d is not an smtpd master)" % pid if pid else "")
+    os.unlink(path)
+
+
+def is_smtpd_master(pid):
+    """Is pid a live "smtpd: master" of our effective uid?  Where /proc
+    cannot tell, any live process counts (the safe answer)."""
+    if not os.path.isdir("/proc/self"):
         try:
             os.kill(pid, 0)
-            dl.err("already running as pid %d (pid file %s)", pid, path)
-            if not dl.log.stderr:
-                print("smtpd.py: already running as pid %d (%s)" % (pid, path),
-                      file=sys.stderr)
-            sys.exit(1)
         except ProcessLookupError:
-            pass
+            return False
         except PermissionError:
-            sys.exit(1)
-    dl.notice("removing stale pid file %s", path)
-    os.unlink(path)
+            pass
+        return True
+    try:
+        with open("/proc/%d/comm" % pid, "rb") as f:
+            comm = f.read().strip()
+        with open("/proc/%d/status" % pid, "rb") as f:
+            uids = next((line.split()[1:] for line in f if line.startswith(b"Uid:")), [])
+    except OSError:
+        return False
+    return comm == b"smtpd: master" and uids[:1] == [b"%d" % os.geteuid()]
 
 
 class Scoreboard:
@@ -205,10 +234,12 @@ class Scoreboard:
 
 
 class Master:
-    def __init__(self, cfg, listener, rules):
+    def __init__(self, cfg, listener, rules, rules_text):
         self.cfg, self.listener = cfg, listener
-        self.rules = rules
-        self.rules_stamp = self.stamp()
+        self.rules, self.rules_text = rules, rules_text
+        self.watcher = None
+        self.next_watcher = 0
+        self.reload_reason = None
         self.workers = {}           # pid -> Worker
         self.board = Scoreboard(cfg.maxchildren)
         self.free_slots = list(range(cfg.maxchildren - 1, -1, -1))
@@ -236,13 +267,6 @@ class Master:
     def on_child(self, *a):
         self.child_exited = True
 
-    def stamp(self):
-        try:
-            st = os.stat(master_rules_path(self.cfg))
-            return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        except OSError:
-            return None
-
     # -- the pool --
 
     def idle(self):
@@ -254,6 +278,8 @@ class Master:
         return self.board.count(Scoreboard.BUSY)
 
     def maintain(self):
+        if self.watcher is None and time.monotonic() >= self.next_watcher:
+            self.start_watcher()
         idle = self.idle()
         while len(idle) < buildconf.SMTPD_PREFORK and len(self.workers) < self.cfg.maxchildren:
             w = self.spawn()
@@ -307,6 +333,10 @@ class Master:
             return
         self.child_exited = False
         for pid, status in dl.reaped():
+            if self.watcher is not None and pid == self.watcher.pid:
+                dl.warn("rules watcher %d ended with %s; restarting it", pid, describe(status))
+                self.stop_watcher()
+                continue
             w = self.workers.pop(pid, None)
             if w is None:
                 continue
@@ -335,42 +365,89 @@ class Master:
 
     # -- rules --
 
-    def reload(self, why):
-        self.rules_stamp = self.stamp()
+    def start_watcher(self):
+        """The jailed process that reads the rules file for us."""
+        def inherited():
+            return ([self.listener, self.wake_r, self.wake_w, self.sel]
+                    + [w.ctrl for w in self.workers.values()])
         try:
-            rules, warnings = checkrules.load(master_rules_path(self.cfg))
-        except checkrules.RuleError as e:
-            dl.err("%s: keeping the old rules: %s", why, str(e).replace("\n", "; "))
+            self.watcher = rulewatch.Watcher(self.cfg, self.cfg.enter_jail,
+                                             inherited).start()
+        except OSError as e:
+            dl.err("fork of the rules watcher: %s", e.strerror)
+            self.next_watcher = time.monotonic() + 1
             return
+        self.sel.register(self.watcher.sock, selectors.EVENT_READ, "rules")
+        if self.reload_reason:
+            self.watcher.ask()
+
+    def stop_watcher(self):
+        """Drop the watcher (reap() collects it); a new one starts soon."""
+        if self.watcher is None:
+            return
+        if self.watcher.sock is not None:
+            self.sel.unregister(self.watcher.sock)
+        self.watcher.stop()
+        self.watcher = None
+        self.next_watcher = time.monotonic() + 1
+
+    def from_watcher(self):
+        try:
+            frames = self.watcher.frames()
+        except rulewatch.WatcherError as e:
+            dl.err("%s; restarting it", e)
+            self.stop_watcher()
+            return
+        for frame in frames:
+            self.new_rules(frame)
+
+    def new_rules(self, frame):
+        why, self.reload_reason = self.reload_reason or "rules file changed", None
+        if frame == ("T", self.rules_text) and why != "SIGHUP":
+            return      # touched, or a new watcher's first reading
+        try:
+            rules, warnings = compile_rules(self.cfg, frame)
+        except checkrules.RuleError as e:
+            dl.err("%s: keeping the old rules: %s", why, "; ".join(e.problems))
+            return
+        for w in warnings:
+            dl.warn("%s", w)
         dl.info("%s: rules re-read from %s; recycling workers", why,
-                master_rules_path(self.cfg))
-        self.rules = rules
+                rulewatch.shown_path(self.cfg))
+        self.rules, self.rules_text = rules, frame[1]
         for w in list(self.workers.values()):
             self.retire(w)      # a busy one reads the Q after its session
+
+    def on_sighup(self):
+        self.reload_reason = "SIGHUP"
+        if self.watcher is not None:
+            self.watcher.ask()
 
     # -- the loop --
 
     def run(self):
         dl.info("ready to accept connections on port %d (master pid %d)",
                 self.cfg.port, os.getpid())
-        next_check = 0
         while not self.stopping:
             self.reap()
             if not self.stopping:
                 self.maintain()
-            for key, _ in self.sel.select(1.0):
-                if key.data is None:
-                    dl.drain(self.wake_r)
-                else:
-                    self.from_worker(key.data)
+            self.dispatch(1.0)
             if self.hup:
                 self.hup = False
-                self.reload("SIGHUP")
-            if time.monotonic() >= next_check:
-                next_check = time.monotonic() + 1
-                if self.stamp() != self.rules_stamp:
-                    self.reload("rules file changed")
+                self.on_sighup()
         return self.shutdown()
+
+    def dispatch(self, timeout):
+        """Wait for a signal, a worker's word or the watcher's text."""
+        for key, _ in self.sel.select(timeout):
+            if key.data is None:
+                dl.drain(self.wake_r)
+            elif key.data == "rules":
+                if self.watcher is not None:
+                    self.from_watcher()
+            else:
+                self.from_worker(key.data)
 
     def shutdown(self):
         dl.info("stopping: no new connections; waiting up to %d seconds for %d sessions",
@@ -382,15 +459,12 @@ class Master:
         except OSError:
             pass
         self.listener.close()
+        self.stop_watcher()
         for w in self.workers.values():
             self.retire(w)
         deadline = time.monotonic() + buildconf.SHUTDOWN_TIMEOUT
         while self.workers and time.monotonic() < deadline:
-            for key, _ in self.sel.select(0.2):
-                if key.data is None:
-                    dl.drain(self.wake_r)
-                else:
-                    self.from_worker(key.data)
+            self.dispatch(0.2)
             self.child_exited = True
             self.reap()
         for pid in list(self.workers):
@@ -417,10 +491,12 @@ class Master:
             signal.set_wakeup_fd(-1)
             for w in self.workers.values():
                 w.ctrl.close()
+            if self.watcher is not None:
+                self.watcher.sock.close()
             os.close(self.wake_r)
             os.close(self.wake_w)
             self.sel.close()
-            set_title("smtpd: worker")
+            dl.set_title("smtpd: worker")
             dl.log.role = "worker: "
             self.cfg.rules = FrozenRules(self.rules)
             master = os.getppid()
@@ -539,12 +615,13 @@ def run(cfg):
     """smtpd -D: everything as root first, then detach and serve.
 
     cfg.serve(cfg, rfd, wfd) runs one session; cfg.enter_jail(cfg) jails."""
-    rules = load_rules(cfg)
+    dl.set_title("smtpd: master")
+    rules, text = load_rules(cfg)
     listener = bind(cfg)
     check_pidfile(cfg.pidfile)
     pidfile = daemon.pidfile.TimeoutPIDLockFile(cfg.pidfile, acquire_timeout=0)
     if cfg.foreground:
-        return serve(cfg, listener, rules, pidfile)
+        return serve(cfg, listener, rules, text, pidfile)
     ctx = daemon.DaemonContext(
         files_preserve=[listener.fileno()], umask=0o077, pidfile=pidfile,
         signal_map={signal.SIGTERM: None, signal.SIGHUP: None, signal.SIGINT: None})
@@ -554,20 +631,19 @@ def run(cfg):
         dl.die(1, "already running (pid file %s)", cfg.pidfile)
     dl.log.open("smtpd", buildconf.LOG_FACILITY, pid=cfg.log_pid)
     try:
-        return serve(cfg, listener, rules, None)
+        return serve(cfg, listener, rules, text, None)
     finally:
         ctx.close()
 
 
-def serve(cfg, listener, rules, pidfile):
+def serve(cfg, listener, rules, text, pidfile):
     if pidfile is not None:
         try:
             pidfile.acquire()
         except lockfile.AlreadyLocked:
             dl.die(1, "already running (pid file %s)", cfg.pidfile)
-    set_title("smtpd: master")
     try:
-        return Master(cfg, listener, rules).run()
+        return Master(cfg, listener, rules, text).run()
     finally:
         if pidfile is not None:
             pidfile.release()

@@ -1,33 +1,16 @@
-"""Shared fixtures: the source tree, trees built with other Makefile values."""
+"""Shared fixtures: built trees of the programs, DNS and ident servers,
+smtpd in inetd and daemon mode.  Everything else is in harness.py, which
+never imports this file."""
 
 import os
 import shutil
-import subprocess
-import sys
+import signal
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Our smtpd.py shadows the deprecated stdlib module of the same name.
-sys.path.insert(0, ROOT)
-PYTHON = sys.executable
-SOURCES = ["smtpd.py", "smtpfwdd.py", "checkrules.py", "spool.py", "replies.py",
-           "daemonlib.py", "lookup.py", "session.py", "channel.py", "prefork.py", "Makefile"]
+from fixtures import DNSServer, IdentServer
+from harness import IDENT_PORT, TEST_CONSTANTS, Inetd, SmtpdDaemon, build_tree, make_jail, smtpd_argv
 
-is_root = os.geteuid() == 0
-needs_root = pytest.mark.skipif(not is_root, reason="needs root")
-
-
-def build_tree(dest, **constants):
-    """Copy the programs to dest and `make` them with other constants."""
-    os.makedirs(dest, exist_ok=True)
-    for name in SOURCES:
-        if os.path.exists(os.path.join(ROOT, name)):
-            shutil.copy(os.path.join(ROOT, name), dest)
-    args = ["%s=%s" % kv for kv in constants.items()]
-    subprocess.run(["make", "-s", "-C", dest, "buildconf.py"] + args,
-                   check=True, stdout=subprocess.DEVNULL)
-    return dest
 
 
 @pytest.fixture(scope="session")
@@ -44,12 +27,8 @@ def tree_factory(tmp_path_factory):
     return make
 
 
-IDENT_PORT = 11313      # the test trees are built with this IDENT_PORT
-
-
 @pytest.fixture(scope="session")
 def dns_server():
-    from fixtures import DNSServer
     server = DNSServer()
     yield server
     server.close()
@@ -67,7 +46,6 @@ def dnsz(dns_server, monkeypatch):
 @pytest.fixture
 def ident_server():
     """ident_server(addr, user) -> an RFC 1413 server on addr:IDENT_PORT."""
-    from fixtures import IdentServer
     servers = []
 
     def start(addr, user):
@@ -79,14 +57,9 @@ def ident_server():
         s.close()
 
 
-TEST_CONSTANTS = dict(IDENT_PORT=IDENT_PORT, DNS_TIMEOUT=2, NOTO_DELAY=1,
-                      DENY_DELAY=1)
-
-
 @pytest.fixture
 def smtpd(tree_factory, dnsz):
     """smtpd(rules, *flags, **constants) -> (Inetd, jail): inetd-mode smtpd."""
-    from harness import Inetd, make_jail, smtpd_argv
     started = []
 
     def start(rules="allow:ALL:ALL:ALL\n", *flags, env=None, **constants):
@@ -101,3 +74,24 @@ def smtpd(tree_factory, dnsz):
     for srv in started:
         srv.close()
         shutil.rmtree(srv.jail, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon_(tree_factory):
+    """daemon_(rules, *flags, **constants) -> SmtpdDaemon: smtpd -D."""
+    started = []
+
+    def start(rules="allow:ALL:ALL:ALL\n", *flags, detach=False, port=None, **constants):
+        tree = tree_factory(**dict(TEST_CONSTANTS, **constants))
+        jail = make_jail(rules)
+        d = SmtpdDaemon(tree, jail, *flags, detach=detach, port=port)
+        started.append(d)
+        return d
+    yield start
+    for d in started:
+        try:
+            pid = d.master_pid()
+            os.kill(pid, signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+        d.stop()

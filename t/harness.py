@@ -7,13 +7,43 @@ import os
 import pwd
 import shutil
 import signal
+import smtplib
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 
-from conftest import PYTHON, ROOT, is_root
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Our smtpd.py shadows the deprecated stdlib module of the same name.
+sys.path.insert(0, ROOT)
+PYTHON = sys.executable
+# The programs are every top-level module (as `make install` has it).
+SOURCES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py"))
+                 if not p.endswith("buildconf.py")) + ["Makefile"]
+
+is_root = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not is_root, reason="needs root")
+IDENT_PORT = 11313      # the test trees are built with this IDENT_PORT
+
+TEST_CONSTANTS = dict(IDENT_PORT=IDENT_PORT, DNS_TIMEOUT=2, NOTO_DELAY=1,
+                      DENY_DELAY=1)
+
+
+def build_tree(dest, **constants):
+    """Copy the programs to dest and `make` them with other constants."""
+    os.makedirs(dest, exist_ok=True)
+    for name in SOURCES:
+        if os.path.exists(os.path.join(ROOT, name)):
+            shutil.copy(os.path.join(ROOT, name), dest)
+    args = ["%s=%s" % kv for kv in constants.items()]
+    subprocess.run(["make", "-s", "-C", dest, "buildconf.py"] + args,
+                   check=True, stdout=subprocess.DEVNULL)
+    return dest
+
 
 NOBODY = "nobody"
 NOGROUP = grp.getgrgid(pwd.getpwnam("nobody").pw_gid).gr_name
@@ -207,3 +237,88 @@ class Agent:
     def reset(self):
         for p in glob.glob(self.dir + "/calls/*.json"):
             os.unlink(p)
+
+
+def free_port(addr="127.0.0.1"):
+    with socket.socket() as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
+def send(port, rcpt="bob@my.domain", source="127.0.0.1"):
+    with smtplib.SMTP("127.0.0.1", port, timeout=30,
+                      source_address=(source, 0)) as s:
+        return s.sendmail("alice@example.org", [rcpt], b"Subject: x\r\n\r\nhello\r\n")
+
+
+class SmtpdDaemon(Daemon):
+    """smtpd -D -F (or detached) on 127.0.0.1:port with a jail of its own."""
+
+    def __init__(self, tree, jail, *flags, port=None, pidfile=None, env=None, detach=False):
+        self.jail = jail
+        self.port = port or free_port()
+        self.pidfile = pidfile or jail + ".pid"
+        self.logpath = jail + ".log"
+        argv = [PYTHON, os.path.join(tree, "smtpd.py"), "-D", "-H", "-c", jail,
+                "-m", "mx.my.domain", "-l", "127.0.0.1", "-p", str(self.port),
+                "-i", self.pidfile] + ([] if detach else ["-F"]) + list(flags)
+        if is_root:
+            argv += ["-u", NOBODY, "-g", "nogroup"]
+        self.log_file = open(self.logpath, "wb")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log_file,
+                                     stderr=self.log_file, env=env)
+
+    def wait_ready(self, timeout=20):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                if self.proc.poll() is not None and not os.path.exists(self.pidfile):
+                    raise AssertionError("smtpd exited %s: %s" % (self.proc.returncode, self.log()))
+                time.sleep(0.05)
+        raise AssertionError("smtpd -D not listening: " + self.log())
+
+    def connect(self, source="127.0.0.1"):
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=30,
+                                     source_address=(source, 0))
+        return Client(s)
+
+    def master_pid(self):
+        return int(open(self.pidfile).read())
+
+    def workers(self):
+        return [p for p in children(self.master_pid()) if comm(p) == "smtpd: worker"]
+
+    def watcher(self):
+        """The jailed process that reads the rules for the master."""
+        return [p for p in children(self.master_pid()) if comm(p) == "smtpd: rules"]
+
+
+def comm(pid):
+    try:
+        return open("/proc/%d/comm" % pid).read().strip()
+    except OSError:
+        return None
+
+
+
+def children(ppid):
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open("/proc/%s/stat" % d).read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == ppid:
+                out.append(int(d))
+    return out
+
+
+def status_field(pid, name):
+    for line in open("/proc/%d/status" % pid):
+        if line.startswith(name + ":"):
+            return line.split(":", 1)[1].split()
+    return None

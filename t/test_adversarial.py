@@ -8,8 +8,7 @@ import time
 
 import pytest
 
-from conftest import PYTHON, TEST_CONSTANTS, is_root
-from harness import Agent, spool_files
+from harness import Agent, is_root, PYTHON, spool_files, TEST_CONSTANTS
 
 SMUGGLED = (b"MAIL FROM:<spoof@x.example>\r\nRCPT TO:<victim@y.example>\r\nDATA\r\n"
             b"Subject: smuggled\r\n\r\nevil\r\n.\r\n")

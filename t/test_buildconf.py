@@ -4,7 +4,7 @@ import os
 import shutil
 import subprocess
 
-from conftest import ROOT
+from harness import ROOT
 
 
 def read_conf(d):

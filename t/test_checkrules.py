@@ -11,7 +11,7 @@ import checkrules
 import daemonlib as dl
 import lookup
 from checkrules import Client
-from conftest import IDENT_PORT, PYTHON, ROOT
+from harness import IDENT_PORT, PYTHON, ROOT
 
 F, T = "<alice@example.org>", "<bob@my.domain>"
 

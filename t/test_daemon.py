@@ -10,101 +10,8 @@ import time
 
 import pytest
 
-from conftest import PYTHON, TEST_CONSTANTS, is_root, needs_root
-import harness
-from harness import Client, NOBODY, make_jail, spool_files, wait_for, write_rules
-
-
-def free_port(addr="127.0.0.1"):
-    with socket.socket() as s:
-        s.bind((addr, 0))
-        return s.getsockname()[1]
-
-
-class Daemon(harness.Daemon):
-    def __init__(self, tree, jail, *flags, port=None, pidfile=None, env=None, detach=False):
-        self.jail = jail
-        self.port = port or free_port()
-        self.pidfile = pidfile or jail + ".pid"
-        self.logpath = jail + ".log"
-        argv = [PYTHON, os.path.join(tree, "smtpd.py"), "-D", "-H", "-c", jail,
-                "-m", "mx.my.domain", "-l", "127.0.0.1", "-p", str(self.port),
-                "-i", self.pidfile] + ([] if detach else ["-F"]) + list(flags)
-        if is_root:
-            argv += ["-u", NOBODY, "-g", "nogroup"]
-        self.log_file = open(self.logpath, "wb")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log_file,
-                                     stderr=self.log_file, env=env)
-
-    def wait_ready(self, timeout=20):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                if self.proc.poll() is not None and not os.path.exists(self.pidfile):
-                    raise AssertionError("smtpd exited %s: %s" % (self.proc.returncode, self.log()))
-                time.sleep(0.05)
-        raise AssertionError("smtpd -D not listening: " + self.log())
-
-    def connect(self, source="127.0.0.1"):
-        s = socket.create_connection(("127.0.0.1", self.port), timeout=30,
-                                     source_address=(source, 0))
-        return Client(s)
-
-    def master_pid(self):
-        return int(open(self.pidfile).read())
-
-    def workers(self):
-        return children(self.master_pid())
-
-
-
-def children(ppid):
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = open("/proc/%s/stat" % d).read()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == ppid:
-                out.append(int(d))
-    return out
-
-
-def status_field(pid, name):
-    for line in open("/proc/%d/status" % pid):
-        if line.startswith(name + ":"):
-            return line.split(":", 1)[1].split()
-    return None
-
-
-@pytest.fixture
-def daemon_(tree_factory):
-    started = []
-
-    def start(rules="allow:ALL:ALL:ALL\n", *flags, detach=False, port=None, **constants):
-        tree = tree_factory(**dict(TEST_CONSTANTS, **constants))
-        jail = make_jail(rules)
-        d = Daemon(tree, jail, *flags, detach=detach, port=port)
-        started.append(d)
-        return d
-    yield start
-    for d in started:
-        try:
-            pid = d.master_pid()
-            os.kill(pid, signal.SIGTERM)
-        except (OSError, ValueError):
-            pass
-        d.stop()
-
-
-def send(port, rcpt="bob@my.domain", source="127.0.0.1"):
-    with smtplib.SMTP("127.0.0.1", port, timeout=30,
-                      source_address=(source, 0)) as s:
-        return s.sendmail("alice@example.org", [rcpt], b"Subject: x\r\n\r\nhello\r\n")
+from harness import (comm, free_port, make_jail, needs_root, NOBODY, send, SmtpdDaemon as Daemon,
+                     spool_files, status_field, TEST_CONSTANTS, wait_for, write_rules)
 
 
 @needs_root
@@ -120,13 +27,15 @@ def test_workers_are_jailed_unprivileged_with_one_group(daemon_):
         return len(seen) >= 4 and all(
             (status_field(p, "Uid") or ["0"])[0] != "0" for p in seen)
     assert wait_for(settled)
+    assert wait_for(lambda: len(d.watcher()) == 1)
+    seen += d.watcher()     # the rules watcher is jailed like a worker
     for pid in seen:
         assert status_field(pid, "Uid") == [str(pw.pw_uid)] * 4
         assert status_field(pid, "Gid") == [str(pw.pw_gid)] * 4
         assert status_field(pid, "Groups") == [str(pw.pw_gid)]
         assert status_field(pid, "CapEff") == ["0000000000000000"]
         assert os.readlink("/proc/%d/root" % pid) == d.jail
-        assert open("/proc/%d/comm" % pid).read().strip() == "smtpd: worker"
+        assert comm(pid) in ("smtpd: worker", "smtpd: rules")
     master = d.master_pid()
     assert open("/proc/%d/comm" % master).read().strip() == "smtpd: master"
     assert status_field(master, "Uid")[0] == "0"

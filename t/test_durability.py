@@ -15,9 +15,8 @@ import subprocess
 import threading
 import time
 
-from conftest import PYTHON, TEST_CONSTANTS, is_root
-from harness import Agent, make_jail, wait_for
-from test_daemon import children, free_port
+from harness import (Agent, children, free_port, is_root, make_jail, PYTHON, TEST_CONSTANTS,
+                     wait_for)
 
 CONSTANTS = dict(TEST_CONSTANTS, SESSION_TIMEOUT=4, RETRY_DELAY_TIME=1, READ_TIMEOUT=5,
                  SHUTDOWN_TIMEOUT=3, SMTPD_MAX_PER_IP=100)

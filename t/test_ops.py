@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import PYTHON, ROOT
+from harness import PYTHON, ROOT
 
 EXAMPLE_RULES = ["etc/smtpd_check_rules.example", "etc/antispam_check_rules.example",
                  "etc/run-local.rules"]

@@ -8,9 +8,7 @@ import socket
 import threading
 import time
 
-from conftest import TEST_CONSTANTS
-from harness import make_jail
-from test_daemon import Daemon, children, send
+from harness import children, make_jail, send, SmtpdDaemon as Daemon, TEST_CONSTANTS
 
 CONSTANTS = dict(TEST_CONSTANTS, READ_TIMEOUT=1, SESSION_TIMEOUT=2, SMTPD_MAX_PER_IP=5)
 
@@ -46,7 +44,7 @@ def test_overload_idle_and_slowloris(tree_factory):
         nonlocal peak_workers, peak_rss
         while not stop.is_set():
             kids = children(master)
-            peak_workers = max(peak_workers, len(kids))
+            peak_workers = max(peak_workers, len(d.workers()))
             peak_rss = max(peak_rss, rss_mb([master] + kids))
             time.sleep(0.05)
     w = threading.Thread(target=watch)

@@ -10,8 +10,7 @@ import time
 
 import pytest
 
-from conftest import PYTHON, TEST_CONSTANTS, is_root
-from harness import spool_files
+from harness import is_root, PYTHON, spool_files, TEST_CONSTANTS
 
 USER = "fwdtest"
 MAILBOX = "/var/mail/" + USER

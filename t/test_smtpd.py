@@ -542,7 +542,7 @@ def test_quiet_mode_logs_one_summary_line(smtpd):
 ])
 def test_bad_options_exit_64(tree_factory, args, status):
     import subprocess
-    from conftest import PYTHON
+    from harness import PYTHON
     tree = tree_factory()
     p = subprocess.run([PYTHON, os.path.join(tree, "smtpd.py")] + args,
                        stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
@@ -554,7 +554,7 @@ def test_bad_options_exit_64(tree_factory, args, status):
 @pytest.mark.parametrize("args", [["-u", "root"], ["-u", "0"], ["-g", "0"], ["-g", "root"]])
 def test_root_identity_refused_78(tree_factory, args):
     import subprocess
-    from conftest import PYTHON
+    from harness import PYTHON
     tree = tree_factory()
     p = subprocess.run([PYTHON, os.path.join(tree, "smtpd.py"), "-u", "nobody",
                         "-g", "nogroup"] + args, stdin=subprocess.DEVNULL,
@@ -586,7 +586,7 @@ def test_non_root_start_runs_without_jail_under_c(tmp_path_factory, dnsz):
     """As a normal user: no chroot, paths under -c, one warning."""
     import subprocess
     import tempfile
-    from conftest import build_tree, TEST_CONSTANTS
+    from harness import build_tree, TEST_CONSTANTS
     from harness import Inetd, make_jail
     tree = tempfile.mkdtemp(prefix="smtpd-tree-", dir="/tmp")
     os.chmod(tree, 0o755)

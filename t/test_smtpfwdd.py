@@ -13,9 +13,8 @@ import time
 import pytest
 
 import spool
-from conftest import PYTHON, is_root
+from harness import Agent, is_root, PYTHON, wait_for
 import harness
-from harness import Agent, wait_for
 
 FWD_CONSTANTS = dict(RETRY_DELAY_TIME=1, SESSION_TIMEOUT=2, SHUTDOWN_TIMEOUT=20)
 RECEIVED = (b"Received: from mailhost (mail.example.org [192.0.2.10])\n"

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import PYTHON, ROOT
+from harness import PYTHON, ROOT
 import spool
 
 RECEIVED_C = (b'Received: from mail.example.org(192.0.2.10), claiming to be "mailhost"\n'
