@@ -138,12 +138,17 @@ def check_recipient(r):
     return None
 
 
+def shown(name):
+    """A spool file name (bytes, whatever they hold) for a log line."""
+    return name.decode("ascii", "backslashreplace")
+
+
 class Delivery:
-    """The delivery child's work on one spool file."""
+    """The delivery child's work on one spool file (name: bytes)."""
 
     def __init__(self, cfg, name):
-        self.cfg, self.name = cfg, name
-        self.path = os.path.join(cfg.spooldir, name)
+        self.cfg, self.name = cfg, shown(name)
+        self.path = os.path.join(os.fsencode(cfg.spooldir), name)
         self.f = None
 
     def give_up_for_now(self):
@@ -156,7 +161,11 @@ class Delivery:
                 dl.crit("deferring %s: %s", self.name, e.strerror)
 
     def run(self):
-        f = spool.open_for_delivery(self.path, time.time(), buildconf.RETRY_DELAY_TIME)
+        try:
+            f = spool.open_for_delivery(self.path, time.time(), buildconf.RETRY_DELAY_TIME)
+        except spool.Odd as e:
+            dl.err("%s: %s; skipped", self.name, e)
+            return dl.EX_NOPERM
         if f is None:
             dl.debug("%s: busy or no longer eligible", self.name)
             return dl.EX_TEMPFAIL
@@ -190,13 +199,16 @@ class Delivery:
             done += names
             if rcpts:
                 spool.mark_sent(self.f, [off for off, _ in batch])
-        spool.remove(self.path)
+        if not spool.remove(self.path, self.f):
+            dl.alert("%s: the name no longer holds the file delivered; left alone",
+                     self.name)
         self.outcome("delivered", sender, done)
         return dl.EX_OK
 
     def call(self, argv):
-        """Run the agent on the message; (exit status or None, why)."""
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        """Run the agent on the message, fed from the file we hold locked
+        (never reopened by name); (exit status or None, why)."""
+        fd = spool.reader(self.f)
         try:
             os.lseek(fd, self.msg.body_offset, os.SEEK_SET)
             p = subprocess.Popen(argv, stdin=fd, stdout=subprocess.DEVNULL,
@@ -235,7 +247,9 @@ class Delivery:
         return self.fail(why, sender, names)
 
     def defer(self, why, sender, names):
-        age = time.time() - (self.msg.arrival or time.time())
+        if self.msg.arrival is None:        # never waits for ever (spool.py ARRIVAL)
+            return self.fail("%s; no arrival date: not retried" % why, sender, names)
+        age = time.time() - self.msg.arrival
         if age > buildconf.QUEUE_LIFETIME:
             return self.fail("%s; undeliverable for %d days" % (why, age // 86400),
                              sender, names)
@@ -244,7 +258,7 @@ class Delivery:
         return dl.EX_TEMPFAIL
 
     def fail(self, why, sender, names):
-        dest = spool.quarantine(self.cfg.spooldir, self.name, why)
+        dest = spool.quarantine(self.cfg.spooldir, os.path.basename(self.path), why)
         self.outcome("failed: %s; moved to %s" % (why, dest), sender, names)
         return dl.EX_DATAERR
 
@@ -280,7 +294,8 @@ class Worker:
 
     def __init__(self, pid, sock):
         self.pid, self.sock = pid, sock
-        self.name = None            # the file it is delivering, or None
+        self.name = None            # the file (bytes) it is delivering, or None
+        self.stamp = None           # that file's lstat stamp when handed over
         self.dead = False
 
 
@@ -294,7 +309,7 @@ def worker_loop(cfg, sock):
     signal.set_wakeup_fd(-1)
     while True:
         try:
-            name = sock.recv(4096).decode("latin-1")
+            name = sock.recv(4096)
         except OSError:
             return dl.EX_OK
         if not name:
@@ -303,7 +318,7 @@ def worker_loop(cfg, sock):
         try:
             status = delivery.run()
         except Exception as e:
-            dl.crit("delivery of %s: %s: %s; deferred", name, type(e).__name__, e)
+            dl.crit("delivery of %s: %s: %s; deferred", shown(name), type(e).__name__, e)
             delivery.give_up_for_now()
             status = dl.EX_SOFTWARE
         finally:
@@ -318,6 +333,8 @@ class Forwarder:
         self.workers = {}           # pid -> Worker
         self.stopping = self.scan_now = False
         self.warned = {}            # name -> when we last warned about it
+        self.skipped = {}           # name -> why it was skipped (logged once)
+        self.unopened = {}          # name -> its stamp when a worker could not open it
         self.wake_r, self.wake_w = os.pipe()
         for fd in (self.wake_r, self.wake_w):
             os.set_blocking(fd, False)
@@ -358,10 +375,13 @@ class Forwarder:
             msg = b""
         if not msg:
             dl.crit("delivery worker %d died delivering %s; it will be retried",
-                    w.pid, w.name)
+                    w.pid, shown(w.name))
             w.dead = True
-        elif not self.cfg.quiet:
-            dl.debug("delivery of %s ended with %d", w.name, msg[0])
+        else:
+            if msg[0] == dl.EX_NOPERM:      # could not open it: until it changes
+                self.unopened[w.name] = w.stamp
+            if not self.cfg.quiet:
+                dl.debug("delivery of %s ended with %d", shown(w.name), msg[0])
         w.name = None
 
     def reap(self):
@@ -372,7 +392,7 @@ class Forwarder:
             w.sock.close()
             if w.name is not None:
                 dl.crit("delivery worker %d died delivering %s; it will be retried",
-                        pid, w.name)
+                        pid, shown(w.name))
 
     def run(self):
         dl.info("scanning %s every %d seconds with %s", self.cfg.spooldir,
@@ -386,47 +406,68 @@ class Forwarder:
         return self.shutdown()
 
     def scan(self):
+        """One pass over the spool.  Every entry is hostile input: one that
+        cannot be examined or delivered is logged once and skipped, and
+        never stops the delivery of the others."""
         now = time.time()
-        for name in spool.remove_stale_drafts(self.cfg.spooldir,
-                                              buildconf.SESSION_TIMEOUT, now):
-            dl.notice("removed %s: a draft left by an smtpd that died before its 250", name)
         try:
+            removed, problems = spool.remove_stale_drafts(
+                self.cfg.spooldir, buildconf.SESSION_TIMEOUT, now)
             entries = spool.entries(self.cfg.spooldir)
         except OSError as e:
             dl.err("scanning %s: %s", self.cfg.spooldir, e.strerror)
             return
+        for name in removed:
+            dl.notice("removed %s: a draft left by an smtpd that died before its 250",
+                      shown(name))
+        seen = set()
+        for name, why in problems:
+            seen.add(name)
+            self.skip_once(name, why, "draft %s: %s; skipped")
         running = self.running()
         for e in entries:
             if self.stopping:
                 return
-            name = os.fsdecode(e.name)
-            if name not in running and self.eligible(e, name, now):
-                self.dispatch(name)
+            seen.add(e.name)
+            if e.name not in running and self.eligible(e, now):
+                self.dispatch(e.name, self.stamp)
+        for d in (self.skipped, self.unopened, self.warned):
+            for gone in [n for n in d if n not in seen]:
+                del d[gone]
 
-    def eligible(self, entry, name, now):
+    def eligible(self, entry, now):
+        """Is this entry (lstat, never followed) a complete message due
+        now?  Sets self.stamp to its stamp."""
+        name = entry.name
         try:
             st = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
             return False
         except OSError as e:
-            self.warn_once(name, now, "stat(%s): %s" % (name, e.strerror))
+            self.skip_once(name, e.strerror, "%s: lstat: %s; skipped")
             return False
+        self.stamp = (st.st_dev, st.st_ino, st.st_mode, st.st_ctime_ns, st.st_size)
         if not stat.S_ISREG(st.st_mode):
-            self.warn_once(name, now, "%s is not a regular file; skipped" % name)
+            self.skip_once(name, "not a regular file", "%s is %s; skipped")
             return False
+        if self.unopened.get(name) == self.stamp:
+            return False        # logged when it failed to open; unchanged since
         if st.st_mode & 0o110 != 0o110:
-            if now - st.st_mtime > ALERT_EVERY:
-                self.warn_once(name, now, "%s incomplete since %s; investigate"
-                               % (name, time.ctime(st.st_mtime)))
+            if now - st.st_mtime > ALERT_EVERY and \
+                    now - self.warned.get(name, 0) >= ALERT_EVERY:
+                self.warned[name] = now
+                dl.alert("%s incomplete since %s; investigate", shown(name),
+                         time.ctime(st.st_mtime))
             return False
         return spool.eligible(st, now, buildconf.RETRY_DELAY_TIME)
 
-    def warn_once(self, name, now, msg):
-        if now - self.warned.get(name, 0) >= ALERT_EVERY:
-            self.warned[name] = now
-            dl.alert("%s", msg)
+    def skip_once(self, name, why, fmt):
+        """Log a skipped entry once (again only if what it says changes)."""
+        if self.skipped.get(name) != why:
+            self.skipped[name] = why
+            dl.alert(fmt, shown(name), why)
 
-    def dispatch(self, name):
+    def dispatch(self, name, stamp):
         """Hand name to an idle worker, starting one or waiting as needed."""
         while not self.stopping:
             idle = next((w for w in self.workers.values()
@@ -435,10 +476,10 @@ class Forwarder:
                 idle = self.spawn()
             if idle is not None:
                 try:
-                    idle.sock.send(name.encode("latin-1"))
-                    idle.name = name
+                    idle.sock.send(name)
+                    idle.name, idle.stamp = name, stamp
                 except OSError as e:
-                    dl.err("handing %s to worker %d: %s", name, idle.pid, e.strerror)
+                    dl.err("handing %s to worker %d: %s", shown(name), idle.pid, e.strerror)
                 return
             self.sleep(1)
 

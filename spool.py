@@ -39,6 +39,20 @@ PROTOCOL
     removed: their client never got a 250.  Messages that cannot be
     delivered are moved to failed/ with a NAME.reason file; nothing accepted
     is deleted unless delivered.
+
+    Every directory entry is hostile input: names are bytes, entries are
+    lstat()ed and only regular files are opened, with O_NOFOLLOW and
+    O_NONBLOCK; an envelope line with a control character or NUL makes the
+    file malformed.
+
+ARRIVAL
+    A message's age is taken from the date smtpd itself wrote in its
+    Received header: the line after the one ending in "id NAME;" (ours), or
+    the end of the " via SMTP by" line (the C smtpd's ctime date).  Nothing
+    the client sent is read: a body whose first line starts with a blank
+    folds into that header, but only smtpd's own lines are parsed.  A file
+    without such a date counts from its creation time (statx(2) birth time);
+    where the file system records none, its age is unknown (None).
 """
 
 import _strptime  # noqa: F401  time.strptime imports it lazily; not after setuid
@@ -47,6 +61,7 @@ import email.utils
 import errno
 import fcntl
 import os
+import re
 import stat
 import string
 import time
@@ -59,10 +74,22 @@ NAME_CHARS = string.ascii_letters + string.digits
 MODE_DRAFT = 0o600
 MODE_COMPLETE = 0o750
 MODE_DEFERRED = 0o755
+try:
+    IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))    # buffers one writev(2) takes
+except (ValueError, OSError):
+    IOV_MAX = 16
+
+
+CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 
 class Malformed(Exception):
     """A spool file that cannot be delivered; str() is the reason."""
+
+
+class Odd(Exception):
+    """A directory entry that is not a spool file we may open (a link, a
+    FIFO, a directory, unreadable...); str() says why."""
 
 
 def envelope(sender, recipients):
@@ -120,13 +147,14 @@ class Draft:
 
     def flush(self):
         data, self.pending, self.npending = self.pending, [], 0
-        while data:
-            n = os.writev(self.fd, data)
-            while data and n >= len(data[0]):
-                n -= len(data[0])
-                del data[0]
+        i = 0
+        while i < len(data):
+            n = os.writev(self.fd, data[i:i + IOV_MAX])     # never more than IOV_MAX
+            while i < len(data) and n >= len(data[i]):
+                n -= len(data[i])
+                i += 1
             if n:
-                data[0] = data[0][n:]
+                data[i] = data[i][n:]
 
     def commit(self):
         """Make the message durable and visible; return its name."""
@@ -205,16 +233,19 @@ def fsync_dir(path):
 class Message:
     """A parsed spool file: sender, unsent recipients, where the body is."""
 
-    def __init__(self, sender, recipients, body_offset, arrival):
+    def __init__(self, sender, recipients, body_offset, arrival, sent=()):
         self.sender = sender
         self.recipients = recipients        # [(offset of the RCPT, address)]
+        self.sent = list(sent)              # addresses already delivered
         self.body_offset = body_offset
-        self.arrival = arrival              # epoch of Received, or None
+        self.arrival = arrival              # epoch (see ARRIVAL), or None
 
 
 def _line(f, what):
     line = f.readline(LINE_MAX + 1)
     if line.endswith(b"\n") and len(line) <= LINE_MAX:
+        if CONTROL.search(line, 0, len(line) - 1):
+            raise Malformed("control character or NUL in %s line" % what)
         return line
     if len(line) >= LINE_MAX:
         raise Malformed("%s line too long" % what)
@@ -228,12 +259,12 @@ def parse(f):
         raise Malformed("corrupt (no FROM line)")
     f.seek(0)
     sender = _line(f, "FROM")[5:-1]
-    recipients, sent = [], 0
+    recipients, sent = [], []
     while True:
         offset = f.tell()
         line = _line(f, "RCPT")
         if line.startswith(b"SENT "):
-            sent += 1
+            sent.append(line[5:-1])
         elif line.startswith(b"RCPT "):
             recipients.append((offset, line[5:-1]))
         else:
@@ -243,31 +274,77 @@ def parse(f):
     if not recipients and not sent:
         raise Malformed("corrupt (no recipient)")
     body_offset = f.tell()
-    return Message(sender, recipients, body_offset, received_time(f))
+    arrival = received_time(f)
+    if arrival is None:
+        arrival = birth_time(f.fileno())
+    return Message(sender, recipients, body_offset, arrival, sent)
 
 
 def received_time(f):
-    """Epoch of the date on smtpd's Received header (ours or the C one's)."""
+    """Epoch of the date smtpd wrote on its Received header (ours or the C
+    one's), or None.  Only smtpd's own lines are read (see ARRIVAL)."""
     start = f.tell()
     head = f.read(2048)
     f.seek(start)
-    if not head.startswith(b"Received:"):
+    if not head.startswith(b"Received: from "):
         return None
-    lines = head.split(b"\n")
-    field = [lines[0]]
-    for line in lines[1:]:
-        if not line[:1] in (b" ", b"\t"):
+    lines = head.split(b"\n")[:8]
+    for i, line in enumerate(lines[1:-1], 1):
+        if line.startswith(b" via SMTP by "):           # the C smtpd: one line
+            text = line.rsplit(b";", 1)[-1]
             break
-        field.append(line)
-    text = b" ".join(field).decode("ascii", "replace").rsplit(";", 1)[-1].strip()
+        if line.startswith(b"\tby ") and line.endswith(b";"):
+            text = lines[i + 1]                         # ours: the next line
+            if not text.startswith(b"\t"):
+                return None
+            break
+        if not line.startswith((b"\t", b" ")):
+            return None
+    else:
+        return None
+    return parse_date(text.decode("ascii", "replace").strip())
+
+
+def parse_date(text):
     try:
         return email.utils.parsedate_to_datetime(text).timestamp()
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         pass
     try:
         return time.mktime(time.strptime(text, "%a %b %d %H:%M:%S %Y"))
-    except ValueError:
+    except (ValueError, OverflowError):
         return None
+
+
+class _Statx(ctypes.Structure):
+    """The start of struct statx, up to stx_btime."""
+    _fields_ = [("mask", ctypes.c_uint32), ("pad", ctypes.c_uint8 * 76),
+                ("btime_sec", ctypes.c_int64), ("btime_nsec", ctypes.c_uint32),
+                ("rest", ctypes.c_uint8 * 172)]
+
+
+def _statx():
+    try:
+        f = ctypes.CDLL(None, use_errno=True).statx
+    except (AttributeError, OSError):
+        return None
+    f.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
+                  ctypes.POINTER(_Statx)]
+    return f
+
+
+STATX = _statx()
+AT_EMPTY_PATH, STATX_BTIME = 0x1000, 0x800
+
+
+def birth_time(fd):
+    """When the file was created (statx(2) stx_btime), or None."""
+    if STATX is None:
+        return None
+    buf = _Statx()
+    if STATX(fd, b"", AT_EMPTY_PATH, STATX_BTIME, ctypes.byref(buf)) != 0:
+        return None
+    return buf.btime_sec if buf.mask & STATX_BTIME and buf.btime_sec > 0 else None
 
 
 def eligible(st, now, retry_delay):
@@ -281,25 +358,52 @@ def eligible(st, now, retry_delay):
     return True
 
 
+OPEN_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+
+
 def open_for_delivery(path, now, retry_delay):
-    """Open and lock path; None if busy, gone or no longer eligible."""
+    """Open and lock path; None if busy, gone or no longer eligible; Odd if
+    it is not a regular file we may open."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDWR | OPEN_FLAGS)
     except FileNotFoundError:
         return None
-    if not lock(fd):
-        os.close(fd)
-        return None
+    except OSError as e:
+        raise Odd("open: %s" % e.strerror) from None
     try:
+        own = os.fstat(fd)
+        if not stat.S_ISREG(own.st_mode):
+            raise Odd("not a regular file")
+        if not lock(fd):
+            os.close(fd)
+            return None
         st = os.stat(path, follow_symlinks=False)
     except FileNotFoundError:
         st = None
-    own = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
     if (st is None or (st.st_dev, st.st_ino) != (own.st_dev, own.st_ino)
             or not eligible(st, now, retry_delay)):
         os.close(fd)
         return None
     return open(fd, "r+b", buffering=0)
+
+
+def reader(f):
+    """A read-only descriptor of the same open spool file for the mail
+    agent: /proc/self/fd reopens the inode itself (never the name), with
+    its own offset and without our lock; without /proc, a duplicate."""
+    fd = f.fileno()
+    try:
+        r = os.open("/proc/self/fd/%d" % fd, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return os.dup(fd)
+    a, b = os.fstat(r), os.fstat(fd)
+    if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+        os.close(r)
+        return os.dup(fd)
+    return r
 
 
 def mark_sent(f, offsets):
@@ -318,50 +422,77 @@ def defer(f):
     os.utime(f.fileno())
 
 
-def remove(path):
+def holds(f, path):
+    """Is path (not followed) still the file f has open?"""
+    try:
+        a, b = os.stat(path, follow_symlinks=False), os.fstat(f.fileno())
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def remove(path, f=None):
+    """Unlink path; with f, only if the name still holds f's file (True)."""
+    if f is not None and not holds(f, path):
+        return False
     os.unlink(path)
+    return True
 
 
 def quarantine(spooldir, name, reason):
-    """Move name into failed/ and write NAME.reason; return the new path."""
-    failed = os.path.join(spooldir, FAILED_DIR)
+    """Move name into failed/ and write NAME.reason; return the new path.
+    name may be bytes (as smtpfwdd reads the directory) or str."""
+    spooldir, name = os.fsencode(spooldir), os.fsencode(name)
+    failed = os.path.join(spooldir, os.fsencode(FAILED_DIR))
     try:
         os.mkdir(failed, 0o700)
     except FileExistsError:
         pass
     dest = os.path.join(failed, name)
     os.rename(os.path.join(spooldir, name), dest)
-    fd = os.open(dest + ".reason.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "w") as r:
+    fd = os.open(dest + b".reason.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                 | os.O_NOFOLLOW, 0o600)
+    with open(fd, "w", encoding="utf-8", errors="backslashreplace") as r:
         r.write(reason + "\n")
-    os.rename(dest + ".reason.tmp", dest + ".reason")     # whole or not at all
+    os.rename(dest + b".reason.tmp", dest + b".reason")     # whole or not at all
     fsync_dir(spooldir)
-    return dest
+    return os.fsdecode(dest)
 
 
 def entries(spooldir):
-    """Directory entries whose names start with smtpd, unsorted."""
+    """Directory entries whose names start with smtpd, unsorted; the names
+    are bytes (whatever they hold)."""
     with os.scandir(os.fsencode(spooldir)) as it:
         return [e for e in it if e.name.startswith(PREFIX)]
 
 
 def remove_stale_drafts(spooldir, max_age, now):
-    """Unlink unlocked drafts older than max_age; return their names."""
-    removed = []
-    with os.scandir(spooldir) as it:
-        drafts = [e for e in it if e.name.startswith(DRAFT_PREFIX)]
+    """Unlink unlocked drafts older than max_age.  Returns (names removed,
+    [(name, why)] for entries that could not be examined); names are bytes."""
+    removed, problems = [], []
+    with os.scandir(os.fsencode(spooldir)) as it:
+        drafts = [e for e in it if e.name.startswith(os.fsencode(DRAFT_PREFIX))]
     for e in drafts:
         try:
-            fd = os.open(e.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as x:
-            if x.errno in (errno.ENOENT, errno.ELOOP):
+            st = e.stat(follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                problems.append((e.name, "not a regular file"))
                 continue
-            raise
+            if now - st.st_mtime < max_age:
+                continue
+            fd = os.open(e.path, os.O_RDONLY | OPEN_FLAGS)
+        except FileNotFoundError:
+            continue
+        except OSError as x:
+            problems.append((e.name, x.strerror))
+            continue
         try:
-            st = os.fstat(fd)
-            if now - st.st_mtime >= max_age and lock(fd):
+            own = os.fstat(fd)
+            if (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino) and lock(fd):
                 os.unlink(e.path)
                 removed.append(e.name)
+        except OSError as x:
+            problems.append((e.name, x.strerror))
         finally:
             os.close(fd)
-    return removed
+    return removed, problems

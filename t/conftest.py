@@ -3,13 +3,16 @@ smtpd in inetd and daemon mode.  Everything else is in harness.py, which
 never imports this file."""
 
 import os
+import pwd
 import shutil
 import signal
+import tempfile
 
 import pytest
 
 from fixtures import DNSServer, IdentServer
-from harness import IDENT_PORT, TEST_CONSTANTS, Inetd, SmtpdDaemon, build_tree, make_jail, smtpd_argv
+from harness import (Agent, build_tree, FWD_CONSTANTS, Fwd, IDENT_PORT, Inetd, is_root, make_jail,
+                     SmtpdDaemon, smtpd_argv, TEST_CONSTANTS)
 
 
 
@@ -95,3 +98,32 @@ def daemon_(tree_factory):
         except (OSError, ValueError):
             pass
         d.stop()
+
+
+@pytest.fixture
+def fwd_env(tree_factory):
+    """A spool, a recording agent and env.start(*flags, **constants) -> Fwd."""
+    spooldir = tempfile.mkdtemp(prefix="spool-", dir="/tmp")
+    if is_root:
+        pw = pwd.getpwnam("nobody")
+        os.chown(spooldir, pw.pw_uid, pw.pw_gid)
+    os.chmod(spooldir, 0o700)
+    agent = Agent()
+    started = []
+
+    class Env:
+        pass
+    env = Env()
+    env.spool, env.agent = spooldir, agent
+
+    def start(*flags, agent_path=None, **constants):
+        tree = tree_factory(**dict(FWD_CONSTANTS, **constants))
+        f = Fwd(tree, spooldir, agent_path or agent.path, *flags)
+        started.append(f)
+        return f
+    env.start = start
+    yield env
+    for f in started:
+        f.stop()
+    shutil.rmtree(spooldir, ignore_errors=True)
+    shutil.rmtree(agent.dir, ignore_errors=True)

@@ -1,5 +1,6 @@
 """Run smtpd as inetd would, and talk to it: the tests' SMTP client side."""
 
+import email.utils
 import glob
 import grp
 import json
@@ -20,6 +21,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Our smtpd.py shadows the deprecated stdlib module of the same name.
 sys.path.insert(0, ROOT)
+import spool  # noqa: E402  (from ROOT)
 PYTHON = sys.executable
 # The programs are every top-level module (as `make install` has it).
 SOURCES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py"))
@@ -322,3 +324,47 @@ def status_field(pid, name):
         if line.startswith(name + ":"):
             return line.split(":", 1)[1].split()
     return None
+
+
+# ------------------------------------------------------------ smtpfwdd ----
+
+FWD_CONSTANTS = dict(RETRY_DELAY_TIME=1, SESSION_TIMEOUT=2, SHUTDOWN_TIMEOUT=20)
+RECEIVED = (b"Received: from mailhost (mail.example.org [192.0.2.10])\n"
+            b"\tby mx.my.domain (smtpd) with SMTP id smtpdXXXXXX;\n"
+            b"\t%s\n")
+BODY = b"Subject: test\n\nHello.\n"
+
+
+def now_date():
+    return email.utils.formatdate(localtime=True).encode()
+
+
+class Fwd(Daemon):
+    """smtpfwdd -F -P 1 on spooldir with agent."""
+
+    def __init__(self, tree, spooldir, agent, *flags):
+        self.logpath = spooldir + ".log"
+        self.log_file = open(self.logpath, "ab")
+        argv = [PYTHON, os.path.join(tree, "smtpfwdd.py"), "-F", "-d", spooldir,
+                "-s", agent, "-P", "1"] + list(flags)
+        if is_root:
+            argv += ["-u", "nobody", "-g", "nogroup"]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                     stdout=self.log_file, stderr=self.log_file)
+
+
+
+def put(spooldir, sender=b"<alice@example.org>", rcpts=(b"<bob@my.domain>",),
+        body=None):
+    body = body if body is not None else RECEIVED % now_date() + BODY
+    with spool.Draft(spooldir, sender, list(rcpts)) as d:
+        d.write(body)
+        name = d.commit()
+    give_to_nobody(os.path.join(spooldir, name))
+    return name
+
+
+def give_to_nobody(path):
+    if is_root:
+        pw = pwd.getpwnam("nobody")
+        os.chown(path, pw.pw_uid, pw.pw_gid)

@@ -3,87 +3,15 @@
 import fcntl
 import os
 import pwd
-import shutil
 import signal
 import stat
 import subprocess
-import tempfile
 import time
 
 import pytest
 
 import spool
-from harness import Agent, is_root, PYTHON, wait_for
-import harness
-
-FWD_CONSTANTS = dict(RETRY_DELAY_TIME=1, SESSION_TIMEOUT=2, SHUTDOWN_TIMEOUT=20)
-RECEIVED = (b"Received: from mailhost (mail.example.org [192.0.2.10])\n"
-            b"\tby mx.my.domain (smtpd) with SMTP id smtpdXXXXXX;\n"
-            b"\t%s\n")
-BODY = b"Subject: test\n\nHello.\n"
-
-
-def now_date():
-    import email.utils
-    return email.utils.formatdate(localtime=True).encode()
-
-
-class Fwd(harness.Daemon):
-    def __init__(self, tree, spooldir, agent, *flags):
-        self.logpath = spooldir + ".log"
-        self.log_file = open(self.logpath, "ab")
-        argv = [PYTHON, os.path.join(tree, "smtpfwdd.py"), "-F", "-d", spooldir,
-                "-s", agent, "-P", "1"] + list(flags)
-        if is_root:
-            argv += ["-u", "nobody", "-g", "nogroup"]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                     stdout=self.log_file, stderr=self.log_file)
-
-
-
-@pytest.fixture
-def fwd_env(tree_factory):
-    spooldir = tempfile.mkdtemp(prefix="spool-", dir="/tmp")
-    if is_root:
-        pw = pwd.getpwnam("nobody")
-        os.chown(spooldir, pw.pw_uid, pw.pw_gid)
-    os.chmod(spooldir, 0o700)
-    agent = Agent()
-    started = []
-
-    class Env:
-        pass
-    env = Env()
-    env.spool, env.agent = spooldir, agent
-
-    def start(*flags, agent_path=None, **constants):
-        tree = tree_factory(**dict(FWD_CONSTANTS, **constants))
-        f = Fwd(tree, spooldir, agent_path or agent.path, *flags)
-        started.append(f)
-        return f
-    env.start = start
-    yield env
-    for f in started:
-        f.stop()
-    shutil.rmtree(spooldir, ignore_errors=True)
-    shutil.rmtree(agent.dir, ignore_errors=True)
-
-
-def put(spooldir, sender=b"<alice@example.org>", rcpts=(b"<bob@my.domain>",),
-        body=None):
-    body = body if body is not None else RECEIVED % now_date() + BODY
-    with spool.Draft(spooldir, sender, list(rcpts)) as d:
-        d.write(body)
-        name = d.commit()
-    give_to_nobody(os.path.join(spooldir, name))
-    return name
-
-
-def give_to_nobody(path):
-    if is_root:
-        pw = pwd.getpwnam("nobody")
-        os.chown(path, pw.pw_uid, pw.pw_gid)
-
+from harness import BODY, FWD_CONSTANTS, give_to_nobody, is_root, put, PYTHON, RECEIVED, wait_for
 
 def mode(path):
     return stat.S_IMODE(os.stat(path).st_mode)

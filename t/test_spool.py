@@ -91,15 +91,15 @@ def test_writer_killed_before_commit_leaves_no_smtpd_file(tmp_path):
                          stdout=subprocess.PIPE)
     assert p.stdout.readline() == b"ready\n"
     # While the writer lives, its draft is locked and is not stale.
-    assert spool.remove_stale_drafts(str(tmp_path), 0, time.time() + 10) == []
+    assert spool.remove_stale_drafts(str(tmp_path), 0, time.time() + 10) == ([], [])
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert smtpd_files(tmp_path) == []
     (draft,) = os.listdir(tmp_path)
     # Young drafts stay; old unlocked ones go.
-    assert spool.remove_stale_drafts(str(tmp_path), 1800, time.time()) == []
+    assert spool.remove_stale_drafts(str(tmp_path), 1800, time.time()) == ([], [])
     assert spool.remove_stale_drafts(str(tmp_path), 1800,
-                                     time.time() + 1801) == [draft]
+                                     time.time() + 1801) == ([draft.encode()], [])
     assert os.listdir(tmp_path) == []
 
 
