@@ -96,8 +96,7 @@ class Channel:
         answered = bool(self.out)
         if answered:
             self.flush()
-        if time.monotonic() >= self.deadline:      # also for a client that never pauses
-            raise Closed(dl.EX_OSERR, "session timeout (%d seconds)" % buildconf.SESSION_TIMEOUT)
+        self.check_deadline()       # also for a client that never pauses
         if answered:
             # A client that waits for each reply has sent nothing yet: poll
             # first rather than fail a read (pipelined input returns at once).
@@ -115,24 +114,42 @@ class Channel:
         self.buf += data
 
     def command(self):
-        """The next command line without CRLF, or None if it was bad."""
+        """The next command line without CRLF, or None if it was bad.
+
+        Only CRLF ends a line: a bare LF or CR inside it makes the whole
+        text up to the CRLF one bad line (never two commands).  The session
+        deadline is checked before every command, buffered or not."""
+        self.check_deadline()
         discarding = False
         while True:
-            i = self.buf.find(b"\n")
+            i = self.buf.find(b"\r\n")
             if i < 0:
                 if len(self.buf) > LINE_MAX:
-                    discarding = True
-                    del self.buf[:]
+                    discarding = True       # keep a last CR: its LF may follow
+                    del self.buf[:-1 if self.buf.endswith(b"\r") else len(self.buf)]
                 self.fill()
                 continue
-            line = bytes(self.buf[:i + 1])
-            del self.buf[:i + 1]
-            if discarding or len(line) > LINE_MAX:
+            line = bytes(self.buf[:i])
+            del self.buf[:i + 2]
+            if discarding or i + 2 > LINE_MAX:
                 return None, "Line too long"
-            if (not line.endswith(b"\r\n") or b"\r" in line[:-2]
-                    or b"\0" in line):
+            if b"\r" in line or b"\n" in line or b"\0" in line:
                 return None, "Bare CR or LF or NUL in command"
-            return line[:-2].decode("latin-1"), None
+            return line.decode("latin-1"), None
+
+    def time_left(self):
+        return self.deadline - time.monotonic()
+
+    def check_deadline(self):
+        if time.monotonic() >= self.deadline:
+            raise Closed(dl.EX_OSERR, "session timeout (%d seconds)" % buildconf.SESSION_TIMEOUT)
+
+    def sleep(self, seconds):
+        """Sleep, but never past the session deadline (then Closed)."""
+        left = self.time_left()
+        time.sleep(max(0.0, min(seconds, left)))
+        if seconds >= left:
+            self.check_deadline()
 
     def chunks(self):
         """Yield raw input for DATA: what is buffered, then fresh reads."""

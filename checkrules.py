@@ -34,8 +34,8 @@ from lookup import TempFail
 
 ACTIONS = ("allow", "deny", "noto", "deny_delay", "noto_delay", "debug")
 DEFAULT_TEMPLATE = "550 Mail from %F to %T prohibited from your location (%U@%H ip=%I)"
-REPLY_MAX = 511
-TEMPFAIL_REPLY = "451 Requested action not taken: local error in processing"
+REPLY_MAX = 510            # octets of a reply line before its CR LF (RFC 5321: 512)
+TEMPFAIL_REPLY = "451 4.4.3 Requested action not taken: lookup failure, try again later"
 SPECIALS = ("ALL", "KNOWN", "UNKNOWN", "EXCEPT")
 TOKEN_SPLIT = re.compile(r"[, \t]+")
 IPV4_CHARS = re.compile(r"^[0-9.]*$")
@@ -501,12 +501,13 @@ class Client(Addr):
 
 
 class Verdict:
-    def __init__(self, action, reply=None, rule=None, delay=0, debug=()):
+    def __init__(self, action, reply=None, rule=None, delay=0, debug=(), detail=None):
         self.action = action         # allow, noto, deny or tempfail
         self.reply = reply
         self.rule = rule
         self.delay = delay
         self.debug = list(debug)     # debug rules matched on the way
+        self.detail = detail         # for the log only: why a lookup failed
 
 
 def strip_brackets(addr):
@@ -516,7 +517,7 @@ def strip_brackets(addr):
 
 
 def format_reply(template, client, sender, rcpt):
-    """Expand %F %T %H %I %U %C %% (spec 4.7); at most 511 bytes."""
+    """Expand %F %T %H %I %U %C %% (spec 4.7); at most REPLY_MAX bytes."""
     values = {"F": sender, "T": rcpt, "H": client.name or "UNKNOWN",
               "I": str(client.ip) if client.ip is not None else "",
               "U": client.ident or "UNKNOWN", "C": ":", "%": "%"}
@@ -554,8 +555,8 @@ def evaluate(rules, client, sender, rcpt):
                 reply = format_reply(rule.template or DEFAULT_TEMPLATE,
                                      client, sender, rcpt)
             return Verdict(kind, reply, rule, delay, debug)
-    except TempFail as e:
-        return Verdict("tempfail", TEMPFAIL_REPLY + " (%s)" % e, None, 0, debug)
+    except TempFail as e:       # the reply is fixed: the detail is for the log
+        return Verdict("tempfail", TEMPFAIL_REPLY, None, 0, debug, detail=str(e))
     if buildconf.CHECK_ADDRESS_DENY_ON_FAILURE:
         return Verdict("deny", format_reply(DEFAULT_TEMPLATE, client, sender, rcpt),
                        None, 0, debug)
@@ -619,6 +620,8 @@ def main(argv):
     client = cli_client(o.get("-a"), o.get("-n"), o.get("-u"))
     v = evaluate(rules, client, args[0], args[1])
     print(v.action if v.reply is None else "%s %s" % (v.action, v.reply))
+    if "-v" in o and v.detail:
+        print("lookup failure: %s" % v.detail)
     if "-v" in o:
         print("%s: %s" % (v.rule.where, v.rule.text) if v.rule else "default")
         for r in v.debug:

@@ -112,6 +112,15 @@ def ignore_stop_signals():
         signal.signal(sig, signal.SIG_IGN)
 
 
+def escape(text, limit=255):
+    """Client text for a log line: printable ASCII stays, anything else and
+    space, quote and backslash become \\xHH, so it cannot forge a field; at
+    most limit characters (then "...")."""
+    out = "".join(c if "!" <= c <= "~" and c not in '"\\' else "\\x%02x" % ord(c)
+                  for c in text[:limit])
+    return out + "..." if len(text) > limit else out
+
+
 def normalize_ip(addr):
     """An ipaddress object; IPv4-mapped IPv6 becomes IPv4; None/"" -> None."""
     if addr is None or addr == "":

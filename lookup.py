@@ -78,11 +78,22 @@ def reverse_name(ip):
 
 
 class Lookup:
-    """One session's DNS questions, each asked at most once."""
+    """One session's DNS questions, each asked at most once, none past the
+    session's deadline (time.monotonic(); None: no deadline)."""
 
-    def __init__(self, resolver):
+    def __init__(self, resolver, deadline=None):
         self.resolver = resolver
+        self.deadline = deadline
         self.memo = {}
+
+    def time_left(self, limit):
+        """limit, or less if the deadline is nearer; TempFail once past it."""
+        if self.deadline is None:
+            return limit
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TempFail("session deadline reached")
+        return min(limit, left)
 
     def query(self, name, rdtype):
         """Rdata list for name/rdtype; [] when none exists; TempFail else."""
@@ -94,10 +105,11 @@ class Lookup:
     def _query(self, name, rdtype):
         if self.resolver is None or not self.resolver.nameservers:
             raise TempFail("no nameserver configured for %s/%s" % (name, rdtype))
+        lifetime = self.time_left(self.resolver.lifetime)
         try:
             qname = dns.name.from_text(name)
             ans = self.resolver.resolve(qname, rdtype, search=False,
-                                        raise_on_no_answer=False)
+                                        raise_on_no_answer=False, lifetime=lifetime)
         except (dns.resolver.NXDOMAIN, dns.name.EmptyLabel,
                 dns.name.LabelTooLong, dns.name.NameTooLong):
             return []

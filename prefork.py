@@ -186,7 +186,7 @@ class Scoreboard:
     address atomic among workers."""
 
     SLOT, STATE, SINCE = 32, 16, 24
-    FREE, IDLE, BUSY = 0, 1, 2
+    FREE, IDLE, BUSY, ENDING = 0, 1, 2, 3     # ENDING: session over, closing
 
     def __init__(self, n):
         self.n = n
@@ -551,7 +551,7 @@ class WorkerLoop:
             except OSError:
                 local = None
             status = self.cfg.serve(self.cfg, sock.fileno(), sock.fileno(), local,
-                                    addr[:2], sock=sock)
+                                    addr[:2], sock=sock, on_end=self.release)
             sock.close()
             if status == dl.EX_SOFTWARE:
                 return status
@@ -575,6 +575,12 @@ class WorkerLoop:
                     continue
                 return None         # the listener was shut down or closed
         return None
+
+    def release(self):
+        """The session is over (called before its last reply goes out): the
+        client's address no longer counts against SMTPD_MAX_PER_IP, so a
+        client that reconnects at once is not refused."""
+        self.board.set(self.slot, Scoreboard.ENDING)
 
     def admit(self, sock, addr):
         """Claim our slot for this client, or refuse it with 421."""

@@ -139,11 +139,14 @@ class Session:
     """One SMTP session.  cfg: the smtpd options; peer: a checkrules.Client
     with .local and .peer (address, port) pairs (None when not a socket)."""
 
-    def __init__(self, cfg, client, rfd, wfd, greeted=False, sock=None):
+    def __init__(self, cfg, client, rfd, wfd, greeted=False, sock=None, deadline=None,
+                 on_end=None):
         self.cfg, self.client = cfg, client
         self.greeted = greeted      # inetd mode sends the 220 before loading
-        self.ch = Channel(rfd, wfd, buildconf.READ_TIMEOUT,
-                          time.monotonic() + buildconf.SESSION_TIMEOUT, sock)
+        if deadline is None:
+            deadline = time.monotonic() + buildconf.SESSION_TIMEOUT
+        self.ch = Channel(rfd, wfd, buildconf.READ_TIMEOUT, deadline, sock)
+        self.on_end = on_end        # called once, before the last reply goes out
         self.helo = None
         self.esmtp = False
         self.env = Envelope()
@@ -155,12 +158,24 @@ class Session:
     # -- plumbing --
 
     def reply(self, code, text=None, more=()):
-        if code in ERROR_CODES:
-            self.errors += 1
         self.ch.reply(code, text, more)
+        if code in ERROR_CODES:
+            self.count_error()
+
+    def count_error(self):
+        """One more error (refused commands, noto, tempfail): MAX_ERRORS end
+        the session."""
+        self.errors += 1
         if self.errors >= MAX_ERRORS:
             dl.notice("too many errors from %s, closing", self.where)
             raise Closed(dl.EX_PROTOCOL, "too many errors")
+
+    def end(self):
+        """The session is over: let go of what it holds elsewhere (the
+        per-address count) before the client can read our last reply."""
+        if self.on_end is not None:
+            fn, self.on_end = self.on_end, None
+            fn()
 
     def log(self, verbose, fragment):
         """A verbose syslog line, or a fragment of the -q summary line."""
@@ -192,6 +207,7 @@ class Session:
                 self.log("%s from %s" % (c, self.where), " %s." % c)
             if status != dl.EX_OK:
                 self.ch.reply(421)
+            self.end()
             try:
                 self.ch.flush(final=True)
             except Closed:
@@ -201,12 +217,14 @@ class Session:
                     traceback.format_exc().replace("\n", " | "))
             self.ch.out = []
             self.ch.reply(451)
+            self.end()
             try:
                 self.ch.flush(final=True)
             except Closed:
                 pass
             status = dl.EX_SOFTWARE
         finally:
+            self.end()
             if self.draft is not None:
                 self.draft.abort()
             self.flush_summary()
@@ -229,11 +247,12 @@ class Session:
             raise Closed(dl.EX_PROTOCOL, "suspicious HELO")
         self.helo, self.esmtp = name, esmtp
         self.flush_summary()
-        as_ = ' as "%s"' % name if name.lower() != (self.client.name or "").lower() else ""
-        self.log('%s from %s as "%s"' % ("EHLO" if esmtp else "HELO", self.where, name),
+        shown = dl.escape(name)
+        as_ = ' as "%s"' % shown if name.lower() != (self.client.name or "").lower() else ""
+        self.log('%s from %s as "%s"' % ("EHLO" if esmtp else "HELO", self.where, shown),
                  "relay=%s/%s%s" % (self.client.name or "UNKNOWN",
                                     self.client.ip_text or "", as_))
-        text = "%s pleased to meet you, %s" % (self.cfg.myname, name)
+        text = "%s pleased to meet you, %s" % (self.cfg.myname, host_chars(name))
         if not esmtp:
             return self.reply(250, text)
         size = "SIZE %d" % self.cfg.maxsize if self.cfg.maxsize else "SIZE"
@@ -250,7 +269,7 @@ class Session:
         try:
             return parse_path(arg[len(keyword):].lstrip(" "), null_ok)
         except AddressError as e:
-            dl.notice("refused address %r from %s: %s", arg, self.where, e.text)
+            dl.notice("refused address %s from %s: %s", dl.escape(arg), self.where, e.text)
             if self.cfg.paranoid:
                 raise Closed(dl.EX_PROTOCOL, "suspicious address") from None
             self.reply(e.code, e.text)
@@ -281,7 +300,7 @@ class Session:
         if parsed is None or not self.mail_params(parsed[1]):
             return
         self.env = Envelope(parsed[0])
-        self.log("mail from %s" % parsed[0], " from=%s" % parsed[0])
+        self.log("mail from %s" % dl.escape(parsed[0]), " from=%s" % dl.escape(parsed[0]))
         self.reply(250, "sender is %s, sender OK" % parsed[0])
 
     def smtp_rcpt(self, arg):
@@ -297,39 +316,43 @@ class Session:
             return self.reply(452, "Too many recipients")
         if self.check_rules(rcpt):
             self.env.recipients.append(rcpt)
-            self.log("Recipient %s" % rcpt, " to=%s" % rcpt)
+            self.log("Recipient %s" % dl.escape(rcpt), " to=%s" % dl.escape(rcpt))
             self.reply(250, "recipient %s, recipient OK" % rcpt)
 
     def check_rules(self, rcpt):
-        """Apply the rules (spec 3.7); True if the recipient is allowed."""
+        """Apply the rules (spec 3.7); True if the recipient is allowed.
+        A noto or a 451 counts as an error; a delay never outlasts the
+        session deadline."""
         try:
             rules = self.cfg.rules.get()
         except checkrules.RuleError as e:
             dl.err("%s", str(e).replace("\n", "; "))
-            self.reply(451, "Requested action not taken: rules file invalid")
+            self.ch.reply(451, "Requested action not taken: rules file invalid")
+            self.count_error()
             return False
         v = checkrules.evaluate(rules, self.client, self.env.sender, rcpt)
         who = "%s@%s" % (self.client.ident or "UNKNOWN", self.where)
+        shown = (dl.escape(self.env.sender), dl.escape(rcpt))
         for r in v.debug:
-            dl.info("DEBUG: matched %s for %s from %s to %s", r.where, who,
-                    self.env.sender, rcpt)
+            dl.info("DEBUG: matched %s for %s from %s to %s", r.where, who, *shown)
         if v.action == "allow":
             return True
-        dl.info("%s from %s to %s: %s by %s", who, self.env.sender, rcpt, v.action,
+        dl.info("%s from %s to %s: %s by %s%s", who, shown[0], shown[1], v.action,
                 v.rule.where if v.rule else "lookup failure" if v.action == "tempfail"
-                else "default")
+                else "default", " (%s)" % v.detail if v.detail else "")
         if v.delay:
             dl.info("sleeping for a %s_delay of %d seconds", v.action, v.delay)
             self.ch.flush()
-            time.sleep(v.delay)
+            self.ch.sleep(v.delay)
         self.ch.raw_reply(v.reply)
         if v.action == "deny":
             self.log("Forbidden FROM or RCPT for host %s - abandoning" % self.where,
                      " forbidden FROM or RCPT")
             raise Closed(dl.EX_PROTOCOL, "denied")
         if v.action == "noto":
-            self.log("Discarded bad recipient %s" % rcpt,
-                     " discarded bad recipient=%s" % rcpt)
+            self.log("Discarded bad recipient %s" % shown[1],
+                     " discarded bad recipient=%s" % shown[1])
+        self.count_error()
         return False
 
     def smtp_data(self, arg):
@@ -385,7 +408,7 @@ class Session:
     def received(self):
         """smtpd's trace header (RFC 5322 form)."""
         c = self.client
-        helo = re.sub(r"[^A-Za-z0-9.:\[\]_-]", "?", self.helo or "")[:255]
+        helo = host_chars(self.helo or "")
         return ("Received: from %s (%s [%s])\n\tby %s (smtpd) with %s id %s;\n\t%s\n"
                 % (helo or "unknown", c.name or "unknown", c.ip_text or "unknown",
                    self.cfg.myname, "ESMTP" if self.esmtp else "SMTP", self.draft.name,
@@ -421,6 +444,12 @@ VERBS = {"HELO": Session.smtp_helo, "EHLO": Session.smtp_ehlo,
          "NOOP": Session.smtp_noop, "VRFY": Session.smtp_vrfy,
          "EXPN": Session.smtp_expn, "HELP": Session.smtp_help,
          "QUIT": Session.smtp_quit}
+
+
+def host_chars(name):
+    """A client's HELO name for a header or a reply: host name characters
+    only (others become '?'), at most 255."""
+    return re.sub(r"[^A-Za-z0-9.:\[\]_-]", "?", name[:255])
 
 
 def email_date():

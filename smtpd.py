@@ -23,6 +23,7 @@ import ipaddress
 import os
 import socket
 import sys
+import time
 
 import buildconf
 import daemonlib as dl
@@ -186,9 +187,10 @@ def socket_ends(fd):
         s.close()
 
 
-def identify(cfg, local, peer):
-    """The checkrules.Client for a connection: FCrDNS unless -H."""
-    lk = lookup.Lookup(cfg.resolver)
+def identify(cfg, local, peer, deadline):
+    """The checkrules.Client for a connection: FCrDNS unless -H; no lookup
+    outlasts the session deadline."""
+    lk = lookup.Lookup(cfg.resolver, deadline)
     ip = dl.normalize_ip(peer[0]) if peer else None
     name, error = None, None
     if cfg.hostchecks and ip is not None:
@@ -206,25 +208,34 @@ def identify(cfg, local, peer):
     if env_ident == "UNKNOWN":
         env_ident = None
     elif env_ident is None and local and peer:
-        ident_fn = lambda: lookup.ident_query(local, peer)   # noqa: E731
+        def ident_fn():
+            try:
+                limit = lk.time_left(buildconf.CHECK_IDENT)
+            except lookup.TempFail:
+                return None
+            return lookup.ident_query(local, peer, timeout=limit)
     c = checkrules.Client(ip, name, lk, ident=env_ident, ident_fn=ident_fn,
                           name_error=error)
     c.local, c.peer = local, peer
     return c
 
 
-def serve(cfg, rfd, wfd, local=None, peer=None, greeted=False, sock=None):
+def serve(cfg, rfd, wfd, local=None, peer=None, greeted=False, sock=None, on_end=None):
     """One session on rfd/wfd (sock: their socket object, if the caller has
-    one); returns the exit status."""
+    one); on_end() runs once when it is over, before its last reply goes
+    out.  Returns the exit status.  SESSION_TIMEOUT counts from here."""
+    deadline = time.monotonic() + buildconf.SESSION_TIMEOUT
     if local is None:
         local, peer = socket_ends(rfd)
     try:
-        client = identify(cfg, local, peer)
+        client = identify(cfg, local, peer, deadline)
     except session.Closed as c:
         dl.crit("abandoning session with %s: %s", peer and peer[0], c)
+        if on_end is not None:
+            on_end()
         os.write(wfd, b"421 %s\r\n" % VANILLA[421].encode())
         return c.status
-    return session.Session(cfg, client, rfd, wfd, greeted, sock).run()
+    return session.Session(cfg, client, rfd, wfd, greeted, sock, deadline, on_end).run()
 
 
 def refused_by_listen(cfg, local):

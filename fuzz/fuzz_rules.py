@@ -24,7 +24,7 @@ def TestOneInput(data):
             v = checkrules.evaluate(rules, c, f, t)
             if v.action not in ("allow", "noto", "deny", "tempfail"):
                 raise RuntimeError(v.action)
-            if v.reply is not None and ("\n" in v.reply or len(v.reply) > 511):
+            if v.reply is not None and ("\n" in v.reply or len(v.reply) > 510):
                 raise RuntimeError("bad reply %r" % v.reply)
 
 
