@@ -227,7 +227,8 @@ bench: venv buildconf.py
 
 # ------------------------------------------------------------- make fuzz ----
 
-# Inputs per atheris harness (fuzz/); not part of make test.
+# Inputs per atheris harness (fuzz/); not part of make test.  Crashing
+# inputs are written to fuzz/artifacts/ (git-ignored).
 FUZZ_RUNS = 100000
 FUZZ_VENV = fuzz/.venv
 
@@ -235,8 +236,10 @@ FUZZ_VENV = fuzz/.venv
 fuzz: buildconf.py
 	test -x $(FUZZ_VENV)/bin/python || $(PYTHON) -m venv $(FUZZ_VENV)
 	$(FUZZ_VENV)/bin/pip install -q --disable-pip-version-check -r requirements.txt atheris==2.3.0
+	mkdir -p fuzz/artifacts
 	for h in fuzz/fuzz_*.py; do \
 	    echo "== $$h"; mkdir -p fuzz/corpus-$$(basename $$h .py); \
 	    $(FUZZ_VENV)/bin/python $$h -runs=$(FUZZ_RUNS) -print_final_stats=1 \
-	        -rss_limit_mb=2048 fuzz/corpus-$$(basename $$h .py) || exit 1; \
+	        -rss_limit_mb=2048 -artifact_prefix=fuzz/artifacts/ \
+	        fuzz/corpus-$$(basename $$h .py) || exit 1; \
 	done

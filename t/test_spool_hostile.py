@@ -8,7 +8,9 @@ import stat
 import time
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
+import checkrules
 import spool
 from harness import BODY, give_to_nobody, is_root, now_date, put, RECEIVED, wait_for
 
@@ -248,3 +250,41 @@ def test_message_sent_one_line_per_packet_is_accepted(smtpd):
             time.sleep(0.0005)
     c.send(b".\r\n")
     assert c.reply()[0] == 250
+
+
+# -- the parsers of hostile input raise only their own errors --
+
+ENVELOPE = st.lists(st.one_of(
+    st.sampled_from([b"FROM <a@b>", b"RCPT <c@d>", b"SENT <e@f>", b"BODY", b"FROM ", b"RCPT ",
+                     b"Received: from h (n [192.0.2.1])", b"\tby mx (smtpd) with SMTP id x;",
+                     b" via SMTP by mx, id smtpdA; Tue Jul 14 10:00:00 1998", b"\t" + OLD]),
+    st.binary(max_size=600)), max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ENVELOPE)
+def test_spool_parse_raises_only_malformed(tmp_path_factory, lines):
+    p = tmp_path_factory.mktemp("p") / "smtpdX"
+    p.write_bytes(b"\n".join(lines))
+    with open(p, "rb") as f:
+        try:
+            msg = spool.parse(f)
+        except spool.Malformed:
+            return
+    assert msg.recipients or msg.sent
+    assert msg.arrival is None or isinstance(msg.arrival, (int, float))
+
+
+TOKENS = st.sampled_from(["ALL", "EXCEPT", "10.0.0.0/8", "[2001:db8::]/32", "*.x", "/(/",
+                          "/a{99999999999}/", "/" + "(" * 300 + "a" + ")" * 300 + "/", "NS=x",
+                          "u@h", "KNOWN", "RBL.z", ",", " ", "%F", "550 x"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(TOKENS, max_size=8).map(" ".join), min_size=1, max_size=6)
+       .map(":".join))
+def test_rules_compile_raises_only_rule_errors(line):
+    try:
+        checkrules.parse("deny:" + line + "\n")
+    except checkrules.RuleError:
+        pass
