@@ -35,6 +35,10 @@ SMTP_GROUP = smtpd
 # syslog facility of both daemons (a name from syslog.h, without LOG_).
 LOG_FACILITY = mail
 
+# The syslog socket.  Jailed processes reach it by the same path inside the
+# jail (SPOOLDIR/dev/log), which `make install` asks rsyslog to provide.
+LOG_SOCKET = /dev/log
+
 # ------------------------------------------------------- smtpd timings ----
 
 # Seconds a noto_delay / deny_delay rule sleeps before its reply.
@@ -110,7 +114,7 @@ AGENT_TIMEOUT = 3600
 # ------------------------------------------------------------ build rules ----
 
 CONSTANTS = SPOOLDIR SPOOLSUBDIR CHECK_FILE MAIL_AGENT PID_DIR PREFIX \
-	SMTP_USER SMTP_GROUP LOG_FACILITY NOTO_DELAY DENY_DELAY READ_TIMEOUT \
+	SMTP_USER SMTP_GROUP LOG_FACILITY LOG_SOCKET NOTO_DELAY DENY_DELAY READ_TIMEOUT \
 	SESSION_TIMEOUT CHECK_IDENT IDENT_PORT DNS_TIMEOUT \
 	CHECK_ADDRESS_DENY_ON_FAILURE MAX_RCPT SMTPD_PREFORK SMTPD_MAXCHILDREN \
 	SMTPD_MAX_PER_IP SMTPD_MAX_USE SMTPD_IDLE_TIME SHUTDOWN_TIMEOUT RULES_MAX_SIZE \
@@ -126,7 +130,7 @@ PYTEST_ARGS =
 
 .PHONY: all venv test clean FORCE
 
-all: buildconf.py
+all: buildconf.py venv
 
 # Written only when its content changes, so an override is always applied
 # and a plain `make` afterwards restores the defaults.
@@ -177,7 +181,9 @@ PROGRAMS = smtpd smtpfwdd checkrules
 EXAMPLES = etc/smtpd_check_rules.example etc/antispam_check_rules.example \
 	etc/smtpd.service etc/smtpfwdd.service etc/smtpd.socket etc/smtpd@.service \
 	etc/init.d/smtpd etc/init.d/smtpfwdd etc/rc.d/smtpd etc/rc.d/smtpfwdd \
-	etc/inetd.conf.smtpd etc/xinetd.d/smtpd
+	etc/inetd.conf.smtpd etc/xinetd.d/smtpd etc/rsyslog-smtpd.conf etc/syslog-ng-smtpd.conf
+# Where rsyslog reads snippets; the jail's log socket is added there.
+RSYSLOG_DIR = /etc/rsyslog.d
 
 .PHONY: install uninstall
 install: all venv
@@ -203,6 +209,13 @@ install: all venv
 	done
 	install -d -m 700 $(DESTDIR)$(SPOOLDIR) $(DESTDIR)$(SPOOLDIR)/etc
 	chmod 755 $(DESTDIR)$(SPOOLDIR)/etc
+	install -d -m 755 $(DESTDIR)$(SPOOLDIR)/dev
+	if [ -d $(DESTDIR)$(RSYSLOG_DIR) ]; then \
+	    sed -e 's|@SPOOLDIR@|$(SPOOLDIR)|g' etc/rsyslog-smtpd.conf \
+	        > $(DESTDIR)$(RSYSLOG_DIR)/smtpd.conf; \
+	    chmod 644 $(DESTDIR)$(RSYSLOG_DIR)/smtpd.conf; \
+	    echo "$(RSYSLOG_DIR)/smtpd.conf: restart rsyslog for the jail's log socket"; \
+	fi
 	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" = 0 ]; then \
 	    getent group $(SMTP_GROUP) >/dev/null || groupadd --system $(SMTP_GROUP); \
 	    getent passwd $(SMTP_USER) >/dev/null || useradd --system --gid $(SMTP_GROUP) \
@@ -213,6 +226,7 @@ install: all venv
 
 uninstall:
 	rm -rf $(DESTDIR)$(LIBDIR)
+	rm -f $(DESTDIR)$(RSYSLOG_DIR)/smtpd.conf
 	for p in $(PROGRAMS); do rm -f $(DESTDIR)$(SBINDIR)/$$p; done
 	rm -f $(DESTDIR)$(MANDIR)/man8/smtpd.8 $(DESTDIR)$(MANDIR)/man8/smtpfwdd.8 \
 	    $(DESTDIR)$(MANDIR)/man8/checkrules.8 $(DESTDIR)$(MANDIR)/man5/smtpd_check_rules.5

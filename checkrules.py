@@ -9,13 +9,16 @@ DESCRIPTION
     The rules engine smtpd(8) runs at each RCPT, and a tester that runs the
     same code: it prints "allow", "noto <reply>" or "deny <reply>" (or
     "tempfail <reply>" when a lookup failed) and, with -v, the deciding
-    "file:line: rule" or "default".  -t validates the file and prints every
-    error and warning as "file:line: message".
+    "file:line: rule" or "default".  An address smtpd itself refuses (a
+    leading '-', an unquoted ',', ...) is reported first, as smtpd answers
+    it: "refused <reply>".  -t validates the file and prints every error
+    and warning as "file:line: message".
     -a is the client address (none: IP tokens never match); -n its confirmed
     host name, UNKNOWN for none (without -n the name comes from DNS as smtpd
     gets it); -u its ident user.  FROM and TO as the client typed them.
 EXIT STATUS
-    0 allow, 1 noto, 2 deny, 75 temporary failure, 64 usage, 78 bad file.
+    0 allow, 1 noto, 2 deny, 3 refused by smtpd's address checks,
+    75 temporary failure, 64 usage, 78 bad file.
 FILES
     SPOOLDIR/CHECK_FILE, normally /var/spool/smtpd/etc/smtpd_check_rules.
 """
@@ -30,6 +33,7 @@ import sys
 import buildconf
 import daemonlib as dl
 import lookup
+from address import AddressError, mail_params, parse_path
 from lookup import TempFail
 
 ACTIONS = ("allow", "deny", "noto", "deny_delay", "noto_delay", "debug")
@@ -45,11 +49,13 @@ ESCAPES = {"F": "sender", "T": "rcpt", "H": "name", "I": "ip", "U": "ident"}
 
 
 class RuleError(Exception):
-    """An invalid rules file; .problems holds every 'file:line: message'."""
+    """An invalid rules file; .problems holds every 'file:line: message',
+    .warnings the warnings about the lines that were valid."""
 
-    def __init__(self, problems):
+    def __init__(self, problems, warnings=()):
         super().__init__("\n".join(problems))
         self.problems = problems
+        self.warnings = list(warnings)
 
 
 class Bad(Exception):
@@ -398,7 +404,7 @@ def parse(data, filename="rules"):
                             % (type(e).__name__, e))
         warnings.extend(where + "warning: " + x for x in w)
     if problems:
-        raise RuleError(problems)
+        raise RuleError(problems, warnings)
     return rules, warnings
 
 
@@ -567,7 +573,7 @@ def evaluate(rules, client, sender, rcpt):
 
 USAGE = """usage: checkrules.py [-v] [-f rules] [-a address] [-n hostname] [-u identuser] FROM TO
        checkrules.py -t [-f rules]"""
-EXIT = {"allow": 0, "noto": 1, "deny": 2, "tempfail": 75}
+EXIT = {"allow": 0, "noto": 1, "deny": 2, "refused": 3, "tempfail": 75}
 
 
 def default_rules_path():
@@ -598,6 +604,33 @@ def cli_client(address, name, ident):
     return Client(ip, name, lk, ident=ident, name_error=name_error)
 
 
+def line_number(message):
+    """The N of 'file:N: message', for sorting."""
+    try:
+        return int(message.split(": ", 1)[0].rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return 0
+
+
+def smtpd_refusal(sender, rcpt):
+    """What smtpd answers before any rule: None, or (reply, command) for an
+    address its MAIL or RCPT refuses; else the stored (sender, rcpt)."""
+    try:
+        stored, params = parse_path(sender, null_ok=True)
+        mail_params(params)
+        sender = stored
+    except AddressError as e:
+        return ("%d %s" % (e.code, e.text), "MAIL FROM"), None
+    try:
+        stored, params = parse_path(rcpt, null_ok=False)
+        if params:
+            raise AddressError(555, "MAIL FROM/RCPT TO parameters not recognized "
+                                    "or not implemented")
+    except AddressError as e:
+        return ("%d %s" % (e.code, e.text), "RCPT TO"), None
+    return None, (sender, stored)
+
+
 def main(argv):
     try:
         opts, args = getopt.getopt(argv, "tvf:a:n:u:")
@@ -607,18 +640,25 @@ def main(argv):
     path = o.get("-f", default_rules_path())
     try:
         rules, warnings = load(path)
-    except RuleError as e:
-        print("\n".join(e.problems))
+    except RuleError as e:      # every error and every warning, in line order
+        print("\n".join(sorted(e.problems + e.warnings, key=line_number)))
         return 78
     if "-t" in o:
         if args:
             return usage("-t takes no FROM TO")
-        print("\n".join(warnings)) if warnings else None
+        if warnings:
+            print("\n".join(warnings))
         return 0
     if len(args) != 2:
         return usage()
+    refusal, stored = smtpd_refusal(args[0], args[1])
+    if refusal:
+        print("refused %s" % refusal[0])
+        if "-v" in o:
+            print("smtpd refuses this %s address before any rule" % refusal[1])
+        return EXIT["refused"]
     client = cli_client(o.get("-a"), o.get("-n"), o.get("-u"))
-    v = evaluate(rules, client, args[0], args[1])
+    v = evaluate(rules, client, *stored)
     print(v.action if v.reply is None else "%s %s" % (v.action, v.reply))
     if "-v" in o and v.detail:
         print("lookup failure: %s" % v.detail)

@@ -34,6 +34,7 @@ import select
 import selectors
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
@@ -99,6 +100,22 @@ def load_rules(cfg):
     for w in warnings:
         dl.warn("%s", w)
     return rules, frame[1]
+
+
+def check_jail_log_socket(cfg):
+    """Warn when the jail has no log socket: the workers could not reach
+    the syslog daemon again after it restarts."""
+    if not cfg.root:
+        return
+    path = os.path.join(cfg.chroot, buildconf.LOG_SOCKET.lstrip("/"))
+    try:
+        ok = stat.S_ISSOCK(os.stat(path, follow_symlinks=False).st_mode)
+    except OSError:
+        ok = False
+    if not ok:
+        dl.warn("no log socket at %s: when the syslog daemon restarts, workers cannot "
+                "reach it until they are replaced (see the rsyslog or syslog-ng "
+                "snippet in smtpd(8))", path)
 
 
 def bind(cfg):
@@ -623,6 +640,7 @@ def run(cfg):
     cfg.serve(cfg, rfd, wfd) runs one session; cfg.enter_jail(cfg) jails."""
     dl.set_title("smtpd: master")
     rules, text = load_rules(cfg)
+    check_jail_log_socket(cfg)
     listener = bind(cfg)
     check_pidfile(cfg.pidfile)
     pidfile = daemon.pidfile.TimeoutPIDLockFile(cfg.pidfile, acquire_timeout=0)
@@ -631,11 +649,12 @@ def run(cfg):
     ctx = daemon.DaemonContext(
         files_preserve=[listener.fileno()], umask=0o077, pidfile=pidfile,
         signal_map={signal.SIGTERM: None, signal.SIGHUP: None, signal.SIGINT: None})
+    dl.log.close()          # DaemonContext closes every descriptor
     try:
         ctx.open()
     except lockfile.AlreadyLocked:
         dl.die(1, "already running (pid file %s)", cfg.pidfile)
-    dl.log.open("smtpd", buildconf.LOG_FACILITY, pid=cfg.log_pid)
+    dl.log.open("smtpd", buildconf.LOG_FACILITY, pid=cfg.log_pid, path=buildconf.LOG_SOCKET)
     try:
         return serve(cfg, listener, rules, text, None)
     finally:

@@ -23,108 +23,13 @@ import buildconf
 import checkrules
 import daemonlib as dl
 import spool
+from address import AddressError, mail_params, parse_path
 from channel import Channel, Closed, DataReader, header_oddity
 from replies import VANILLA
 
-PATH_MAX = 256
-LOCAL_MAX = 64
 MAX_ERRORS = 10
 
 ERROR_CODES = (500, 501, 502, 503, 504, 553, 555)
-
-
-class AddressError(Exception):
-    def __init__(self, code, text):
-        super().__init__(text)
-        self.code, self.text = code, text
-
-
-# ------------------------------------------------------------ addresses ----
-
-LABEL = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
-LITERAL = re.compile(r"^\[(?:IPv6:[0-9A-Fa-f:.]+|[0-9.]+)\]$")
-ATEXT_BAD = set('()<>[]:;@\\," ')
-
-
-def split_path(arg):
-    """Split 'path [params]' -> (path, params); brackets or quotes group."""
-    depth, quoted, i = 0, False, 0
-    while i < len(arg):
-        ch = arg[i]
-        if ch == "\\" and quoted:
-            i += 1
-        elif ch == '"':
-            quoted = not quoted
-        elif not quoted and ch == "<":
-            depth += 1
-        elif not quoted and ch == ">":
-            depth -= 1
-        elif ch == " " and not quoted and depth == 0:
-            break
-        i += 1
-    if quoted or depth != 0:
-        raise AddressError(501, "Unbalanced quotes or angle brackets")
-    return arg[:i], arg[i:].strip()
-
-
-def parse_local(local):
-    if local.startswith('"'):
-        if len(local) < 2 or not local.endswith('"'):
-            raise AddressError(501, "Bad quoted local part")
-        body = re.sub(r'\\.', "", local[1:-1])
-        if '"' in body:
-            raise AddressError(501, "Bad quoted local part")
-        return
-    if not local or local.startswith(".") or local.endswith(".") or ".." in local:
-        raise AddressError(501, "Bad local part")
-    if "," in local:
-        raise AddressError(553, "Unquoted ',' in address not allowed")
-    if ATEXT_BAD & set(local):
-        raise AddressError(501, "Bad character in local part")
-
-
-def valid_domain(domain):
-    """A dotted host name (label by label: no backtracking blow-up) or an
-    address literal."""
-    if domain.startswith("["):
-        return LITERAL.match(domain) is not None
-    labels = domain[:-1].split(".") if domain.endswith(".") else domain.split(".")
-    return all(LABEL.match(label) for label in labels)
-
-
-def parse_path(arg, null_ok):
-    """A MAIL/RCPT argument -> (stored text, params).
-
-    Brackets are optional; a source route is dropped; "<>" only if null_ok.
-    The stored text is the address as typed (with its brackets, if any)."""
-    if not arg:
-        raise AddressError(501, "Address missing")
-    if any(ord(c) < 0x20 or ord(c) >= 0x7f for c in arg):
-        raise AddressError(501, "Control or 8-bit character in address")
-    path, params = split_path(arg)
-    bracketed = path.startswith("<")
-    inner = path[1:-1] if bracketed and path.endswith(">") else path
-    if bracketed != path.endswith(">") or "<" in inner or ">" in inner:
-        raise AddressError(501, "Unbalanced angle brackets")
-    if inner == "":
-        if not (null_ok and bracketed):
-            raise AddressError(553 if bracketed else 501, "Null address not allowed here")
-        return "<>", params
-    if inner.startswith("@"):               # source route: @a,@b:mailbox
-        route, colon, inner = inner.partition(":")
-        if not colon or not inner:
-            raise AddressError(501, "Bad source route")
-    if len(inner) + 2 > PATH_MAX:
-        raise AddressError(553, "Address longer than %d octets" % PATH_MAX)
-    if inner.startswith("-"):
-        raise AddressError(553, "Address may not start with '-'")
-    local, at, domain = inner.rpartition("@") if "@" in inner else (inner, "", "")
-    if len(local) > LOCAL_MAX:
-        raise AddressError(553, "Local part longer than %d octets" % LOCAL_MAX)
-    parse_local(local)
-    if at and not valid_domain(domain):
-        raise AddressError(501, "Bad domain %s" % domain)
-    return ("<%s>" % inner if bracketed else inner), params
 
 
 # ------------------------------------------------------------- session ----
@@ -280,17 +185,14 @@ class Session:
         if params and not self.esmtp:
             self.reply(501)
             return False
-        for p in params.split():
-            key, _, value = p.upper().partition("=")
-            if key == "SIZE" and value.isdigit():
-                if self.cfg.maxsize and int(value) > self.cfg.maxsize:
-                    self.reply(552, "Message size exceeds fixed maximum message size")
-                    return False
-            elif key == "BODY" and value in ("7BIT", "8BITMIME"):
-                pass
-            else:
-                self.reply(555)
-                return False
+        try:
+            size = mail_params(params).get("SIZE", 0)
+        except AddressError as e:
+            self.reply(e.code)
+            return False
+        if self.cfg.maxsize and size > self.cfg.maxsize:
+            self.reply(552, "Message size exceeds fixed maximum message size")
+            return False
         return True
 
     def smtp_mail(self, arg):

@@ -265,12 +265,15 @@ def inetd(cfg):
 
 def main(argv):
     dl.log.open("smtpd", buildconf.LOG_FACILITY, pid=True,
-                stderr=not dl.stderr_is_socket())
+                stderr=not dl.stderr_is_socket(), path=buildconf.LOG_SOCKET)
     cfg = parse_options(argv)
+    if not cfg.log_pid:
+        dl.log.open("smtpd", buildconf.LOG_FACILITY, pid=False, path=buildconf.LOG_SOCKET,
+                    stderr=dl.log.stderr)
     if cfg.foreground:
         dl.log.stderr = True
-    if not cfg.log_pid:
-        dl.log.open("smtpd", buildconf.LOG_FACILITY, pid=False, stderr=dl.log.stderr)
+    # Detached (-D without -F), standard error is gone: say so if syslog is too.
+    dl.log.say_if_unheard("smtpd", stays=cfg.foreground or not cfg.daemon)
     prepare(cfg)
     if cfg.daemon:
         prepare_engine(cfg)

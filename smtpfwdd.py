@@ -548,9 +548,10 @@ def write_pid(fd):
 
 
 def main(argv):
-    dl.log.open("smtpfwdd", buildconf.LOG_FACILITY, pid=True)
+    dl.log.open("smtpfwdd", buildconf.LOG_FACILITY, pid=True, path=buildconf.LOG_SOCKET)
     cfg = parse_options(argv)
     dl.log.stderr = cfg.foreground
+    dl.log.say_if_unheard("smtpfwdd", stays=cfg.foreground)
     if os.geteuid() == 0:
         pw, gr = dl.resolve_identity(cfg.user, cfg.group)
         dl.enter_jail(pw, gr, None)
@@ -565,10 +566,11 @@ def main(argv):
     if cfg.foreground:
         write_pid(lock)
         return Forwarder(cfg).run()
+    dl.log.close()          # DaemonContext closes every descriptor
     with daemon.DaemonContext(files_preserve=[lock], working_directory=cfg.spooldir,
                               umask=0o077, signal_map={signal.SIGHUP: None,
                                                        signal.SIGTERM: None}):
-        dl.log.open("smtpfwdd", buildconf.LOG_FACILITY, pid=True)
+        dl.log.open("smtpfwdd", buildconf.LOG_FACILITY, pid=True, path=buildconf.LOG_SOCKET)
         write_pid(lock)
         return Forwarder(cfg).run()
 

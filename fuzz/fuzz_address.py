@@ -9,7 +9,7 @@ import atheris
 
 with atheris.instrument_imports():
     import common  # noqa: F401
-    import session
+    import address
     import smtpfwdd
 
 
@@ -18,8 +18,8 @@ def TestOneInput(data):
     null_ok = fdp.ConsumeBool()
     arg = fdp.ConsumeUnicodeNoSurrogates(600)
     try:
-        stored, params = session.parse_path(arg, null_ok)
-    except session.AddressError as e:
+        stored, params = address.parse_path(arg, null_ok)
+    except address.AddressError as e:
         if e.code not in (501, 553):
             raise
         return

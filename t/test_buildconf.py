@@ -15,13 +15,13 @@ def read_conf(d):
 
 def test_override_reaches_buildconf_and_default_comes_back(tmp_path):
     shutil.copy(os.path.join(ROOT, "Makefile"), tmp_path)
-    subprocess.run(["make", "-s", "-C", str(tmp_path)], check=True)
+    subprocess.run(["make", "-s", "-C", str(tmp_path), "buildconf.py"], check=True)
     assert read_conf(tmp_path)["NOTO_DELAY"] == 60
-    subprocess.run(["make", "-s", "-C", str(tmp_path), "NOTO_DELAY=5",
+    subprocess.run(["make", "-s", "-C", str(tmp_path), "buildconf.py", "NOTO_DELAY=5",
                     "SPOOLDIR=/srv/smtpd"], check=True)
     conf = read_conf(tmp_path)
     assert conf["NOTO_DELAY"] == 5 and conf["SPOOLDIR"] == "/srv/smtpd"
-    subprocess.run(["make", "-s", "-C", str(tmp_path)], check=True)
+    subprocess.run(["make", "-s", "-C", str(tmp_path), "buildconf.py"], check=True)
     conf = read_conf(tmp_path)
     assert conf["NOTO_DELAY"] == 60 and conf["SPOOLDIR"] == "/var/spool/smtpd"
     assert open(tmp_path / "buildconf.py").readline().startswith(

@@ -343,8 +343,9 @@ def test_cli_t_validates(rulefile, tmp_path):
     bad.write_text("allow:*my.domain:ALL:ALL\nallow:10/8:ALL:ALL\nnope\n")
     code, out, _ = cli("-t", "-f", str(bad))
     assert code == 78
-    assert out[0].startswith(str(bad) + ":2: bad IPv4")
-    assert out[1].startswith(str(bad) + ":3: bad field count")
+    assert out[0].startswith(str(bad) + ":1: warning: '*my.domain'")
+    assert out[1].startswith(str(bad) + ":2: bad IPv4")
+    assert out[2].startswith(str(bad) + ":3: bad field count")
     ok = tmp_path / "warn"
     ok.write_text("allow:*my.domain:ALL:ALL\n")
     code, out, _ = cli("-t", "-f", str(ok))
@@ -357,3 +358,41 @@ def test_cli_usage_and_bad_file(rulefile, tmp_path):
     assert cli("-x")[0] == 64
     assert cli("-f", rulefile, "-a", "not-an-ip", F, T)[0] == 64
     assert cli("-f", str(tmp_path / "missing"), F, T)[0] == 78
+
+
+# -- the tester says what smtpd would do (issue 13, item 5) --
+
+@pytest.mark.parametrize("sender,rcpt,reply,which", [
+    ("<a@example.org>", "<-oQ@localhost>", "553 Address may not start with '-'", "RCPT TO"),
+    ("<a@example.org>", "<a,b@localhost>", "553 Unquoted ',' in address not allowed", "RCPT TO"),
+    ("<-f@example.org>", "<bob@localhost>", "553 Address may not start with '-'", "MAIL FROM"),
+    ("<a@example.org>", "<>", "553 Null address not allowed here", "RCPT TO"),
+    ("<a@example.org>", "<bob@localhost> NOTIFY=NEVER", "555 ", "RCPT TO"),
+])
+def test_tester_reports_what_smtpd_refuses_before_the_rules(tmp_path, sender, rcpt, reply, which):
+    rules = tmp_path / "rules"
+    rules.write_text("allow:ALL:ALL:ALL\n")
+    status, out, err = cli("-v", "-f", str(rules), "-n", "UNKNOWN", sender, rcpt)
+    assert status == 3 and out[0].startswith("refused " + reply), (out, err)
+    assert out[1] == "smtpd refuses this %s address before any rule" % which
+
+
+def test_tester_sees_the_address_as_smtpd_stores_it(tmp_path):
+    rules = tmp_path / "rules"
+    rules.write_text("noto:ALL:ALL:bob@my.domain:550 no bob\nallow:ALL:ALL:ALL\n")
+    status, out, _ = cli("-f", str(rules), "-n", "UNKNOWN", "<a@b.example>",
+                         "<@relay.example:bob@my.domain>")
+    assert (status, out) == (1, ["noto 550 no bob"])
+
+
+def test_tester_prints_every_error_and_every_warning(tmp_path):
+    rules = tmp_path / "rules"
+    rules.write_text("allow:ALL:ALL:*my.domain\nallow:10/8:ALL:ALL\nallow:all:ALL:ALL\n"
+                     "deny::ALL:ALL\n")
+    for args in (["-t"], ["<a@b.example>", "<c@d.example>"]):
+        status, out, _ = cli("-f", str(rules), *args)
+        assert status == 78
+        assert [line.split(": ", 1)[0] for line in out] == [
+            "%s:%d" % (rules, n) for n in (1, 2, 3, 4)], out
+        assert "warning: '*my.domain' has no dot boundary" in out[0]
+        assert "bad IPv4 address" in out[1] and "warning: lower-case 'all'" in out[2]

@@ -27,10 +27,11 @@ def port_busy(port):
         return False
 
 
-def copy_tree():
-    """A copy of the source tree every user can read, sharing our .venv."""
+def copy_tree(mode=0o755):
+    """A copy of the source tree, sharing our .venv, in a directory of the
+    given mode (0755: every user can read it; 0700: only its owner)."""
     d = tempfile.mkdtemp(prefix="smtpd-copy-", dir="/tmp")
-    os.chmod(d, 0o755)
+    os.chmod(d, mode)
     dest = os.path.join(d, "src")
     shutil.copytree(ROOT, dest, symlinks=True, ignore=shutil.ignore_patterns(
         ".venv", "var", ".git", "__pycache__", ".pytest_cache", ".hypothesis"))
@@ -40,10 +41,13 @@ def copy_tree():
     return d, dest
 
 
-def test_make_run_delivers_into_var_mail_and_stops_on_sigint():
+@pytest.mark.parametrize("mode", [0o755, 0o700], ids=["open", "closed"])
+def test_make_run_delivers_into_var_mail_and_stops_on_sigint(mode):
     if port_busy(2525):
         pytest.skip("127.0.0.1:2525 is in use")
-    top, src = copy_tree()
+    if mode == 0o700 and os.geteuid() != 0:
+        pytest.skip("the 0700 case is about root and user nobody")
+    top, src = copy_tree(mode)
     log = open(os.path.join(top, "run.log"), "wb")
     p = subprocess.Popen(["make", "-s", "run"], cwd=src, stdin=subprocess.DEVNULL,
                          stdout=log, stderr=log, start_new_session=True)
@@ -70,7 +74,30 @@ def test_make_run_delivers_into_var_mail_and_stops_on_sigint():
         log.close()
     out = open(os.path.join(top, "run.log")).read()
     assert "run-local: smtpd exited 0, smtpfwdd exited 0" in out
+    assert "mail lands in %s/var/mail/" % src in out
     assert not port_busy(2525)
+    if os.path.islink(os.path.join(src, "var")):
+        assert mode == 0o700
+        shutil.rmtree(os.path.realpath(os.path.join(src, "var", "..")))
+    shutil.rmtree(top)
+
+
+def test_make_run_with_another_mailprog_does_not_promise_var_mail():
+    if port_busy(2525):
+        pytest.skip("127.0.0.1:2525 is in use")
+    top, src = copy_tree()
+    p = subprocess.Popen(["make", "-s", "run", "MAILPROG=/bin/true"], cwd=src,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while not port_busy(2525):
+            assert p.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+    finally:
+        os.killpg(p.pid, signal.SIGINT)
+        out = p.communicate(timeout=60)[0].decode()
+    assert "mail goes to /bin/true" in out and "var/mail" not in out
     shutil.rmtree(top)
 
 

@@ -1,76 +1,83 @@
 """End to end through a real MTA: smtpd -> spool -> smtpfwdd -> Postfix's
-/usr/sbin/sendmail -> a local mailbox (issue 6).  .ci/run installs postfix;
-this test configures it for local delivery only (no network listener)."""
+/usr/sbin/sendmail -> a mailbox (issues 6 and 13).  .ci/run installs postfix;
+the test runs a private instance (t/postfix.py) and leaves the system's
+configuration, services, users and mailboxes exactly as they were."""
 
+import hashlib
 import os
-import shutil
 import smtplib
 import subprocess
 import time
 
 import pytest
 
-from harness import is_root, PYTHON, spool_files, TEST_CONSTANTS
+import postfix
+from harness import PYTHON, spool_files, TEST_CONSTANTS
 
-USER = "fwdtest"
-MAILBOX = "/var/mail/" + USER
+pytestmark = pytest.mark.skipif(not postfix.available(),
+                                reason="needs root and Debian's postfix (installed by .ci/run)")
 
-pytestmark = pytest.mark.skipif(
-    not (is_root and shutil.which("postconf") and os.path.exists("/usr/sbin/sendmail")),
-    reason="needs root and Debian's postfix (installed by .ci/run)")
+
+def host_state():
+    """What a test must not change: the system's Postfix configuration and
+    whether it runs, the users and groups, the system mailboxes."""
+    def digest(path):
+        try:
+            return hashlib.sha256(open(path, "rb").read()).hexdigest()
+        except FileNotFoundError:
+            return None
+    postconf = subprocess.run(["postconf", "-n"], capture_output=True, text=True).stdout
+    running = subprocess.run(["postfix", "status"], capture_output=True).returncode
+    mailboxes = sorted(os.listdir("/var/mail")) if os.path.isdir("/var/mail") else []
+    return {"postconf -n": postconf, "postfix status": running,
+            "main.cf": digest("/etc/postfix/main.cf"),
+            "master.cf": digest("/etc/postfix/master.cf"),
+            "passwd": digest("/etc/passwd"), "group": digest("/etc/group"),
+            "/var/mail": mailboxes}
 
 
 @pytest.fixture(scope="module")
-def postfix():
-    subprocess.run(["postconf", "-e", "inet_interfaces = loopback-only",
-                    "master_service_disable = inet", "mydestination = localhost",
-                    "myhostname = localhost", "alias_maps =", "alias_database =",
-                    "local_recipient_maps = proxy:unix:passwd.byname"], check=True)
-    if subprocess.run(["id", USER], capture_output=True).returncode != 0:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
-                        "/usr/sbin/nologin", USER], check=True)
-    if subprocess.run(["postfix", "status"], capture_output=True).returncode == 0:
-        subprocess.run(["postfix", "reload"], check=True, capture_output=True)
-    else:
-        subprocess.run(["postfix", "start"], check=True, capture_output=True)
-    yield
-    subprocess.run(["postfix", "stop"], capture_output=True)
+def before():
+    return host_state()
 
 
-def mailbox():
-    try:
-        return open(MAILBOX, "rb").read()
-    except FileNotFoundError:
-        return b""
+@pytest.fixture(scope="module")
+def mta(before):
+    with postfix.instance(users=["fwdtest"]) as pf:
+        yield pf
 
 
-def test_delivery_through_postfix_sendmail(postfix, smtpd, tree_factory):
+def test_delivery_through_postfix_sendmail(mta, smtpd, tree_factory):
     srv = smtpd("allow:ALL:ALL:ALL\n", "-H")
-    before = len(mailbox())
     with smtplib.SMTP(srv.addr, srv.port, timeout=30) as s:
-        s.sendmail("alice@example.org", [USER + "@localhost"],
+        s.sendmail("alice@example.org", ["fwdtest@localhost"],
                    b"Subject: through postfix\r\nX-Test: kept\r\n\r\nHello, Postfix.\r\n")
-        s.sendmail("", [USER + "@localhost"],
+        s.sendmail("", ["fwdtest@localhost"],
                    b"Subject: a bounce\r\n\r\nNull sender.\r\n")
     assert len(spool_files(srv.jail)) == 2
     tree = tree_factory(**TEST_CONSTANTS)
     fwd = subprocess.Popen([PYTHON, os.path.join(tree, "smtpfwdd.py"), "-F", "-P", "1",
-                            "-d", srv.jail, "-s", "/usr/sbin/sendmail",
+                            "-d", srv.jail, "-s", mta.agent(),
                             "-u", "nobody", "-g", "nogroup"],
                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline and mailbox()[before:].count(b"\nFrom ") + \
-                mailbox()[before:].startswith(b"From ") < 2:
-            time.sleep(0.5)
+        got = mta.wait_for_mail("fwdtest", count=2)
+        deadline = time.time() + 30
+        while spool_files(srv.jail) and time.time() < deadline:
+            time.sleep(0.2)
         assert spool_files(srv.jail) == []
     finally:
         fwd.terminate()
         out = fwd.communicate(timeout=30)[0].decode(errors="replace")
-    got = mailbox()[before:]
     assert b"Subject: through postfix\nX-Test: kept\n" in got, out
     assert b"Hello, Postfix.\n" in got
     assert b"by mx.my.domain (smtpd) with ESMTP id smtpd" in got
     assert b"Return-Path: <alice@example.org>" in got
     assert b"Subject: a bounce" in got and b"From MAILER-DAEMON" in got
+    assert "status=sent (delivered to file: %s)" % mta.mailbox_path("fwdtest") in mta.log()
+
+
+def test_the_host_is_as_it_was(mta, before):
+    mta.stop()
+    assert host_state() == before

@@ -6,12 +6,13 @@ design.md where it deliberately differs from the original."""
 import os
 import re
 import smtplib
+import socket
 import stat
 import time
 
 import pytest
 
-from harness import spool_files
+from harness import ROOT, spool_files
 
 GREETING = (220, ["mx.my.domain Sendmail 4.1/SMI-4.1 ready."])
 F, T = "<alice@example.org>", "<bob@my.domain>"
@@ -629,3 +630,23 @@ def test_session_timeout_holds_for_a_client_that_never_pauses(smtpd):
     assert time.time() - t0 < 5
     assert srv.last_status() == 71
     assert os.listdir(srv.jail) == ["etc"]
+
+
+def test_documented_differences_from_the_original(smtpd):
+    """Issue 13, item 7: each difference smtpd.8 COMPATIBILITY lists holds."""
+    srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H")
+    for line in ("HELOfoo", "MAILFROM:<a@b.example>", "NOOPX", "WIZ", "DEBUG"):
+        assert c.cmd(line)[0] == 500, line
+    helo(c)
+    assert c.cmd("MAIL FROM:")[0] == 501
+    envelope(c)
+    assert c.cmd("DATA")[0] == 354
+    c.send("Subject: cut\r\n")
+    c.sock.shutdown(socket.SHUT_WR)             # EOF during DATA
+    assert c.reply()[0] == 421
+    assert c.closed()
+    man = open(os.path.join(ROOT, "man", "smtpd.8")).read()
+    compat = man.split(".Sh COMPATIBILITY", 1)[1].split(".Sh ", 1)[0]
+    for words in ("HELOfoo", "MAILFROM:", "NOOPX", "WIZ", "DEBUG", "during DATA gets only 421",
+                  "MAIL FROM:\ngets 501"):
+        assert words in compat, words

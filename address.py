@@ -1,0 +1,122 @@
+"""address - the one parser of MAIL FROM and RCPT TO arguments
+
+DESCRIPTION
+    parse_path(arg, null_ok) -> (stored text, parameters) or AddressError
+    with the SMTP reply smtpd gives (code, text).  RFC 5321 paths; angle
+    brackets optional; a source route is dropped; "<>" only where null_ok.
+    Refused: a leading '-', an unquoted ',', control or 8-bit characters,
+    unbalanced quotes or brackets, a local part over 64 octets or a path
+    over 256.  smtpd (MAIL, RCPT) and checkrules' tester use it, so the
+    tester answers as smtpd would.
+"""
+
+import re
+
+PATH_MAX = 256
+LOCAL_MAX = 64
+
+
+class AddressError(Exception):
+    def __init__(self, code, text):
+        super().__init__(text)
+        self.code, self.text = code, text
+
+
+LABEL = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+LITERAL = re.compile(r"^\[(?:IPv6:[0-9A-Fa-f:.]+|[0-9.]+)\]$")
+ATEXT_BAD = set('()<>[]:;@\\," ')
+
+
+def split_path(arg):
+    """Split 'path [params]' -> (path, params); brackets or quotes group."""
+    depth, quoted, i = 0, False, 0
+    while i < len(arg):
+        ch = arg[i]
+        if ch == "\\" and quoted:
+            i += 1
+        elif ch == '"':
+            quoted = not quoted
+        elif not quoted and ch == "<":
+            depth += 1
+        elif not quoted and ch == ">":
+            depth -= 1
+        elif ch == " " and not quoted and depth == 0:
+            break
+        i += 1
+    if quoted or depth != 0:
+        raise AddressError(501, "Unbalanced quotes or angle brackets")
+    return arg[:i], arg[i:].strip()
+
+
+def parse_local(local):
+    if local.startswith('"'):
+        if len(local) < 2 or not local.endswith('"'):
+            raise AddressError(501, "Bad quoted local part")
+        body = re.sub(r'\\.', "", local[1:-1])
+        if '"' in body:
+            raise AddressError(501, "Bad quoted local part")
+        return
+    if not local or local.startswith(".") or local.endswith(".") or ".." in local:
+        raise AddressError(501, "Bad local part")
+    if "," in local:
+        raise AddressError(553, "Unquoted ',' in address not allowed")
+    if ATEXT_BAD & set(local):
+        raise AddressError(501, "Bad character in local part")
+
+
+def valid_domain(domain):
+    """A dotted host name (label by label: no backtracking blow-up) or an
+    address literal."""
+    if domain.startswith("["):
+        return LITERAL.match(domain) is not None
+    labels = domain[:-1].split(".") if domain.endswith(".") else domain.split(".")
+    return all(LABEL.match(label) for label in labels)
+
+
+def parse_path(arg, null_ok):
+    """A MAIL/RCPT argument -> (stored text, params).
+
+    Brackets are optional; a source route is dropped; "<>" only if null_ok.
+    The stored text is the address as typed (with its brackets, if any)."""
+    if not arg:
+        raise AddressError(501, "Address missing")
+    if any(ord(c) < 0x20 or ord(c) >= 0x7f for c in arg):
+        raise AddressError(501, "Control or 8-bit character in address")
+    path, params = split_path(arg)
+    bracketed = path.startswith("<")
+    inner = path[1:-1] if bracketed and path.endswith(">") else path
+    if bracketed != path.endswith(">") or "<" in inner or ">" in inner:
+        raise AddressError(501, "Unbalanced angle brackets")
+    if inner == "":
+        if not (null_ok and bracketed):
+            raise AddressError(553 if bracketed else 501, "Null address not allowed here")
+        return "<>", params
+    if inner.startswith("@"):               # source route: @a,@b:mailbox
+        route, colon, inner = inner.partition(":")
+        if not colon or not inner:
+            raise AddressError(501, "Bad source route")
+    if len(inner) + 2 > PATH_MAX:
+        raise AddressError(553, "Address longer than %d octets" % PATH_MAX)
+    if inner.startswith("-"):
+        raise AddressError(553, "Address may not start with '-'")
+    local, at, domain = inner.rpartition("@") if "@" in inner else (inner, "", "")
+    if len(local) > LOCAL_MAX:
+        raise AddressError(553, "Local part longer than %d octets" % LOCAL_MAX)
+    parse_local(local)
+    if at and not valid_domain(domain):
+        raise AddressError(501, "Bad domain %s" % domain)
+    return ("<%s>" % inner if bracketed else inner), params
+
+
+def mail_params(params):
+    """The MAIL FROM parameters -> {"SIZE": n}; AddressError 555 for one
+    we do not know (SIZE=digits and BODY=7BIT|8BITMIME are known)."""
+    out = {}
+    for p in params.split():
+        key, _, value = p.upper().partition("=")
+        if key == "SIZE" and value.isdigit():
+            out["SIZE"] = int(value)
+        elif not (key == "BODY" and value in ("7BIT", "8BITMIME")):
+            raise AddressError(555, "MAIL FROM/RCPT TO parameters not recognized "
+                                    "or not implemented")
+    return out

@@ -1,0 +1,129 @@
+"""Logs from the jail are not lost (issue 13, item 2): with a real rsyslog
+listening inside the jail, workers' lines reach it when it starts after
+smtpd and again after it restarts, without a SIGHUP; with no log daemon at
+all, the daemons say so once on standard error."""
+
+import os
+import shutil
+import signal
+import smtplib
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from harness import (Fwd, FWD_CONSTANTS, make_jail, needs_root, PYTHON, SmtpdDaemon,
+                     TEST_CONSTANTS, wait_for)
+
+NOWHERE = "/nonexistent-smtpd-test/log"
+
+
+def test_detached_smtpd_says_once_that_nothing_hears_it(tree_factory):
+    tree = tree_factory(**dict(TEST_CONSTANTS, LOG_SOCKET=NOWHERE))
+    jail = make_jail()
+    d = SmtpdDaemon(tree, jail, detach=True)
+    assert d.proc.wait(20) == 0
+    assert wait_for(lambda: os.path.exists(d.pidfile))
+    try:
+        log = d.log()
+        assert log.count("smtpd: no syslog daemon listens on %s" % NOWHERE) == 1, log
+    finally:
+        os.kill(d.master_pid(), signal.SIGTERM)
+        d.log_file.close()
+
+
+def test_smtpd_in_the_foreground_does_not_complain(tree_factory):
+    tree = tree_factory(**dict(TEST_CONSTANTS, LOG_SOCKET=NOWHERE))
+    d = SmtpdDaemon(tree, make_jail()).wait_ready()
+    assert "no syslog daemon" not in d.log()
+    assert d.stop() == 0
+
+
+def test_detached_smtpfwdd_says_once_that_nothing_hears_it(tree_factory):
+    tree = tree_factory(**dict(FWD_CONSTANTS, LOG_SOCKET=NOWHERE))
+    spool = tempfile.mkdtemp(prefix="spool-", dir="/tmp")
+    if os.geteuid() == 0:
+        shutil.chown(spool, "nobody")
+    ids = ["-u", "nobody", "-g", "nogroup"] if os.geteuid() == 0 else []
+    p = subprocess.run([PYTHON, os.path.join(tree, "smtpfwdd.py"), "-d", spool,
+                        "-s", "/bin/true"] + ids, capture_output=True, text=True, timeout=30)
+    try:
+        assert p.returncode == 0
+        assert p.stderr.count("smtpfwdd: no syslog daemon listens on %s" % NOWHERE) == 1
+    finally:
+        lock = open(os.path.join(spool, ".smtpfwdd.lock")).read().strip()
+        os.kill(int(lock), signal.SIGTERM)
+        shutil.rmtree(spool, ignore_errors=True)
+
+
+class Rsyslog:
+    """A private rsyslogd: one Unix socket (inside the jail), one file."""
+
+    def __init__(self, socket_path):
+        self.dir = tempfile.mkdtemp(prefix="rsyslog-test-", dir="/tmp")
+        self.out = os.path.join(self.dir, "messages")
+        self.conf = os.path.join(self.dir, "rsyslog.conf")
+        with open(self.conf, "w") as f:
+            f.write('global(workDirectory="%s")\n' % self.dir)
+            f.write('module(load="imuxsock" SysSock.Use="off")\n')
+            f.write('input(type="imuxsock" Socket="%s" CreatePath="on")\n' % socket_path)
+            f.write('*.* action(type="omfile" file="%s")\n' % self.out)
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(["rsyslogd", "-n", "-f", self.conf, "-i",
+                                      os.path.join(self.dir, "rsyslogd.pid")],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        return self
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+
+    def lines(self):
+        try:
+            return open(self.out, errors="replace").read()
+        except FileNotFoundError:
+            return ""
+
+    def close(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def session(port, marker):
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.sendmail("%s@example.org" % marker, ["bob@my.domain"], b"Subject: x\r\n\r\nhi\r\n")
+
+
+@needs_root
+@pytest.mark.skipif(not shutil.which("rsyslogd"), reason="needs rsyslog (installed by .ci/run)")
+def test_worker_lines_reach_rsyslog_started_later_and_restarted(tree_factory):
+    tree = tree_factory(**dict(TEST_CONSTANTS, SMTPD_PREFORK=1))
+    jail = make_jail()
+    os.mkdir(os.path.join(jail, "dev"))
+    d = SmtpdDaemon(tree, jail, "-M", "1").wait_ready()
+    rs = Rsyslog(os.path.join(jail, "dev", "log"))
+    try:
+        assert "no log socket at %s/dev/log" % jail in d.log()
+        session(d.port, "before")
+        rs.start()
+        assert wait_for(lambda: os.path.exists(os.path.join(jail, "dev", "log")))
+        time.sleep(1.2)             # a worker retries a missing socket once a second
+        session(d.port, "first")
+        assert wait_for(lambda: "mail from <first@example.org>" in rs.lines()), rs.lines()
+        assert "worker: " in rs.lines()
+        pid = rs.lines().split("mail from <first@")[0].rsplit("smtpd[", 1)[1].split("]")[0]
+        rs.stop()
+        rs.start()
+        assert wait_for(lambda: os.path.exists(os.path.join(jail, "dev", "log")))
+        session(d.port, "second")
+        assert wait_for(lambda: "mail from <second@example.org>" in rs.lines()), rs.lines()
+        # The same worker, never replaced: no SIGHUP, no recycling.
+        assert "smtpd[%s]: worker: mail from <second@" % pid in rs.lines()
+    finally:
+        rs.close()
+        d.stop()
