@@ -23,6 +23,12 @@ MAIL_AGENT = /usr/sbin/sendmail
 # Directory of smtpd.pid for `smtpd -D` (smtpd -i default: PID_DIR/smtpd.pid).
 PID_DIR = /var/run
 
+# STARTTLS: the certificate chain and private key (PEM), outside the jail,
+# read by root before the chroot (smtpd -C and -K override them).  Missing
+# files here mean plaintext only; empty values turn STARTTLS off.
+TLS_CERT = /etc/smtpd/cert.pem
+TLS_KEY = /etc/smtpd/key.pem
+
 # Installation prefix for `make install`.
 PREFIX = /usr/local
 
@@ -113,7 +119,7 @@ AGENT_TIMEOUT = 3600
 
 # ------------------------------------------------------------ build rules ----
 
-CONSTANTS = SPOOLDIR SPOOLSUBDIR CHECK_FILE MAIL_AGENT PID_DIR PREFIX \
+CONSTANTS = SPOOLDIR SPOOLSUBDIR CHECK_FILE MAIL_AGENT PID_DIR TLS_CERT TLS_KEY PREFIX \
 	SMTP_USER SMTP_GROUP LOG_FACILITY LOG_SOCKET NOTO_DELAY DENY_DELAY READ_TIMEOUT \
 	SESSION_TIMEOUT CHECK_IDENT IDENT_PORT DNS_TIMEOUT \
 	CHECK_ADDRESS_DENY_ON_FAILURE MAX_RCPT SMTPD_PREFORK SMTPD_MAXCHILDREN \

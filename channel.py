@@ -4,6 +4,8 @@ DESCRIPTION
     Channel(rfd, wfd, read_timeout, deadline, sock=None) reads and writes
     the client's descriptors without blocking past READ_TIMEOUT or the
     session deadline: command() returns the next CRLF-terminated line,
+    start_tls() puts TLS (ssl.SSLObject over memory BIOs) under the same
+    line discipline,
     reply() and flush() batch replies, chunks() feeds DATA, linger()
     half-closes so a last reply is not lost to a reset.  DataReader reads a
     message to CRLF.CRLF, unstuffs dots, stores LF line ends and says why a
@@ -14,6 +16,7 @@ DESCRIPTION
 import os
 import select
 import socket
+import ssl
 import time
 
 import buildconf
@@ -39,6 +42,8 @@ class Channel:
 
     def __init__(self, rfd, wfd, read_timeout, deadline, sock=None):
         self.rfd, self.wfd, self.sock = rfd, wfd, sock
+        self.tls = self.tls_in = self.tls_out = None     # after STARTTLS
+        self.broken = False         # a TLS handshake failed: say nothing more
         self.read_timeout, self.deadline = read_timeout, deadline
         self.buf = bytearray()
         self.out = []
@@ -63,6 +68,15 @@ class Channel:
     def flush(self, final=False):
         data = b"".join(self.out)
         self.out = []
+        if self.broken:
+            return          # a failed TLS handshake: nothing more goes out
+        if self.tls is not None:
+            if data:
+                self.tls.write(data)
+            data = self.tls_out.read()
+        self.raw_write(data, final)
+
+    def raw_write(self, data, final=False):
         while data:
             try:
                 data = data[os.write(self.wfd, data):]
@@ -97,21 +111,97 @@ class Channel:
         if answered:
             self.flush()
         self.check_deadline()       # also for a client that never pauses
-        if answered:
+        if answered and not self.tls_buffered():
             # A client that waits for each reply has sent nothing yet: poll
             # first rather than fail a read (pipelined input returns at once).
             self.wait(self.rfd, select.POLLIN)
+        data = self.tls_read() if self.tls is not None else self.raw_read()
+        if not data:
+            raise Closed(dl.EX_OSERR, "EOF on client fd")
+        self.buf += data
+
+    def raw_read(self):
+        """What the client's descriptor has (b"" at EOF), within the timeouts."""
         while True:
             try:
-                data = os.read(self.rfd, CHUNK)
-                break
+                return os.read(self.rfd, CHUNK)
             except BlockingIOError:
                 self.wait(self.rfd, select.POLLIN)
             except OSError as e:
                 raise Closed(dl.EX_OSERR, "read from client: %s" % e.strerror) from None
-        if not data:
-            raise Closed(dl.EX_OSERR, "EOF on client fd")
-        self.buf += data
+
+    # -- TLS: a change of transport under the same line discipline --
+
+    def start_tls(self, context):
+        """Discard what the client sent after STARTTLS (never executed
+        inside TLS), then run the server handshake within READ_TIMEOUT and
+        the deadline.  Returns the number of octets discarded; Closed (and
+        nothing more is ever sent) if the handshake fails."""
+        dropped = len(self.buf)
+        del self.buf[:]
+        self.tls_in, self.tls_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.tls_in, self.tls_out, server_side=True)
+        try:
+            while True:
+                try:
+                    self.tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    self.raw_write(self.tls_out.read())
+                    data = self.raw_read()
+                    if not data:
+                        raise Closed(dl.EX_PROTOCOL, "client closed the connection")
+                    self.tls_in.write(data)
+                except ssl.SSLError as e:
+                    self.raw_write(self.tls_out.read())      # the alert, if any
+                    raise Closed(dl.EX_PROTOCOL, tls_reason(e)) from None
+            self.raw_write(self.tls_out.read())
+        except Closed:
+            self.broken = True
+            raise
+        return dropped
+
+    def tls_read(self):
+        """Plaintext from TLS records (b"" at the end of the stream)."""
+        while True:
+            try:
+                data = self.tls.read(CHUNK)
+                self.raw_write(self.tls_out.read())     # e.g. session tickets
+                return data
+            except ssl.SSLWantReadError:
+                self.raw_write(self.tls_out.read())
+                data = self.raw_read()
+                if not data:
+                    return b""
+                self.tls_in.write(data)
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
+            except ssl.SSLError as e:
+                self.broken = True
+                raise Closed(dl.EX_PROTOCOL, "TLS: %s" % tls_reason(e)) from None
+
+    def tls_buffered(self):
+        """Client input already inside the TLS layer (not on the socket)."""
+        return self.tls is not None and bool(self.tls.pending() or self.tls_in.pending)
+
+    def tls_info(self):
+        """(version, cipher name) of the TLS session, or None."""
+        if self.tls is None or self.broken:
+            return None
+        return self.tls.version(), self.tls.cipher()[0]
+
+    def close_tls(self):
+        """Best effort: send our close_notify after the last reply."""
+        if self.tls is None or self.broken:
+            return
+        try:
+            self.tls.unwrap()
+        except ssl.SSLError:
+            pass
+        try:
+            self.raw_write(self.tls_out.read(), final=True)
+        except Closed:
+            pass
 
     def command(self):
         """The next command line without CRLF, or None if it was bad.
@@ -164,7 +254,7 @@ class Channel:
         """Input we have not consumed, buffered or waiting (or EOF)?  A
         close with unread data resets the connection, which can destroy
         our last reply before the client reads it; nothing else can."""
-        return bool(self.buf) or bool(self.read_poll.poll(0))
+        return bool(self.buf) or self.tls_buffered() or bool(self.read_poll.poll(0))
 
     def unread(self, data):
         self.buf[0:0] = data
@@ -186,6 +276,11 @@ class Channel:
         finally:
             if s is not self.sock:      # the caller's socket is the caller's to close
                 s.close()
+
+
+def tls_reason(e):
+    """A short reason for an ssl.SSLError, for the log."""
+    return "%s" % (e.reason or e.strerror or e.__class__.__name__)
 
 
 def dup_socket(fd):

@@ -14,14 +14,17 @@ DESCRIPTION
     copy of the listener at once (parent-death signal), so a restarted
     master can bind while they finish.  Each worker chroots to -c and
     becomes -u/-g before its first session, serves SMTPD_MAX_USE sessions,
-    then exits.  The master holds the rules but never opens anything in the
-    jail: a jailed watcher (rulewatch.py) reads the file at start, when it
-    changes and on SIGHUP, and sends the text; an invalid new text is logged
-    and the old rules stay.  Workers are then replaced so new sessions use
-    the new rules.
+    then exits.  The master holds the TLS certificate and key (outside the
+    jail) and reloads them on SIGHUP and when either file changes.  It holds
+    the rules but never opens anything in the jail: a jailed watcher
+    (rulewatch.py) reads the file at start, when it changes and on SIGHUP,
+    and sends the text.  An invalid new rules text or certificate is logged
+    and the old one stays; otherwise workers are replaced (a busy one after
+    its session) so new sessions use the new ones.
 SIGNALS
     SIGTERM, SIGINT: stop accepting, let sessions finish for at most
-    SHUTDOWN_TIMEOUT seconds, exit 0.  SIGHUP: re-read the rules.
+    SHUTDOWN_TIMEOUT seconds, exit 0.  SIGHUP: re-read the rules and the
+    certificate and key.
 """
 
 import ctypes
@@ -104,8 +107,9 @@ def load_rules(cfg):
 
 def check_jail_log_socket(cfg):
     """Warn when the jail has no log socket: the workers could not reach
-    the syslog daemon again after it restarts."""
-    if not cfg.root:
+    the syslog daemon again after it restarts (with -F they also log to
+    standard error, so nothing is lost)."""
+    if not cfg.root or cfg.foreground:
         return
     path = os.path.join(cfg.chroot, buildconf.LOG_SOCKET.lstrip("/"))
     try:
@@ -439,12 +443,21 @@ class Master:
         self.reload_reason = "SIGHUP"
         if self.watcher is not None:
             self.watcher.ask()
+        self.reload_tls("SIGHUP")
+
+    def reload_tls(self, why):
+        """New sessions get a new certificate; running ones keep theirs."""
+        if self.cfg.certs is not None and self.cfg.certs.reload(why):
+            self.cfg.tls_context = self.cfg.certs.context
+            for w in list(self.workers.values()):
+                self.retire(w)
 
     # -- the loop --
 
     def run(self):
         dl.info("ready to accept connections on port %d (master pid %d)",
                 self.cfg.port, os.getpid())
+        next_check = time.monotonic() + 1
         while not self.stopping:
             self.reap()
             if not self.stopping:
@@ -453,6 +466,10 @@ class Master:
             if self.hup:
                 self.hup = False
                 self.on_sighup()
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + 1
+                if self.cfg.certs is not None and self.cfg.certs.changed():
+                    self.reload_tls("certificate or key changed")
         return self.shutdown()
 
     def dispatch(self, timeout):

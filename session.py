@@ -115,6 +115,7 @@ class Session:
             self.end()
             try:
                 self.ch.flush(final=True)
+                self.ch.close_tls()
             except Closed:
                 pass
         except Exception:
@@ -154,14 +155,46 @@ class Session:
         self.flush_summary()
         shown = dl.escape(name)
         as_ = ' as "%s"' % shown if name.lower() != (self.client.name or "").lower() else ""
+        tls = self.ch.tls_info()
         self.log('%s from %s as "%s"' % ("EHLO" if esmtp else "HELO", self.where, shown),
-                 "relay=%s/%s%s" % (self.client.name or "UNKNOWN",
-                                    self.client.ip_text or "", as_))
+                 "relay=%s/%s%s%s" % (self.client.name or "UNKNOWN", self.client.ip_text or "",
+                                      as_, " tls=%s" % tls[0] if tls else ""))
         text = "%s pleased to meet you, %s" % (self.cfg.myname, host_chars(name))
         if not esmtp:
             return self.reply(250, text)
         size = "SIZE %d" % self.cfg.maxsize if self.cfg.maxsize else "SIZE"
-        self.reply(250, text, ["PIPELINING", "8BITMIME", size])
+        more = ["PIPELINING", "8BITMIME", size]
+        if self.tls_offered():
+            more.append("STARTTLS")
+        self.reply(250, text, more)
+
+    def tls_offered(self):
+        return self.cfg.tls_context is not None and self.ch.tls is None
+
+    def smtp_starttls(self, arg):
+        """RFC 3207: 220, then the handshake; what the client pipelined
+        behind STARTTLS is discarded, and the session starts over."""
+        if self.cfg.tls_context is None:
+            return self.smtp_unknown(arg)
+        if arg.strip():
+            return self.reply(501, "Syntax: STARTTLS takes no argument")
+        if self.ch.tls is not None or self.helo is None:
+            return self.reply(503)
+        self.reply(220, "Ready to start TLS")
+        self.ch.flush()
+        try:
+            dropped = self.ch.start_tls(self.cfg.tls_context)
+        except Closed as e:
+            dl.notice("TLS handshake with %s failed: %s", self.where, e)
+            raise Closed(dl.EX_PROTOCOL, "") from None
+        if dropped:
+            dl.notice("discarded %d octets that %s sent after STARTTLS, before TLS",
+                      dropped, self.where)
+        version, cipher = self.ch.tls_info()
+        self.flush_summary()
+        if not self.cfg.quiet:
+            dl.info("STARTTLS with %s: %s with cipher %s", self.where, version, cipher)
+        self.helo, self.esmtp, self.env = None, False, Envelope()
 
     def smtp_ehlo(self, arg):
         self.smtp_helo(arg, esmtp=True)
@@ -308,12 +341,16 @@ class Session:
         self.reply(250, "Message accepted for delivery")
 
     def received(self):
-        """smtpd's trace header (RFC 5322 form)."""
+        """smtpd's trace header (RFC 5322 form; RFC 3848 "ESMTPS" after
+        STARTTLS, with the protocol version and cipher in a comment line).
+        smtpfwdd dates a message by the line after "id NAME;"."""
         c = self.client
         helo = host_chars(self.helo or "")
-        return ("Received: from %s (%s [%s])\n\tby %s (smtpd) with %s id %s;\n\t%s\n"
+        tls = self.ch.tls_info()
+        return ("Received: from %s (%s [%s])\n%s\tby %s (smtpd) with %s id %s;\n\t%s\n"
                 % (helo or "unknown", c.name or "unknown", c.ip_text or "unknown",
-                   self.cfg.myname, "ESMTP" if self.esmtp else "SMTP", self.draft.name,
+                   "\t(version=%s cipher=%s)\n" % tls if tls else "", self.cfg.myname,
+                   "ESMTPS" if tls else "ESMTP" if self.esmtp else "SMTP", self.draft.name,
                    email_date())).encode("latin-1")
 
     def smtp_rset(self, arg):
@@ -330,7 +367,8 @@ class Session:
         self.reply(502)
 
     def smtp_help(self, arg):
-        self.reply(214, "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT")
+        self.reply(214, "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT"
+                   + (" STARTTLS" if self.tls_offered() else ""))
 
     def smtp_quit(self, arg):
         self.reply(221)
@@ -345,7 +383,7 @@ VERBS = {"HELO": Session.smtp_helo, "EHLO": Session.smtp_ehlo,
          "DATA": Session.smtp_data, "RSET": Session.smtp_rset,
          "NOOP": Session.smtp_noop, "VRFY": Session.smtp_vrfy,
          "EXPN": Session.smtp_expn, "HELP": Session.smtp_help,
-         "QUIT": Session.smtp_quit}
+         "QUIT": Session.smtp_quit, "STARTTLS": Session.smtp_starttls}
 
 
 def host_chars(name):

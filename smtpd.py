@@ -4,15 +4,17 @@
 SYNOPSIS
     smtpd.py [-DFHLPq] [-c chrootdir] [-d spooldir] [-u user] [-g group]
              [-m myname] [-s maxsize] [-l address] [-p port] [-i pidfile] [-M max]
+             [-C certfile] [-K keyfile]
 DESCRIPTION
     Speaks SMTP on stdin (inetd) or on a listening socket (-D) and writes each
     accepted message to the spool for smtpfwdd(8).  Every recipient is checked
-    against the smtpd_check_rules file (checkrules.py).
+    against the smtpd_check_rules file (checkrules.py).  STARTTLS is offered
+    with the certificate -C and key -K (TLS_CERT, TLS_KEY).
 SECURITY
     Talks to the network.  Sessions run chrooted to -c as -u/-g; only the
     master keeps root, and it never reads network input.  Everything the jail
-    lacks (imports, resolver, syslog socket, time zone, own name) is done
-    before the chroot.
+    lacks (imports, resolver, syslog socket, time zone, own name, the TLS
+    certificate and key) is done before the chroot.
 EXIT STATUS
     0 QUIT or -l refusal; 64 usage; 71 client gone, timeout, I/O error;
     76 denied by a rule or too many errors; 78 configuration error.
@@ -29,12 +31,14 @@ import buildconf
 import daemonlib as dl
 from replies import VANILLA
 
-# checkrules, lookup, prefork and session take ~90 ms to import: load_engine()
-# imports them after the greeting has gone out, and always before the jail.
-checkrules = lookup = prefork = session = None
+# checkrules, lookup, prefork, session and tlscert take ~90 ms to import:
+# load_engine() imports them after the greeting has gone out, and always
+# before the jail.
+checkrules = lookup = prefork = session = tlscert = None
 
 USAGE = """usage: smtpd.py [-DFHLPq] [-c chrootdir] [-d spooldir] [-u user] [-g group]
-                [-m myname] [-s maxsize] [-l address] [-p port] [-i pidfile] [-M max]"""
+                [-m myname] [-s maxsize] [-l address] [-p port] [-i pidfile] [-M max]
+                [-C certfile] [-K keyfile]"""
 
 
 class Config:
@@ -58,6 +62,10 @@ class Config:
         self.maxchildren = buildconf.SMTPD_MAXCHILDREN
         self.rules = None
         self.rules_path = buildconf.CHECK_FILE
+        self.tls_cert, self.tls_key = buildconf.TLS_CERT, buildconf.TLS_KEY
+        self.tls_explicit = False       # -C or -K: a pair that fails is fatal
+        self.certs = None               # tlscert.Certificates
+        self.tls_context = None         # what a session offers STARTTLS with
 
 
 def usage_error(msg):
@@ -83,7 +91,7 @@ def absolute(opt, value):
 def parse_options(argv):
     cfg = Config()
     try:
-        opts, args = getopt.getopt(argv, "c:d:u:g:m:s:l:p:i:M:DFHLPq")
+        opts, args = getopt.getopt(argv, "c:d:u:g:m:s:l:p:i:M:C:K:DFHLPq")
     except getopt.GetoptError as e:
         usage_error("Unknown option: %s" % e)
     if args:
@@ -114,6 +122,9 @@ def parse_options(argv):
             cfg.pidfile = absolute(o, v)
         elif o == "-M":
             cfg.maxchildren = positive(o, v)
+        elif o in ("-C", "-K"):
+            setattr(cfg, "tls_cert" if o == "-C" else "tls_key", absolute(o, v))
+            cfg.tls_explicit = True
         else:
             setattr(cfg, {"-D": "daemon", "-F": "foreground", "-q": "quiet",
                           "-P": "paranoid"}.get(o, "_"), True)
@@ -126,11 +137,12 @@ def parse_options(argv):
 
 def load_engine():
     """Import the rules engine, resolver, session and daemon code."""
-    global checkrules, lookup, prefork, session
+    global checkrules, lookup, prefork, session, tlscert
     import checkrules
     import lookup
     import prefork
     import session
+    import tlscert
 
 
 def prepare(cfg):
@@ -148,10 +160,23 @@ def prepare(cfg):
 
 
 def prepare_engine(cfg):
-    """The rest of what the jail lacks: the engine, rules, resolver."""
+    """The rest of what the jail lacks: the engine, rules, resolver, and the
+    certificate and key (read here, as root; never from inside the jail).
+    A pair that was named with -C/-K, or exists, but cannot be loaded is a
+    configuration error: 78."""
     load_engine()
     cfg.rules = checkrules.RulesFile(cfg.rules_path)
     cfg.resolver = lookup.make_resolver()
+    cfg.certs = tlscert.Certificates(cfg.tls_cert, cfg.tls_key, cfg.tls_explicit)
+    try:
+        cfg.tls_context = cfg.certs.start().context
+    except tlscert.CertError as e:
+        dl.err("cannot load the TLS certificate: %s", e)
+        if not dl.log.stderr and not dl.stderr_is_socket():
+            print("smtpd.py: cannot load the TLS certificate: %s" % e, file=sys.stderr)
+        if not cfg.daemon:
+            os.write(1, b"421 %s\r\n" % VANILLA[421].encode())
+        sys.exit(dl.EX_CONFIG)
     dl.prepare_jail()
 
 

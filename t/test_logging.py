@@ -28,6 +28,8 @@ def test_detached_smtpd_says_once_that_nothing_hears_it(tree_factory):
     try:
         log = d.log()
         assert log.count("smtpd: no syslog daemon listens on %s" % NOWHERE) == 1, log
+        if os.geteuid() == 0:
+            assert "no log socket at %s%s" % (jail, NOWHERE) in log
     finally:
         os.kill(d.master_pid(), signal.SIGTERM)
         d.log_file.close()
@@ -108,7 +110,6 @@ def test_worker_lines_reach_rsyslog_started_later_and_restarted(tree_factory):
     d = SmtpdDaemon(tree, jail, "-M", "1").wait_ready()
     rs = Rsyslog(os.path.join(jail, "dev", "log"))
     try:
-        assert "no log socket at %s/dev/log" % jail in d.log()
         session(d.port, "before")
         rs.start()
         assert wait_for(lambda: os.path.exists(os.path.join(jail, "dev", "log")))

@@ -6,6 +6,7 @@ import shutil
 import signal
 import smtplib
 import socket
+import ssl
 import stat
 import subprocess
 import tempfile
@@ -13,7 +14,7 @@ import time
 
 import pytest
 
-from harness import PYTHON, ROOT
+from harness import PYTHON, ROOT, wait_for
 
 EXAMPLE_RULES = ["etc/smtpd_check_rules.example", "etc/antispam_check_rules.example",
                  "etc/run-local.rules"]
@@ -60,6 +61,12 @@ def test_make_run_delivers_into_var_mail_and_stops_on_sigint(mode):
         with smtplib.SMTP("127.0.0.1", 2525, timeout=30) as s:
             s.sendmail("me@example.org", ["you@localhost"],
                        b"Subject: make run\r\n\r\nIt works.\r\n")
+        if shutil.which("openssl"):     # make run made a certificate: STARTTLS
+            ctx = ssl.create_default_context(cafile=os.path.join(src, "var", "tls", "cert.pem"))
+            ctx.check_hostname = False
+            with smtplib.SMTP("127.0.0.1", 2525, timeout=30) as s:
+                s.starttls(context=ctx)
+                s.sendmail("me@example.org", ["tls@localhost"], b"Subject: tls\r\n\r\nok\r\n")
         box = os.path.join(src, "var", "mail", "you")
         deadline = time.time() + 30
         while not (os.path.exists(box) and b"It works." in open(box, "rb").read()):
@@ -68,6 +75,9 @@ def test_make_run_delivers_into_var_mail_and_stops_on_sigint(mode):
         mail = open(box, "rb").read()
         assert mail.startswith(b"From me@example.org ")
         assert b"\nSubject: make run\n\nIt works.\n\n" in mail
+        if shutil.which("openssl"):
+            tls = os.path.join(src, "var", "mail", "tls")
+            assert wait_for(lambda: os.path.exists(tls) and b"with ESMTPS" in open(tls, "rb").read())
     finally:
         os.killpg(p.pid, signal.SIGINT)             # what Ctrl-C does
         p.wait(60)
