@@ -117,6 +117,11 @@ QUEUE_LIFETIME = 432000
 # Seconds one mail-agent call may take before it is killed (then deferred).
 AGENT_TIMEOUT = 3600
 
+# Seconds a message may wait in the queue before its sender is told, once,
+# that it is delayed (a delivery status notification, Action: delayed).
+# 0 = never (as Postfix's default).
+DELAY_WARNING_TIME = 0
+
 # ------------------------------------------------------------ build rules ----
 
 CONSTANTS = SPOOLDIR SPOOLSUBDIR CHECK_FILE MAIL_AGENT PID_DIR TLS_CERT TLS_KEY PREFIX \
@@ -125,7 +130,7 @@ CONSTANTS = SPOOLDIR SPOOLSUBDIR CHECK_FILE MAIL_AGENT PID_DIR TLS_CERT TLS_KEY 
 	CHECK_ADDRESS_DENY_ON_FAILURE MAX_RCPT SMTPD_PREFORK SMTPD_MAXCHILDREN \
 	SMTPD_MAX_PER_IP SMTPD_MAX_USE SMTPD_IDLE_TIME SHUTDOWN_TIMEOUT RULES_MAX_SIZE \
 	MAXCHILDREN POLL_TIME MAXARGS \
-	RETRY_DELAY_TIME QUEUE_LIFETIME AGENT_TIMEOUT
+	RETRY_DELAY_TIME QUEUE_LIFETIME AGENT_TIMEOUT DELAY_WARNING_TIME
 export $(CONSTANTS)
 export CONSTANTS
 
@@ -205,6 +210,9 @@ install: all venv
 	        $$p $(LIBDIR) $(INSTALL_PYTHON) $(LIBDIR) $$p > $(DESTDIR)$(SBINDIR)/$$p; \
 	    chmod 755 $(DESTDIR)$(SBINDIR)/$$p; \
 	done
+	printf '#!/bin/sh\n# smtpq: the queue tool (smtpfwdd -Q), installed by make install\nset -- -Q "$$@"\nif [ "$$2" = -d ] && [ $$# -ge 3 ]; then d=$$(readlink -f -- "$$3"); shift 3; set -- -d "$$d" -Q "$$@"; fi\nPYTHONPATH=%s/vendor exec %s -s %s/smtpfwdd.py "$$@"\n' \
+	    $(LIBDIR) $(INSTALL_PYTHON) $(LIBDIR) > $(DESTDIR)$(SBINDIR)/smtpq
+	chmod 755 $(DESTDIR)$(SBINDIR)/smtpq
 	install -m 644 man/smtpd.8 man/smtpfwdd.8 man/checkrules.8 $(DESTDIR)$(MANDIR)/man8/
 	install -m 644 man/smtpd_check_rules.5 $(DESTDIR)$(MANDIR)/man5/
 	for f in $(EXAMPLES); do \
@@ -233,7 +241,7 @@ install: all venv
 uninstall:
 	rm -rf $(DESTDIR)$(LIBDIR)
 	rm -f $(DESTDIR)$(RSYSLOG_DIR)/smtpd.conf
-	for p in $(PROGRAMS); do rm -f $(DESTDIR)$(SBINDIR)/$$p; done
+	for p in $(PROGRAMS) smtpq; do rm -f $(DESTDIR)$(SBINDIR)/$$p; done
 	rm -f $(DESTDIR)$(MANDIR)/man8/smtpd.8 $(DESTDIR)$(MANDIR)/man8/smtpfwdd.8 \
 	    $(DESTDIR)$(MANDIR)/man8/checkrules.8 $(DESTDIR)$(MANDIR)/man5/smtpd_check_rules.5
 	rm -rf $(DESTDIR)$(DOCDIR)

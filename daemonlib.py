@@ -262,6 +262,17 @@ def resolve_identity(user, group):
     return pw, gr
 
 
+def own_name():
+    """This host's name, canonical if the resolver knows it."""
+    name = socket.gethostname()
+    if "." not in name:
+        try:
+            name = socket.getaddrinfo(name, None, flags=socket.AI_CANONNAME)[0][3] or name
+        except OSError:
+            pass
+    return name
+
+
 def prepare_jail():
     """Do now what a chrooted process could not do later."""
     time.tzset()

@@ -156,7 +156,7 @@ def prepare(cfg):
         cfg.spooldir = os.path.join(cfg.chroot, cfg.spooldir.lstrip("/"))
         cfg.rules_path = os.path.join(cfg.chroot, cfg.rules_path.lstrip("/"))
     if cfg.myname is None:
-        cfg.myname = own_name()
+        cfg.myname = dl.own_name()
 
 
 def prepare_engine(cfg):
@@ -178,16 +178,6 @@ def prepare_engine(cfg):
             os.write(1, b"421 %s\r\n" % VANILLA[421].encode())
         sys.exit(dl.EX_CONFIG)
     dl.prepare_jail()
-
-
-def own_name():
-    name = socket.gethostname()
-    if "." not in name:
-        try:
-            name = socket.getaddrinfo(name, None, flags=socket.AI_CANONNAME)[0][3] or name
-        except OSError:
-            pass
-    return name
 
 
 def jail(cfg):
@@ -228,17 +218,18 @@ def identify(cfg, local, peer, deadline):
         except lookup.TempFail as e:
             dl.notice("cannot identify %s: %s", ip, e)
             error = str(e)
+    def ask_ident():
+        try:
+            limit = lk.time_left(buildconf.CHECK_IDENT)
+        except lookup.TempFail:
+            return None
+        return lookup.ident_query(local, peer, timeout=limit)
     ident_fn = None
     env_ident = os.environ.get("SMTPD_IDENT")
     if env_ident == "UNKNOWN":
         env_ident = None
     elif env_ident is None and local and peer:
-        def ident_fn():
-            try:
-                limit = lk.time_left(buildconf.CHECK_IDENT)
-            except lookup.TempFail:
-                return None
-            return lookup.ident_query(local, peer, timeout=limit)
+        ident_fn = ask_ident
     c = checkrules.Client(ip, name, lk, ident=env_ident, ident_fn=ident_fn,
                           name_error=error)
     c.local, c.peer = local, peer

@@ -4,6 +4,8 @@
 SYNOPSIS
     smtpfwdd.py [-Fq] [-d spooldir] [-u user] [-g group] [-s mailprog]
                 [-M maxchildren] [-P polltime]
+    smtpfwdd.py [-d spooldir] -Q list [-j] | show ID | requeue ID|all-failed
+                | delete ID | flush
 DESCRIPTION
     Scans the spool every -P seconds (or on SIGUSR1) and hands each complete
     smtpd* file to one of at most -M long-lived delivery processes, which runs
@@ -13,8 +15,9 @@ DESCRIPTION
     0 removes the file; 71 72 74 75 defer it (retried after
     RETRY_DELAY_TIME); 78, a missing agent or a signal defer it and log
     CRIT; anything else, and a message deferred beyond QUEUE_LIFETIME, moves
-    it to failed/ with the reason.  Nothing accepted is deleted unless
-    delivered.
+    it to failed/ with the reason, and the sender gets a delivery status
+    notification (delivery.py, bounce.py).  Nothing accepted is deleted
+    unless delivered.  -Q is the queue tool (queuetool.py, also `smtpq`).
 SECURITY
     Runs as -u/-g (supplementary groups cleared), never as root.
 SIGNALS
@@ -29,7 +32,6 @@ import select
 import signal
 import socket
 import stat
-import subprocess
 import sys
 import time
 
@@ -37,13 +39,15 @@ import daemon
 
 import buildconf
 import daemonlib as dl
+import queuetool
 import spool
+from delivery import Delivery, shown
 
 USAGE = """usage: smtpfwdd.py [-Fq] [-d spooldir] [-u user] [-g group] [-s mailprog]
-                   [-M maxchildren] [-P polltime]"""
+                   [-M maxchildren] [-P polltime]
+       smtpfwdd.py [-d spooldir] -Q list [-j] | show ID | requeue ID|all-failed
+                   | delete ID | flush"""
 LOCKFILE = ".smtpfwdd.lock"
-TEMPORARY = (dl.EX_OSERR, dl.EX_OSFILE, dl.EX_IOERR, dl.EX_TEMPFAIL)
-STDERR_MAX = 4096
 ALERT_EVERY = 86400
 
 
@@ -57,6 +61,8 @@ class Config:
         self.poll = buildconf.POLL_TIME
         self.quiet = self.foreground = False
         self.lock_fd = None
+        self.myname = None              # for notifications: this host's name
+        self.queue_command = None       # -Q: the queue tool's arguments
 
 
 def config_error(msg):
@@ -75,10 +81,12 @@ def bounded(opt, value):
 def parse_options(argv):
     cfg = Config()
     try:
-        opts, args = getopt.getopt(argv, "qFu:g:d:s:M:P:")
+        opts, args = getopt.getopt(argv, "qFQu:g:d:s:M:P:")
     except getopt.GetoptError as e:
         config_error(str(e))
-    if args:
+    if ("-Q", "") in opts:
+        cfg.queue_command = args
+    elif args:
         config_error("unexpected argument %r" % args[0])
     for o, v in opts:
         if o in ("-d", "-s") and not v.startswith("/"):
@@ -100,191 +108,6 @@ def parse_options(argv):
         elif o == "-F":
             cfg.foreground = True
     return cfg
-
-
-# ------------------------------------------------------------- delivery ----
-
-def unquoted_comma(addr):
-    """A ',' outside "quotes" (where backslash escapes the next character)."""
-    quoted = escaped = False
-    for ch in addr:
-        if escaped:
-            escaped = False
-        elif ch == "\\" and quoted:
-            escaped = True
-        elif ch == '"':
-            quoted = not quoted
-        elif ch == "," and not quoted:
-            return True
-    return False
-
-
-def bare(addr):
-    """The address without its outer angle brackets ("<>" stays "<>")."""
-    if addr.startswith("<") and addr.endswith(">") and addr != "<>":
-        return addr[1:-1]
-    return addr
-
-
-def check_recipient(r):
-    """Why the C smtpd's recipient r must not reach sendmail, or None."""
-    a = bare(r)
-    if a.startswith("-"):
-        return "recipient %s starts with '-'" % r
-    if unquoted_comma(a):
-        return "recipient %s has an unquoted ','" % r
-    if not a:
-        return "empty recipient"
-    return None
-
-
-def shown(name):
-    """A spool file name (bytes, whatever they hold) for a log line."""
-    return name.decode("ascii", "backslashreplace")
-
-
-class Delivery:
-    """The delivery child's work on one spool file (name: bytes)."""
-
-    def __init__(self, cfg, name):
-        self.cfg, self.name = cfg, shown(name)
-        self.path = os.path.join(os.fsencode(cfg.spooldir), name)
-        self.f = None
-
-    def give_up_for_now(self):
-        """After an unexpected error: defer the file so that it is not
-        retried before RETRY_DELAY_TIME (a crash loop helps nobody)."""
-        if self.f is not None:
-            try:
-                spool.defer(self.f)
-            except OSError as e:
-                dl.crit("deferring %s: %s", self.name, e.strerror)
-
-    def run(self):
-        try:
-            f = spool.open_for_delivery(self.path, time.time(), buildconf.RETRY_DELAY_TIME)
-        except spool.Odd as e:
-            dl.err("%s: %s; skipped", self.name, e)
-            return dl.EX_NOPERM
-        if f is None:
-            dl.debug("%s: busy or no longer eligible", self.name)
-            return dl.EX_TEMPFAIL
-        self.f = f
-        try:
-            msg = spool.parse(f)
-        except spool.Malformed as e:
-            return self.fail("malformed spool file: %s" % e, "?", [])
-        sender = msg.sender.decode("latin-1")
-        rcpts = [(off, r.decode("latin-1")) for off, r in msg.recipients]
-        self.msg, self.sender = msg, sender
-        for _, r in rcpts:
-            why = check_recipient(r)
-            if why:
-                return self.fail(why, sender, [r for _, r in rcpts])
-        return self.batches(sender, rcpts)
-
-    def argv(self, sender, batch):
-        return [self.cfg.agent, "-oi", "-f", bare(sender) or "<>", "--"] + \
-            [bare(r) for _, r in batch]
-
-    def batches(self, sender, rcpts):
-        per_call = max(1, buildconf.MAXARGS - 5)
-        done = []
-        while rcpts:
-            batch, rcpts = rcpts[:per_call], rcpts[per_call:]
-            status, why = self.call(self.argv(sender, batch))
-            names = [r for _, r in batch]
-            if status != 0:
-                return self.failed_batch(status, why, sender, names, done)
-            done += names
-            if rcpts:
-                spool.mark_sent(self.f, [off for off, _ in batch])
-        if not spool.remove(self.path, self.f):
-            dl.alert("%s: the name no longer holds the file delivered; left alone",
-                     self.name)
-        self.outcome("delivered", sender, done)
-        return dl.EX_OK
-
-    def call(self, argv):
-        """Run the agent on the message, fed from the file we hold locked
-        (never reopened by name); (exit status or None, why)."""
-        fd = spool.reader(self.f)
-        try:
-            os.lseek(fd, self.msg.body_offset, os.SEEK_SET)
-            p = subprocess.Popen(argv, stdin=fd, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, close_fds=True,
-                                 env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
-        except OSError as e:
-            return None, "cannot run %s: %s" % (argv[0], e.strerror)
-        finally:
-            os.close(fd)
-        err = read_bounded(p.stderr, buildconf.AGENT_TIMEOUT)
-        try:
-            status = p.wait(max(1, buildconf.AGENT_TIMEOUT))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-            return None, "%s took more than %d seconds; killed" % (argv[0], buildconf.AGENT_TIMEOUT)
-        said = err.decode("latin-1", "replace").strip().replace("\n", " | ")
-        if status < 0:
-            why = "%s killed by signal %d" % (argv[0], -status)
-        else:
-            why = "%s exited %d" % (argv[0], status)
-        if said and (status != 0 or not self.cfg.quiet):
-            why += ", saying: " + said
-            if status == 0:
-                dl.notice("%s: %s", self.name, why)
-        return (None if status < 0 else status), why
-
-    def failed_batch(self, status, why, sender, names, done):
-        if done:
-            why += " (earlier batches delivered to %s)" % ", ".join(done)
-        if status is None or status == dl.EX_CONFIG:
-            dl.crit("%s: %s; deferred, fix the mail agent", self.name, why)
-            return self.defer(why, sender, names)
-        if status in TEMPORARY:
-            return self.defer(why, sender, names)
-        return self.fail(why, sender, names)
-
-    def defer(self, why, sender, names):
-        if self.msg.arrival is None:        # never waits for ever (spool.py ARRIVAL)
-            return self.fail("%s; no arrival date: not retried" % why, sender, names)
-        age = time.time() - self.msg.arrival
-        if age > buildconf.QUEUE_LIFETIME:
-            return self.fail("%s; undeliverable for %d days" % (why, age // 86400),
-                             sender, names)
-        spool.defer(self.f)
-        self.outcome("deferred: %s" % why, sender, names)
-        return dl.EX_TEMPFAIL
-
-    def fail(self, why, sender, names):
-        dest = spool.quarantine(self.cfg.spooldir, os.path.basename(self.path), why)
-        self.outcome("failed: %s; moved to %s" % (why, dest), sender, names)
-        return dl.EX_DATAERR
-
-    def outcome(self, what, sender, names):
-        if self.cfg.quiet:
-            dl.info("%s from=%s%s status=%s", self.name, sender,
-                    "".join(" to=%s" % n for n in names), what)
-        else:
-            dl.info("%s from %s to %s: %s", self.name, sender, ", ".join(names) or "-", what)
-
-
-def read_bounded(pipe, timeout):
-    """Read a pipe to EOF keeping at most STDERR_MAX bytes."""
-    kept = b""
-    deadline = time.monotonic() + max(1, timeout)
-    fd = pipe.fileno()
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        if not r:
-            break
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            break
-        kept = (kept + chunk)[:STDERR_MAX]
-    pipe.close()
-    return kept
 
 
 # --------------------------------------------------------------- master ----
@@ -550,8 +373,11 @@ def write_pid(fd):
 def main(argv):
     dl.log.open("smtpfwdd", buildconf.LOG_FACILITY, pid=True, path=buildconf.LOG_SOCKET)
     cfg = parse_options(argv)
+    if cfg.queue_command is not None:
+        return queuetool.main(cfg, cfg.queue_command)
     dl.log.stderr = cfg.foreground
     dl.log.say_if_unheard("smtpfwdd", stays=cfg.foreground)
+    cfg.myname = dl.own_name()
     if os.geteuid() == 0:
         pw, gr = dl.resolve_identity(cfg.user, cfg.group)
         dl.enter_jail(pw, gr, None)

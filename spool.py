@@ -27,6 +27,9 @@ PROTOCOL
         0750    complete: eligible for delivery
         0755    temporarily failed; eligible again RETRY_DELAY_TIME seconds
                 after its mtime
+        1755    the same, and the sender has been sent a delay warning
+    A SENT line marks a recipient delivered, or failed and already reported
+    to the sender in a delivery status notification.
     We write a draft under a name starting with DRAFT_PREFIX (never
     "smtpd"), mode 0600, O_EXCL, flock held; commit() flushes, chmods 0750,
     fsyncs (data and mode), renames it to its smtpd name (never replacing
@@ -390,6 +393,91 @@ def open_for_delivery(path, now, retry_delay):
     return open(fd, "r+b", buffering=0)
 
 
+def open_readonly(path):
+    """A file of the spool (or failed/) opened to be read, never following a
+    link nor blocking; Odd if it is not a regular file; FileNotFoundError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | OPEN_FLAGS)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise Odd("open: %s" % e.strerror) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise Odd("not a regular file")
+    return open(fd, "rb", buffering=0)
+
+
+def headers(fd, body_offset, limit=65536):
+    """The message's header section (after the envelope), at most limit."""
+    data = os.pread(fd, limit, body_offset)
+    end = data.find(b"\n\n")
+    return data[:end + 1] if end >= 0 else data
+
+
+def _flocked():
+    """(major, minor, inode) of every file with a flock, from /proc/locks;
+    None where there is no /proc."""
+    try:
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    out = set()
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK":
+            try:
+                major, minor, ino = fields[5].split(":")
+                out.add((int(major, 16), int(minor, 16), int(ino)))
+            except ValueError:
+                continue
+    return out
+
+
+def held(f):
+    """Does another process hold a lock on f (being written or delivered)?
+    Read from /proc/locks, so asking never gets in a delivery's way."""
+    st = os.fstat(f.fileno())
+    locks = _flocked()
+    if locks is not None:
+        return (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) in locks
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return False
+
+
+def make_due(f):
+    """A deferred file eligible now: mode 0750 (keeping the warned mark)."""
+    mark = os.fstat(f.fileno()).st_mode & stat.S_ISVTX
+    os.chmod(f.fileno(), MODE_COMPLETE | mark)
+    os.fsync(f.fileno())
+
+
+def unquarantine(spooldir, name):
+    """Move name from failed/ back into the spool, complete and due now
+    (never replacing a file there: FileExistsError); drop its reason."""
+    spooldir, name = os.fsencode(spooldir), os.fsencode(name)
+    src = os.path.join(spooldir, os.fsencode(FAILED_DIR), name)
+    fd = os.open(src, os.O_RDONLY | OPEN_FLAGS)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise Odd("not a regular file")
+        os.chmod(fd, MODE_COMPLETE)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    rename_noreplace(src, os.path.join(spooldir, name))
+    try:
+        os.unlink(src + b".reason")
+    except FileNotFoundError:
+        pass
+    fsync_dir(spooldir)
+
+
 def reader(f):
     """A read-only descriptor of the same open spool file for the mail
     agent: /proc/self/fd reopens the inode itself (never the name), with
@@ -417,9 +505,23 @@ def mark_sent(f, offsets):
 
 
 def defer(f):
-    """Mark the open file temporarily failed: mode 0755, mtime now."""
-    os.chmod(f.fileno(), MODE_DEFERRED)
+    """Mark the open file temporarily failed: mode 0755 (keeping the mark of
+    warned()), mtime now."""
+    mark = os.fstat(f.fileno()).st_mode & stat.S_ISVTX
+    os.chmod(f.fileno(), MODE_DEFERRED | mark)
     os.utime(f.fileno())
+
+
+def warned(f):
+    """Has the sender been told that this message is delayed?  (Mode bit
+    S_ISVTX, which the spool protocol of the C programs ignores.)"""
+    return bool(os.fstat(f.fileno()).st_mode & stat.S_ISVTX)
+
+
+def mark_warned(f):
+    mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+    os.chmod(f.fileno(), mode | stat.S_ISVTX)
+    os.fsync(f.fileno())
 
 
 def holds(f, path):
@@ -459,11 +561,11 @@ def quarantine(spooldir, name, reason):
     return os.fsdecode(dest)
 
 
-def entries(spooldir):
-    """Directory entries whose names start with smtpd, unsorted; the names
-    are bytes (whatever they hold)."""
+def entries(spooldir, prefix=PREFIX):
+    """Directory entries whose names start with prefix (smtpd), unsorted;
+    the names are bytes (whatever they hold)."""
     with os.scandir(os.fsencode(spooldir)) as it:
-        return [e for e in it if e.name.startswith(PREFIX)]
+        return [e for e in it if e.name.startswith(prefix)]
 
 
 def remove_stale_drafts(spooldir, max_age, now):

@@ -10,7 +10,7 @@ import atheris
 with atheris.instrument_imports():
     import common  # noqa: F401
     import address
-    import smtpfwdd
+    import delivery
 
 
 def TestOneInput(data):
@@ -25,7 +25,7 @@ def TestOneInput(data):
         return
     if stored == "<>":
         return
-    if smtpfwdd.check_recipient(stored) is not None:
+    if delivery.check_recipient(stored) is not None:
         raise RuntimeError("accepted %r, which smtpfwdd refuses" % stored)
     if any(ord(c) < 0x20 or ord(c) > 0x7e for c in stored) or len(stored) > 256:
         raise RuntimeError("accepted %r" % stored)

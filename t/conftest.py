@@ -116,9 +116,9 @@ def fwd_env(tree_factory):
     env = Env()
     env.spool, env.agent = spooldir, agent
 
-    def start(*flags, agent_path=None, **constants):
+    def start(*flags, agent_path=None, env=None, **constants):
         tree = tree_factory(**dict(FWD_CONSTANTS, **constants))
-        f = Fwd(tree, spooldir, agent_path or agent.path, *flags)
+        f = Fwd(tree, spooldir, agent_path or agent.path, *flags, env=env)
         started.append(f)
         return f
     env.start = start

@@ -47,6 +47,34 @@ def build_tree(dest, **constants):
     return dest
 
 
+def site_packages():
+    """A copy of the packages the programs need that nobody can read: the
+    venv may sit in a directory only root can enter (a clone under mktemp -d)."""
+    import dns
+    src = os.path.dirname(os.path.dirname(dns.__file__))
+    dst = tempfile.mkdtemp(prefix="smtpd-site-", dir="/tmp")
+    os.chmod(dst, 0o755)
+    for pkg in ("dns", "daemon", "lockfile"):
+        shutil.copytree(os.path.join(src, pkg), os.path.join(dst, pkg),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    for d, _, files in os.walk(dst):
+        os.chmod(d, 0o755)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o644)
+    return dst
+
+
+def nobody_tree(**constants):
+    """(tree, env, argv prefix) to run the programs as user nobody with the
+    system's Python: a built tree and the packages, both readable by all."""
+    tree = tempfile.mkdtemp(prefix="smtpd-tree-", dir="/tmp")
+    os.chmod(tree, 0o755)
+    build_tree(tree, **constants)
+    env = dict(os.environ, PYTHONPATH=site_packages())
+    return tree, env, ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                       "/usr/bin/python3"]
+
+
 NOBODY = "nobody"
 NOGROUP = grp.getgrgid(pwd.getpwnam("nobody").pw_gid).gr_name
 
@@ -342,15 +370,16 @@ def now_date():
 class Fwd(Daemon):
     """smtpfwdd -F -P 1 on spooldir with agent."""
 
-    def __init__(self, tree, spooldir, agent, *flags):
+    def __init__(self, tree, spooldir, agent, *flags, env=None):
         self.logpath = spooldir + ".log"
         self.log_file = open(self.logpath, "ab")
         argv = [PYTHON, os.path.join(tree, "smtpfwdd.py"), "-F", "-d", spooldir,
                 "-s", agent, "-P", "1"] + list(flags)
         if is_root:
             argv += ["-u", "nobody", "-g", "nogroup"]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                     stdout=self.log_file, stderr=self.log_file)
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log_file,
+                                     stderr=self.log_file,
+                                     env=dict(os.environ, **(env or {})))
 
 
 

@@ -227,13 +227,13 @@ def test_glob_rules_are_linear_on_hostile_addresses():
     ('<"a"b,c@x.example>', True), ("<a,b@x.example>", True)])
 def test_smtpd_and_smtpfwdd_agree_on_commas(addr, comma):
     import address
-    import smtpfwdd
+    import delivery
     try:
         stored = address.parse_path(addr, False)[0]
     except address.AddressError:
         stored = None
     assert (stored is None) == comma
-    assert (smtpfwdd.check_recipient(addr) is not None) == comma
+    assert (delivery.check_recipient(addr) is not None) == comma
 
 
 def test_sessions_on_non_socket_fds_leak_no_descriptors(tmp_path):

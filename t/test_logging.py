@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from harness import (Fwd, FWD_CONSTANTS, make_jail, needs_root, PYTHON, SmtpdDaemon,
+from harness import (FWD_CONSTANTS, make_jail, needs_root, PYTHON, SmtpdDaemon,
                      TEST_CONSTANTS, wait_for)
 
 NOWHERE = "/nonexistent-smtpd-test/log"

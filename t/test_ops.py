@@ -133,6 +133,13 @@ def test_make_install_tree_and_modes(installed):
         assert mode(wrapper) == 0o755
         text = open(wrapper).read()
         assert "/usr/lib/smtpd/%s.py" % prog in text and "PYTHONPATH=/usr/lib/smtpd/vendor" in text
+    smtpq = os.path.join(d, "usr/sbin/smtpq")
+    assert mode(smtpq) == 0o755 and "/usr/lib/smtpd/smtpfwdd.py" in open(smtpq).read()
+    for args in ([], ["-d", "/x y"]):       # what the wrapper passes on
+        p = subprocess.run(["sh", "-c", open(smtpq).read().replace("exec", "printf '%s|'"),
+                            "smtpq"] + args + ["list", "-j"], capture_output=True, text=True)
+        assert p.stdout.endswith("smtpfwdd.py|" + "|".join(
+            (["-d", "/x y"] if args else []) + ["-Q", "list", "-j"]) + "|"), p.stdout
     for mod in ("smtpd.py", "smtpfwdd.py", "checkrules.py", "spool.py", "session.py",
                 "prefork.py", "lookup.py", "daemonlib.py", "buildconf.py"):
         assert mode(os.path.join(d, "usr/lib/smtpd", mod)) == 0o644

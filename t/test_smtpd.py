@@ -563,42 +563,17 @@ def test_root_identity_refused_78(tree_factory, args):
     assert p.returncode == 78, p.stderr
 
 
-def site_packages():
-    """A copy of the packages smtpd needs that nobody can read: the venv may
-    sit in a directory only root can enter (a fresh clone under mktemp -d)."""
-    import shutil
-    import tempfile
-    import dns
-    src = os.path.dirname(os.path.dirname(dns.__file__))
-    dst = tempfile.mkdtemp(prefix="smtpd-site-", dir="/tmp")
-    os.chmod(dst, 0o755)
-    for pkg in ("dns", "daemon", "lockfile"):
-        shutil.copytree(os.path.join(src, pkg), os.path.join(dst, pkg),
-                        ignore=shutil.ignore_patterns("__pycache__"))
-    for d, _, files in os.walk(dst):
-        os.chmod(d, 0o755)
-        for f in files:
-            os.chmod(os.path.join(d, f), 0o644)
-    return dst
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody")
 def test_non_root_start_runs_without_jail_under_c(tmp_path_factory, dnsz):
     """As a normal user: no chroot, paths under -c, one warning."""
     import subprocess
-    import tempfile
-    from harness import build_tree, TEST_CONSTANTS
-    from harness import Inetd, make_jail
-    tree = tempfile.mkdtemp(prefix="smtpd-tree-", dir="/tmp")
-    os.chmod(tree, 0o755)
-    build_tree(tree, **TEST_CONSTANTS)
-    env = dict(os.environ, PYTHONPATH=site_packages())
-    probe = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-             "/usr/bin/python3", "-c", "import dns.resolver, daemon"]
-    probed = subprocess.run(probe, env=env, capture_output=True)
+    from harness import Inetd, make_jail, nobody_tree, TEST_CONSTANTS
+    tree, env, as_nobody = nobody_tree(**TEST_CONSTANTS)
+    probed = subprocess.run(as_nobody + ["-c", "import dns.resolver, daemon"], env=env,
+                            capture_output=True)
     assert probed.returncode == 0, probed.stderr
     jail = make_jail()
-    srv = Inetd(probe[:5] + [os.path.join(tree, "smtpd.py"), "-c", jail, "-H",
+    srv = Inetd(as_nobody + [os.path.join(tree, "smtpd.py"), "-c", jail, "-H",
                              "-m", "mx.my.domain"], env=env)
     try:
         c = srv.connect()

@@ -207,17 +207,19 @@ def test_no_date_falls_back_to_the_files_birth_time(tmp_path, monkeypatch):
 
 
 def test_no_date_at_all_is_not_retried_for_ever(fwd_env, monkeypatch):
+    import delivery
     import smtpfwdd
     name = put(fwd_env.spool, body=b"Subject: none\n\nx\n")
     path = os.path.join(fwd_env.spool, name)
     monkeypatch.setattr(spool, "STATX", None)
     f = spool.open_for_delivery(path, time.time(), 0)
     cfg = smtpfwdd.Config()
-    cfg.spooldir = fwd_env.spool
-    d = smtpfwdd.Delivery(cfg, os.fsencode(name))
+    cfg.spooldir, cfg.myname = fwd_env.spool, "mx.my.domain"
+    d = delivery.Delivery(cfg, os.fsencode(name))
     d.f, d.msg = f, spool.parse(f)
     assert d.msg.arrival is None
-    assert d.defer("agent exited 75", "<a@b>", ["<c@d>"]) == os.EX_DATAERR
+    assert d.defer("agent exited 75", "busy", "<>", [(0, "<c@d>")], [], "4.3.0") \
+        == os.EX_DATAERR
     assert "no arrival date" in open(os.path.join(fwd_env.spool, "failed",
                                                   name + ".reason")).read()
 

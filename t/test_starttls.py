@@ -7,16 +7,14 @@ import re
 import shutil
 import signal
 import smtplib
-import socket
 import ssl
 import subprocess
-import time
 
 import pytest
 
 import certs
 import postfix
-from harness import (Client, make_jail, needs_root, NOBODY, spool_files, SmtpdDaemon,
+from harness import (make_jail, needs_root, NOBODY, spool_files, SmtpdDaemon,
                      status_field, TEST_CONSTANTS, wait_for)
 
 pytestmark = pytest.mark.skipif(not shutil.which("openssl"), reason="needs openssl")

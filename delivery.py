@@ -1,0 +1,277 @@
+"""delivery - what smtpfwdd's delivery process does with one spool file
+
+DESCRIPTION
+    Delivery(cfg, name).run() opens and locks the file (spool.py), runs
+        mailprog -oi -f <sender> -- <recipient>...
+    for at most MAXARGS arguments at a time, never through a shell, fed from
+    the locked descriptor, and returns the exit status the master logs.
+    A recipient with a leading '-' or an unquoted ',' (possible in a file
+    of the C smtpd) never reaches the agent: it fails as unsafe.
+OUTCOMES
+    All delivered: the file is removed.  A batch the agent fails for good
+    (a permanent exit status): its recipients fail, the other batches are
+    still tried.  A temporary failure (71 72 74 75; 78, a missing agent, a
+    signal or a timeout, with a CRIT line): the file is deferred (retried
+    after RETRY_DELAY_TIME), unless it is older than QUEUE_LIFETIME, when
+    every recipient still pending fails as expired (4.4.7).
+    Failed recipients are reported to the sender in one delivery status
+    notification (bounce.py), committed to the spool before anything else
+    changes; then the file moves to failed/ with its reason, or, when other
+    recipients are still pending, the reported ones are marked SENT so they
+    are neither retried nor reported twice.  No notification goes to a null
+    sender or to one unsafe on a command line: failed/ only, and a log line
+    says so.  Once a message has waited DELAY_WARNING_TIME seconds (0: off),
+    one "delayed" notification goes out; mode bit S_ISVTX records it.
+"""
+
+import os
+import select
+import signal
+import subprocess
+import time
+
+import bounce
+import buildconf
+import daemonlib as dl
+import spool
+
+TEMPORARY = (dl.EX_OSERR, dl.EX_OSFILE, dl.EX_IOERR, dl.EX_TEMPFAIL)
+STDERR_MAX = 4096
+# For the test suite only: "after-notify" kills the delivery process right
+# after a notification is committed, before the original leaves the queue.
+CRASH_POINT = os.environ.get("SMTPFWDD_TEST_CRASH")
+
+
+def shown(name):
+    """A spool file name (bytes, whatever they hold) for a log line."""
+    return name.decode("ascii", "backslashreplace")
+
+
+def unquoted_comma(addr):
+    """A ',' outside "quotes" (where backslash escapes the next character)."""
+    quoted = escaped = False
+    for ch in addr:
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == "," and not quoted:
+            return True
+    return False
+
+
+def bare(addr):
+    """The address without its outer angle brackets ("<>" stays "<>")."""
+    if addr.startswith("<") and addr.endswith(">") and addr != "<>":
+        return addr[1:-1]
+    return addr
+
+
+def check_recipient(r):
+    """Why the C smtpd's recipient r must not reach sendmail, or None."""
+    a = bare(r)
+    if a.startswith("-"):
+        return "recipient %s starts with '-'" % r
+    if unquoted_comma(a):
+        return "recipient %s has an unquoted ','" % r
+    if not a:
+        return "empty recipient"
+    return None
+
+
+class Delivery:
+    """The delivery process's work on one spool file (name: bytes)."""
+
+    def __init__(self, cfg, name):
+        self.cfg, self.name = cfg, shown(name)
+        self.path = os.path.join(os.fsencode(cfg.spooldir), name)
+        self.f = None
+        self.msg = None
+
+    def give_up_for_now(self):
+        """After an unexpected error: defer the file so that it is not
+        retried before RETRY_DELAY_TIME (a crash loop helps nobody)."""
+        if self.f is not None:
+            try:
+                spool.defer(self.f)
+            except OSError as e:
+                dl.crit("deferring %s: %s", self.name, e.strerror)
+
+    def run(self):
+        try:
+            f = spool.open_for_delivery(self.path, time.time(), buildconf.RETRY_DELAY_TIME)
+        except spool.Odd as e:
+            dl.err("%s: %s; skipped", self.name, e)
+            return dl.EX_NOPERM
+        if f is None:
+            dl.debug("%s: busy or no longer eligible", self.name)
+            return dl.EX_TEMPFAIL
+        self.f = f
+        try:
+            self.msg = spool.parse(f)
+        except spool.Malformed as e:        # no sender we could trust: failed/ only
+            return self.quarantine("malformed spool file: %s" % e, "?", [])
+        sender = self.msg.sender.decode("latin-1")
+        failed, safe = [], []
+        for off, r in self.msg.recipients:
+            r = r.decode("latin-1")
+            why = check_recipient(r)
+            if why:
+                failed.append((off, bounce.Failure(r, bounce.UNSAFE, why)))
+            else:
+                safe.append((off, r))
+        return self.batches(sender, safe, failed)
+
+    def argv(self, sender, batch):
+        return [self.cfg.agent, "-oi", "-f", bare(sender) or "<>", "--"] + \
+            [bare(r) for _, r in batch]
+
+    def batches(self, sender, rcpts, failed):
+        per_call = max(1, buildconf.MAXARGS - 5)
+        done = []
+        while rcpts:
+            batch, rcpts = rcpts[:per_call], rcpts[per_call:]
+            status, why, said = self.call(self.argv(sender, batch))
+            names = [r for _, r in batch]
+            if status == 0:
+                done += names
+                if rcpts:
+                    spool.mark_sent(self.f, [off for off, _ in batch])
+                continue
+            if done:
+                why += " (delivered to %s)" % ", ".join(done)
+            if status is None or status == dl.EX_CONFIG:
+                dl.crit("%s: %s; deferred, fix the mail agent", self.name, why)
+            if status is None or status == dl.EX_CONFIG or status in TEMPORARY:
+                return self.defer(why, said, sender, batch + rcpts, failed,
+                                  bounce.status_of(status, temporary=True))
+            failed += [(off, bounce.Failure(r, bounce.status_of(status), said, why))
+                       for off, r in batch]
+        if failed:
+            return self.give_up(sender, failed, done)
+        if not spool.remove(self.path, self.f):
+            dl.alert("%s: the name no longer holds the file delivered; left alone",
+                     self.name)
+        self.outcome("delivered", sender, done)
+        return dl.EX_OK
+
+    def call(self, argv):
+        """Run the agent on the message, fed from the file we hold locked
+        (never reopened by name); (exit status or None, why, its words)."""
+        fd = spool.reader(self.f)
+        try:
+            os.lseek(fd, self.msg.body_offset, os.SEEK_SET)
+            p = subprocess.Popen(argv, stdin=fd, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, close_fds=True,
+                                 env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        except OSError as e:
+            why = "cannot run %s: %s" % (argv[0], e.strerror)
+            return None, why, why
+        finally:
+            os.close(fd)
+        err = read_bounded(p.stderr, buildconf.AGENT_TIMEOUT)
+        try:
+            status = p.wait(max(1, buildconf.AGENT_TIMEOUT))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            why = "%s took more than %d seconds; killed" % (argv[0], buildconf.AGENT_TIMEOUT)
+            return None, why, why
+        said = err.decode("latin-1", "replace").strip().replace("\n", " | ")
+        if status < 0:
+            why = "%s killed by signal %d" % (argv[0], -status)
+        else:
+            why = "%s exited %d" % (argv[0], status)
+        if said and (status != 0 or not self.cfg.quiet):
+            why += ", saying: " + said
+            if status == 0:
+                dl.notice("%s: %s", self.name, why)
+        return (None if status < 0 else status), why, said or why
+
+    # -- giving up, deferring, telling the sender --
+
+    def defer(self, why, said, sender, pending, failed, status):
+        arrival = self.msg.arrival
+        age = None if arrival is None else time.time() - arrival
+        if age is None or age > buildconf.QUEUE_LIFETIME:
+            expiry = ("%s; no arrival date: not retried" % why if age is None
+                      else "%s; undeliverable for %d days" % (why, age // 86400))
+            failed += [(off, bounce.Failure(r, bounce.EXPIRED, "%s; %s" % (
+                        said, "not retried" if age is None else "expired in the queue")))
+                       for off, r in pending]
+            return self.give_up(sender, failed, [], expiry)
+        if failed:      # reported now, never retried nor reported again
+            self.notify(sender, [f for _, f in failed])
+            spool.mark_sent(self.f, [off for off, _ in failed])
+        self.warn_if_delayed(sender, pending, said, status, age)
+        spool.defer(self.f)
+        self.outcome("deferred: %s" % why, sender, [r for _, r in pending])
+        return dl.EX_TEMPFAIL
+
+    def warn_if_delayed(self, sender, pending, said, status, age):
+        wait = buildconf.DELAY_WARNING_TIME
+        if not wait or age < wait or spool.warned(self.f):
+            return
+        until = self.msg.arrival + buildconf.QUEUE_LIFETIME
+        self.notify(sender, [bounce.Failure(r, status, said) for _, r in pending],
+                    action="delayed", until=until)
+        spool.mark_warned(self.f)
+
+    def give_up(self, sender, failed, done, why=None):
+        """Tell the sender (committed first), then move the file to failed/."""
+        why = why or "; ".join("%s: %s" % (f.rcpt, f.detail) for _, f in failed)
+        if done:
+            why += " (delivered to %s)" % ", ".join(done)
+        self.notify(sender, [f for _, f in failed])
+        return self.quarantine(why, sender, [f.rcpt for _, f in failed])
+
+    def notify(self, sender, failures, action="failed", until=None):
+        """One delivery status notification to sender, into the spool."""
+        rcpts = ", ".join(f.rcpt for f in failures)
+        if bare(sender) in ("", "<>"):
+            dl.info("%s: no notification for %s: the sender is null", self.name, rcpts)
+            return None
+        if check_recipient(sender):
+            dl.notice("%s: no notification for %s: the sender %s is unsafe for a "
+                      "command line", self.name, rcpts, sender)
+            return None
+        headers = spool.headers(self.f.fileno(), self.msg.body_offset)
+        data = bounce.report(self.cfg.myname, sender, failures, headers, self.msg.arrival,
+                             self.name, action, until)
+        name = bounce.queue(self.cfg.spooldir, sender, data, self.cfg.myname)
+        if CRASH_POINT == "after-notify":
+            os.kill(os.getpid(), signal.SIGKILL)
+        dl.info("%s: %s notification %s to %s for %s", self.name,
+                "delivery status" if action == "failed" else "delay", name, sender, rcpts)
+        return name
+
+    def quarantine(self, why, sender, names):
+        dest = spool.quarantine(self.cfg.spooldir, os.path.basename(self.path), why)
+        self.outcome("failed: %s; moved to %s" % (why, dest), sender, names)
+        return dl.EX_DATAERR
+
+    def outcome(self, what, sender, names):
+        if self.cfg.quiet:
+            dl.info("%s from=%s%s status=%s", self.name, sender,
+                    "".join(" to=%s" % n for n in names), what)
+        else:
+            dl.info("%s from %s to %s: %s", self.name, sender, ", ".join(names) or "-", what)
+
+
+def read_bounded(pipe, timeout):
+    """Read a pipe to EOF keeping at most STDERR_MAX bytes."""
+    kept = b""
+    deadline = time.monotonic() + max(1, timeout)
+    fd = pipe.fileno()
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not r:
+            break
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        kept = (kept + chunk)[:STDERR_MAX]
+    pipe.close()
+    return kept
