@@ -81,8 +81,42 @@ SMTPD_PREFORK = 4
 # Most worker processes (sessions at once) of smtpd -D (-M default).
 SMTPD_MAXCHILDREN = 64
 
-# Most concurrent sessions from one client address; more get 421.
+# Most concurrent sessions from one client network (see the prefixes
+# below); more get 421.
 SMTPD_MAX_PER_IP = 10
+
+# ---------------------------------------- smtpd admission (spam engines) ----
+
+# A client is its network: its address cut to these many bits.  One host
+# usually owns a whole IPv6 /64.
+SMTPD_V4_PREFIX = 32
+SMTPD_V6_PREFIX = 64
+
+# Most new sessions per client network in any SMTPD_RATE_WINDOW seconds,
+# refused ones included; more get "421 4.7.0" (logged once per window).
+# 0 = no limit (the default, as Postfix's anvil).  SMTPD_RATE_TABLE
+# networks are remembered, in sets of 8, the least recently seen of a full
+# set giving way; it takes about SMTPD_RATE_TABLE * (32 + 4 * SMTPD_MAX_RATE)
+# bytes of memory, fixed at start.
+SMTPD_MAX_RATE = 0
+SMTPD_RATE_WINDOW = 60
+SMTPD_RATE_TABLE = 4096
+
+# Milliseconds smtpd waits before its 220; a client that talks first gets
+# "554 5.5.1" and is closed (sendmail's greet_pause, postscreen's pregreet
+# test).  0 = no pause.
+SMTPD_GREET_PAUSE = 0
+
+# After this many errors in a session, each further error reply waits
+# SMTPD_ERROR_SLEEP seconds more than the one before (1, 2, 3... with the
+# default), within the session's time; MAX_ERRORS (10) still ends it.
+SMTPD_SOFT_ERRORS = 5
+SMTPD_ERROR_SLEEP = 1
+
+# Networks (CIDRs, space-separated) exempt from the rate limit, the greeting
+# pause and the error delays -- your own relays and monitoring, e.g.
+# "192.0.2.0/24 2001:db8::/48".  The concurrency cap still applies.
+SMTPD_ADMISSION_EXEMPT =
 
 # Sessions a worker serves before it exits and is replaced.
 SMTPD_MAX_USE = 100
@@ -129,6 +163,8 @@ CONSTANTS = SPOOLDIR SPOOLSUBDIR CHECK_FILE MAIL_AGENT PID_DIR TLS_CERT TLS_KEY 
 	SESSION_TIMEOUT CHECK_IDENT IDENT_PORT DNS_TIMEOUT \
 	CHECK_ADDRESS_DENY_ON_FAILURE MAX_RCPT SMTPD_PREFORK SMTPD_MAXCHILDREN \
 	SMTPD_MAX_PER_IP SMTPD_MAX_USE SMTPD_IDLE_TIME SHUTDOWN_TIMEOUT RULES_MAX_SIZE \
+	SMTPD_V4_PREFIX SMTPD_V6_PREFIX SMTPD_MAX_RATE SMTPD_RATE_WINDOW SMTPD_RATE_TABLE \
+	SMTPD_GREET_PAUSE SMTPD_SOFT_ERRORS SMTPD_ERROR_SLEEP SMTPD_ADMISSION_EXEMPT \
 	MAXCHILDREN POLL_TIME MAXARGS \
 	RETRY_DELAY_TIME QUEUE_LIFETIME AGENT_TIMEOUT DELAY_WARNING_TIME
 export $(CONSTANTS)

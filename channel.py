@@ -28,11 +28,13 @@ CHUNK = 65536
 
 
 class Closed(Exception):
-    """The session is over; .status is the exit status."""
+    """The session is over; .status is the exit status; .last_word: whether
+    the client still gets a 421 (not after a 554 that said it all)."""
 
-    def __init__(self, status, why=""):
+    def __init__(self, status, why="", last_word=True):
         super().__init__(why)
         self.status = status
+        self.last_word = last_word
 
 
 # ----------------------------------------------------------------- I/O ----
@@ -229,6 +231,19 @@ class Channel:
 
     def time_left(self):
         return self.deadline - time.monotonic()
+
+    def talks_within(self, seconds):
+        """Before the greeting: does the client send anything within seconds
+        (never past the deadline)?  b"" if it closed, its first bytes if it
+        talked, None if it stayed quiet -- an idle poll, nothing more."""
+        if not self.read_poll.poll(max(0.0, min(seconds, self.time_left())) * 1000):
+            return None
+        try:
+            return os.read(self.rfd, LINE_MAX)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
 
     def check_deadline(self):
         if time.monotonic() >= self.deadline:

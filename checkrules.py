@@ -480,6 +480,8 @@ class RulesFile:
 class Client(Addr):
     """What the rules know about the SMTP client of one session."""
 
+    exempt = False          # in SMTPD_ADMISSION_EXEMPT (smtpd sets it)
+
     def __init__(self, ip=None, name=None, lookup_=None, ident=None,
                  ident_fn=None, name_error=None):
         super().__init__(ip, lookup_ or lookup.Lookup(None))

@@ -7,9 +7,9 @@ DESCRIPTION
     client sends.  Idle workers wait on the shared listening socket
     (EPOLLEXCLUSIVE: one wakes per connection) and accept for themselves,
     which spares every session two wake-ups of the master and a descriptor
-    passed over a Unix socket.  A shared-memory Scoreboard holds each
-    worker's state and client; a client address with SMTPD_MAX_PER_IP
-    sessions already gets "421" and is closed.  A worker tells the master
+    passed over a Unix socket.  Whether a client may have a session is
+    admission.py's answer (the shared scoreboard and rate table): a client
+    network over its limits gets "421" and is closed.  A worker tells the master
     ("N") when spares run low.  If the master dies, workers close their
     copy of the listener at once (parent-death signal), so a restarted
     master can bind while they finish.  Each worker chroots to -c and
@@ -29,16 +29,13 @@ SIGNALS
 
 import ctypes
 import errno
-import fcntl
 import gc
-import mmap
 import os
 import select
 import selectors
 import signal
 import socket
 import stat
-import struct
 import sys
 import time
 
@@ -46,12 +43,15 @@ import daemon
 import daemon.pidfile
 import lockfile
 
+import admission
 import buildconf
 import checkrules
 import daemonlib as dl
 import rulewatch
+from admission import Scoreboard
 
 REFUSAL = b"421 Too many connections from your address, try again later\r\n"
+RATE_REFUSAL = b"421 4.7.0 Too many connections from your network, slow down\r\n"
 
 
 class FrozenRules:
@@ -199,61 +199,6 @@ def is_smtpd_master(pid):
     return comm == b"smtpd: master" and uids[:1] == [b"%d" % os.geteuid()]
 
 
-class Scoreboard:
-    """Shared memory the workers write and the master reads: one 32-byte
-    slot per worker -- the client address (16 bytes, IPv4 mapped), a state
-    byte, and when it last became idle.  A POSIX record lock on the memfd
-    (per process, unlike flock) makes a worker's count-then-claim of an
-    address atomic among workers."""
-
-    SLOT, STATE, SINCE = 32, 16, 24
-    FREE, IDLE, BUSY, ENDING = 0, 1, 2, 3     # ENDING: session over, closing
-
-    def __init__(self, n):
-        self.n = n
-        self.fd = os.memfd_create("smtpd-scoreboard", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, n * self.SLOT)
-        self.mm = mmap.mmap(self.fd, n * self.SLOT)
-
-    @staticmethod
-    def key(ip):
-        """16 bytes for an ipaddress object (IPv4 as ::ffff:a.b.c.d)."""
-        packed = ip.packed
-        return packed if len(packed) == 16 else b"\0" * 10 + b"\xff\xff" + packed
-
-    def set(self, slot, state, key=b"\0" * 16):
-        off = slot * self.SLOT
-        self.mm[off:off + 16] = key
-        self.mm[off + self.STATE] = state
-        if state == self.IDLE:
-            struct.pack_into("d", self.mm, off + self.SINCE, time.monotonic())
-
-    def state(self, slot):
-        return self.mm[slot * self.SLOT + self.STATE]
-
-    def idle_since(self, slot):
-        return struct.unpack_from("d", self.mm, slot * self.SLOT + self.SINCE)[0]
-
-    def count(self, state):
-        return self.mm[self.STATE::self.SLOT].count(state)
-
-    def claim(self, slot, key, limit):
-        """Mark slot busy with key unless limit slots already have it;
-        the number of sessions key already had."""
-        fcntl.lockf(self.fd, fcntl.LOCK_EX)
-        try:
-            n, pos = 0, self.mm.find(key)
-            while pos >= 0:
-                if pos % self.SLOT == 0 and self.mm[pos + self.STATE] == self.BUSY:
-                    n += 1
-                pos = self.mm.find(key, pos + 1)
-            if n < limit:
-                self.set(slot, self.BUSY, key)
-            return n
-        finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN)
-
-
 class Master:
     def __init__(self, cfg, listener, rules, rules_text):
         self.cfg, self.listener = cfg, listener
@@ -262,7 +207,8 @@ class Master:
         self.next_watcher = 0
         self.reload_reason = None
         self.workers = {}           # pid -> Worker
-        self.board = Scoreboard(cfg.maxchildren)
+        self.admission = admission.Admission(cfg.maxchildren, cfg.exempt)
+        self.board = self.admission.board
         self.free_slots = list(range(cfg.maxchildren - 1, -1, -1))
         self.stopping = self.hup = False
         self.fork_backoff = 0
@@ -535,7 +481,7 @@ class Master:
             self.cfg.rules = FrozenRules(self.rules)
             master = os.getppid()
             self.cfg.enter_jail(self.cfg)
-            status = WorkerLoop(self.cfg, ctrl, self.listener, self.board, slot,
+            status = WorkerLoop(self.cfg, ctrl, self.listener, self.admission, slot,
                                 master).run()
         except SystemExit as e:
             status = e.code if isinstance(e.code, int) else dl.EX_SOFTWARE
@@ -549,9 +495,9 @@ class WorkerLoop:
     """A jailed worker: wait for a connection or a word from the master,
     accept, check the client's address against SMTPD_MAX_PER_IP, serve."""
 
-    def __init__(self, cfg, ctrl, listener, board, slot, master):
+    def __init__(self, cfg, ctrl, listener, adm, slot, master):
         self.cfg, self.ctrl, self.listener = cfg, ctrl, listener
-        self.board, self.slot = board, slot
+        self.adm, self.board, self.slot = adm, adm.board, slot
         self.orphaned = False
         # If the master dies, let go of the listening socket at once, so a
         # new master can bind it while this session ends.  (Set after the
@@ -617,23 +563,38 @@ class WorkerLoop:
         self.board.set(self.slot, Scoreboard.ENDING)
 
     def admit(self, sock, addr):
-        """Claim our slot for this client, or refuse it with 421."""
+        """Claim our slot for this client's network, or refuse it with 421:
+        over SMTPD_MAX_RATE new sessions, or SMTPD_MAX_PER_IP at once."""
         ip = dl.normalize_ip(addr[0])
-        n = self.board.claim(self.slot, Scoreboard.key(ip), buildconf.SMTPD_MAX_PER_IP)
+        key = admission.network_key(ip)
+        if self.adm.rates is not None and not admission.member(ip, self.adm.exempt):
+            admitted, log = self.adm.rates.attempt(key)
+            if not admitted:
+                if log:
+                    dl.notice("refused %s: more than %d new sessions from %s in %d seconds",
+                              ip, buildconf.SMTPD_MAX_RATE, admission.network_text(key),
+                              buildconf.SMTPD_RATE_WINDOW)
+                return refuse(sock, RATE_REFUSAL)
+        n = self.board.claim(self.slot, key, buildconf.SMTPD_MAX_PER_IP)
         if n >= buildconf.SMTPD_MAX_PER_IP:
-            dl.notice("refused %s: %d sessions already", ip, n)
-            try:
-                sock.send(REFUSAL, socket.MSG_DONTWAIT)
-            except OSError:
-                pass
-            sock.close()
-            return False
+            dl.notice("refused %s: %d sessions from %s already", ip, n,
+                      admission.network_text(key))
+            return refuse(sock, REFUSAL)
         if self.board.count(Scoreboard.IDLE) < buildconf.SMTPD_PREFORK:
             try:
                 self.ctrl.send(b"N", socket.MSG_DONTWAIT)
             except OSError:
                 pass
         return True
+
+
+def refuse(sock, reply):
+    try:
+        sock.send(reply, socket.MSG_DONTWAIT)
+    except OSError:
+        pass
+    sock.close()
+    return False
 
 
 def set_parent_death_signal(sig):

@@ -69,11 +69,16 @@ class Session:
 
     def count_error(self):
         """One more error (refused commands, noto, tempfail): MAX_ERRORS end
-        the session."""
+        the session; past SMTPD_SOFT_ERRORS each further error reply waits
+        SMTPD_ERROR_SLEEP seconds longer than the one before (within the
+        session's time), so errors cost the client, not us."""
         self.errors += 1
         if self.errors >= MAX_ERRORS:
             dl.notice("too many errors from %s, closing", self.where)
             raise Closed(dl.EX_PROTOCOL, "too many errors")
+        over = self.errors - buildconf.SMTPD_SOFT_ERRORS
+        if over > 0 and buildconf.SMTPD_ERROR_SLEEP and not self.client.exempt:
+            self.ch.sleep(over * buildconf.SMTPD_ERROR_SLEEP)
 
     def end(self):
         """The session is over: let go of what it holds elsewhere (the
@@ -110,7 +115,7 @@ class Session:
             status = c.status
             if status not in (dl.EX_OK, dl.EX_PROTOCOL) and str(c):
                 self.log("%s from %s" % (c, self.where), " %s." % c)
-            if status != dl.EX_OK:
+            if status != dl.EX_OK and c.last_word:
                 self.ch.reply(421)
             self.end()
             try:
@@ -139,8 +144,24 @@ class Session:
         return status
 
     def greet(self):
-        if not self.greeted:
-            self.ch.reply(220, "%s %s" % (self.cfg.myname, VANILLA[220]))
+        if self.greeted:
+            return
+        pause = buildconf.SMTPD_GREET_PAUSE
+        if pause and not self.client.exempt:
+            said = self.ch.talks_within(pause / 1000.0)
+            if said is not None:
+                raise self.early_talker(said)
+        self.ch.reply(220, "%s %s" % (self.cfg.myname, VANILLA[220]))
+
+    def early_talker(self, said):
+        """A client that talked before our greeting: 554, one log line, closed;
+        nothing it sent is executed."""
+        if not said:
+            return Closed(dl.EX_OSERR, "EOF before the greeting", last_word=False)
+        dl.notice("pregreet: %s talked before the greeting: %s", self.where,
+                  dl.escape(said.decode("latin-1"), 60))
+        self.ch.reply(554, "5.5.1 Protocol error: you talked before my greeting")
+        return Closed(dl.EX_PROTOCOL, "", last_word=False)
 
     # -- verbs --
 

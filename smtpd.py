@@ -23,10 +23,12 @@ EXIT STATUS
 import getopt
 import ipaddress
 import os
+import select
 import socket
 import sys
 import time
 
+import admission
 import buildconf
 import daemonlib as dl
 from replies import VANILLA
@@ -66,6 +68,7 @@ class Config:
         self.tls_explicit = False       # -C or -K: a pair that fails is fatal
         self.certs = None               # tlscert.Certificates
         self.tls_context = None         # what a session offers STARTTLS with
+        self.exempt = []                # SMTPD_ADMISSION_EXEMPT networks
 
 
 def usage_error(msg):
@@ -145,8 +148,33 @@ def load_engine():
     import tlscert
 
 
+def check_admission(cfg):
+    """The admission constants: a bad one is a configuration error (78)."""
+    problems = []
+    try:
+        cfg.exempt = admission.parse_networks(buildconf.SMTPD_ADMISSION_EXEMPT)
+    except admission.ConfigError as e:
+        problems.append(str(e))
+    for name, top in (("SMTPD_V4_PREFIX", 32), ("SMTPD_V6_PREFIX", 128),
+                      ("SMTPD_MAX_RATE", 100000), ("SMTPD_RATE_WINDOW", 86400),
+                      ("SMTPD_RATE_TABLE", 1 << 20), ("SMTPD_GREET_PAUSE", 600000),
+                      ("SMTPD_SOFT_ERRORS", 1000), ("SMTPD_ERROR_SLEEP", 3600)):
+        value = getattr(buildconf, name)
+        if not isinstance(value, int) or not 0 <= value <= top:
+            problems.append("%s = %r: must be a number from 0 to %d" % (name, value, top))
+    if buildconf.SMTPD_MAX_RATE and not (buildconf.SMTPD_RATE_WINDOW and buildconf.SMTPD_RATE_TABLE):
+        problems.append("SMTPD_MAX_RATE needs SMTPD_RATE_WINDOW and SMTPD_RATE_TABLE above 0")
+    for p in problems:
+        dl.err("%s", p)
+    if problems:
+        if not dl.stderr_is_socket() and not dl.log.stderr:
+            print("smtpd.py: " + "\nsmtpd.py: ".join(problems), file=sys.stderr)
+        sys.exit(dl.EX_CONFIG)
+
+
 def prepare(cfg):
     """As the original before its chroot: identity, paths and own name."""
+    check_admission(cfg)
     cfg.root = os.geteuid() == 0
     if cfg.root:
         cfg.pw, cfg.gr = dl.resolve_identity(cfg.user, cfg.group)
@@ -233,6 +261,7 @@ def identify(cfg, local, peer, deadline):
     c = checkrules.Client(ip, name, lk, ident=env_ident, ident_fn=ident_fn,
                           name_error=error)
     c.local, c.peer = local, peer
+    c.exempt = admission.member(ip, cfg.exempt)
     return c
 
 
@@ -269,6 +298,8 @@ def inetd(cfg):
         dl.info("Refused connection attempt to %s from %s", local[0], peer and peer[0])
         os.write(1, b"521 %s %s\r\n" % (cfg.myname.encode(), VANILLA[521].encode()))
         return dl.EX_OK
+    if early_talker(cfg, peer):
+        return dl.EX_PROTOCOL
     try:
         os.write(1, b"220 %s %s\r\n" % (cfg.myname.encode(), VANILLA[220].encode()))
     except OSError as e:
@@ -277,6 +308,25 @@ def inetd(cfg):
     prepare_engine(cfg)
     jail(cfg)
     return serve(cfg, 0, 1, local, peer, greeted=True)
+
+
+def early_talker(cfg, peer):
+    """inetd mode's greeting pause (SMTPD_GREET_PAUSE): True if the client
+    talked (554, logged) or left before our 220."""
+    pause = buildconf.SMTPD_GREET_PAUSE
+    ip = dl.normalize_ip(peer[0]) if peer else None
+    if not pause or admission.member(ip, cfg.exempt):
+        return False
+    p = select.poll()
+    p.register(0, select.POLLIN)
+    if not p.poll(pause):
+        return False
+    said = os.read(0, 512)
+    if said:
+        dl.notice("pregreet: %s talked before the greeting: %s", ip,
+                  dl.escape(said.decode("latin-1"), 60))
+        os.write(1, b"554 5.5.1 Protocol error: you talked before my greeting\r\n")
+    return True
 
 
 def main(argv):

@@ -10,11 +10,13 @@ import atheris
 
 with atheris.instrument_imports():
     import common  # noqa: F401
+    import buildconf
     import checkrules
     import daemonlib as dl
     import session
     import smtpd
 
+buildconf.SMTPD_ERROR_SLEEP = 0         # random input makes many errors: no tarpit
 SPOOL = tempfile.mkdtemp(prefix="fuzz-cmd-")
 CFG = smtpd.Config()
 CFG.myname, CFG.spooldir, CFG.maxsize = "fuzz.example", SPOOL, 4096

@@ -31,8 +31,10 @@ is_root = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not is_root, reason="needs root")
 IDENT_PORT = 11313      # the test trees are built with this IDENT_PORT
 
+# (No error delays: sessions that collect errors on purpose stay fast; the
+# tarpit has tests of its own.)
 TEST_CONSTANTS = dict(IDENT_PORT=IDENT_PORT, DNS_TIMEOUT=2, NOTO_DELAY=1,
-                      DENY_DELAY=1)
+                      DENY_DELAY=1, SMTPD_ERROR_SLEEP=0)
 
 
 def build_tree(dest, **constants):
@@ -282,16 +284,18 @@ def send(port, rcpt="bob@my.domain", source="127.0.0.1"):
 
 
 class SmtpdDaemon(Daemon):
-    """smtpd -D -F (or detached) on 127.0.0.1:port with a jail of its own."""
+    """smtpd -D -F (or detached) on 127.0.0.1:port with a jail of its own;
+    wrap: a command to run it under (e.g. ip netns exec NS)."""
 
-    def __init__(self, tree, jail, *flags, port=None, pidfile=None, env=None, detach=False):
+    def __init__(self, tree, jail, *flags, port=None, pidfile=None, env=None, detach=False,
+                 listen="127.0.0.1", wrap=()):
         self.jail = jail
         self.port = port or free_port()
         self.pidfile = pidfile or jail + ".pid"
         self.logpath = jail + ".log"
-        argv = [PYTHON, os.path.join(tree, "smtpd.py"), "-D", "-H", "-c", jail,
-                "-m", "mx.my.domain", "-l", "127.0.0.1", "-p", str(self.port),
-                "-i", self.pidfile] + ([] if detach else ["-F"]) + list(flags)
+        argv = list(wrap) + [PYTHON, os.path.join(tree, "smtpd.py"), "-D", "-H", "-c", jail,
+                             "-m", "mx.my.domain", "-l", listen, "-p", str(self.port),
+                             "-i", self.pidfile] + ([] if detach else ["-F"]) + list(flags)
         if is_root:
             argv += ["-u", NOBODY, "-g", "nogroup"]
         self.log_file = open(self.logpath, "wb")

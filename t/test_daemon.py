@@ -202,25 +202,6 @@ def test_port_25_bound_as_root_served_unprivileged(daemon_):
 
 
 
-def test_scoreboard_claims_an_address_at_most_limit_times():
-    import ipaddress
-    import prefork
-    board = prefork.Scoreboard(4)
-    a = board.key(ipaddress.ip_address("192.0.2.7"))
-    b = board.key(ipaddress.ip_address("2001:db8::7"))
-    assert len(a) == len(b) == 16 and a != b
-    assert board.claim(0, a, 2) == 0
-    assert board.claim(1, a, 2) == 1
-    assert board.claim(2, a, 2) == 2            # refused: slot 2 stays free
-    assert board.state(2) == board.FREE
-    assert board.claim(2, b, 2) == 0            # another address is not counted
-    assert board.count(board.BUSY) == 3
-    board.set(0, board.IDLE)                    # a session ended
-    assert board.count(board.IDLE) == 1 and board.idle_since(0) <= time.monotonic()
-    assert board.claim(3, a, 2) == 1
-    assert [board.state(i) for i in range(4)] == [board.IDLE, board.BUSY, board.BUSY, board.BUSY]
-
-
 def port_is_free(port):
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
