@@ -4,17 +4,12 @@ DESCRIPTION
     The master binds the listening socket(s) as root, takes the pid file,
     detaches (unless -F) and keeps a pool of workers: SMTPD_PREFORK spare
     ones, at most -M (SMTPD_MAXCHILDREN) in all; it never reads what a
-    client sends.  Idle workers wait on the shared listening socket
-    (EPOLLEXCLUSIVE: one wakes per connection) and accept for themselves,
-    which spares every session two wake-ups of the master and a descriptor
-    passed over a Unix socket.  Whether a client may have a session is
-    admission.py's answer (the shared scoreboard and rate table): a client
-    network over its limits gets "421" and is closed.  A worker tells the master
-    ("N") when spares run low.  If the master dies, workers close their
-    copy of the listener at once (parent-death signal), so a restarted
-    master can bind while they finish.  Each worker chroots to -c and
-    becomes -u/-g before its first session, serves SMTPD_MAX_USE sessions,
-    then exits.  The master holds the TLS certificate and key (outside the
+    client sends.  The workers (worker.py) accept for themselves and ask
+    admission.py whether a client may have a session; the master maps the
+    shared scoreboard and rate table before forking them, keeps spares
+    (a worker says "N" when they run low), retires surplus ones after
+    SMTPD_IDLE_TIME, and replaces those that end.  Each worker chroots to
+    -c and becomes -u/-g before its first session.  The master holds the TLS certificate and key (outside the
     jail) and reloads them on SIGHUP and when either file changes.  It holds
     the rules but never opens anything in the jail: a jailed watcher
     (rulewatch.py) reads the file at start, when it changes and on SIGHUP,
@@ -27,11 +22,9 @@ SIGNALS
     certificate and key.
 """
 
-import ctypes
 import errno
 import gc
 import os
-import select
 import selectors
 import signal
 import socket
@@ -48,20 +41,9 @@ import buildconf
 import checkrules
 import daemonlib as dl
 import rulewatch
+import worker
 from admission import Scoreboard
 
-REFUSAL = b"421 Too many connections from your address, try again later\r\n"
-RATE_REFUSAL = b"421 4.7.0 Too many connections from your network, slow down\r\n"
-
-
-class FrozenRules:
-    """The rules a worker was forked with (the master re-reads them)."""
-
-    def __init__(self, rules):
-        self.rules = rules
-
-    def get(self):
-        return self.rules
 
 
 class Worker:
@@ -478,132 +460,17 @@ class Master:
             self.sel.close()
             dl.set_title("smtpd: worker")
             dl.log.role = "worker: "
-            self.cfg.rules = FrozenRules(self.rules)
+            self.cfg.rules = worker.FrozenRules(self.rules)
             master = os.getppid()
             self.cfg.enter_jail(self.cfg)
-            status = WorkerLoop(self.cfg, ctrl, self.listener, self.admission, slot,
-                                master).run()
+            status = worker.WorkerLoop(self.cfg, ctrl, self.listener, self.admission, slot,
+                                       master).run()
         except SystemExit as e:
             status = e.code if isinstance(e.code, int) else dl.EX_SOFTWARE
         except BaseException as e:
             dl.crit("worker: %s", e)
             status = dl.EX_SOFTWARE
         os._exit(status)
-
-
-class WorkerLoop:
-    """A jailed worker: wait for a connection or a word from the master,
-    accept, check the client's address against SMTPD_MAX_PER_IP, serve."""
-
-    def __init__(self, cfg, ctrl, listener, adm, slot, master):
-        self.cfg, self.ctrl, self.listener = cfg, ctrl, listener
-        self.adm, self.board, self.slot = adm, adm.board, slot
-        self.orphaned = False
-        # If the master dies, let go of the listening socket at once, so a
-        # new master can bind it while this session ends.  (Set after the
-        # jail: a change of credentials clears it.)
-        signal.signal(signal.SIGUSR2, self.on_master_death)
-        set_parent_death_signal(signal.SIGUSR2)
-        if os.getppid() != master:
-            self.on_master_death()
-        self.poller = select.epoll()
-        # EPOLLEXCLUSIVE: one connection wakes one idle worker, not all.
-        self.poller.register(listener.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
-        self.poller.register(ctrl.fileno(), select.EPOLLIN)
-
-    def on_master_death(self, *a):
-        self.orphaned = True
-        self.listener.close()
-
-    def run(self):
-        used = 0
-        while used < buildconf.SMTPD_MAX_USE and not self.orphaned:
-            self.board.set(self.slot, Scoreboard.IDLE)
-            conn = self.next_connection()
-            if conn is None:
-                return dl.EX_OK
-            sock, addr = conn
-            if not self.admit(sock, addr):
-                continue
-            used += 1
-            try:
-                local = sock.getsockname()[:2]
-            except OSError:
-                local = None
-            status = self.cfg.serve(self.cfg, sock.fileno(), sock.fileno(), local,
-                                    addr[:2], sock=sock, on_end=self.release)
-            sock.close()
-            if status == dl.EX_SOFTWARE:
-                return status
-        return dl.EX_OK
-
-    def next_connection(self):
-        """(socket, peer address), or None when it is time to leave."""
-        ctrl = self.ctrl.fileno()
-        while not self.orphaned:
-            events = self.poller.poll()
-            if any(fd == ctrl for fd, _ in events):
-                return None         # "Q", or the master is gone
-            try:
-                return self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                continue            # another worker took it
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    dl.err("accept: %s", e.strerror)
-                    time.sleep(0.1)
-                    continue
-                return None         # the listener was shut down or closed
-        return None
-
-    def release(self):
-        """The session is over (called before its last reply goes out): the
-        client's address no longer counts against SMTPD_MAX_PER_IP, so a
-        client that reconnects at once is not refused."""
-        self.board.set(self.slot, Scoreboard.ENDING)
-
-    def admit(self, sock, addr):
-        """Claim our slot for this client's network, or refuse it with 421:
-        over SMTPD_MAX_RATE new sessions, or SMTPD_MAX_PER_IP at once."""
-        ip = dl.normalize_ip(addr[0])
-        key = admission.network_key(ip)
-        if self.adm.rates is not None and not admission.member(ip, self.adm.exempt):
-            admitted, log = self.adm.rates.attempt(key)
-            if not admitted:
-                if log:
-                    dl.notice("refused %s: more than %d new sessions from %s in %d seconds",
-                              ip, buildconf.SMTPD_MAX_RATE, admission.network_text(key),
-                              buildconf.SMTPD_RATE_WINDOW)
-                return refuse(sock, RATE_REFUSAL)
-        n = self.board.claim(self.slot, key, buildconf.SMTPD_MAX_PER_IP)
-        if n >= buildconf.SMTPD_MAX_PER_IP:
-            dl.notice("refused %s: %d sessions from %s already", ip, n,
-                      admission.network_text(key))
-            return refuse(sock, REFUSAL)
-        if self.board.count(Scoreboard.IDLE) < buildconf.SMTPD_PREFORK:
-            try:
-                self.ctrl.send(b"N", socket.MSG_DONTWAIT)
-            except OSError:
-                pass
-        return True
-
-
-def refuse(sock, reply):
-    try:
-        sock.send(reply, socket.MSG_DONTWAIT)
-    except OSError:
-        pass
-    sock.close()
-    return False
-
-
-def set_parent_death_signal(sig):
-    """prctl(PR_SET_PDEATHSIG): sig when the master exits (Linux)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(sig), 0, 0, 0)       # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        pass
 
 
 def describe(status):

@@ -1,0 +1,154 @@
+"""worker - smtpd -D: one pre-forked, jailed worker process
+
+DESCRIPTION
+    WorkerLoop waits for a connection or a word from the master ("Q": leave),
+    accepts for itself (idle workers share the listening socket with
+    EPOLLEXCLUSIVE, so one connection wakes one worker), asks admission.py
+    whether the client may have a session (421 if not), serves it with
+    smtpd's serve(), and after SMTPD_MAX_USE sessions exits.  It tells the
+    master ("N") when spare workers run low.  If the master dies it closes
+    its copy of the listener at once (parent-death signal SIGUSR2), so a new
+    master can bind while its session ends.  prefork.py forks and jails it.
+"""
+
+import ctypes
+import errno
+import os
+import select
+import signal
+import socket
+import time
+
+import admission
+import buildconf
+import daemonlib as dl
+from admission import Scoreboard
+
+REFUSAL = b"421 Too many connections from your address, try again later\r\n"
+RATE_REFUSAL = b"421 4.7.0 Too many connections from your network, slow down\r\n"
+
+
+class FrozenRules:
+    """The rules a worker was forked with (the master re-reads them)."""
+
+    def __init__(self, rules):
+        self.rules = rules
+
+    def get(self):
+        return self.rules
+
+
+
+class WorkerLoop:
+    """A jailed worker: wait for a connection or a word from the master,
+    accept, check the client's address against SMTPD_MAX_PER_IP, serve."""
+
+    def __init__(self, cfg, ctrl, listener, adm, slot, master):
+        self.cfg, self.ctrl, self.listener = cfg, ctrl, listener
+        self.adm, self.board, self.slot = adm, adm.board, slot
+        self.orphaned = False
+        # If the master dies, let go of the listening socket at once, so a
+        # new master can bind it while this session ends.  (Set after the
+        # jail: a change of credentials clears it.)
+        signal.signal(signal.SIGUSR2, self.on_master_death)
+        set_parent_death_signal(signal.SIGUSR2)
+        if os.getppid() != master:
+            self.on_master_death()
+        self.poller = select.epoll()
+        # EPOLLEXCLUSIVE: one connection wakes one idle worker, not all.
+        self.poller.register(listener.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        self.poller.register(ctrl.fileno(), select.EPOLLIN)
+
+    def on_master_death(self, *a):
+        self.orphaned = True
+        self.listener.close()
+
+    def run(self):
+        used = 0
+        while used < buildconf.SMTPD_MAX_USE and not self.orphaned:
+            self.board.set(self.slot, Scoreboard.IDLE)
+            conn = self.next_connection()
+            if conn is None:
+                return dl.EX_OK
+            sock, addr = conn
+            if not self.admit(sock, addr):
+                continue
+            used += 1
+            try:
+                local = sock.getsockname()[:2]
+            except OSError:
+                local = None
+            status = self.cfg.serve(self.cfg, sock.fileno(), sock.fileno(), local,
+                                    addr[:2], sock=sock, on_end=self.release)
+            sock.close()
+            if status == dl.EX_SOFTWARE:
+                return status
+        return dl.EX_OK
+
+    def next_connection(self):
+        """(socket, peer address), or None when it is time to leave."""
+        ctrl = self.ctrl.fileno()
+        while not self.orphaned:
+            events = self.poller.poll()
+            if any(fd == ctrl for fd, _ in events):
+                return None         # "Q", or the master is gone
+            try:
+                return self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue            # another worker took it
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    dl.err("accept: %s", e.strerror)
+                    time.sleep(0.1)
+                    continue
+                return None         # the listener was shut down or closed
+        return None
+
+    def release(self):
+        """The session is over (called before its last reply goes out): the
+        client's address no longer counts against SMTPD_MAX_PER_IP, so a
+        client that reconnects at once is not refused."""
+        self.board.set(self.slot, Scoreboard.ENDING)
+
+    def admit(self, sock, addr):
+        """Claim our slot for this client's network, or refuse it with 421:
+        over SMTPD_MAX_RATE new sessions, or SMTPD_MAX_PER_IP at once."""
+        ip = dl.normalize_ip(addr[0])
+        key = admission.network_key(ip)
+        if self.adm.rates is not None and not admission.member(ip, self.adm.exempt):
+            admitted, log = self.adm.rates.attempt(key)
+            if not admitted:
+                if log:
+                    dl.notice("refused %s: more than %d new sessions from %s in %d seconds",
+                              ip, buildconf.SMTPD_MAX_RATE, admission.network_text(key),
+                              buildconf.SMTPD_RATE_WINDOW)
+                return refuse(sock, RATE_REFUSAL)
+        n = self.board.claim(self.slot, key, buildconf.SMTPD_MAX_PER_IP)
+        if n >= buildconf.SMTPD_MAX_PER_IP:
+            dl.notice("refused %s: %d sessions from %s already", ip, n,
+                      admission.network_text(key))
+            return refuse(sock, REFUSAL)
+        if self.board.count(Scoreboard.IDLE) < buildconf.SMTPD_PREFORK:
+            try:
+                self.ctrl.send(b"N", socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+        return True
+
+
+def refuse(sock, reply):
+    try:
+        sock.send(reply, socket.MSG_DONTWAIT)
+    except OSError:
+        pass
+    sock.close()
+    return False
+
+
+def set_parent_death_signal(sig):
+    """prctl(PR_SET_PDEATHSIG): sig when the master exits (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(sig), 0, 0, 0)       # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
