@@ -118,6 +118,16 @@ SMTPD_ERROR_SLEEP = 1
 # "192.0.2.0/24 2001:db8::/48".  The concurrency cap still applies.
 SMTPD_ADMISSION_EXEMPT =
 
+# ---------------------------------------------- smtpd behind a balancer ----
+
+# Trusted proxies (CIDRs, space-separated; smtpd -X overrides): a connection
+# from them must begin with a PROXY header (v1 or v2), whose client address
+# then counts for everything.  Empty = off: every client is its socket.
+SMTPD_PROXY_FROM =
+
+# Seconds the PROXY header may take to arrive; the greeting waits for it.
+SMTPD_PROXY_TIMEOUT = 5
+
 # Sessions a worker serves before it exits and is replaced.
 SMTPD_MAX_USE = 100
 
@@ -165,6 +175,7 @@ CONSTANTS = SPOOLDIR SPOOLSUBDIR CHECK_FILE MAIL_AGENT PID_DIR TLS_CERT TLS_KEY 
 	SMTPD_MAX_PER_IP SMTPD_MAX_USE SMTPD_IDLE_TIME SHUTDOWN_TIMEOUT RULES_MAX_SIZE \
 	SMTPD_V4_PREFIX SMTPD_V6_PREFIX SMTPD_MAX_RATE SMTPD_RATE_WINDOW SMTPD_RATE_TABLE \
 	SMTPD_GREET_PAUSE SMTPD_SOFT_ERRORS SMTPD_ERROR_SLEEP SMTPD_ADMISSION_EXEMPT \
+	SMTPD_PROXY_FROM SMTPD_PROXY_TIMEOUT \
 	MAXCHILDREN POLL_TIME MAXARGS \
 	RETRY_DELAY_TIME QUEUE_LIFETIME AGENT_TIMEOUT DELAY_WARNING_TIME
 export $(CONSTANTS)
@@ -228,7 +239,8 @@ PROGRAMS = smtpd smtpfwdd checkrules
 EXAMPLES = etc/smtpd_check_rules.example etc/antispam_check_rules.example \
 	etc/smtpd.service etc/smtpfwdd.service etc/smtpd.socket etc/smtpd@.service \
 	etc/init.d/smtpd etc/init.d/smtpfwdd etc/rc.d/smtpd etc/rc.d/smtpfwdd \
-	etc/inetd.conf.smtpd etc/xinetd.d/smtpd etc/rsyslog-smtpd.conf etc/syslog-ng-smtpd.conf
+	etc/inetd.conf.smtpd etc/xinetd.d/smtpd etc/rsyslog-smtpd.conf etc/syslog-ng-smtpd.conf \
+	etc/haproxy.cfg
 # Where rsyslog reads snippets; the jail's log socket is added there.
 RSYSLOG_DIR = /etc/rsyslog.d
 

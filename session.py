@@ -398,13 +398,21 @@ class Session:
     def smtp_unknown(self, arg):
         self.reply(500)
 
+    def smtp_proxy(self, arg):
+        """A PROXY header from a client that is not a trusted proxy (-X): a
+        protocol error, never a way to claim another address."""
+        dl.notice("PROXY header from %s, which is not a trusted proxy: refused",
+                  self.where)
+        self.reply(500)
+
 
 VERBS = {"HELO": Session.smtp_helo, "EHLO": Session.smtp_ehlo,
          "MAIL": Session.smtp_mail, "RCPT": Session.smtp_rcpt,
          "DATA": Session.smtp_data, "RSET": Session.smtp_rset,
          "NOOP": Session.smtp_noop, "VRFY": Session.smtp_vrfy,
          "EXPN": Session.smtp_expn, "HELP": Session.smtp_help,
-         "QUIT": Session.smtp_quit, "STARTTLS": Session.smtp_starttls}
+         "QUIT": Session.smtp_quit, "STARTTLS": Session.smtp_starttls,
+         "PROXY": Session.smtp_proxy}
 
 
 def host_chars(name):

@@ -4,12 +4,14 @@
 SYNOPSIS
     smtpd.py [-DFHLPq] [-c chrootdir] [-d spooldir] [-u user] [-g group]
              [-m myname] [-s maxsize] [-l address] [-p port] [-i pidfile] [-M max]
-             [-C certfile] [-K keyfile]
+             [-C certfile] [-K keyfile] [-X proxies]
 DESCRIPTION
     Speaks SMTP on stdin (inetd) or on a listening socket (-D) and writes each
     accepted message to the spool for smtpfwdd(8).  Every recipient is checked
     against the smtpd_check_rules file (checkrules.py).  STARTTLS is offered
-    with the certificate -C and key -K (TLS_CERT, TLS_KEY).
+    with the certificate -C and key -K (TLS_CERT, TLS_KEY).  Behind a load
+    balancer, connections from the networks -X (SMTPD_PROXY_FROM) begin with
+    a PROXY header naming the real client (proxy.py).
 SECURITY
     Talks to the network.  Sessions run chrooted to -c as -u/-g; only the
     master keeps root, and it never reads network input.  Everything the jail
@@ -31,6 +33,7 @@ import time
 import admission
 import buildconf
 import daemonlib as dl
+import proxy
 from replies import VANILLA
 
 # checkrules, lookup, prefork, session and tlscert take ~90 ms to import:
@@ -40,7 +43,7 @@ checkrules = lookup = prefork = session = tlscert = None
 
 USAGE = """usage: smtpd.py [-DFHLPq] [-c chrootdir] [-d spooldir] [-u user] [-g group]
                 [-m myname] [-s maxsize] [-l address] [-p port] [-i pidfile] [-M max]
-                [-C certfile] [-K keyfile]"""
+                [-C certfile] [-K keyfile] [-X proxies]"""
 
 
 class Config:
@@ -69,6 +72,8 @@ class Config:
         self.certs = None               # tlscert.Certificates
         self.tls_context = None         # what a session offers STARTTLS with
         self.exempt = []                # SMTPD_ADMISSION_EXEMPT networks
+        self.proxy_text = buildconf.SMTPD_PROXY_FROM     # -X: trusted proxies
+        self.proxy_from = []
 
 
 def usage_error(msg):
@@ -94,7 +99,7 @@ def absolute(opt, value):
 def parse_options(argv):
     cfg = Config()
     try:
-        opts, args = getopt.getopt(argv, "c:d:u:g:m:s:l:p:i:M:C:K:DFHLPq")
+        opts, args = getopt.getopt(argv, "c:d:u:g:m:s:l:p:i:M:C:K:X:DFHLPq")
     except getopt.GetoptError as e:
         usage_error("Unknown option: %s" % e)
     if args:
@@ -125,6 +130,12 @@ def parse_options(argv):
             cfg.pidfile = absolute(o, v)
         elif o == "-M":
             cfg.maxchildren = positive(o, v)
+        elif o == "-X":
+            try:
+                admission.parse_networks(v, "-X")
+            except admission.ConfigError as e:
+                usage_error(str(e))
+            cfg.proxy_text = v
         elif o in ("-C", "-K"):
             setattr(cfg, "tls_cert" if o == "-C" else "tls_key", absolute(o, v))
             cfg.tls_explicit = True
@@ -151,14 +162,18 @@ def load_engine():
 def check_admission(cfg):
     """The admission constants: a bad one is a configuration error (78)."""
     problems = []
-    try:
-        cfg.exempt = admission.parse_networks(buildconf.SMTPD_ADMISSION_EXEMPT)
-    except admission.ConfigError as e:
-        problems.append(str(e))
+    for attr, text, what in (("exempt", buildconf.SMTPD_ADMISSION_EXEMPT,
+                              "SMTPD_ADMISSION_EXEMPT"),
+                             ("proxy_from", cfg.proxy_text, "SMTPD_PROXY_FROM")):
+        try:
+            setattr(cfg, attr, admission.parse_networks(text, what))
+        except admission.ConfigError as e:
+            problems.append(str(e))
     for name, top in (("SMTPD_V4_PREFIX", 32), ("SMTPD_V6_PREFIX", 128),
                       ("SMTPD_MAX_RATE", 100000), ("SMTPD_RATE_WINDOW", 86400),
                       ("SMTPD_RATE_TABLE", 1 << 20), ("SMTPD_GREET_PAUSE", 600000),
-                      ("SMTPD_SOFT_ERRORS", 1000), ("SMTPD_ERROR_SLEEP", 3600)):
+                      ("SMTPD_SOFT_ERRORS", 1000), ("SMTPD_ERROR_SLEEP", 3600),
+                      ("SMTPD_PROXY_TIMEOUT", 3600)):
         value = getattr(buildconf, name)
         if not isinstance(value, int) or not 0 <= value <= top:
             problems.append("%s = %r: must be a number from 0 to %d" % (name, value, top))
@@ -230,9 +245,10 @@ def socket_ends(fd):
         s.close()
 
 
-def identify(cfg, local, peer, deadline):
+def identify(cfg, local, peer, deadline, proxied=False):
     """The checkrules.Client for a connection: FCrDNS unless -H; no lookup
-    outlasts the session deadline."""
+    outlasts the session deadline; no ident behind a proxy (it cannot reach
+    the client: the user is UNKNOWN)."""
     lk = lookup.Lookup(cfg.resolver, deadline)
     ip = dl.normalize_ip(peer[0]) if peer else None
     name, error = None, None
@@ -256,7 +272,7 @@ def identify(cfg, local, peer, deadline):
     env_ident = os.environ.get("SMTPD_IDENT")
     if env_ident == "UNKNOWN":
         env_ident = None
-    elif env_ident is None and local and peer:
+    elif env_ident is None and local and peer and not proxied:
         ident_fn = ask_ident
     c = checkrules.Client(ip, name, lk, ident=env_ident, ident_fn=ident_fn,
                           name_error=error)
@@ -265,15 +281,17 @@ def identify(cfg, local, peer, deadline):
     return c
 
 
-def serve(cfg, rfd, wfd, local=None, peer=None, greeted=False, sock=None, on_end=None):
+def serve(cfg, rfd, wfd, local=None, peer=None, greeted=False, sock=None, on_end=None,
+          proxied=False):
     """One session on rfd/wfd (sock: their socket object, if the caller has
     one); on_end() runs once when it is over, before its last reply goes
-    out.  Returns the exit status.  SESSION_TIMEOUT counts from here."""
+    out; proxied: the addresses came from a PROXY header.  Returns the exit
+    status.  SESSION_TIMEOUT counts from here."""
     deadline = time.monotonic() + buildconf.SESSION_TIMEOUT
     if local is None:
         local, peer = socket_ends(rfd)
     try:
-        client = identify(cfg, local, peer, deadline)
+        client = identify(cfg, local, peer, deadline, proxied)
     except session.Closed as c:
         dl.crit("abandoning session with %s: %s", peer and peer[0], c)
         if on_end is not None:
@@ -281,6 +299,28 @@ def serve(cfg, rfd, wfd, local=None, peer=None, greeted=False, sock=None, on_end
         os.write(wfd, b"421 %s\r\n" % VANILLA[421].encode())
         return c.status
     return session.Session(cfg, client, rfd, wfd, greeted, sock, deadline, on_end).run()
+
+
+def proxied_ends(local, peer):
+    """inetd mode, from a trusted proxy: (local, peer) as its PROXY header
+    names them (the socket's for LOCAL); peer None when the header is
+    missing or bad (logged; nothing is sent)."""
+    d = os.dup(0)
+    try:
+        sock = socket.socket(fileno=d)
+    except OSError:
+        os.close(d)
+        return local, None
+    try:
+        names = proxy.read(sock, buildconf.SMTPD_PROXY_TIMEOUT)
+    except (proxy.ProxyError, OSError) as e:
+        dl.notice("refused %s: %s", peer[0], e)
+        return local, None
+    finally:
+        sock.close()
+    if names is None:
+        return local, peer
+    return names[1], names[0]
 
 
 def refused_by_listen(cfg, local):
@@ -292,8 +332,19 @@ def refused_by_listen(cfg, local):
 
 def inetd(cfg):
     """One session on fds 0/1.  The greeting goes out first, so the client
-    does not wait while the engine loads; nothing is read before the jail."""
+    does not wait while the engine loads -- unless something must be read
+    before it (a PROXY header, an early talker): then the process enters
+    the jail first, for nothing from the network is read as root."""
     local, peer = socket_ends(0)
+    trusted = peer is not None and admission.member(dl.normalize_ip(peer[0]), cfg.proxy_from)
+    early = trusted or buildconf.SMTPD_GREET_PAUSE
+    if early:
+        prepare_engine(cfg)
+        jail(cfg)
+    if trusted:
+        local, peer = proxied_ends(local, peer)
+        if peer is None:
+            return dl.EX_PROTOCOL
     if refused_by_listen(cfg, local):
         dl.info("Refused connection attempt to %s from %s", local[0], peer and peer[0])
         os.write(1, b"521 %s %s\r\n" % (cfg.myname.encode(), VANILLA[521].encode()))
@@ -305,9 +356,10 @@ def inetd(cfg):
     except OSError as e:
         dl.info("write to client: %s", e.strerror)
         return dl.EX_OSERR
-    prepare_engine(cfg)
-    jail(cfg)
-    return serve(cfg, 0, 1, local, peer, greeted=True)
+    if not early:
+        prepare_engine(cfg)
+        jail(cfg)
+    return serve(cfg, 0, 1, local, peer, greeted=True, proxied=trusted)
 
 
 def early_talker(cfg, peer):

@@ -3,7 +3,8 @@
 DESCRIPTION
     WorkerLoop waits for a connection or a word from the master ("Q": leave),
     accepts for itself (idle workers share the listening socket with
-    EPOLLEXCLUSIVE, so one connection wakes one worker), asks admission.py
+    EPOLLEXCLUSIVE, so one connection wakes one worker), reads the PROXY
+    header of a connection from a trusted proxy (proxy.py), asks admission.py
     whether the client may have a session (421 if not), serves it with
     smtpd's serve(), and after SMTPD_MAX_USE sessions exits.  It tells the
     master ("N") when spare workers run low.  If the master dies it closes
@@ -22,6 +23,7 @@ import time
 import admission
 import buildconf
 import daemonlib as dl
+import proxy
 from admission import Scoreboard
 
 REFUSAL = b"421 Too many connections from your address, try again later\r\n"
@@ -71,15 +73,16 @@ class WorkerLoop:
             if conn is None:
                 return dl.EX_OK
             sock, addr = conn
-            if not self.admit(sock, addr):
-                continue
-            used += 1
             try:
                 local = sock.getsockname()[:2]
             except OSError:
                 local = None
+            local, addr, proxied = who(self.cfg, sock, local, addr[:2])
+            if addr is None or not self.admit(sock, addr):
+                continue
+            used += 1
             status = self.cfg.serve(self.cfg, sock.fileno(), sock.fileno(), local,
-                                    addr[:2], sock=sock, on_end=self.release)
+                                    addr, sock=sock, on_end=self.release, proxied=proxied)
             sock.close()
             if status == dl.EX_SOFTWARE:
                 return status
@@ -134,6 +137,23 @@ class WorkerLoop:
             except OSError:
                 pass
         return True
+
+
+def who(cfg, sock, local, peer):
+    """(local, peer, proxied): from a trusted proxy (-X), the addresses its
+    PROXY header names (or the socket's, for LOCAL); (.., None, ..) when the
+    header is missing or bad -- logged once, the connection closed."""
+    if not admission.member(dl.normalize_ip(peer[0]), cfg.proxy_from):
+        return local, peer, False
+    try:
+        names = proxy.read(sock, buildconf.SMTPD_PROXY_TIMEOUT)
+    except (proxy.ProxyError, OSError) as e:
+        dl.notice("refused %s: %s", peer[0], e)
+        sock.close()
+        return local, None, True
+    if names is None:
+        return local, peer, True
+    return names[1], names[0], True
 
 
 def refuse(sock, reply):

@@ -267,7 +267,7 @@ class Agent:
         return [json.load(open(p)) for p in sorted(glob.glob(self.dir + "/calls/*.json"))]
 
     def reset(self):
-        for p in glob.glob(self.dir + "/calls/*.json"):
+        for p in glob.glob(self.dir + "/calls/*"):
             os.unlink(p)
 
 
