@@ -128,6 +128,36 @@ SMTPD_PROXY_FROM =
 # Seconds the PROXY header may take to arrive; the greeting waits for it.
 SMTPD_PROXY_TIMEOUT = 5
 
+# ------------------------------------------------ recipient verification ----
+
+# The MTA that "verify" rules ask whether a recipient exists (smtpd -V):
+# [lmtp:]address:port with an IP address, e.g. 127.0.0.1:10025 (a second
+# Postfix smtpd that only answers) or lmtp:127.0.0.1:24.  Empty: a verify
+# rule answers 451 (never lets mail through unverified).
+SMTPD_VERIFY_BACKEND =
+
+# Seconds each step of a callout may take (within the session's time).
+SMTPD_VERIFY_TIMEOUT = 10
+
+# 1 = accept a recipient when the backend cannot be asked (refused, timeout):
+# mail keeps flowing while the backend is down, at the price of bounces for
+# unknown users meanwhile.  0 = answer 451 (the sender retries; the default).
+SMTPD_VERIFY_DEFER_OK = 0
+
+# Most callouts in one session; further unverified recipients get 450, so
+# a flood of random names cannot scan the backend.
+SMTPD_VERIFY_MAX = 20
+
+# The cache of answers: an sqlite3 file inside the jail, shared by every
+# process of the gate; at most SMTPD_VERIFY_CACHE_SIZE addresses; a user
+# that exists is remembered SMTPD_VERIFY_POSITIVE_TTL seconds (31 days), one
+# that does not SMTPD_VERIFY_NEGATIVE_TTL (3 days), as Postfix's verify(8).
+# An empty SMTPD_VERIFY_CACHE, or a TTL of 0, keeps nothing.
+SMTPD_VERIFY_CACHE = /verify.db
+SMTPD_VERIFY_CACHE_SIZE = 10000
+SMTPD_VERIFY_POSITIVE_TTL = 2678400
+SMTPD_VERIFY_NEGATIVE_TTL = 259200
+
 # Sessions a worker serves before it exits and is replaced.
 SMTPD_MAX_USE = 100
 
@@ -175,7 +205,9 @@ CONSTANTS = SPOOLDIR SPOOLSUBDIR CHECK_FILE MAIL_AGENT PID_DIR TLS_CERT TLS_KEY 
 	SMTPD_MAX_PER_IP SMTPD_MAX_USE SMTPD_IDLE_TIME SHUTDOWN_TIMEOUT RULES_MAX_SIZE \
 	SMTPD_V4_PREFIX SMTPD_V6_PREFIX SMTPD_MAX_RATE SMTPD_RATE_WINDOW SMTPD_RATE_TABLE \
 	SMTPD_GREET_PAUSE SMTPD_SOFT_ERRORS SMTPD_ERROR_SLEEP SMTPD_ADMISSION_EXEMPT \
-	SMTPD_PROXY_FROM SMTPD_PROXY_TIMEOUT \
+	SMTPD_PROXY_FROM SMTPD_PROXY_TIMEOUT SMTPD_VERIFY_BACKEND SMTPD_VERIFY_TIMEOUT \
+	SMTPD_VERIFY_DEFER_OK SMTPD_VERIFY_MAX SMTPD_VERIFY_CACHE SMTPD_VERIFY_CACHE_SIZE \
+	SMTPD_VERIFY_POSITIVE_TTL SMTPD_VERIFY_NEGATIVE_TTL \
 	MAXCHILDREN POLL_TIME MAXARGS \
 	RETRY_DELAY_TIME QUEUE_LIFETIME AGENT_TIMEOUT DELAY_WARNING_TIME
 export $(CONSTANTS)

@@ -3,7 +3,7 @@
 
 SYNOPSIS
     checkrules.py [-v] [-f rules] [-a address] [-n hostname] [-u identuser]
-                  FROM TO
+                  [-V backend] FROM TO
     checkrules.py -t [-f rules]
 DESCRIPTION
     The rules engine smtpd(8) runs at each RCPT, and a tester that runs the
@@ -11,14 +11,16 @@ DESCRIPTION
     "tempfail <reply>" when a lookup failed) and, with -v, the deciding
     "file:line: rule" or "default".  An address smtpd itself refuses (a
     leading '-', an unquoted ',', ...) is reported first, as smtpd answers
-    it: "refused <reply>".  -t validates the file and prints every error
-    and warning as "file:line: message".
+    it: "refused <reply>".  A "verify" rule prints "verify"; with -V
+    [lmtp:]address:port the tester asks that backend as smtpd would and
+    prints the outcome (with -v, the backend's words).  -t validates the
+    file and prints every error and warning as "file:line: message".
     -a is the client address (none: IP tokens never match); -n its confirmed
     host name, UNKNOWN for none (without -n the name comes from DNS as smtpd
     gets it); -u its ident user.  FROM and TO as the client typed them.
 EXIT STATUS
     0 allow, 1 noto, 2 deny, 3 refused by smtpd's address checks,
-    75 temporary failure, 64 usage, 78 bad file.
+    4 verify (not asked), 75 temporary failure, 64 usage, 78 bad file.
 FILES
     SPOOLDIR/CHECK_FILE, normally /var/spool/smtpd/etc/smtpd_check_rules.
 """
@@ -33,10 +35,11 @@ import sys
 import buildconf
 import daemonlib as dl
 import lookup
+import verify
 from address import AddressError, mail_params, parse_path
 from lookup import TempFail
 
-ACTIONS = ("allow", "deny", "noto", "deny_delay", "noto_delay", "debug")
+ACTIONS = ("allow", "deny", "noto", "deny_delay", "noto_delay", "debug", "verify")
 DEFAULT_TEMPLATE = "550 Mail from %F to %T prohibited from your location (%U@%H ip=%I)"
 REPLY_MAX = 510            # octets of a reply line before its CR LF (RFC 5321: 512)
 TEMPFAIL_REPLY = "451 4.4.3 Requested action not taken: lookup failure, try again later"
@@ -363,7 +366,7 @@ def parse_line(filename, lineno, line, warnings):
             raise Bad("empty field %d%s" % (i + 1, hint))
     action = fields[0]
     if action not in ACTIONS:
-        raise Bad("unknown action %r (allow deny noto deny_delay noto_delay debug)"
+        raise Bad("unknown action %r (allow verify deny noto deny_delay noto_delay debug)"
                   % action)
     template = None
     if len(fields) > 4:
@@ -510,7 +513,7 @@ class Client(Addr):
 
 class Verdict:
     def __init__(self, action, reply=None, rule=None, delay=0, debug=(), detail=None):
-        self.action = action         # allow, noto, deny or tempfail
+        self.action = action         # allow, verify, noto, deny or tempfail
         self.reply = reply
         self.rule = rule
         self.delay = delay
@@ -559,7 +562,7 @@ def evaluate(rules, client, sender, rcpt):
             elif rule.action == "deny_delay":
                 delay = buildconf.DENY_DELAY
             reply = None
-            if kind != "allow":
+            if kind not in ("allow", "verify"):
                 reply = format_reply(rule.template or DEFAULT_TEMPLATE,
                                      client, sender, rcpt)
             return Verdict(kind, reply, rule, delay, debug)
@@ -573,9 +576,10 @@ def evaluate(rules, client, sender, rcpt):
 
 # ------------------------------------------------------------------- CLI ----
 
-USAGE = """usage: checkrules.py [-v] [-f rules] [-a address] [-n hostname] [-u identuser] FROM TO
+USAGE = """usage: checkrules.py [-v] [-f rules] [-a address] [-n hostname] [-u identuser]
+                     [-V backend] FROM TO
        checkrules.py -t [-f rules]"""
-EXIT = {"allow": 0, "noto": 1, "deny": 2, "refused": 3, "tempfail": 75}
+EXIT = {"allow": 0, "noto": 1, "deny": 2, "refused": 3, "verify": 4, "tempfail": 75}
 
 
 def default_rules_path():
@@ -604,6 +608,22 @@ def cli_client(address, name, ident):
         except TempFail as e:
             name_error = str(e)
     return Client(ip, name, lk, ident=ident, name_error=name_error)
+
+
+def callout(backend, v, rcpt):
+    """Ask the backend as smtpd would for a verify rule: (verdict, what the
+    backend said)."""
+    try:
+        where = verify.parse_backend(backend)
+    except ValueError:
+        raise SystemExit(usage("-V needs [lmtp:]address:port, not %r" % backend))
+    checker = verify.Verifier(where, dl.own_name(), None, None)
+    refusal = checker.check(rcpt, "checkrules")
+    checker.close()
+    if refusal is None:
+        return Verdict("allow", None, v.rule, 0, v.debug), checker.said
+    return Verdict("noto" if refusal.startswith("5") else "tempfail", refusal, v.rule,
+                   0, v.debug), checker.said
 
 
 def line_number(message):
@@ -635,7 +655,7 @@ def smtpd_refusal(sender, rcpt):
 
 def main(argv):
     try:
-        opts, args = getopt.getopt(argv, "tvf:a:n:u:")
+        opts, args = getopt.getopt(argv, "tvf:a:n:u:V:")
     except getopt.GetoptError as e:
         return usage(str(e))
     o = dict(opts)
@@ -661,7 +681,12 @@ def main(argv):
         return EXIT["refused"]
     client = cli_client(o.get("-a"), o.get("-n"), o.get("-u"))
     v = evaluate(rules, client, *stored)
+    said = None
+    if v.action == "verify" and "-V" in o:
+        v, said = callout(o["-V"], v, stored[1])
     print(v.action if v.reply is None else "%s %s" % (v.action, v.reply))
+    if "-v" in o and said:
+        print("backend: %s" % said)
     if "-v" in o and v.detail:
         print("lookup failure: %s" % v.detail)
     if "-v" in o:

@@ -182,6 +182,13 @@ def escape(text, limit=255):
     return out + "..." if len(text) > limit else out
 
 
+def printable(text, limit=255):
+    """Another program's words for a log line: control and 8-bit characters
+    become \\xHH, spaces stay; at most limit characters."""
+    out = "".join(c if " " <= c <= "~" else "\\x%02x" % ord(c) for c in text[:limit])
+    return out + "..." if len(text) > limit else out
+
+
 def normalize_ip(addr):
     """An ipaddress object; IPv4-mapped IPv6 becomes IPv4; None/"" -> None."""
     if addr is None or addr == "":

@@ -23,6 +23,7 @@ import buildconf
 import checkrules
 import daemonlib as dl
 import spool
+import verify
 from address import AddressError, mail_params, parse_path
 from channel import Channel, Closed, DataReader, header_oddity
 from replies import VANILLA
@@ -59,6 +60,7 @@ class Session:
         self.draft = None
         self.summary = []
         self.where = "%s(%s)" % (client.name or "UNKNOWN", client.ip_text or "")
+        self.verifier = None        # verify.Verifier, made at the first verify rule
 
     # -- plumbing --
 
@@ -138,6 +140,8 @@ class Session:
             self.end()
             if self.draft is not None:
                 self.draft.abort()
+            if self.verifier is not None:
+                self.verifier.close()
             self.flush_summary()
         if status != dl.EX_OK or self.ch.unread_input():
             self.ch.linger()
@@ -291,6 +295,8 @@ class Session:
         shown = (dl.escape(self.env.sender), dl.escape(rcpt))
         for r in v.debug:
             dl.info("DEBUG: matched %s for %s from %s to %s", r.where, who, *shown)
+        if v.action == "verify":
+            v = self.verified(v, rcpt)
         if v.action == "allow":
             return True
         dl.info("%s from %s to %s: %s by %s%s", who, shown[0], shown[1], v.action,
@@ -310,6 +316,17 @@ class Session:
                      " discarded bad recipient=%s" % shown[1])
         self.count_error()
         return False
+
+    def verified(self, v, rcpt):
+        """A verify rule matched: the backend decides (verify.py)."""
+        if self.verifier is None:
+            self.verifier = verify.Verifier(self.cfg.verify_backend, self.cfg.myname,
+                                            self.ch.deadline, self.cfg.verify_cache)
+        refusal = self.verifier.check(rcpt, self.where)
+        if refusal is None:
+            return checkrules.Verdict("allow", rule=v.rule, debug=v.debug)
+        kind = "noto" if refusal.startswith("5") else "tempfail"
+        return checkrules.Verdict(kind, refusal, v.rule, 0, v.debug, "recipient verification")
 
     def smtp_data(self, arg):
         if not self.env.recipients:

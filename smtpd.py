@@ -4,14 +4,16 @@
 SYNOPSIS
     smtpd.py [-DFHLPq] [-c chrootdir] [-d spooldir] [-u user] [-g group]
              [-m myname] [-s maxsize] [-l address] [-p port] [-i pidfile] [-M max]
-             [-C certfile] [-K keyfile] [-X proxies]
+             [-C certfile] [-K keyfile] [-X proxies] [-V backend]
 DESCRIPTION
     Speaks SMTP on stdin (inetd) or on a listening socket (-D) and writes each
     accepted message to the spool for smtpfwdd(8).  Every recipient is checked
     against the smtpd_check_rules file (checkrules.py).  STARTTLS is offered
     with the certificate -C and key -K (TLS_CERT, TLS_KEY).  Behind a load
     balancer, connections from the networks -X (SMTPD_PROXY_FROM) begin with
-    a PROXY header naming the real client (proxy.py).
+    a PROXY header naming the real client (proxy.py).  A "verify" rule asks
+    the backend MTA -V (SMTPD_VERIFY_BACKEND) whether a recipient exists
+    (verify.py).
 SECURITY
     Talks to the network.  Sessions run chrooted to -c as -u/-g; only the
     master keeps root, and it never reads network input.  Everything the jail
@@ -36,14 +38,14 @@ import daemonlib as dl
 import proxy
 from replies import VANILLA
 
-# checkrules, lookup, prefork, session and tlscert take ~90 ms to import:
-# load_engine() imports them after the greeting has gone out, and always
-# before the jail.
-checkrules = lookup = prefork = session = tlscert = None
+# checkrules, lookup, prefork, session, tlscert and verify take ~100 ms to
+# import: load_engine() imports them after the greeting has gone out, and
+# always before the jail.
+checkrules = lookup = prefork = session = tlscert = verify = None
 
 USAGE = """usage: smtpd.py [-DFHLPq] [-c chrootdir] [-d spooldir] [-u user] [-g group]
                 [-m myname] [-s maxsize] [-l address] [-p port] [-i pidfile] [-M max]
-                [-C certfile] [-K keyfile] [-X proxies]"""
+                [-C certfile] [-K keyfile] [-X proxies] [-V backend]"""
 
 
 class Config:
@@ -74,6 +76,9 @@ class Config:
         self.exempt = []                # SMTPD_ADMISSION_EXEMPT networks
         self.proxy_text = buildconf.SMTPD_PROXY_FROM     # -X: trusted proxies
         self.proxy_from = []
+        self.verify_text = buildconf.SMTPD_VERIFY_BACKEND  # -V: [lmtp:]address:port
+        self.verify_backend = None
+        self.verify_cache = None
 
 
 def usage_error(msg):
@@ -99,7 +104,7 @@ def absolute(opt, value):
 def parse_options(argv):
     cfg = Config()
     try:
-        opts, args = getopt.getopt(argv, "c:d:u:g:m:s:l:p:i:M:C:K:X:DFHLPq")
+        opts, args = getopt.getopt(argv, "c:d:u:g:m:s:l:p:i:M:C:K:X:V:DFHLPq")
     except getopt.GetoptError as e:
         usage_error("Unknown option: %s" % e)
     if args:
@@ -130,6 +135,8 @@ def parse_options(argv):
             cfg.pidfile = absolute(o, v)
         elif o == "-M":
             cfg.maxchildren = positive(o, v)
+        elif o == "-V":
+            cfg.verify_text = v
         elif o == "-X":
             try:
                 admission.parse_networks(v, "-X")
@@ -151,12 +158,13 @@ def parse_options(argv):
 
 def load_engine():
     """Import the rules engine, resolver, session and daemon code."""
-    global checkrules, lookup, prefork, session, tlscert
+    global checkrules, lookup, prefork, session, tlscert, verify
     import checkrules
     import lookup
     import prefork
     import session
     import tlscert
+    import verify
 
 
 def check_admission(cfg):
@@ -210,17 +218,39 @@ def prepare_engine(cfg):
     load_engine()
     cfg.rules = checkrules.RulesFile(cfg.rules_path)
     cfg.resolver = lookup.make_resolver()
+    prepare_verify(cfg)
     cfg.certs = tlscert.Certificates(cfg.tls_cert, cfg.tls_key, cfg.tls_explicit)
     try:
         cfg.tls_context = cfg.certs.start().context
     except tlscert.CertError as e:
-        dl.err("cannot load the TLS certificate: %s", e)
-        if not dl.log.stderr and not dl.stderr_is_socket():
-            print("smtpd.py: cannot load the TLS certificate: %s" % e, file=sys.stderr)
-        if not cfg.daemon:
-            os.write(1, b"421 %s\r\n" % VANILLA[421].encode())
-        sys.exit(dl.EX_CONFIG)
+        fatal_config(cfg, "cannot load the TLS certificate: %s" % e)
     dl.prepare_jail()
+
+
+def prepare_verify(cfg):
+    """The verification backend (-V, SMTPD_VERIFY_BACKEND) and the cache
+    inside the jail; the database opens there, at the first verify rule."""
+    if cfg.verify_text:
+        try:
+            cfg.verify_backend = verify.parse_backend(cfg.verify_text)
+        except ValueError:
+            fatal_config(cfg, "verification backend %r: not [lmtp:]address:port with an IP "
+                         "address" % cfg.verify_text)
+    path = buildconf.SMTPD_VERIFY_CACHE
+    if path and not cfg.root:
+        path = os.path.join(cfg.chroot, path.lstrip("/"))
+    cfg.verify_cache = verify.Cache(path)
+
+
+def fatal_config(cfg, msg):
+    """A configuration error found while loading: logged, on stderr when it
+    is not the client, 421 to an inetd client, exit 78."""
+    dl.err("%s", msg)
+    if not dl.log.stderr and not dl.stderr_is_socket():
+        print("smtpd.py: %s" % msg, file=sys.stderr)
+    if not cfg.daemon:
+        os.write(1, b"421 %s\r\n" % VANILLA[421].encode())
+    sys.exit(dl.EX_CONFIG)
 
 
 def jail(cfg):

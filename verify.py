@@ -1,0 +1,276 @@
+"""verify - recipient verification: ask the MTA behind us before saying 250
+
+DESCRIPTION
+    A rule with the action "verify" allows a recipient only if the backend
+    MTA (SMTPD_VERIFY_BACKEND or smtpd -V: [lmtp:]address:port, an IP
+    literal the jailed worker reaches over TCP) would take it.  A callout
+    is EHLO (LHLO), MAIL FROM:<>, RCPT TO:<address>, then RSET before the
+    next one and QUIT at the end: one connection per session at a time,
+    reused for its RCPTs, every step within SMTPD_VERIFY_TIMEOUT and the
+    session's deadline.  The backend's 2xx allows; its 5xx gives our 550
+    "5.1.1 <address>: Recipient address rejected: User unknown" (its own
+    text goes to the log only); a 4xx gives 450, and no answer (refused,
+    timeout, garbage) 451 -- or, with SMTPD_VERIFY_DEFER_OK=1, acceptance.
+    A session makes at most SMTPD_VERIFY_MAX callouts; further unverified
+    recipients get 450.
+CACHE
+    Answers are kept in an sqlite3 database inside the jail
+    (SMTPD_VERIFY_CACHE), shared by every process of the gate and kept
+    across restarts: a 2xx for SMTPD_VERIFY_POSITIVE_TTL seconds, a 5xx for
+    SMTPD_VERIFY_NEGATIVE_TTL; at most SMTPD_VERIFY_CACHE_SIZE rows, the
+    soonest to expire going first.  A cache that cannot be opened, read or
+    written (corrupt, read-only, locked too long) is dropped with one log
+    line: the session goes on without it.  Each session asks the backend
+    about an address at most once.
+"""
+
+import hashlib
+import ipaddress
+import select
+import socket
+import sqlite3
+import time
+
+import buildconf
+import daemonlib as dl
+
+REPLY_LINE_MAX = 512
+REPLY_LINES_MAX = 100
+UNKNOWN = "550 5.1.1 <%s>: Recipient address rejected: User unknown"
+DEFERRED = "450 4.1.1 <%s>: Recipient address rejected: unverified address, try again later"
+UNREACHABLE = ("451 4.4.3 <%s>: Recipient address rejected: cannot verify it now, "
+               "try again later")
+TOO_MANY = "450 4.7.1 <%s>: Recipient address rejected: too many unverified recipients"
+
+
+class BackendError(Exception):
+    """The backend did not answer as it should; str() says how."""
+
+
+def parse_backend(text):
+    """'[lmtp:]address:port' -> (lmtp?, address, port); ValueError."""
+    lmtp = text.startswith("lmtp:")
+    rest = text[5:] if lmtp else text.removeprefix("smtp:")
+    host, _, port = rest.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    ip = ipaddress.ip_address(host)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("no port in %r" % text)
+    return lmtp, str(ip), int(port)
+
+
+class Callout:
+    """One connection to the backend, reused for a session's questions."""
+
+    def __init__(self, backend, myname, deadline):
+        self.lmtp, self.host, self.port = backend
+        self.myname, self.deadline = myname, deadline
+        self.sock = None
+        self.buf = b""
+
+    def timeout(self):
+        left = self.deadline - time.monotonic() if self.deadline else buildconf.SMTPD_VERIFY_TIMEOUT
+        if left <= 0:
+            raise BackendError("session deadline reached")
+        return min(buildconf.SMTPD_VERIFY_TIMEOUT, left)
+
+    def ask(self, address):
+        """(code, text) of the backend's answer to RCPT TO:<address>."""
+        if self.sock is None:
+            self.open()
+        else:
+            self.command(b"RSET", 250)
+        self.command(b"MAIL FROM:<>", 250)
+        return self.exchange(b"RCPT TO:<%s>" % address.encode("latin-1"))
+
+    def open(self):
+        try:
+            self.sock = socket.create_connection((self.host, self.port), timeout=self.timeout())
+        except OSError as e:
+            self.sock = None
+            raise BackendError("connect to %s port %d: %s" % (
+                self.host, self.port, e.strerror or e)) from None
+        self.expect(self.reply(), 220)
+        self.command(b"%s %s" % (b"LHLO" if self.lmtp else b"EHLO", self.myname.encode()), 250)
+
+    def command(self, line, want):
+        self.expect(self.exchange(line), want)
+
+    def expect(self, reply, want):
+        if reply[0] // 100 != want // 100:
+            raise BackendError("%d %s" % reply)
+
+    def exchange(self, line):
+        try:
+            self.sock.settimeout(self.timeout())
+            self.sock.sendall(line + b"\r\n")
+        except OSError as e:
+            raise BackendError("write to backend: %s" % (e.strerror or e)) from None
+        return self.reply()
+
+    def reply(self):
+        """(code, text) of one reply, however many lines; bounded."""
+        texts = []
+        while len(texts) < REPLY_LINES_MAX:
+            line = self.line()
+            if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b" ", b"-", b""):
+                raise BackendError("not an SMTP reply: %r" % line[:60])
+            texts.append(line[4:].decode("latin-1"))
+            if line[3:4] != b"-":
+                return int(line[:3]), " ".join(texts)
+        raise BackendError("reply of more than %d lines" % REPLY_LINES_MAX)
+
+    def line(self):
+        while b"\r\n" not in self.buf:
+            if len(self.buf) > REPLY_LINE_MAX:
+                raise BackendError("reply line longer than %d octets" % REPLY_LINE_MAX)
+            p = select.poll()
+            p.register(self.sock, select.POLLIN)
+            if not p.poll(self.timeout() * 1000):
+                raise BackendError("backend timed out")
+            try:
+                chunk = self.sock.recv(4096)
+            except OSError as e:
+                raise BackendError("read from backend: %s" % (e.strerror or e)) from None
+            if not chunk:
+                raise BackendError("backend closed the connection")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        return line
+
+    def close(self, polite=True):
+        if self.sock is None:
+            return
+        if polite:
+            try:
+                self.sock.settimeout(1)
+                self.sock.sendall(b"QUIT\r\n")
+            except OSError:
+                pass
+        self.sock.close()
+        self.sock = None
+        self.buf = b""
+
+
+class Cache:
+    """The shared verification cache (see CACHE above); None-safe."""
+
+    def __init__(self, path):
+        self.path = path
+        self.db = None
+        self.failed = False
+
+    def open(self):
+        if self.db is None and not self.failed and self.path:
+            try:
+                self.db = sqlite3.connect(self.path, timeout=0.2, isolation_level=None)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA temp_store=MEMORY")
+                self.db.execute("CREATE TABLE IF NOT EXISTS verified (key BLOB PRIMARY KEY, "
+                                "code INTEGER, expires REAL)")
+            except sqlite3.Error as e:
+                self.give_up("open", e)
+        return self.db
+
+    def give_up(self, what, e):
+        dl.err("verification cache %s: %s: %s; going on without it", self.path, what, e)
+        self.failed = True
+        if self.db is not None:
+            try:
+                self.db.close()
+            except sqlite3.Error:
+                pass
+        self.db = None
+
+    @staticmethod
+    def key(address):
+        return hashlib.blake2b(address.lower().encode("latin-1"), digest_size=16).digest()
+
+    def get(self, address, now):
+        """The cached code for address (250 or 550), or None."""
+        db = self.open()
+        if db is None:
+            return None
+        try:
+            row = db.execute("SELECT code, expires FROM verified WHERE key = ?",
+                             (self.key(address),)).fetchone()
+        except sqlite3.Error as e:
+            self.give_up("read", e)
+            return None
+        if row is None or row[1] < now or row[0] not in (250, 550):
+            return None
+        return row[0]
+
+    def put(self, address, code, now):
+        ttl = (buildconf.SMTPD_VERIFY_POSITIVE_TTL if code == 250
+               else buildconf.SMTPD_VERIFY_NEGATIVE_TTL)
+        db = self.open()
+        if db is None or ttl <= 0:
+            return
+        try:
+            db.execute("INSERT OR REPLACE INTO verified VALUES (?, ?, ?)",
+                       (self.key(address), code, now + ttl))
+            db.execute("DELETE FROM verified WHERE rowid IN (SELECT rowid FROM verified "
+                       "ORDER BY expires LIMIT max(0, (SELECT count(*) FROM verified) - ?))",
+                       (buildconf.SMTPD_VERIFY_CACHE_SIZE,))
+        except sqlite3.Error as e:
+            self.give_up("write", e)
+
+
+class Verifier:
+    """A session's recipient verification: check(address) -> None to allow,
+    or the reply line that refuses it."""
+
+    def __init__(self, backend, myname, deadline, cache):
+        self.backend, self.myname, self.deadline = backend, myname, deadline
+        self.cache = cache
+        self.callout = None
+        self.asked = {}             # address -> its reply, this session
+        self.callouts = 0
+        self.said = None            # the backend's last answer, for the tester
+
+    def check(self, address, where=""):
+        address = address.strip("<>")
+        if address.lower() in self.asked:
+            return self.asked[address.lower()]
+        now = time.time()
+        code = self.cache.get(address, now) if self.cache else None
+        if code is not None:
+            answer = None if code == 250 else UNKNOWN % address
+        else:
+            answer = self.ask(address, now, where)
+        self.asked[address.lower()] = answer
+        return answer
+
+    def ask(self, address, now, where):
+        if self.backend is None:
+            dl.err("a verify rule matched %s, but no backend is configured "
+                   "(SMTPD_VERIFY_BACKEND, -V)", address)
+            return UNREACHABLE % address
+        if self.callouts >= buildconf.SMTPD_VERIFY_MAX:
+            return TOO_MANY % address
+        self.callouts += 1
+        if self.callout is None:
+            self.callout = Callout(self.backend, self.myname, self.deadline)
+        try:
+            code, text = self.callout.ask(address)
+        except BackendError as e:
+            self.said = str(e)
+            self.callout.close(polite=False)
+            dl.notice("cannot verify %s for %s: %s", address, where, dl.printable(str(e), 300))
+            if buildconf.SMTPD_VERIFY_DEFER_OK:
+                dl.notice("accepting %s unverified (SMTPD_VERIFY_DEFER_OK)", address)
+                return None
+            return UNREACHABLE % address
+        self.said = "%d %s" % (code, text)
+        dl.info("verified %s for %s: backend said %d %s", address, where, code,
+                dl.printable(text, 300))
+        if code // 100 in (2, 5):
+            if self.cache is not None:
+                self.cache.put(address, code // 100 * 100 + 50, now)
+            return None if code // 100 == 2 else UNKNOWN % address
+        return DEFERRED % address
+
+    def close(self):
+        if self.callout is not None:
+            self.callout.close()
