@@ -124,7 +124,8 @@ def test_every_batch_reads_the_locked_file_not_a_swapped_name(fwd_env):
         os.rename(decoy, path)
     f, path = swap_during_first_batch(fwd_env, swap)
     # The decoy at the name was not delivered, so it is not removed either.
-    assert os.path.exists(path) and "no longer holds" in f.log()
+    assert wait_for(lambda: "no longer holds" in f.log())
+    assert os.path.exists(path)
 
 
 def test_a_fifo_swapped_in_never_hangs_a_batch(fwd_env):
