@@ -36,6 +36,7 @@ import daemonlib as dl
 
 REPLY_LINE_MAX = 512
 REPLY_LINES_MAX = 100
+TRANSACTION_MAX = 50        # RCPTs per MAIL FROM:<> on one connection
 UNKNOWN = "550 5.1.1 <%s>: Recipient address rejected: User unknown"
 DEFERRED = "450 4.1.1 <%s>: Recipient address rejected: unverified address, try again later"
 UNREACHABLE = ("451 4.4.3 <%s>: Recipient address rejected: cannot verify it now, "
@@ -67,6 +68,7 @@ class Callout:
         self.myname, self.deadline = myname, deadline
         self.sock = None
         self.buf = b""
+        self.rcpts = None           # RCPTs in the open transaction, or None
 
     def timeout(self):
         left = self.deadline - time.monotonic() if self.deadline else buildconf.SMTPD_VERIFY_TIMEOUT
@@ -78,9 +80,13 @@ class Callout:
         """(code, text) of the backend's answer to RCPT TO:<address>."""
         if self.sock is None:
             self.open()
-        else:
+        if self.rcpts is not None and self.rcpts >= TRANSACTION_MAX:
             self.command(b"RSET", 250)
-        self.command(b"MAIL FROM:<>", 250)
+            self.rcpts = None
+        if self.rcpts is None:
+            self.command(b"MAIL FROM:<>", 250)
+            self.rcpts = 0
+        self.rcpts += 1
         return self.exchange(b"RCPT TO:<%s>" % address.encode("latin-1"))
 
     def open(self):
@@ -150,6 +156,7 @@ class Callout:
         self.sock.close()
         self.sock = None
         self.buf = b""
+        self.rcpts = None
 
 
 class Cache:

@@ -60,7 +60,7 @@ def rcpt_times(port, addresses):
         code = cmd(b"RCPT TO:<%s>" % a.encode())
         times.append(time.perf_counter() - t0)
         if code != 250:
-            raise SystemExit("RCPT %s: %d" % (a, code))
+            raise SystemExit("RCPT %s: %d (see the gate's smtpd.log)" % (a, code))
     cmd(b"QUIT")
     s.close()
     return times
@@ -71,6 +71,7 @@ def gate(work, name, port, rules, flags, makevars):
     os.makedirs(d)
     os.chmod(d, 0o755)
     proc, jail = ab.start(TOP, d, port, flags, makevars)
+    proc.logdir = d
     with open(os.path.join(jail, "etc", "smtpd_check_rules"), "w") as f:
         f.write(rules)
     time.sleep(1.5)         # the rules watcher sees the new file
@@ -109,7 +110,10 @@ def main(argv):
             pf.stop()
         except NameError:
             pass
-        shutil.rmtree(work, ignore_errors=True)
+        if os.environ.get("KEEP"):
+            print("kept", work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     med = {k: statistics.median(v) * 1000 for k, v in
            (("allow", base), ("cached", cached), ("cold", fresh))}
     text = ("\n## Recipient verification, per RCPT (%d RCPTs, one session)\n\n"
