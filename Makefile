@@ -93,11 +93,11 @@ SMTPD_V4_PREFIX = 32
 SMTPD_V6_PREFIX = 64
 
 # Most new sessions per client network in any SMTPD_RATE_WINDOW seconds,
-# refused ones included; more get "421 4.7.0" (logged once per window).
-# 0 = no limit (the default, as Postfix's anvil).  SMTPD_RATE_TABLE
-# networks are remembered, in sets of 8, the least recently seen of a full
-# set giving way; it takes about SMTPD_RATE_TABLE * (32 + 4 * SMTPD_MAX_RATE)
-# bytes of memory, fixed at start.
+# refused ones included (the window slides in sixteenths); more get
+# "421 4.7.0" (logged once per window).  0 = no limit (the default, as
+# Postfix's anvil).  SMTPD_RATE_TABLE networks are remembered, in sets of
+# 8, the least recently seen of a full set giving way: 96 bytes each,
+# fixed at start.
 SMTPD_MAX_RATE = 0
 SMTPD_RATE_WINDOW = 60
 SMTPD_RATE_TABLE = 4096

@@ -14,9 +14,9 @@ DESCRIPTION
 EVICTION
     The rate table holds SMTPD_RATE_TABLE networks in sets of 8: a network
     hashes to one set and takes a free entry there, or the entry of the set
-    seen least recently.  Its size is fixed when smtpd starts: about
-    SMTPD_RATE_TABLE * (32 + 4 * SMTPD_MAX_RATE) bytes.  A flood from many
-    networks can evict a quiet one, which then starts from zero.
+    seen least recently.  Its size is fixed when smtpd starts: 96 bytes a
+    network, whatever the rate.  A flood from many networks can evict a
+    quiet one, which then starts from zero.
 """
 
 import fcntl
@@ -130,20 +130,23 @@ class Scoreboard(Shared):
 
 
 class RateTable(Shared):
-    """The last SMTPD_MAX_RATE attempts of each network, exactly: an
-    attempt is refused when the attempt that many places back is less than
-    a window old.  Refused attempts count too, so a client that keeps
+    """Attempts per network in a sliding window of BUCKETS buckets: an
+    attempt is refused when the buckets of the last SMTPD_RATE_WINDOW
+    seconds (to within one bucket, a sixteenth of it) already hold
+    SMTPD_MAX_RATE.  Refused attempts count too, so a client that keeps
     hammering stays out until it pauses for a whole window.
 
-    An entry: key (16 bytes), then 32-bit words: last seen, ring head,
-    when a refusal was last logged, a spare, and the ring of attempt times
-    (deciseconds since the table was made, 0 = none)."""
+    An entry: key (16 bytes), then 32-bit words: last seen, the newest
+    bucket's number, when a refusal was last logged, a spare, and the
+    BUCKETS counters.  Times are deciseconds since the table was made
+    (0: never)."""
 
-    WAYS, HEAD = 8, 8       # entries per set; words before the ring
+    WAYS, HEAD, BUCKETS = 8, 8, 16
 
     def __init__(self, entries, rate, window):
         self.rate, self.window = rate, window * 10
-        self.words_per = self.HEAD + rate
+        self.span = self.window / self.BUCKETS      # deciseconds per bucket
+        self.words_per = self.HEAD + self.BUCKETS
         self.sets = max(1, entries // self.WAYS)
         super().__init__("smtpd-rates", self.sets * self.WAYS * self.words_per * 4)
         self.w = memoryview(self.mm).cast("I")
@@ -152,7 +155,7 @@ class RateTable(Shared):
     def now(self):
         return int((time.monotonic() - self.base) * 10) + 1
 
-    def entry(self, key, now):
+    def entry(self, key):
         """The index of key's entry (made, evicting, if it has none)."""
         first = zlib.crc32(key) % self.sets * self.WAYS
         oldest = None
@@ -172,12 +175,20 @@ class RateTable(Shared):
         """(admitted, log this refusal) for a new session from key."""
         with self:
             now = self.now()
-            at = self.entry(key, now) * self.words_per
-            head = self.w[at + 5]
-            oldest = self.w[at + self.HEAD + head]
-            admitted = not oldest or now - oldest >= self.window
-            self.w[at + self.HEAD + head] = now
-            self.w[at + 5] = (head + 1) % self.rate
+            at = self.entry(key) * self.words_per
+            counts = at + self.HEAD
+            bucket = int(now / self.span) + 1
+            newest = self.w[at + 5]
+            if bucket - newest >= self.BUCKETS:         # all older than the window
+                for i in range(self.BUCKETS):
+                    self.w[counts + i] = 0
+            else:
+                for b in range(newest + 1, bucket + 1):
+                    self.w[counts + b % self.BUCKETS] = 0
+            self.w[at + 5] = bucket
+            seen = sum(self.w[counts:counts + self.BUCKETS])
+            admitted = seen < self.rate
+            self.w[counts + bucket % self.BUCKETS] += 1
             self.w[at + 4] = now
             log = False
             if not admitted and (not self.w[at + 6] or now - self.w[at + 6] >= self.window):

@@ -46,9 +46,10 @@ def session(addr, body, tls, ctx, state, source):
             cmd(b"STARTTLS", 220)
             f.close()
             s = ctx.wrap_socket(s, session=state.get("session"))
-            state["session"] = s.session
             f = s.makefile("rb")
             cmd(b"EHLO load.example", 250)
+            state["session"] = s.session    # TLS 1.3: the ticket came after the handshake
+            state["reused"] = state.get("reused", 0) + s.session_reused
         cmd(b"MAIL FROM:<alice@example.org>", 250)
         cmd(b"RCPT TO:<bob@my.domain>", 250)
         cmd(b"DATA", 354)
