@@ -221,7 +221,7 @@ def prepare_engine(cfg):
     prepare_verify(cfg)
     cfg.certs = tlscert.Certificates(cfg.tls_cert, cfg.tls_key, cfg.tls_explicit)
     try:
-        cfg.tls_context = cfg.certs.start().context
+        cfg.tls_context = cfg.certs.start(quiet=not cfg.daemon).context
     except tlscert.CertError as e:
         fatal_config(cfg, "cannot load the TLS certificate: %s" % e)
     dl.prepare_jail()
@@ -259,6 +259,15 @@ def jail(cfg):
         dl.enter_jail(cfg.pw, cfg.gr, cfg.chroot)
 
 
+def peer_ip(peer):
+    """The client's address as an ipaddress object; None when there is none
+    (not a socket, a Unix socket, an unparsable name)."""
+    try:
+        return dl.normalize_ip(peer[0]) if peer and peer[0] else None
+    except (ValueError, TypeError):
+        return None
+
+
 def socket_ends(fd):
     """(local, peer) (address, port) pairs of fd, or (None, None)."""
     d = os.dup(fd)
@@ -280,7 +289,7 @@ def identify(cfg, local, peer, deadline, proxied=False):
     outlasts the session deadline; no ident behind a proxy (it cannot reach
     the client: the user is UNKNOWN)."""
     lk = lookup.Lookup(cfg.resolver, deadline)
-    ip = dl.normalize_ip(peer[0]) if peer else None
+    ip = peer_ip(peer)
     name, error = None, None
     if cfg.hostchecks and ip is not None:
         try:
@@ -366,7 +375,7 @@ def inetd(cfg):
     before it (a PROXY header, an early talker): then the process enters
     the jail first, for nothing from the network is read as root."""
     local, peer = socket_ends(0)
-    trusted = peer is not None and admission.member(dl.normalize_ip(peer[0]), cfg.proxy_from)
+    trusted = admission.member(peer_ip(peer), cfg.proxy_from)
     early = trusted or buildconf.SMTPD_GREET_PAUSE
     if early:
         prepare_engine(cfg)
@@ -396,7 +405,7 @@ def early_talker(cfg, peer):
     """inetd mode's greeting pause (SMTPD_GREET_PAUSE): True if the client
     talked (554, logged) or left before our 220."""
     pause = buildconf.SMTPD_GREET_PAUSE
-    ip = dl.normalize_ip(peer[0]) if peer else None
+    ip = peer_ip(peer)
     if not pause or admission.member(ip, cfg.exempt):
         return False
     p = select.poll()

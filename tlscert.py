@@ -56,15 +56,17 @@ class Certificates:
         self.context = None
         self.stamp = None
 
-    def start(self):
+    def start(self, quiet=False):
         """Load at start.  No paths, or default paths that do not exist:
-        plaintext only, one notice.  Anything else that fails: CertError."""
+        plaintext only, one notice (a debug line when quiet: inetd mode
+        starts once per connection).  Anything else that fails: CertError."""
         if not self.cert or not self.key:
             return self
         self.stamp = stamp(self.cert, self.key)
         if not self.explicit and not (os.path.exists(self.cert) and os.path.exists(self.key)):
-            dl.notice("no certificate and key at %s and %s: STARTTLS is not offered",
-                      self.cert, self.key)
+            (dl.debug if quiet else dl.notice)(
+                "no certificate and key at %s and %s: STARTTLS is not offered",
+                self.cert, self.key)
             return self
         self.context = load(self.cert, self.key)
         return self

@@ -625,3 +625,26 @@ def test_documented_differences_from_the_original(smtpd):
     for words in ("HELOfoo", "MAILFROM:", "NOOPX", "WIZ", "DEBUG", "during DATA gets only 421",
                   "MAIL FROM:\ngets 501"):
         assert words in compat, words
+
+
+def test_inetd_session_on_a_unix_socket(tree_factory, tmp_path):
+    """A super-server may hand over a Unix socket: no address, no crash."""
+    import subprocess
+    from harness import make_jail, smtpd_argv, TEST_CONSTANTS
+    jail = make_jail()
+    ours, theirs = socket.socketpair()
+    p = subprocess.Popen(smtpd_argv(tree_factory(**TEST_CONSTANTS), jail, "-H"),
+                         stdin=theirs, stdout=theirs, stderr=subprocess.DEVNULL)
+    theirs.close()
+    ours.settimeout(30)
+    assert ours.recv(100).startswith(b"220 ")
+    ours.sendall(b"HELO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@my.domain>\r\n"
+                 b"DATA\r\nhi\r\n.\r\nQUIT\r\n")
+    data = b""
+    while b"221 " not in data:
+        chunk = ours.recv(4096)
+        assert chunk, data
+        data += chunk
+    assert b"250 Message accepted for delivery" in data
+    assert p.wait(30) == 0
+    assert len(spool_files(jail)) == 1
