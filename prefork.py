@@ -143,12 +143,19 @@ def check_pidfile(path):
     (/proc/PID/comm and its uid): after a crash and a reboot the pid may
     belong to anything else."""
     try:
-        with open(path, "rb") as f:
-            pid = int(f.read(64).split()[0])
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return
+    except OSError as e:        # e.g. a link: never followed as root
+        dl.die(dl.EX_CONFIG, "pid file %s: %s", path, e.strerror)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            dl.die(dl.EX_CONFIG, "pid file %s is not a regular file", path)
+        pid = int(os.read(fd, 64).split()[0])
     except (OSError, ValueError, IndexError):
         pid = None
+    finally:
+        os.close(fd)
     if pid and pid != os.getpid() and is_smtpd_master(pid):
         dl.err("already running as pid %d (pid file %s)", pid, path)
         if not dl.log.stderr:

@@ -220,11 +220,21 @@ def prepare_engine(cfg):
     cfg.resolver = lookup.make_resolver()
     prepare_verify(cfg)
     cfg.certs = tlscert.Certificates(cfg.tls_cert, cfg.tls_key, cfg.tls_explicit)
+    for path in (cfg.tls_cert, cfg.tls_key):
+        if path and inside(path, cfg.chroot):
+            fatal_config(cfg, "%s is inside the jail %s: the certificate and key must be "
+                              "where the smtpd user cannot reach them" % (path, cfg.chroot))
     try:
         cfg.tls_context = cfg.certs.start(quiet=not cfg.daemon).context
     except tlscert.CertError as e:
         fatal_config(cfg, "cannot load the TLS certificate: %s" % e)
     dl.prepare_jail()
+
+
+def inside(path, directory):
+    """Is path (links resolved) inside directory?"""
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
 def prepare_verify(cfg):

@@ -187,3 +187,29 @@ def test_a_stale_pid_file_naming_another_process_does_not_block(tree_factory):
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_pid_file_that_is_a_link_or_fifo_is_refused(tree_factory, tmp_path):
+    jail = make_jail()
+    target = tmp_path / "elsewhere"
+    target.write_text("123\n")
+    os.symlink(str(target), jail + ".pid")
+    d = SmtpdDaemon(tree_factory(**TEST_CONSTANTS), jail)
+    assert d.proc.wait(20) == 78
+    assert "pid file %s.pid:" % jail in d.log()
+    assert target.read_text() == "123\n"
+    fifo_jail = make_jail()
+    os.mkfifo(fifo_jail + ".pid")
+    d = SmtpdDaemon(tree_factory(**TEST_CONSTANTS), fifo_jail)
+    assert d.proc.wait(20) == 78            # at once, not blocked on the FIFO
+    assert "is not a regular file" in d.log()
+
+
+def test_a_key_inside_the_jail_is_refused(tree_factory):
+    import certs
+    jail = make_jail()
+    os.mkdir(os.path.join(jail, "tls"))
+    cert, key = certs.make_pair(os.path.join(jail, "tls"))
+    d = SmtpdDaemon(tree_factory(**TEST_CONSTANTS), jail, "-C", cert, "-K", key)
+    assert d.proc.wait(20) == 78
+    assert "is inside the jail" in d.log()
