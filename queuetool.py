@@ -145,11 +145,21 @@ def everything(spooldir, now):
     sd = os.fsencode(spooldir)
     for prefix in (spool.PREFIX, spool.DRAFT_PREFIX.encode()):
         out += [examine(sd, e.name, "queue", now) for e in spool.entries(sd, prefix)]
-    failed = os.path.join(sd, spool.FAILED_DIR.encode())
-    if os.path.isdir(failed):
+    failed = failed_dir(spooldir)
+    if failed:
         out += [examine(failed, e.name, "failed", now) for e in spool.entries(failed)
                 if not e.name.endswith(b".reason") and not e.name.endswith(b".tmp")]
     return sorted((e for e in out if e is not None), key=lambda e: -e.age(now))
+
+
+def failed_dir(spooldir):
+    """spool/failed/ if it is a real directory (never a link to follow, as
+    root, into somewhere else), else None."""
+    path = os.path.join(os.fsencode(spooldir), spool.FAILED_DIR.encode())
+    try:
+        return path if stat.S_ISDIR(os.lstat(path).st_mode) else None
+    except FileNotFoundError:
+        return None
 
 
 def age_text(seconds):
@@ -203,8 +213,8 @@ def find(cfg, ident):
                                   "and digits)" % ident)
     sd = os.fsencode(cfg.spooldir)
     name = os.fsencode(ident)
-    for d, where in ((sd, "queue"), (os.path.join(sd, spool.FAILED_DIR.encode()), "failed")):
-        if os.path.lexists(os.path.join(d, name)):
+    for d, where in ((sd, "queue"), (failed_dir(cfg.spooldir), "failed")):
+        if d and os.path.lexists(os.path.join(d, name)):
             return d, name, where
     raise Failure(EX_NOINPUT, "%s: no such message in %s" % (ident, cfg.spooldir))
 
@@ -238,8 +248,8 @@ def cmd_show(cfg, args):
 def cmd_requeue(cfg, args):
     (ident,) = one_argument("requeue", args)
     if ident == "all-failed":
-        failed = os.path.join(os.fsencode(cfg.spooldir), spool.FAILED_DIR.encode())
-        names = [e.name for e in spool.entries(failed)] if os.path.isdir(failed) else []
+        failed = failed_dir(cfg.spooldir)
+        names = [e.name for e in spool.entries(failed)] if failed else []
         names = [n for n in names if not n.endswith((b".reason", b".tmp"))]
         for n in names:
             requeue_failed(cfg, n)

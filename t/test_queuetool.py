@@ -190,3 +190,14 @@ def test_the_checkouts_smtpq_wrapper(fwd_env):
     p = subprocess.run([os.path.join(ROOT, "bin", "smtpq"), "-d", fwd_env.spool, "list"],
                        capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert p.returncode == 0 and name in p.stdout, p.stderr
+
+
+def test_a_failed_directory_that_is_a_link_is_not_followed(fwd_env, tree, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "smtpdVICTIM").write_text("FROM <a@b>\nRCPT <c@d>\nBODY\nx\n")
+    os.symlink(str(elsewhere), os.path.join(fwd_env.spool, "failed"))
+    status, out, _ = smtpq(tree, fwd_env.spool, "list", "-j")
+    assert status == 0 and "smtpdVICTIM" not in out
+    assert smtpq(tree, fwd_env.spool, "delete", "smtpdVICTIM")[0] == 66
+    assert (elsewhere / "smtpdVICTIM").exists()
