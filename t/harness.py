@@ -303,16 +303,20 @@ class SmtpdDaemon(Daemon):
                                      stderr=self.log_file, env=env)
 
     def wait_ready(self, timeout=20):
+        """Listening, and its pid file names the live master (it binds the
+        port an instant before it replaces a stale pid file)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                if self.proc.poll() is not None and not os.path.exists(self.pidfile):
+                if comm(self.master_pid()) == "smtpd: master":
+                    return self
+            except (OSError, ValueError, IndexError):
+                # (Detached, the foreground process exits 0 before the pid file is there.)
+                if self.proc.poll() not in (None, 0) and not os.path.exists(self.pidfile):
                     raise AssertionError("smtpd exited %s: %s" % (self.proc.returncode, self.log()))
-                time.sleep(0.05)
-        raise AssertionError("smtpd -D not listening: " + self.log())
+            time.sleep(0.05)
+        raise AssertionError("smtpd -D not ready: " + self.log())
 
     def connect(self, source="127.0.0.1"):
         s = socket.create_connection(("127.0.0.1", self.port), timeout=30,
@@ -320,7 +324,7 @@ class SmtpdDaemon(Daemon):
         return Client(s)
 
     def master_pid(self):
-        return int(open(self.pidfile).read())
+        return int(open(self.pidfile).read().split()[0])
 
     def workers(self):
         return [p for p in children(self.master_pid()) if comm(p) == "smtpd: worker"]

@@ -54,8 +54,9 @@ def test_detached_smtpfwdd_says_once_that_nothing_hears_it(tree_factory):
         assert p.returncode == 0
         assert p.stderr.count("smtpfwdd: no syslog daemon listens on %s" % NOWHERE) == 1
     finally:
-        lock = open(os.path.join(spool, ".smtpfwdd.lock")).read().strip()
-        os.kill(int(lock), signal.SIGTERM)
+        lockfile = os.path.join(spool, ".smtpfwdd.lock")
+        assert wait_for(lambda: open(lockfile).read().strip())     # the daemon's pid
+        os.kill(int(open(lockfile).read().strip()), signal.SIGTERM)
         shutil.rmtree(spool, ignore_errors=True)
 
 
