@@ -189,6 +189,17 @@ def printable(text, limit=255):
     return out + "..." if len(text) > limit else out
 
 
+def child_signals(*defaults):
+    """In a forked child whose parent decides when it ends: a Ctrl-C or a
+    hangup sent to the whole process group is ignored, the signals listed
+    get their default action back, and the parent's wakeup fd is let go."""
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    for sig in defaults:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)
+
+
 def normalize_ip(addr):
     """An ipaddress object; IPv4-mapped IPv6 becomes IPv4; None/"" -> None."""
     if addr is None or addr == "":

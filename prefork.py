@@ -451,13 +451,7 @@ class Master:
 
     def become_worker(self, ctrl, slot):
         try:
-            # The master decides when sessions end: a Ctrl-C or hangup sent to
-            # the whole process group must not cut them short.
-            for sig in (signal.SIGINT, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_IGN)
-            for sig in (signal.SIGTERM, signal.SIGCHLD):
-                signal.signal(sig, signal.SIG_DFL)
-            signal.set_wakeup_fd(-1)
+            dl.child_signals(signal.SIGTERM, signal.SIGCHLD)   # the master ends sessions
             for w in self.workers.values():
                 w.ctrl.close()
             if self.watcher is not None:

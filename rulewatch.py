@@ -70,11 +70,7 @@ class Watcher:
         return self
 
     def child(self, sock):
-        for sig in (signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
-        for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR2):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.set_wakeup_fd(-1)
+        dl.child_signals(signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR2)
         dl.set_title("smtpd: rules")
         dl.log.role = "rules: "
         self.jail(self.cfg)

@@ -124,12 +124,7 @@ class Worker:
 
 def worker_loop(cfg, sock):
     """Deliver the files the master names until it closes the socket."""
-    # A Ctrl-C to the process group must not cut a delivery short.
-    for sig in (signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.set_wakeup_fd(-1)
+    dl.child_signals(signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD)  # never cut short
     while True:
         try:
             name = sock.recv(4096)
