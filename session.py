@@ -291,7 +291,7 @@ class Session:
             self.count_error()
             return False
         v = checkrules.evaluate(rules, self.client, self.env.sender, rcpt)
-        who = "%s@%s" % (self.client.ident or "UNKNOWN", self.where)
+        who = "%s@%s" % (dl.escape(self.client.ident or "UNKNOWN", 80), self.where)
         shown = (dl.escape(self.env.sender), dl.escape(rcpt))
         for r in v.debug:
             dl.info("DEBUG: matched %s for %s from %s to %s", r.where, who, *shown)

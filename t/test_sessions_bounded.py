@@ -167,3 +167,16 @@ def test_the_cap_still_holds_for_live_sessions(daemon_, n):
     assert extra.reply()[0] == 421
     for c in held:
         c.cmd("QUIT")
+
+
+def test_an_ident_answer_reaches_the_log_escaped(smtpd, ident_server):
+    ident_server("127.0.0.1", 'x"forged=1\\')
+    srv = smtpd("noto:*@ALL:ALL:ALL:550 no\n", "-H")
+    c = srv.connect()
+    c.reply()
+    c.cmd("HELO x")
+    c.cmd("MAIL FROM:<a@b.example>")
+    assert c.cmd("RCPT TO:<c@my.domain>")[0] == 550
+    c.cmd("QUIT")
+    assert "x\\x22forged=1\\x5c@UNKNOWN(127.0.0.1) from" in srv.log()
+    assert 'x"forged' not in srv.log()
