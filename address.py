@@ -120,3 +120,11 @@ def mail_params(params):
             raise AddressError(555, "MAIL FROM/RCPT TO parameters not recognized "
                                     "or not implemented")
     return out
+
+
+def bare(addr):
+    """A stored address without its outer angle brackets ("<>" stays "<>"),
+    as sendmail's command line and a report's fields want it."""
+    if addr.startswith("<") and addr.endswith(">") and addr != "<>":
+        return addr[1:-1]
+    return addr

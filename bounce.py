@@ -27,6 +27,7 @@ import email.utils
 import time
 
 import spool
+from address import bare
 
 WORDS_MAX = 900             # characters of the agent's words per recipient
 
@@ -73,12 +74,6 @@ class Failure:
 def one_line(text):
     """The agent's words, safe for one header line: printable, no breaks."""
     return "".join(c if " " <= c <= "~" else " " for c in text.replace("\n", " | ")).strip()
-
-
-def bare(addr):
-    if addr.startswith("<") and addr.endswith(">"):
-        return addr[1:-1]
-    return addr
 
 
 def report(myname, sender, failures, headers, arrival, queue_id, action="failed",

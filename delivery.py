@@ -34,6 +34,7 @@ import bounce
 import buildconf
 import daemonlib as dl
 import spool
+from address import bare
 
 TEMPORARY = (dl.EX_OSERR, dl.EX_OSFILE, dl.EX_IOERR, dl.EX_TEMPFAIL)
 STDERR_MAX = 4096
@@ -60,13 +61,6 @@ def unquoted_comma(addr):
         elif ch == "," and not quoted:
             return True
     return False
-
-
-def bare(addr):
-    """The address without its outer angle brackets ("<>" stays "<>")."""
-    if addr.startswith("<") and addr.endswith(">") and addr != "<>":
-        return addr[1:-1]
-    return addr
 
 
 def check_recipient(r):

@@ -9,9 +9,10 @@ DESCRIPTION
     shared scoreboard and rate table before forking them, keeps spares
     (a worker says "N" when they run low), retires surplus ones after
     SMTPD_IDLE_TIME, and replaces those that end.  Each worker chroots to
-    -c and becomes -u/-g before its first session.  The master holds the TLS certificate and key (outside the
-    jail) and reloads them on SIGHUP and when either file changes.  It holds
-    the rules but never opens anything in the jail: a jailed watcher
+    -c and becomes -u/-g before its first session.  The master holds the
+    TLS certificate and key (outside the jail) and reloads them on SIGHUP
+    and when either file changes.  It holds the rules but never opens
+    anything in the jail: a jailed watcher
     (rulewatch.py) reads the file at start, when it changes and on SIGHUP,
     and sends the text.  An invalid new rules text or certificate is logged
     and the old one stays; otherwise workers are replaced (a busy one after
@@ -291,6 +292,7 @@ class Master:
         for pid, status in dl.reaped():
             if self.watcher is not None and pid == self.watcher.pid:
                 dl.warn("rules watcher %d ended with %s; restarting it", pid, describe(status))
+                self.watcher.pid = None     # reaped: its pid may be anyone's now
                 self.stop_watcher()
                 continue
             w = self.workers.pop(pid, None)

@@ -29,6 +29,8 @@ import socket
 import struct
 import time
 
+import daemonlib as dl
+
 V1_MAX = 107
 SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 LENGTH_MAX = 2048           # octets after the 16-octet v2 prefix
@@ -116,6 +118,18 @@ def check_tlvs(data):
         i += 3 + struct.unpack(">H", data[i + 1:i + 3])[0]
     if i != len(data):
         raise ProxyError("v2 header: a TLV runs past the header")
+
+
+def ends(sock, local, peer, timeout):
+    """(local, peer) of a connection from a trusted proxy: what its header
+    names, or the socket's own (LOCAL, UNKNOWN); (local, None) when the
+    header is missing or bad, logged once."""
+    try:
+        names = read(sock, timeout)
+    except (ProxyError, OSError) as e:
+        dl.notice("refused %s: %s", peer[0], e)
+        return local, None
+    return (local, peer) if names is None else (names[1], names[0])
 
 
 def could_be(data):

@@ -125,7 +125,8 @@ class Watcher:
                                    % timeout)
 
     def stop(self):
-        """Close our end (the watcher leaves) and kill it if it lingers."""
+        """Close our end (the watcher leaves) and kill it, unless it was
+        reaped already (pid None)."""
         if self.sock is not None:
             self.sock.close()
             self.sock = None

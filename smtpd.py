@@ -27,7 +27,6 @@ EXIT STATUS
 import getopt
 import ipaddress
 import os
-import select
 import socket
 import sys
 import time
@@ -361,15 +360,9 @@ def proxied_ends(local, peer):
         os.close(d)
         return local, None
     try:
-        names = proxy.read(sock, buildconf.SMTPD_PROXY_TIMEOUT)
-    except (proxy.ProxyError, OSError) as e:
-        dl.notice("refused %s: %s", peer[0], e)
-        return local, None
+        return proxy.ends(sock, local, peer, buildconf.SMTPD_PROXY_TIMEOUT)
     finally:
         sock.close()
-    if names is None:
-        return local, peer
-    return names[1], names[0]
 
 
 def refused_by_listen(cfg, local):
@@ -383,7 +376,8 @@ def inetd(cfg):
     """One session on fds 0/1.  The greeting goes out first, so the client
     does not wait while the engine loads -- unless something must be read
     before it (a PROXY header, an early talker): then the process enters
-    the jail first, for nothing from the network is read as root."""
+    the jail first, for nothing from the network is read as root, and the
+    session greets after its pause, as in -D mode."""
     local, peer = socket_ends(0)
     trusted = admission.member(peer_ip(peer), cfg.proxy_from)
     early = trusted or buildconf.SMTPD_GREET_PAUSE
@@ -398,36 +392,16 @@ def inetd(cfg):
         dl.info("Refused connection attempt to %s from %s", local[0], peer and peer[0])
         os.write(1, b"521 %s %s\r\n" % (cfg.myname.encode(), VANILLA[521].encode()))
         return dl.EX_OK
-    if early_talker(cfg, peer):
-        return dl.EX_PROTOCOL
+    if early:
+        return serve(cfg, 0, 1, local, peer, proxied=trusted)
     try:
         os.write(1, b"220 %s %s\r\n" % (cfg.myname.encode(), VANILLA[220].encode()))
     except OSError as e:
         dl.info("write to client: %s", e.strerror)
         return dl.EX_OSERR
-    if not early:
-        prepare_engine(cfg)
-        jail(cfg)
-    return serve(cfg, 0, 1, local, peer, greeted=True, proxied=trusted)
-
-
-def early_talker(cfg, peer):
-    """inetd mode's greeting pause (SMTPD_GREET_PAUSE): True if the client
-    talked (554, logged) or left before our 220."""
-    pause = buildconf.SMTPD_GREET_PAUSE
-    ip = peer_ip(peer)
-    if not pause or admission.member(ip, cfg.exempt):
-        return False
-    p = select.poll()
-    p.register(0, select.POLLIN)
-    if not p.poll(pause):
-        return False
-    said = os.read(0, 512)
-    if said:
-        dl.notice("pregreet: %s talked before the greeting: %s", ip,
-                  dl.escape(said.decode("latin-1"), 60))
-        os.write(1, b"554 5.5.1 Protocol error: you talked before my greeting\r\n")
-    return True
+    prepare_engine(cfg)
+    jail(cfg)
+    return serve(cfg, 0, 1, local, peer, greeted=True)
 
 
 def main(argv):

@@ -33,6 +33,7 @@ import time
 
 import buildconf
 import daemonlib as dl
+from address import bare
 
 REPLY_LINE_MAX = 512
 REPLY_LINES_MAX = 100
@@ -237,7 +238,7 @@ class Verifier:
         self.said = None            # the backend's last answer, for the tester
 
     def check(self, address, where=""):
-        address = address.strip("<>")
+        address = bare(address)
         if address.lower() in self.asked:
             return self.asked[address.lower()]
         now = time.time()

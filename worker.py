@@ -145,15 +145,10 @@ def who(cfg, sock, local, peer):
     header is missing or bad -- logged once, the connection closed."""
     if not admission.member(dl.normalize_ip(peer[0]), cfg.proxy_from):
         return local, peer, False
-    try:
-        names = proxy.read(sock, buildconf.SMTPD_PROXY_TIMEOUT)
-    except (proxy.ProxyError, OSError) as e:
-        dl.notice("refused %s: %s", peer[0], e)
+    local, peer = proxy.ends(sock, local, peer, buildconf.SMTPD_PROXY_TIMEOUT)
+    if peer is None:
         sock.close()
-        return local, None, True
-    if names is None:
-        return local, peer, True
-    return names[1], names[0], True
+    return local, peer, True
 
 
 def refuse(sock, reply):
