@@ -35,6 +35,7 @@ import admission
 import buildconf
 import daemonlib as dl
 import proxy
+import sandbox
 from replies import VANILLA
 
 # checkrules, lookup, prefork, session, tlscert and verify take ~100 ms to
@@ -207,6 +208,10 @@ def prepare(cfg):
         cfg.rules_path = os.path.join(cfg.chroot, cfg.rules_path.lstrip("/"))
     if cfg.myname is None:
         cfg.myname = dl.own_name()
+    cfg.sandbox_missing = sandbox.available()
+    if cfg.sandbox_missing:     # once here, not in every jailed process
+        (dl.warn if cfg.daemon else dl.debug)(
+            "no seccomp sandbox for the jailed processes: %s", cfg.sandbox_missing)
 
 
 def prepare_engine(cfg):
@@ -263,9 +268,16 @@ def fatal_config(cfg, msg):
 
 
 def jail(cfg):
-    """Enter the chroot and drop privileges (root only)."""
+    """Enter the chroot and drop privileges (root only), then the seccomp
+    sandbox (sandbox.py): from here on the process reaches no other."""
     if cfg.root:
         dl.enter_jail(cfg.pw, cfg.gr, cfg.chroot)
+    if cfg.sandbox_missing:
+        return
+    try:
+        sandbox.enter()
+    except sandbox.SandboxError as e:
+        dl.err("seccomp sandbox: %s; going on without it", e)
 
 
 def peer_ip(peer):

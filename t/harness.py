@@ -1,5 +1,6 @@
 """Run smtpd as inetd would, and talk to it: the tests' SMTP client side."""
 
+import ast
 import email.utils
 import glob
 import grp
@@ -405,3 +406,39 @@ def give_to_nobody(path):
     if is_root:
         pw = pwd.getpwnam("nobody")
         os.chown(path, pw.pw_uid, pw.pw_gid)
+
+
+# ------------------------------------------------ inside a live process ----
+
+def run_inside(pid, root, code, timeout=60):
+    """Run Python code inside the live process pid, as an attacker who took
+    it over would (gdb attaches, as root, and calls PyRun_SimpleString with
+    the GIL held).  root: the directory the process sees as / (its jail).
+    The code leaves its findings in the dict `found`; returns it."""
+    probe = os.path.join(root, "probe.py")
+    out = os.path.join(root, "probe.out")
+    inside = "/" if os.readlink("/proc/%d/root" % pid) == os.path.realpath(root) else root + "/"
+    with open(probe, "w") as f:
+        f.write("import os\nfound = {}\ntry:\n")
+        f.write("".join("    " + line + "\n" for line in code.strip().splitlines()))
+        f.write("except BaseException as e:\n    found['error'] = repr(e)\n")
+        f.write("with open(%r, 'w') as f:\n    f.write(repr(found))\n" % (inside + "probe.out"))
+    os.chmod(probe, 0o644)
+    run = "exec(open('%sprobe.py').read(), {})" % inside
+    subprocess.run(["gdb", "-p", str(pid), "-batch", "-nx",
+                    "-ex", "call (int)PyGILState_Ensure()",
+                    "-ex", 'call (int)PyRun_SimpleString("%s")' % run,
+                    "-ex", "call (void)PyGILState_Release($1)"],
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=timeout, check=True)
+    try:
+        with open(out) as f:
+            return ast.literal_eval(f.read())
+    finally:
+        for p in (probe, out):
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+needs_gdb = pytest.mark.skipif(not (is_root and shutil.which("gdb")),
+                               reason="needs root and gdb (to act inside a live process)")
