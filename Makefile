@@ -301,9 +301,15 @@ install: all venv
 	        -e 's|@PYTHON@|$(INSTALL_PYTHON)|g' $$f > $$d; \
 	    if [ -x $$f ]; then chmod 755 $$d; else chmod 644 $$d; fi; \
 	done
-	install -d -m 700 $(DESTDIR)$(SPOOLDIR) $(DESTDIR)$(SPOOLDIR)/etc
-	chmod 755 $(DESTDIR)$(SPOOLDIR)/etc
-	install -d -m 755 $(DESTDIR)$(SPOOLDIR)/dev
+	install -d -m 700 $(DESTDIR)$(SPOOLDIR)
+	@# The smtpd user owns the spool and may have put links in it: root
+	@# makes etc/ and dev/ there only where nothing has that name, and never
+	@# changes (chmod follows links) what is there already.
+	@for d in etc dev; do p=$(DESTDIR)$(SPOOLDIR)/$$d; \
+	    if [ -L $$p ] || { [ -e $$p ] && [ ! -d $$p ]; }; then \
+	        echo "$$p is not a directory: left alone" >&2; \
+	    elif [ ! -e $$p ]; then mkdir -m 755 $$p; fi; \
+	done
 	if [ -d $(DESTDIR)$(RSYSLOG_DIR) ]; then \
 	    sed -e 's|@SPOOLDIR@|$(SPOOLDIR)|g' etc/rsyslog-smtpd.conf \
 	        > $(DESTDIR)$(RSYSLOG_DIR)/smtpd.conf; \

@@ -44,6 +44,7 @@ DEFAULT_TEMPLATE = "550 Mail from %F to %T prohibited from your location (%U@%H 
 REPLY_MAX = 510            # octets of a reply line before its CR LF (RFC 5321: 512)
 TEMPFAIL_REPLY = "451 4.4.3 Requested action not taken: lookup failure, try again later"
 IPV6_TOKEN = re.compile(r"\[[0-9A-Fa-f:.]*\](/[0-9]*)?")
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 ESCAPES = {"F": "sender", "T": "rcpt", "H": "name", "I": "ip", "U": "ident"}
 
 
@@ -91,6 +92,8 @@ def split_fields(line):
 def check_template(t):
     if not re.match(r"^[45][0-9][0-9] ", t):
         raise Bad("reply %r must start with a 4xx or 5xx code and a space" % t)
+    if CONTROL.search(t):
+        raise Bad("control character in reply %r (it would reach the client)" % t)
     i = 0
     while i < len(t):
         if t[i] == "%":
@@ -341,8 +344,8 @@ def usage(msg=None):
     return 64
 
 
-def cli_client(address, name, ident):
-    lk = lookup.Lookup(lookup.make_resolver())
+def cli_client(address, name, ident, resolver):
+    lk = lookup.Lookup(resolver)
     try:
         ip = dl.normalize_ip(address)
     except ValueError:
@@ -401,6 +404,30 @@ def smtpd_refusal(sender, rcpt):
     return None, (sender, stored)
 
 
+def say(text):
+    """Print what the rules file or the DNS said: their control characters
+    made visible (the file may be the jail's), never sent to the terminal."""
+    print(dl.visible(text))
+
+
+def become_jail_owner(path):
+    """Run as root on a rules file inside SPOOLDIR (the jail, which the
+    smtpd user owns and can fill with links): become that user first, as
+    smtpd's own rules watcher reads it.  Elsewhere, nothing changes."""
+    jail = os.path.realpath(buildconf.SPOOLDIR)
+    where = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    if os.geteuid() != 0 or not (where + "/").startswith(jail.rstrip("/") + "/"):
+        return
+    try:
+        st = os.stat(jail)
+    except OSError:
+        return
+    if st.st_uid != 0:
+        os.setgroups([st.st_gid])
+        os.setresgid(st.st_gid, st.st_gid, st.st_gid)
+        os.setresuid(st.st_uid, st.st_uid, st.st_uid)
+
+
 def main(argv):
     try:
         opts, args = getopt.getopt(argv, "tvf:a:n:u:V:")
@@ -408,39 +435,42 @@ def main(argv):
         return usage(str(e))
     o = dict(opts)
     path = o.get("-f", default_rules_path())
+    resolver = lookup.make_resolver()       # everything loaded before a change of user
+    become_jail_owner(path)
     try:
         rules, warnings = load(path)
     except RuleError as e:      # every error and every warning, in line order
-        print("\n".join(sorted(e.problems + e.warnings, key=line_number)))
+        for line in sorted(e.problems + e.warnings, key=line_number):
+            say(line)
         return 78
     if "-t" in o:
         if args:
             return usage("-t takes no FROM TO")
-        if warnings:
-            print("\n".join(warnings))
+        for line in warnings:
+            say(line)
         return 0
     if len(args) != 2:
         return usage()
     refusal, stored = smtpd_refusal(args[0], args[1])
     if refusal:
-        print("refused %s" % refusal[0])
+        say("refused %s" % refusal[0])
         if "-v" in o:
-            print("smtpd refuses this %s address before any rule" % refusal[1])
+            say("smtpd refuses this %s address before any rule" % refusal[1])
         return EXIT["refused"]
-    client = cli_client(o.get("-a"), o.get("-n"), o.get("-u"))
+    client = cli_client(o.get("-a"), o.get("-n"), o.get("-u"), resolver)
     v = evaluate(rules, client, *stored)
     said = None
     if v.action == "verify" and "-V" in o:
         v, said = callout(o["-V"], v, stored[1])
-    print(v.action if v.reply is None else "%s %s" % (v.action, v.reply))
+    say(v.action if v.reply is None else "%s %s" % (v.action, v.reply))
     if "-v" in o and said:
-        print("backend: %s" % said)
+        say("backend: %s" % said)
     if "-v" in o and v.detail:
-        print("lookup failure: %s" % v.detail)
+        say("lookup failure: %s" % v.detail)
     if "-v" in o:
-        print("%s: %s" % (v.rule.where, v.rule.text) if v.rule else "default")
+        say("%s: %s" % (v.rule.where, v.rule.text) if v.rule else "default")
         for r in v.debug:
-            print("debug %s: %s" % (r.where, r.text))
+            say("debug %s: %s" % (r.where, r.text))
     return EXIT[v.action]
 
 

@@ -20,6 +20,7 @@ import stat
 import sys
 import syslog
 import time
+import unicodedata
 
 EX_OK = os.EX_OK
 EX_USAGE = os.EX_USAGE
@@ -106,8 +107,7 @@ class Log:
                 self.close()
 
     def __call__(self, level, fmt, *args):
-        msg = self.role + (fmt % args if args else fmt)
-        msg = msg.replace("\n", "\\n").replace("\r", "\\r")
+        msg = (self.role + (fmt % args if args else fmt)).translate(LOG_CONTROLS)
         if self.opened:
             self.send(level, msg)
         if self.stderr:
@@ -180,6 +180,37 @@ def escape(text, limit=255):
     out = "".join(c if "!" <= c <= "~" and c not in '"\\' else "\\x%02x" % ord(c)
                   for c in text[:limit])
     return out + "..." if len(text) > limit else out
+
+
+# Every C0 and C1 control and DEL, as a log line shows it: \n, \r, \x1b...
+LOG_CONTROLS = {c: ("\\n" if c == 10 else "\\r" if c == 13 else "\\x%02x" % c)
+                for c in list(range(32)) + list(range(127, 160))}
+
+
+def visible(text, limit=None, keep=""):
+    """Text someone else wrote (a spool file, a client, the jail) for a
+    terminal or a log: what is printable stays, even beyond ASCII; every
+    control, format (bidi), private-use or unassigned character becomes
+    \\xHH, \\uHHHH or \\UHHHHHHHH, except those in keep (e.g. "\\n\\t").
+    Bytes are read as UTF-8 (a bad byte shows as \\xHH).  At most limit
+    characters of text (then "...")."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "backslashreplace")
+    cut = limit is not None and len(text) > limit
+    if cut:
+        text = text[:limit]
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() or c in keep else hidden(c) for c in text)
+    return text + "..." if cut else text
+
+
+def hidden(c):
+    n = ord(c)
+    if n < 256:
+        return "\\x%02x" % n
+    if unicodedata.category(c) == "Zs":     # a space beyond ASCII: fine as it is
+        return c
+    return "\\u%04x" % n if n < 0x10000 else "\\U%08x" % n
 
 
 def printable(text, limit=255):

@@ -43,11 +43,6 @@ STDERR_MAX = 4096
 CRASH_POINT = os.environ.get("SMTPFWDD_TEST_CRASH")
 
 
-def shown(name):
-    """A spool file name (bytes, whatever they hold) for a log line."""
-    return name.decode("ascii", "backslashreplace")
-
-
 def unquoted_comma(addr):
     """A ',' outside "quotes" (where backslash escapes the next character)."""
     quoted = escaped = False
@@ -79,7 +74,7 @@ class Delivery:
     """The delivery process's work on one spool file (name: bytes)."""
 
     def __init__(self, cfg, name):
-        self.cfg, self.name = cfg, shown(name)
+        self.cfg, self.name = cfg, dl.visible(name)
         self.path = os.path.join(os.fsencode(cfg.spooldir), name)
         self.f = None
         self.msg = None

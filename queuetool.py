@@ -18,14 +18,23 @@ DESCRIPTION
     smtpfwdd to scan now (SIGUSR1).
     It reads through spool.py, obeys its flock protocol (a file being
     written is never read as complete, a file another process holds is
-    never changed) and works as root or as the spool's user.
+    never changed).
+SECURITY
+    The spool is written by the jailed smtpd user: everything in it is
+    hostile.  Started as root, the tool first becomes the spool directory's
+    owner, before it reads anything there.  It works from descriptors of
+    the spool and of failed/ (never a link), and only on names that are
+    spool ids.  Every byte it prints from the spool has its control
+    characters made visible (\\x1b), so a Subject cannot drive the
+    terminal.  flush signals only the process the kernel says holds
+    .smtpfwdd.lock (/proc/locks), and only if it is an smtpfwdd of the
+    spool's owner -- never a pid read from a file.
 EXIT STATUS
-    0 done; 64 usage; 66 no such message; 69 smtpfwdd is not running
-    (flush); 73 the name is taken in the queue (requeue); 75 the message
-    is being written or delivered.
+    0 done; 64 usage; 66 no such message, or no spool; 69 smtpfwdd is not
+    running (flush); 73 the name is taken in the queue (requeue); 74 the
+    spool cannot be read; 75 the message is being written or delivered.
 """
 
-import fcntl
 import getopt
 import json
 import os
@@ -38,15 +47,16 @@ import time
 import buildconf
 import daemonlib as dl
 import spool
-from delivery import shown
 
 USAGE = """usage: smtpfwdd.py [-d spooldir] -Q list [-j]
        smtpfwdd.py [-d spooldir] -Q show ID
        smtpfwdd.py [-d spooldir] -Q requeue ID|all-failed
        smtpfwdd.py [-d spooldir] -Q delete ID
        smtpfwdd.py [-d spooldir] -Q flush"""
-ID = re.compile(r"^(draft\.)?smtpd[A-Za-z0-9]{1,64}$")
-EX_NOINPUT, EX_UNAVAILABLE, EX_CANTCREAT = os.EX_NOINPUT, os.EX_UNAVAILABLE, os.EX_CANTCREAT
+ID = re.compile(rb"^(draft\.)?smtpd[A-Za-z0-9]{1,64}$")
+FAILED_ID = re.compile(rb"^smtpd[A-Za-z0-9]{1,64}$")
+LOCKFILE = ".smtpfwdd.lock"
+FORWARDER_TITLE = b"smtpfwdd"
 
 
 class Failure(Exception):
@@ -57,11 +67,27 @@ class Failure(Exception):
         self.status = status
 
 
+class Queue:
+    """The spool as the tool sees it: a descriptor of its directory and one
+    of failed/ (None when there is none, or it is not a real directory)."""
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise Failure(os.EX_NOINPUT, "%s: no such spool directory" % path) from None
+        self.failed = spool.open_dir(spool.FAILED_DIR, dir_fd=self.fd)
+
+    def where(self, place):
+        return self.fd if place == "queue" else self.failed
+
+
 class Entry:
     """What list and show say of one message."""
 
     def __init__(self, name, where, st):
-        self.id = shown(name)
+        self.id = dl.visible(name)
         self.where = where              # "queue" or "failed"
         self.size = st.st_size
         self.state = None
@@ -83,11 +109,10 @@ class Entry:
                 "reason": self.reason}
 
 
-def examine(dirpath, name, where, now):
+def examine(dir_fd, name, where, now):
     """The Entry for one directory entry, or None (gone, not a file)."""
-    path = os.path.join(dirpath, name)
     try:
-        st = os.stat(path, follow_symlinks=False)
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
     if not stat.S_ISREG(st.st_mode):
@@ -98,18 +123,18 @@ def examine(dirpath, name, where, now):
         e.state = "writing"             # never read as complete
         return e
     try:
-        with spool.open_readonly(path) as f:
+        with spool.open_readonly(name, dir_fd=dir_fd) as f:
             if where == "queue" and spool.held(f):
                 e.state = "delivering"
             read_envelope(e, f)
     except FileNotFoundError:
         return None
     except (spool.Odd, OSError) as x:
-        e.state, e.reason = "unreadable", str(x)
+        e.state, e.reason = "unreadable", dl.visible(str(x))
         return e
     if where == "failed":
         e.state = "failed"
-        e.reason = failure_reason(path)
+        e.reason = failure_reason(dir_fd, name)
     elif e.state is None:
         if st.st_mode & 0o111 == 0o111:
             e.state = "deferred"
@@ -125,41 +150,29 @@ def read_envelope(e, f):
     except spool.Malformed as x:
         e.state, e.reason = "malformed", str(x)
         return None
-    e.sender = msg.sender.decode("latin-1")
-    e.pending = [r.decode("latin-1") for _, r in msg.recipients]
-    e.sent = [r.decode("latin-1") for r in msg.sent]
+    e.sender = dl.visible(msg.sender)
+    e.pending = [dl.visible(r) for _, r in msg.recipients]
+    e.sent = [dl.visible(r) for r in msg.sent]
     e.arrival = msg.arrival
     return msg
 
 
-def failure_reason(path):
+def failure_reason(dir_fd, name):
     try:
-        with spool.open_readonly(path + b".reason") as r:
-            return r.read(4096).decode("utf-8", "replace").strip()
+        with spool.open_readonly(name + b".reason", dir_fd=dir_fd) as r:
+            return dl.visible(r.read(4096).strip())
     except (FileNotFoundError, spool.Odd, OSError):
         return None
 
 
-def everything(spooldir, now):
+def everything(q, now):
     out = []
-    sd = os.fsencode(spooldir)
     for prefix in (spool.PREFIX, spool.DRAFT_PREFIX.encode()):
-        out += [examine(sd, e.name, "queue", now) for e in spool.entries(sd, prefix)]
-    failed = failed_dir(spooldir)
-    if failed:
-        out += [examine(failed, e.name, "failed", now) for e in spool.entries(failed)
-                if not e.name.endswith(b".reason") and not e.name.endswith(b".tmp")]
+        out += [examine(q.fd, n, "queue", now) for n in spool.names(q.fd, prefix)]
+    if q.failed is not None:
+        out += [examine(q.failed, n, "failed", now) for n in spool.names(q.failed)
+                if not n.endswith(b".reason") and not n.endswith(b".tmp")]
     return sorted((e for e in out if e is not None), key=lambda e: -e.age(now))
-
-
-def failed_dir(spooldir):
-    """spool/failed/ if it is a real directory (never a link to follow, as
-    root, into somewhere else), else None."""
-    path = os.path.join(os.fsencode(spooldir), spool.FAILED_DIR.encode())
-    try:
-        return path if stat.S_ISDIR(os.lstat(path).st_mode) else None
-    except FileNotFoundError:
-        return None
 
 
 def age_text(seconds):
@@ -173,16 +186,16 @@ def age_text(seconds):
 
 # ----------------------------------------------------------------- commands ----
 
-def cmd_list(cfg, args):
+def cmd_list(q, args):
     opts, rest = getopt.getopt(args, "j", ["json"])
     if rest:
         raise getopt.GetoptError("list takes no arguments")
     now = time.time()
-    entries = everything(cfg.spooldir, now)
+    entries = everything(q, now)
     if opts:
         for e in entries:
             print(json.dumps(e.as_dict(now)))
-        return dl.EX_OK
+        return os.EX_OK
     print("%-18s %-10s %7s %8s  %s" % ("ID", "STATE", "AGE", "SIZE", "SENDER"))
     for e in entries:
         print("%-18s %-10s %7s %8d  %s" % (e.id, e.state, age_text(e.age(now)), e.size,
@@ -203,162 +216,211 @@ def cmd_list(cfg, args):
         len(entries), "" if len(entries) == 1 else "s",
         ": " + ", ".join("%d %s" % (n, s) for s, n in sorted(counts.items())) if counts else "",
         "; oldest %s" % age_text(entries[0].age(now)) if entries else ""))
-    return dl.EX_OK
+    return os.EX_OK
 
 
-def find(cfg, ident):
-    """(directory, name, where) of the message ident; Failure if none."""
-    if not ID.match(ident):
-        raise Failure(EX_NOINPUT, "%s: not a queue id (smtpd followed by letters "
-                                  "and digits)" % ident)
-    sd = os.fsencode(cfg.spooldir)
+def find(q, ident):
+    """(directory descriptor, name, where) of the message ident; Failure."""
     name = os.fsencode(ident)
-    for d, where in ((sd, "queue"), (failed_dir(cfg.spooldir), "failed")):
-        if d and os.path.lexists(os.path.join(d, name)):
+    if not ID.match(name):
+        raise Failure(os.EX_NOINPUT, "%s: not a queue id (smtpd followed by letters "
+                                     "and digits)" % dl.visible(ident))
+    for where in ("queue", "failed"):
+        d = q.where(where)
+        if d is not None and exists(d, name):
             return d, name, where
-    raise Failure(EX_NOINPUT, "%s: no such message in %s" % (ident, cfg.spooldir))
+    raise Failure(os.EX_NOINPUT, "%s: no such message in %s" % (ident, q.path))
 
 
-def cmd_show(cfg, args):
+def exists(dir_fd, name):
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def cmd_show(q, args):
     (ident,) = one_argument("show", args)
-    d, name, where = find(cfg, ident)
+    d, name, where = find(q, ident)
     e = examine(d, name, where, time.time())
     if e is None:
-        raise Failure(EX_NOINPUT, "%s: gone" % ident)
+        raise Failure(os.EX_NOINPUT, "%s: gone" % ident)
     print("id: %s\nqueue: %s\nstate: %s\nsize: %d" % (e.id, where, e.state, e.size))
     if e.state == "writing":
         print("(being written: not shown)")
-        return dl.EX_OK
+        return os.EX_OK
     if e.reason:
         print("reason: %s" % e.reason)
     if e.sender is None:
-        return dl.EX_OK
+        return os.EX_OK
     print("from: %s" % e.sender)
     for r in e.pending:
         print("to: %s" % r)
     for r in e.sent:
         print("sent: %s" % r)
-    with spool.open_readonly(os.path.join(d, name)) as f:
+    with spool.open_readonly(name, dir_fd=d) as f:
         msg = spool.parse(f)
         print("")
-        sys.stdout.write(spool.headers(f.fileno(), msg.body_offset).decode("utf-8", "replace"))
-    return dl.EX_OK
+        sys.stdout.write(dl.visible(spool.headers(f.fileno(), msg.body_offset), keep="\n\t"))
+    return os.EX_OK
 
 
-def cmd_requeue(cfg, args):
+def cmd_requeue(q, args):
     (ident,) = one_argument("requeue", args)
     if ident == "all-failed":
-        failed = failed_dir(cfg.spooldir)
-        names = [e.name for e in spool.entries(failed)] if failed else []
-        names = [n for n in names if not n.endswith((b".reason", b".tmp"))]
+        names = []
+        if q.failed is not None:
+            names = [n for n in spool.names(q.failed) if FAILED_ID.match(n)]
         for n in names:
-            requeue_failed(cfg, n)
+            requeue_failed(q, n)
         print("%d failed message%s requeued" % (len(names), "" if len(names) == 1 else "s"))
-        return dl.EX_OK
-    d, name, where = find(cfg, ident)
+        return os.EX_OK
+    d, name, where = find(q, ident)
     if where == "failed":
-        requeue_failed(cfg, name)
+        requeue_failed(q, name)
         print("%s: back in the queue" % ident)
-        return dl.EX_OK
+        return os.EX_OK
     with hold(d, name) as f:
         st = os.fstat(f.fileno())
         if st.st_mode & 0o111 != 0o111:
             print("%s: already due" % ident)
-            return dl.EX_OK
+            return os.EX_OK
         spool.make_due(f)
-    dl.notice("queue: %s made due now by uid %d", ident, os.getuid())
+    dl.notice("queue: %s made due now by uid %d", ident, INVOKER)
     print("%s: due now" % ident)
-    return dl.EX_OK
+    return os.EX_OK
 
 
-def requeue_failed(cfg, name):
+def requeue_failed(q, name):
+    shown = dl.visible(name)
     try:
-        spool.unquarantine(cfg.spooldir, name)
+        spool.unquarantine(q.fd, q.failed, name)
     except FileExistsError:
-        raise Failure(EX_CANTCREAT, "%s: a message of that name is in the queue"
-                      % shown(name)) from None
+        raise Failure(os.EX_CANTCREAT, "%s: a message of that name is in the queue"
+                      % shown) from None
     except spool.Odd as e:
-        raise Failure(EX_NOINPUT, "%s: %s" % (shown(name), e)) from None
-    dl.notice("queue: %s moved back from failed/ by uid %d", shown(name), os.getuid())
+        raise Failure(os.EX_NOINPUT, "%s: %s" % (shown, e)) from None
+    dl.notice("queue: %s moved back from failed/ by uid %d", shown, INVOKER)
 
 
 class hold:
     """Open and lock a queued message for a change; Failure (75) if it is
     being written or delivered."""
 
-    def __init__(self, d, name):
-        self.path, self.ident = os.path.join(d, name), shown(name)
+    def __init__(self, dir_fd, name):
+        self.dir_fd, self.name, self.ident = dir_fd, name, dl.visible(name)
 
     def __enter__(self):
         try:
-            st = os.stat(self.path, follow_symlinks=False)
-            if st.st_mode & 0o110 != 0o110 or os.path.basename(self.path).startswith(b"draft."):
-                raise Failure(dl.EX_TEMPFAIL, "%s: being written; not touched" % self.ident)
-            self.f = spool.open_readonly(self.path)
+            st = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
+            if st.st_mode & 0o110 != 0o110 or self.name.startswith(b"draft."):
+                raise Failure(os.EX_TEMPFAIL, "%s: being written; not touched" % self.ident)
+            self.f = spool.open_readonly(self.name, dir_fd=self.dir_fd)
         except FileNotFoundError:
-            raise Failure(EX_NOINPUT, "%s: gone" % self.ident) from None
+            raise Failure(os.EX_NOINPUT, "%s: gone" % self.ident) from None
         except spool.Odd as e:
-            raise Failure(EX_NOINPUT, "%s: %s" % (self.ident, e)) from None
+            raise Failure(os.EX_NOINPUT, "%s: %s" % (self.ident, e)) from None
         if not spool.lock(self.f.fileno()):
             self.f.close()
-            raise Failure(dl.EX_TEMPFAIL, "%s: being delivered or written by another "
+            raise Failure(os.EX_TEMPFAIL, "%s: being delivered or written by another "
                                           "process; not touched" % self.ident)
-        if not spool.holds(self.f, self.path):
+        if not same_file(self.f, self.dir_fd, self.name):
             self.f.close()
-            raise Failure(dl.EX_TEMPFAIL, "%s: changed meanwhile; not touched" % self.ident)
+            raise Failure(os.EX_TEMPFAIL, "%s: changed meanwhile; not touched" % self.ident)
         return self.f
 
     def __exit__(self, *exc):
         self.f.close()
 
 
-def cmd_delete(cfg, args):
+def same_file(f, dir_fd, name):
+    try:
+        a = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    b = os.fstat(f.fileno())
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def cmd_delete(q, args):
     (ident,) = one_argument("delete", args)
-    d, name, where = find(cfg, ident)
-    path = os.path.join(d, name)
+    d, name, where = find(q, ident)
     if where == "failed":
-        os.unlink(path)
+        os.unlink(name, dir_fd=d)
         for extra in (b".reason", b".reason.tmp"):
             try:
-                os.unlink(path + extra)
+                os.unlink(name + extra, dir_fd=d)
             except FileNotFoundError:
                 pass
     else:
         with hold(d, name) as f:
-            spool.remove(path, f)
+            if same_file(f, d, name):
+                os.unlink(name, dir_fd=d)
     spool.fsync_dir(d)
-    dl.notice("queue: %s deleted from %s by uid %d", ident, where, os.getuid())
+    dl.notice("queue: %s deleted from %s by uid %d", ident, where, INVOKER)
     print("%s: deleted" % ident)
-    return dl.EX_OK
+    return os.EX_OK
 
 
-def cmd_flush(cfg, args):
+def cmd_flush(q, args):
     if args:
         raise getopt.GetoptError("flush takes no arguments")
-    path = os.path.join(cfg.spooldir, ".smtpfwdd.lock")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as e:
-        raise Failure(EX_UNAVAILABLE, "smtpfwdd is not running (%s: %s)"
-                      % (path, e.strerror)) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            raise Failure(EX_UNAVAILABLE, "smtpfwdd is not running (nobody holds %s)" % path)
-        except BlockingIOError:
-            pass
-        pid = int(os.pread(fd, 32, 0).decode("ascii", "replace").strip() or 0)
-    except ValueError:
-        raise Failure(EX_UNAVAILABLE, "%s holds no pid" % path) from None
-    finally:
-        os.close(fd)
+    pid = forwarder(q)
     try:
         os.kill(pid, signal.SIGUSR1)
     except OSError as e:
-        raise Failure(EX_UNAVAILABLE, "signal to smtpfwdd (pid %d): %s" % (pid, e.strerror)) \
-            from None
+        raise Failure(os.EX_UNAVAILABLE, "signal to smtpfwdd (pid %d): %s"
+                      % (pid, e.strerror)) from None
     print("smtpfwdd (pid %d) asked to scan now" % pid)
-    return dl.EX_OK
+    return os.EX_OK
+
+
+def forwarder(q):
+    """The pid of the smtpfwdd of this spool: the process that holds the
+    flock of .smtpfwdd.lock, as the kernel says, if it is an smtpfwdd of
+    the spool's owner.  Never the pid the file holds: the jail writes it."""
+    try:
+        fd = os.open(LOCKFILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=q.fd)
+    except OSError as e:
+        raise Failure(os.EX_UNAVAILABLE, "smtpfwdd is not running (%s/%s: %s)"
+                      % (q.path, LOCKFILE, e.strerror)) from None
+    try:
+        pid = spool.lock_holder(fd)
+    except OSError as e:
+        raise Failure(os.EX_UNAVAILABLE, "cannot tell who holds %s: %s" % (LOCKFILE, e))
+    finally:
+        os.close(fd)
+    if pid is None:
+        raise Failure(os.EX_UNAVAILABLE, "smtpfwdd is not running (nobody holds %s/%s)"
+                      % (q.path, LOCKFILE))
+    owner = os.fstat(q.fd).st_uid
+    title, uid = process_title(pid), process_uid(pid)
+    if title != FORWARDER_TITLE or uid != owner:
+        raise Failure(os.EX_UNAVAILABLE, "%s is held by pid %d (%s, uid %s), not by an "
+                      "smtpfwdd of uid %d: not signalled" % (
+                          LOCKFILE, pid, dl.visible(title or b"?"), uid, owner))
+    return pid
+
+
+def process_title(pid):
+    try:
+        with open("/proc/%d/comm" % pid, "rb") as f:
+            return f.read().rstrip(b"\n")
+    except OSError:
+        return None
+
+
+def process_uid(pid):
+    try:
+        with open("/proc/%d/status" % pid, "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def one_argument(command, args):
@@ -369,21 +431,39 @@ def one_argument(command, args):
 
 COMMANDS = {"list": cmd_list, "show": cmd_show, "requeue": cmd_requeue,
             "delete": cmd_delete, "flush": cmd_flush}
+INVOKER = os.getuid()           # for the log: who asked, before any change of user
+
+
+def become_owner(path):
+    """As root: become the owner of the spool directory (its uid and group,
+    no other groups) before reading anything in it.  A spool owned by root
+    is not the jail's: then nothing changes."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise Failure(os.EX_NOINPUT, "%s: no such spool directory" % path) from None
+    if os.geteuid() != 0 or st.st_uid == 0:
+        return
+    os.setgroups([st.st_gid])
+    os.setresgid(st.st_gid, st.st_gid, st.st_gid)
+    os.setresuid(st.st_uid, st.st_uid, st.st_uid)
 
 
 def main(cfg, args):
     """smtpfwdd -Q: args are the command and its arguments."""
     if not args or args[0] not in COMMANDS:
         print(USAGE, file=sys.stderr)
-        return dl.EX_USAGE
+        return os.EX_USAGE
     try:
-        return COMMANDS[args[0]](cfg, args[1:])
+        become_owner(cfg.spooldir)
+        return COMMANDS[args[0]](Queue(cfg.spooldir), args[1:])
     except getopt.GetoptError as e:
         print("smtpq: %s\n%s" % (e, USAGE), file=sys.stderr)
-        return dl.EX_USAGE
+        return os.EX_USAGE
     except Failure as e:
         print("smtpq: %s" % e, file=sys.stderr)
         return e.status
     except OSError as e:
-        print("smtpq: %s: %s" % (e.filename or cfg.spooldir, e.strerror), file=sys.stderr)
-        return dl.EX_IOERR
+        where = os.fsdecode(e.filename) if e.filename is not None else cfg.spooldir
+        print("smtpq: %s: %s" % (dl.visible(where), e.strerror), file=sys.stderr)
+        return os.EX_IOERR

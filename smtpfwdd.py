@@ -3,7 +3,7 @@
 
 SYNOPSIS
     smtpfwdd.py [-Fq] [-d spooldir] [-u user] [-g group] [-s mailprog]
-                [-M maxchildren] [-P polltime]
+                [-M maxchildren] [-P polltime] [-i pidfile]
     smtpfwdd.py [-d spooldir] -Q list [-j] | show ID | requeue ID|all-failed
                 | delete ID | flush
 DESCRIPTION
@@ -19,7 +19,10 @@ DESCRIPTION
     notification (delivery.py, bounce.py).  Nothing accepted is deleted
     unless delivered.  -Q is the queue tool (queuetool.py, also `smtpq`).
 SECURITY
-    Runs as -u/-g (supplementary groups cleared), never as root.
+    Runs as -u/-g (supplementary groups cleared), never as root.  The
+    spool lock .smtpfwdd.lock holds our pid as the original's did, but the
+    jail can write it: tools find us through the kernel's lock table, init
+    scripts through -i, a pid file root opens before we drop privileges.
 SIGNALS
     SIGTERM, SIGINT: stop scanning, wait up to SHUTDOWN_TIMEOUT seconds for
     running deliveries, exit 0.  SIGUSR1, SIGHUP: scan now.
@@ -41,14 +44,17 @@ import buildconf
 import daemonlib as dl
 import queuetool
 import spool
-from delivery import Delivery, shown
+from delivery import Delivery
 
 USAGE = """usage: smtpfwdd.py [-Fq] [-d spooldir] [-u user] [-g group] [-s mailprog]
-                   [-M maxchildren] [-P polltime]
+                   [-M maxchildren] [-P polltime] [-i pidfile]
        smtpfwdd.py [-d spooldir] -Q list [-j] | show ID | requeue ID|all-failed
                    | delete ID | flush"""
-LOCKFILE = ".smtpfwdd.lock"
+LOCKFILE = queuetool.LOCKFILE
+TITLE = queuetool.FORWARDER_TITLE.decode()     # what smtpq flush looks for
+DELIVERY_TITLE = "smtpfwdd: send"
 ALERT_EVERY = 86400
+RELOCK_TIME = 10
 
 
 class Config:
@@ -63,6 +69,8 @@ class Config:
         self.lock_fd = None
         self.myname = None              # for notifications: this host's name
         self.queue_command = None       # -Q: the queue tool's arguments
+        self.pidfile = None             # -i: a pid file outside the spool
+        self.pid_fd = None              # its descriptor, opened as root
 
 
 def config_error(msg):
@@ -81,7 +89,7 @@ def bounded(opt, value):
 def parse_options(argv):
     cfg = Config()
     try:
-        opts, args = getopt.getopt(argv, "qFQu:g:d:s:M:P:")
+        opts, args = getopt.getopt(argv, "qFQu:g:d:s:M:P:i:")
     except getopt.GetoptError as e:
         config_error(str(e))
     if ("-Q", "") in opts:
@@ -89,12 +97,14 @@ def parse_options(argv):
     elif args:
         config_error("unexpected argument %r" % args[0])
     for o, v in opts:
-        if o in ("-d", "-s") and not v.startswith("/"):
+        if o in ("-d", "-s", "-i") and not v.startswith("/"):
             config_error("%s needs an absolute path, not %r" % (o, v))
         if o == "-d":
             cfg.spooldir = v
         elif o == "-s":
             cfg.agent = v
+        elif o == "-i":
+            cfg.pidfile = v
         elif o == "-u":
             cfg.user = v
         elif o == "-g":
@@ -136,7 +146,7 @@ def worker_loop(cfg, sock):
         try:
             status = delivery.run()
         except Exception as e:
-            dl.crit("delivery of %s: %s: %s; deferred", shown(name), type(e).__name__, e)
+            dl.crit("delivery of %s: %s: %s; deferred", dl.visible(name), type(e).__name__, e)
             delivery.give_up_for_now()
             status = dl.EX_SOFTWARE
         finally:
@@ -193,13 +203,13 @@ class Forwarder:
             msg = b""
         if not msg:
             dl.crit("delivery worker %d died delivering %s; it will be retried",
-                    w.pid, shown(w.name))
+                    w.pid, dl.visible(w.name))
             w.dead = True
         else:
             if msg[0] == dl.EX_NOPERM:      # could not open it: until it changes
                 self.unopened[w.name] = w.stamp
             if not self.cfg.quiet:
-                dl.debug("delivery of %s ended with %d", shown(w.name), msg[0])
+                dl.debug("delivery of %s ended with %d", dl.visible(w.name), msg[0])
         w.name = None
 
     def reap(self):
@@ -210,7 +220,7 @@ class Forwarder:
             w.sock.close()
             if w.name is not None:
                 dl.crit("delivery worker %d died delivering %s; it will be retried",
-                        pid, shown(w.name))
+                        pid, dl.visible(w.name))
 
     def run(self):
         dl.info("scanning %s every %d seconds with %s", self.cfg.spooldir,
@@ -237,7 +247,7 @@ class Forwarder:
             return
         for name in removed:
             dl.notice("removed %s: a draft left by an smtpd that died before its 250",
-                      shown(name))
+                      dl.visible(name))
         seen = set()
         for name, why in problems:
             seen.add(name)
@@ -274,7 +284,7 @@ class Forwarder:
             if now - st.st_mtime > ALERT_EVERY and \
                     now - self.warned.get(name, 0) >= ALERT_EVERY:
                 self.warned[name] = now
-                dl.alert("%s incomplete since %s; investigate", shown(name),
+                dl.alert("%s incomplete since %s; investigate", dl.visible(name),
                          time.ctime(st.st_mtime))
             return False
         return spool.eligible(st, now, buildconf.RETRY_DELAY_TIME)
@@ -283,7 +293,7 @@ class Forwarder:
         """Log a skipped entry once (again only if what it says changes)."""
         if self.skipped.get(name) != why:
             self.skipped[name] = why
-            dl.alert(fmt, shown(name), why)
+            dl.alert(fmt, dl.visible(name), why)
 
     def dispatch(self, name, stamp):
         """Hand name to an idle worker, starting one or waiting as needed."""
@@ -297,7 +307,7 @@ class Forwarder:
                     idle.sock.send(name)
                     idle.name, idle.stamp = name, stamp
                 except OSError as e:
-                    dl.err("handing %s to worker %d: %s", shown(name), idle.pid, e.strerror)
+                    dl.err("handing %s to worker %d: %s", dl.visible(name), idle.pid, e.strerror)
                 return
             self.sleep(1)
 
@@ -314,8 +324,11 @@ class Forwarder:
         if pid == 0:
             status = dl.EX_SOFTWARE
             try:
+                dl.set_title(DELIVERY_TITLE)
                 ours.close()
                 os.close(self.cfg.lock_fd)  # a new smtpfwdd must not wait for us
+                if self.cfg.pid_fd is not None:
+                    os.close(self.cfg.pid_fd)
                 for w in self.workers.values():
                     w.sock.close()
                 os.close(self.wake_r)
@@ -347,22 +360,53 @@ def take_lock(spooldir):
     """Open and flock .smtpfwdd.lock; exit 78 if another smtpfwdd has it."""
     path = os.path.join(spooldir, LOCKFILE)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as e:
         dl.die(dl.EX_CONFIG, "open(%s): %s", path, e.strerror)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-        print("smtpfwdd.py: already running (pid %s holds %s)" % (pid, path),
+        print("smtpfwdd.py: already running (pid %s holds %s)" % (dl.visible(pid), path),
               file=sys.stderr)
         dl.die(dl.EX_CONFIG, "already running (pid %s holds %s)", pid, path)
     return fd
 
 
-def write_pid(fd):
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, b"%7d\n" % os.getpid(), 0)
+def relock(fd):
+    """In the detached process: take the lock again, so that the kernel
+    names this process as its holder (/proc/locks keeps the pid of the one
+    that took it, which has exited); smtpq flush asks the kernel."""
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    deadline = time.monotonic() + RELOCK_TIME
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                dl.die(dl.EX_TEMPFAIL, "cannot take back %s: another process holds it",
+                       LOCKFILE)
+            time.sleep(0.01)
+
+
+def open_pidfile(path):
+    """-i: the pid file, opened now, as root, outside the spool (written
+    once we hold the spool lock); None without -i."""
+    if path is None:
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        print("smtpfwdd.py: pid file %s: %s" % (path, e.strerror), file=sys.stderr)
+        dl.die(dl.EX_CONFIG, "pid file %s: %s", path, e.strerror)
+
+
+def write_pid(*fds):
+    for fd in fds:
+        if fd is not None:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, b"%7d\n" % os.getpid(), 0)
 
 
 def main(argv):
@@ -372,7 +416,9 @@ def main(argv):
         return queuetool.main(cfg, cfg.queue_command)
     dl.log.stderr = cfg.foreground
     dl.log.say_if_unheard("smtpfwdd", stays=cfg.foreground)
+    dl.set_title(TITLE)
     cfg.myname = dl.own_name()
+    cfg.pid_fd = open_pidfile(cfg.pidfile)
     if os.geteuid() == 0:
         pw, gr = dl.resolve_identity(cfg.user, cfg.group)
         dl.enter_jail(pw, gr, None)
@@ -385,14 +431,16 @@ def main(argv):
         dl.die(dl.EX_CONFIG, "chdir(%s): %s", cfg.spooldir, e.strerror)
     lock = cfg.lock_fd = take_lock(cfg.spooldir)
     if cfg.foreground:
-        write_pid(lock)
+        write_pid(lock, cfg.pid_fd)
         return Forwarder(cfg).run()
     dl.log.close()          # DaemonContext closes every descriptor
-    with daemon.DaemonContext(files_preserve=[lock], working_directory=cfg.spooldir,
+    kept = [lock] + ([cfg.pid_fd] if cfg.pid_fd is not None else [])
+    with daemon.DaemonContext(files_preserve=kept, working_directory=cfg.spooldir,
                               umask=0o077, signal_map={signal.SIGHUP: None,
                                                        signal.SIGTERM: None}):
         dl.log.open("smtpfwdd", buildconf.LOG_FACILITY, pid=True, path=buildconf.LOG_SOCKET)
-        write_pid(lock)
+        relock(lock)
+        write_pid(lock, cfg.pid_fd)
         return Forwarder(cfg).run()
 
 

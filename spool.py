@@ -209,28 +209,49 @@ RENAMEAT2 = _renameat2()
 AT_FDCWD, RENAME_NOREPLACE = -100, 1
 
 
-def rename_noreplace(src, dst):
-    """Rename src to dst atomically, never replacing dst (FileExistsError).
+def rename_noreplace(src, dst, src_dir_fd=AT_FDCWD, dst_dir_fd=AT_FDCWD):
+    """Rename src to dst atomically, never replacing dst (FileExistsError);
+    each name relative to its directory descriptor, if given.
 
     renameat2(RENAME_NOREPLACE) where the kernel and file system have it,
     else link(2) then unlink(2): a message is never overwritten."""
     if RENAMEAT2 is not None:
-        if RENAMEAT2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst),
+        if RENAMEAT2(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst),
                      RENAME_NOREPLACE) == 0:
             return
         e = ctypes.get_errno()
         if e not in (errno.ENOSYS, errno.EINVAL):
             raise OSError(e, os.strerror(e), dst)
-    os.link(src, dst)
-    os.unlink(src)
+    fds = {"src_dir_fd": None if src_dir_fd == AT_FDCWD else src_dir_fd,
+           "dst_dir_fd": None if dst_dir_fd == AT_FDCWD else dst_dir_fd}
+    os.link(src, dst, follow_symlinks=False, **fds)
+    os.unlink(src, dir_fd=fds["src_dir_fd"])
 
 
 def fsync_dir(path):
+    """fsync a directory, given by path or by an open descriptor."""
+    if isinstance(path, int):
+        os.fsync(path)
+        return
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def open_dir(name, dir_fd=None):
+    """A descriptor of the directory name (relative to dir_fd), never
+    through a link; None if there is none."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       dir_fd=dir_fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:      # a link: not followed
+            return None
+        raise
 
 
 class Message:
@@ -393,11 +414,11 @@ def open_for_delivery(path, now, retry_delay):
     return open(fd, "r+b", buffering=0)
 
 
-def open_readonly(path):
+def open_readonly(path, dir_fd=None):
     """A file of the spool (or failed/) opened to be read, never following a
     link nor blocking; Odd if it is not a regular file; FileNotFoundError."""
     try:
-        fd = os.open(path, os.O_RDONLY | OPEN_FLAGS)
+        fd = os.open(path, os.O_RDONLY | OPEN_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError:
         raise
     except OSError as e:
@@ -415,39 +436,53 @@ def headers(fd, body_offset, limit=65536):
     return data[:end + 1] if end >= 0 else data
 
 
-def _flocked():
-    """(major, minor, inode) of every file with a flock, from /proc/locks;
-    None where there is no /proc."""
+def _flocks():
+    """{(major, minor, inode): pid} of every flock, from /proc/locks (the
+    pid that took the lock); None where there is no /proc."""
     try:
         with open("/proc/locks") as f:
             lines = f.read().splitlines()
     except OSError:
         return None
-    out = set()
+    out = {}
     for line in lines:
         fields = line.split()
-        if len(fields) >= 6 and fields[1] == "FLOCK":
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[0][-1:] == ":":
             try:
                 major, minor, ino = fields[5].split(":")
-                out.add((int(major, 16), int(minor, 16), int(ino)))
+                out[(int(major, 16), int(minor, 16), int(ino))] = int(fields[4])
             except ValueError:
                 continue
     return out
 
 
+def _key(fd):
+    st = os.fstat(fd)
+    return os.major(st.st_dev), os.minor(st.st_dev), st.st_ino
+
+
 def held(f):
     """Does another process hold a lock on f (being written or delivered)?
     Read from /proc/locks, so asking never gets in a delivery's way."""
-    st = os.fstat(f.fileno())
-    locks = _flocked()
+    locks = _flocks()
     if locks is not None:
-        return (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) in locks
+        return _key(f.fileno()) in locks
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     fcntl.flock(f.fileno(), fcntl.LOCK_UN)
     return False
+
+
+def lock_holder(fd):
+    """The pid holding a flock on the open file fd, per the kernel
+    (/proc/locks), never per what a file says; None if nobody does;
+    OSError where there is no /proc."""
+    locks = _flocks()
+    if locks is None:
+        raise OSError(errno.ENOENT, "no /proc/locks to ask", "/proc/locks")
+    return locks.get(_key(fd))
 
 
 def make_due(f):
@@ -457,12 +492,12 @@ def make_due(f):
     os.fsync(f.fileno())
 
 
-def unquarantine(spooldir, name):
+def unquarantine(spool_fd, failed_fd, name):
     """Move name from failed/ back into the spool, complete and due now
-    (never replacing a file there: FileExistsError); drop its reason."""
-    spooldir, name = os.fsencode(spooldir), os.fsencode(name)
-    src = os.path.join(spooldir, os.fsencode(FAILED_DIR), name)
-    fd = os.open(src, os.O_RDONLY | OPEN_FLAGS)
+    (never replacing a file there: FileExistsError); drop its reason.
+    Both directories are descriptors, so that a failed/ swapped for a link
+    meanwhile changes nothing."""
+    fd = os.open(name, os.O_RDONLY | OPEN_FLAGS, dir_fd=failed_fd)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise Odd("not a regular file")
@@ -470,12 +505,12 @@ def unquarantine(spooldir, name):
         os.fsync(fd)
     finally:
         os.close(fd)
-    rename_noreplace(src, os.path.join(spooldir, name))
+    rename_noreplace(name, name, failed_fd, spool_fd)
     try:
-        os.unlink(src + b".reason")
+        os.unlink(os.fsencode(name) + b".reason", dir_fd=failed_fd)
     except FileNotFoundError:
         pass
-    fsync_dir(spooldir)
+    fsync_dir(spool_fd)
 
 
 def reader(f):
@@ -566,6 +601,11 @@ def entries(spooldir, prefix=PREFIX):
     the names are bytes (whatever they hold)."""
     with os.scandir(os.fsencode(spooldir)) as it:
         return [e for e in it if e.name.startswith(prefix)]
+
+
+def names(dir_fd, prefix=PREFIX):
+    """Names (bytes) in the directory open as dir_fd that start with prefix."""
+    return [n for n in map(os.fsencode, os.listdir(dir_fd)) if n.startswith(prefix)]
 
 
 def remove_stale_drafts(spooldir, max_age, now):

@@ -9,7 +9,8 @@ import time
 import pytest
 
 import spool
-from harness import FWD_CONSTANTS, is_root, nobody_tree, put, PYTHON, ROOT, wait_for
+from harness import (FWD_CONSTANTS, give_to_nobody, is_root, nobody_tree, put, PYTHON, ROOT,
+                     wait_for)
 
 
 def smtpq(tree, spooldir, *args, prefix=(PYTHON,), env=None):
@@ -50,10 +51,11 @@ def every_state(d):
     draft.flush()
     ids["writing"] = os.path.basename(draft.draft)
     ids["failed"] = put(d, sender=b"<f@b.example>", rcpts=[b"<f@my.domain>"])
-    spool.quarantine(d, ids["failed"], "agent exited 67, saying: no such user")
+    quarantine(d, ids["failed"], "agent exited 67, saying: no such user")
     with open(os.path.join(d, "smtpdBROKEN"), "wb") as f:
         f.write(b"FROM <x@y>\nnot an envelope\n")
     os.chmod(os.path.join(d, "smtpdBROKEN"), 0o750)
+    give_to_nobody(os.path.join(d, "smtpdBROKEN"))
     ids["malformed"] = "smtpdBROKEN"
     return ids, draft
 
@@ -135,7 +137,7 @@ def test_delete_refuses_a_message_being_written(fwd_env, tree):
 
 def test_requeue_of_a_failed_message_leads_to_delivery(fwd_env, tree):
     name = put(fwd_env.spool)
-    spool.quarantine(fwd_env.spool, name, "agent exited 69")
+    quarantine(fwd_env.spool, name, "agent exited 69")
     fwd_env.start()
     time.sleep(1.5)
     assert fwd_env.agent.calls() == []
@@ -155,7 +157,7 @@ def test_requeue_makes_a_deferred_message_due_and_all_failed(fwd_env, tree):
     assert os.stat(path).st_mode & 0o777 == 0o750
     others = [put(fwd_env.spool) for _ in range(2)]
     for o in others:
-        spool.quarantine(fwd_env.spool, o, "x")
+        quarantine(fwd_env.spool, o, "x")
     status, out, _ = smtpq(tree, fwd_env.spool, "requeue", "all-failed")
     assert status == 0 and "2 failed messages requeued" in out
     assert all(os.path.exists(os.path.join(fwd_env.spool, o)) for o in others)
@@ -201,3 +203,203 @@ def test_a_failed_directory_that_is_a_link_is_not_followed(fwd_env, tree, tmp_pa
     assert status == 0 and "smtpdVICTIM" not in out
     assert smtpq(tree, fwd_env.spool, "delete", "smtpdVICTIM")[0] == 66
     assert (elsewhere / "smtpdVICTIM").exists()
+
+
+# -- root never acts on bytes the jail wrote (issue 21, item 2) --
+
+HOSTILE = b"\x1b]0;pwned\x07\x1b[2J\x1b[1;1Hfake root prompt# \x9b31m\xe2\x80\xae"
+
+
+def no_raw_controls(text):
+    """Nothing a terminal would act on: no C0 control but newline and tab,
+    no C1 control, no bidi override."""
+    bad = [c for c in text if (ord(c) < 32 and c not in "\n\t") or 0x7f <= ord(c) < 0xa0
+           or c in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"]
+    assert bad == [], repr(text)
+
+
+def test_show_makes_hostile_headers_visible(fwd_env, tree):
+    body = RECEIVED_NOW() + b"Subject: " + HOSTILE + b"\nX-Other: ok\n\nbody\n"
+    name = put(fwd_env.spool, sender=b"<a\xc2\x9b@b.example>", body=body)
+    status, out, err = smtpq(tree, fwd_env.spool, "show", name)
+    assert status == 0, err
+    no_raw_controls(out)
+    assert "Subject: \\x1b]0;pwned\\x07" in out and "\\u202e" in out
+    assert "X-Other: ok" in out
+
+
+def test_list_makes_hostile_names_and_reasons_visible(fwd_env, tree):
+    d = fwd_env.spool
+    evil = b"smtpd\x1b]0;pwned\x07\nsmtpdFAKE queued"
+    with open(os.path.join(os.fsencode(d), evil), "wb") as f:
+        f.write(b"FROM <x@y>\nRCPT <z@w>\nBODY\nx\n")
+    os.chmod(os.path.join(os.fsencode(d), evil), 0o750)
+    give_to_nobody(os.path.join(os.fsencode(d), evil))
+    name = put(d)
+    quarantine(d, name, "agent said \x1b[31mred\x1b[0m\r\nforged line")
+    status, out, err = smtpq(tree, d, "list")
+    assert status == 0, err
+    no_raw_controls(out)
+    assert "\\x1b]0;pwned\\x07" in out and "\\x1b[31mred" in out
+    assert len([l for l in out.splitlines() if "smtpdFAKE" in l]) == 1
+    status, out, err = smtpq(tree, d, "list", "-j")
+    assert status == 0, err
+    no_raw_controls(out)
+    got = [json.loads(line) for line in out.splitlines()]
+    assert any(o["id"].startswith("smtpd\\x1b]0;pwned\\x07") for o in got)
+    assert all("\x1b" not in json.dumps(o, ensure_ascii=False) for o in got)
+
+
+class LockHolder:
+    """What a compromised jail can do: hold .smtpfwdd.lock itself (as the
+    spool's user) and write any pid into it, under any process name."""
+
+    def __init__(self, spooldir, pid, title=None, as_nobody=()):
+        code = ("import fcntl, os, sys, time\n"
+                "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)\n"
+                "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                "os.ftruncate(fd, 0); os.write(fd, sys.argv[2].encode())\n"
+                "if sys.argv[3]: open('/proc/self/comm', 'w').write(sys.argv[3])\n"
+                "print('held', flush=True)\ntime.sleep(60)")
+        self.p = subprocess.Popen(list(as_nobody or [PYTHON]) + [
+            "-c", code, os.path.join(spooldir, ".smtpfwdd.lock"), "%7d\n" % pid, title or ""],
+            stdout=subprocess.PIPE)
+        assert self.p.stdout.readline() == b"held\n"
+
+    def release(self):
+        self.p.kill()
+        self.p.wait()
+
+
+def victim_process():
+    """A process of the spool's user that SIGUSR1 would kill (as it would a
+    delivery process or the agent)."""
+    argv = ["sleep", "60"]
+    if is_root:
+        argv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"] + argv
+    return subprocess.Popen(argv)
+
+
+@pytest.mark.parametrize("title", [None, "smtpfwdd"])
+def test_flush_never_signals_a_pid_the_jail_wrote(fwd_env, tree, title):
+    victim = victim_process()
+    nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+              "/usr/bin/python3"] if is_root else ()
+    holder = LockHolder(fwd_env.spool, victim.pid, title, nobody)
+    try:
+        status, out, err = smtpq(tree, fwd_env.spool, "flush")
+        time.sleep(0.5)
+        assert victim.poll() is None, "smtpq signalled the pid written in the lock file"
+        if title is None:           # the holder is not an smtpfwdd: nobody is signalled
+            assert status == 69 and "not signalled" in err, (status, err)
+            assert holder.p.poll() is None
+    finally:
+        holder.release()
+        victim.kill()
+        victim.wait()
+
+
+def test_flush_finds_a_detached_smtpfwdd(fwd_env, tree):
+    """Detached, the process holding the lock is not the one that took it."""
+    pidfile = fwd_env.spool + ".pid"
+    argv = [PYTHON, os.path.join(tree, "smtpfwdd.py"), "-d", fwd_env.spool, "-s",
+            fwd_env.agent.path, "-P", "1000", "-i", pidfile]
+    if is_root:
+        argv += ["-u", "nobody", "-g", "nogroup"]
+    assert subprocess.run(argv, timeout=30).returncode == 0
+    try:
+        assert wait_for(lambda: os.path.exists(pidfile) and open(pidfile).read().strip())
+        daemon_pid = int(open(pidfile).read())
+        assert wait_for(lambda: smtpq(tree, fwd_env.spool, "flush")[0] == 0, 10)
+        status, out, _ = smtpq(tree, fwd_env.spool, "flush")
+        assert "(pid %d)" % daemon_pid in out
+    finally:
+        os.kill(int(open(pidfile).read()), 15)
+        os.unlink(pidfile)
+
+
+@pytest.mark.skipif(not is_root, reason="needs root to start as root")
+def test_as_root_it_becomes_the_spools_owner_first(fwd_env, tree):
+    name = put(fwd_env.spool)
+    secret = os.path.join(fwd_env.spool, "smtpdROOTONLY")
+    with open(secret, "wb") as f:                   # root's, unreadable by nobody
+        f.write(b"FROM <root@x>\nRCPT <secret@y>\nBODY\nroot only\n")
+    os.chmod(secret, 0o750)
+    status, out, err = smtpq(tree, fwd_env.spool, "list", "-j")
+    assert status == 0, err
+    got = {o["id"]: o for o in map(json.loads, out.splitlines())}
+    assert got[name]["state"] == "queued"
+    assert got["smtpdROOTONLY"]["state"] == "unreadable"
+    assert "secret@y" not in out
+
+
+def test_requeue_all_failed_takes_only_spool_ids(fwd_env, tree):
+    d = fwd_env.spool
+    good = put(d)
+    quarantine(d, good, "x")
+    failed = os.path.join(d, "failed")
+    for junk in ("notanid", "smtpd-dash", "smtpdX.reason.tmp"):
+        with open(os.path.join(failed, junk), "w") as f:
+            f.write("FROM <a@b>\nRCPT <c@d>\nBODY\n")
+    status, out, _ = smtpq(tree, d, "requeue", "all-failed")
+    assert status == 0 and "1 failed message requeued" in out
+    assert os.path.exists(os.path.join(d, good))
+    assert sorted(os.listdir(failed)) == ["notanid", "smtpd-dash", "smtpdX.reason.tmp"]
+
+
+def test_requeue_all_failed_never_follows_a_swapped_failed_dir(fwd_env, tree, tmp_path):
+    """The jail swaps failed/ for a link to another directory while root's
+    requeue runs: nothing of the other directory is moved or changed."""
+    import threading
+    d = fwd_env.spool
+    names = [put(d) for _ in range(100)]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for n in names:
+        (elsewhere / n).write_text("FROM <victim@x>\nRCPT <v@y>\nBODY\nELSEWHERE\n")
+        os.chmod(str(elsewhere / n), 0o640)
+    os.chmod(str(tmp_path), 0o755)
+    os.chmod(str(elsewhere), 0o777)
+    failed, link = os.path.join(d, "failed"), os.path.join(d, "failed.link")
+    os.symlink(str(elsewhere), link)
+    stop, swaps = threading.Event(), []
+
+    def swap():         # renameat2(RENAME_EXCHANGE): failed/ is always there
+        while not stop.is_set():
+            for _ in range(2):
+                assert spool.RENAMEAT2(spool.AT_FDCWD, failed.encode(), spool.AT_FDCWD,
+                                       link.encode(), 2) == 0
+                time.sleep(0.0002)
+            swaps.append(1)
+    for _ in range(8):
+        for n in names:
+            if os.path.exists(os.path.join(d, n)):
+                quarantine(d, n, "x")
+        t = threading.Thread(target=swap)
+        t.start()
+        try:
+            smtpq(tree, d, "requeue", "all-failed")
+        finally:
+            stop.set()
+            t.join()
+            stop.clear()
+        moved = [n for n in names if os.path.exists(os.path.join(d, n))
+                 and b"ELSEWHERE" in open(os.path.join(d, n), "rb").read()]
+        assert moved == []
+        assert sorted(os.listdir(str(elsewhere))) == sorted(names)
+        assert all(os.stat(str(elsewhere / n)).st_mode & 0o777 == 0o640 for n in names)
+    assert len(swaps) > 100
+
+
+def RECEIVED_NOW():
+    from harness import RECEIVED, now_date
+    return RECEIVED % now_date()
+
+
+def quarantine(d, name, reason):
+    """As smtpfwdd would: failed/ and its files belong to the spool's user."""
+    spool.quarantine(d, name, reason)
+    failed = os.path.join(d, "failed")
+    give_to_nobody(failed)
+    for n in os.listdir(failed):
+        give_to_nobody(os.path.join(failed, n))
