@@ -265,6 +265,27 @@ class Channel:
             del self.buf[:]
             yield data
 
+    def ready(self):
+        """Has the client sent command input we have not read yet?  Reads
+        what is there without waiting (TLS records included); a client
+        that has only closed its side has not."""
+        if self.buf:
+            return True
+        if not self.tls_buffered() and not self.read_poll.poll(0):
+            return False
+        try:
+            if self.tls is None:
+                self.buf += os.read(self.rfd, CHUNK)
+            else:
+                if self.read_poll.poll(0):
+                    self.tls_in.write(os.read(self.rfd, CHUNK))
+                self.buf += self.tls.read(CHUNK)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            pass
+        except (OSError, ssl.SSLError):
+            return False            # the next read says what went wrong
+        return bool(self.buf)
+
     def unread_input(self):
         """Input we have not consumed, buffered or waiting (or EOF)?  A
         close with unread data resets the connection, which can destroy

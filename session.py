@@ -31,6 +31,11 @@ from replies import VANILLA
 MAX_ERRORS = 10
 
 ERROR_CODES = (500, 501, 502, 503, 504, 553, 555)
+# RFC 2920 3.1: after these a client waits for our reply before it sends
+# more, PIPELINING or not.  Without PIPELINING every command is such a one.
+# (STARTTLS discards what follows it instead; QUIT ends everything.)
+GROUP_ENDS = frozenset(("EHLO", "HELO", "DATA", "VRFY", "EXPN", "NOOP"))
+OUT_OF_SYNC = "5.5.0 Error: SMTP protocol synchronization"
 
 
 # ------------------------------------------------------------- session ----
@@ -112,7 +117,10 @@ class Session:
                     self.reply(500, problem)
                     continue
                 verb, _, arg = line.partition(" ")
-                VERBS.get(verb.upper(), Session.smtp_unknown)(self, arg)
+                verb = verb.upper()
+                if self.ends_group(verb) and self.ch.ready():
+                    raise self.out_of_sync(verb)
+                VERBS.get(verb, Session.smtp_unknown)(self, arg)
         except Closed as c:
             status = c.status
             if status not in (dl.EX_OK, dl.EX_PROTOCOL) and str(c):
@@ -155,7 +163,24 @@ class Session:
             said = self.ch.talks_within(pause / 1000.0)
             if said is not None:
                 raise self.early_talker(said)
+        if buildconf.SMTPD_FORBID_UNAUTH_PIPELINING and self.ch.ready():
+            raise self.out_of_sync("CONNECT")
         self.ch.reply(220, "%s %s" % (self.cfg.myname, VANILLA[220]))
+
+    def ends_group(self, verb):
+        """Must the client wait for our reply to verb before it says more
+        (and do we hold it to that, SMTPD_FORBID_UNAUTH_PIPELINING)?"""
+        return (buildconf.SMTPD_FORBID_UNAUTH_PIPELINING and verb != "QUIT"
+                and (verb in GROUP_ENDS or not self.esmtp))
+
+    def out_of_sync(self, after):
+        """Input before the reply it had to wait for (RFC 2920 3.1; what
+        spam engines and smuggling chains do): 554, one log line, closed;
+        nothing of it is executed or spooled."""
+        dl.notice("improper command pipelining after %s from %s: %s", after, self.where,
+                  dl.escape(bytes(self.ch.buf[:60]).decode("latin-1"), 60))
+        self.ch.reply(554, OUT_OF_SYNC)
+        return Closed(dl.EX_PROTOCOL, "", last_word=False)
 
     def early_talker(self, said):
         """A client that talked before our greeting: 554, one log line, closed;

@@ -181,7 +181,7 @@ def check_admission(cfg):
                       ("SMTPD_MAX_RATE", 100000), ("SMTPD_RATE_WINDOW", 86400),
                       ("SMTPD_RATE_TABLE", 1 << 20), ("SMTPD_GREET_PAUSE", 600000),
                       ("SMTPD_SOFT_ERRORS", 1000), ("SMTPD_ERROR_SLEEP", 3600),
-                      ("SMTPD_PROXY_TIMEOUT", 3600)):
+                      ("SMTPD_PROXY_TIMEOUT", 3600), ("SMTPD_FORBID_UNAUTH_PIPELINING", 1)):
         value = getattr(buildconf, name)
         if not isinstance(value, int) or not 0 <= value <= top:
             problems.append("%s = %r: must be a number from 0 to %d" % (name, value, top))

@@ -71,12 +71,27 @@ def smtplib_send(port):
 
 
 def openssl_send(port):
-    script = (b"EHLO client.example\nMAIL FROM:<alice@example.org>\nRCPT TO:<bob@my.domain>\nDATA\n"
-              b"Subject: over TLS\n\nSecret.\n.\nQUIT\n")
-    p = subprocess.run(["openssl", "s_client", "-starttls", "smtp", "-crlf", "-quiet",
-                        "-connect", "127.0.0.1:%d" % port], input=script,
-                       capture_output=True, timeout=60)
-    assert b"250 Message accepted for delivery" in p.stdout, p.stdout + p.stderr
+    """s_client sends each line as it reads it: wait for each reply, as
+    RFC 2920 asks of a client (the text goes in one piece after the 354)."""
+    p = subprocess.Popen(["openssl", "s_client", "-starttls", "smtp", "-crlf", "-quiet",
+                          "-connect", "127.0.0.1:%d" % port], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    seen = []
+    try:
+        for line in (b"EHLO client.example", b"MAIL FROM:<alice@example.org>",
+                     b"RCPT TO:<bob@my.domain>", b"DATA",
+                     b"Subject: over TLS\n\nSecret.\n.", b"QUIT"):
+            p.stdin.write(line + b"\n")
+            p.stdin.flush()
+            while True:
+                reply = p.stdout.readline()
+                seen.append(reply)
+                if not reply or re.match(rb"^\d{3} ", reply):
+                    break
+    finally:
+        p.stdin.close()
+        p.wait(60)
+    assert b"250 Message accepted for delivery\r\n" in seen, seen
 
 
 def swaks_send(port):
@@ -202,6 +217,7 @@ def hostile(d, how):
 def test_failed_handshake_closes_and_the_worker_serves_on(daemon_, pair, how):
     d = daemon_("allow:ALL:ALL:ALL\n", "-M", "1", *tls_flags(pair),
                 SMTPD_PREFORK=1, READ_TIMEOUT=2).wait_ready()
+    assert wait_for(lambda: len(d.workers()) == 1)     # forked just after the master is ready
     workers = d.workers()
     hostile(d, how)
     assert wait_for(lambda: "TLS handshake with UNKNOWN(127.0.0.1) failed: " in d.log())
