@@ -14,18 +14,20 @@ DESCRIPTION
 EVICTION
     The rate table holds SMTPD_RATE_TABLE networks in sets of 8: a network
     hashes to one set and takes a free entry there, or the entry of the set
-    seen least recently.  Its size is fixed when smtpd starts: 96 bytes a
+    seen least recently.  The hash is keyed with a secret drawn at each
+    start (blake2b), so nobody can choose networks that land in an abuser's
+    set to evict its entry.  Its size is fixed when smtpd starts: 96 bytes a
     network, whatever the rate.  A flood from many networks can evict a
     quiet one, which then starts from zero.
 """
 
 import fcntl
+import hashlib
 import ipaddress
 import mmap
 import os
 import struct
 import time
-import zlib
 
 import buildconf
 
@@ -151,13 +153,15 @@ class RateTable(Shared):
         super().__init__("smtpd-rates", self.sets * self.WAYS * self.words_per * 4)
         self.w = memoryview(self.mm).cast("I")
         self.base = time.monotonic()
+        self.secret = os.urandom(16)        # never the same placement twice
 
     def now(self):
         return int((time.monotonic() - self.base) * 10) + 1
 
     def entry(self, key):
         """The index of key's entry (made, evicting, if it has none)."""
-        first = zlib.crc32(key) % self.sets * self.WAYS
+        h = hashlib.blake2b(key, key=self.secret, digest_size=8).digest()
+        first = int.from_bytes(h, "little") % self.sets * self.WAYS
         oldest = None
         for e in range(first, first + self.WAYS):
             at = e * self.words_per * 4

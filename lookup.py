@@ -6,8 +6,9 @@ DESCRIPTION
     A Lookup wraps it for one SMTP session and caches every answer.
 
     Lookups answer "found" or "not found" (NXDOMAIN, no data).  Anything
-    else -- timeout, SERVFAIL, no nameserver -- raises TempFail, which the
-    rules engine turns into a 451: never a silent allow.
+    else -- timeout, SERVFAIL, no nameserver, a DNS list's error code --
+    raises TempFail, which the rules engine turns into a 451: never a silent
+    allow, never a listing that is not one.
 
 ENVIRONMENT
     SMTPD_NAMESERVER    nameservers to ask instead of those of resolv.conf,
@@ -70,6 +71,27 @@ def make_resolver(timeout=None):
     r.timeout = min(r.lifetime, 3.0)
     r.cache = None
     return r
+
+
+def rbl_name(ip, zone):
+    """The name a DNS list is asked about ip: reversed octets (IPv4) or
+    nibbles (IPv6), then the zone."""
+    rev = dns.reversename.from_address(str(ip)).to_text(omit_final_dot=True)
+    rev = rev.rsplit(".in-addr.arpa" if ip.version == 4 else ".ip6.arpa", 1)[0]
+    return rev + "." + zone.strip(".") + "."
+
+
+LISTING = ipaddress.ip_network("127.0.0.0/8")
+LIST_ERRORS = ipaddress.ip_network("127.255.255.0/24")
+
+
+def is_listing(address):
+    """Is this answer of a DNS list a listing (not one of its error codes)?"""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return ip.version == 4 and ip in LISTING and ip not in LIST_ERRORS
 
 
 def reverse_name(ip):
@@ -143,10 +165,18 @@ class Lookup:
         return None, "PTR %s of %s does not resolve back" % (names[0], ip)
 
     def rbl_listed(self, ip, zone):
-        """True if the DNS blacklist zone (with its leading dot) lists ip."""
-        rev = dns.reversename.from_address(str(ip)).to_text(omit_final_dot=True)
-        rev = rev.rsplit(".in-addr.arpa" if ip.version == 4 else ".ip6.arpa", 1)[0]
-        return bool(self.query(rev + zone.rstrip(".") + ".", "A"))
+        """True if the DNS blacklist zone (with its leading dot) lists ip.
+        Only an answer in 127.0.0.0/8 outside 127.255.255.0/24 is a listing;
+        any other (Spamhaus's 127.255.255.252-255 for a refused resolver, an
+        address outside 127/8) is an error of the list: TempFail, never
+        "listed"."""
+        name = rbl_name(ip, zone)
+        answers = [r.address for r in self.query(name, "A")]
+        wrong = [a for a in answers if not is_listing(a)]
+        if wrong:
+            raise TempFail("DNS %s/A: %s is an error code of the list, not a listing"
+                           % (name, wrong[0]))
+        return bool(answers)
 
     def nameservers(self, name):
         """NS and MX targets of name, dropping labels while none are found.

@@ -49,6 +49,14 @@ class BackendError(Exception):
     """The backend did not answer as it should; str() says how."""
 
 
+def exact(address):
+    """What tells one recipient from another: the local part as it is
+    (RFC 5321 2.4: case-sensitive; the backend decides what it folds), the
+    domain in lower case."""
+    local, at, domain = address.rpartition("@")
+    return local + at + domain.lower() if at else address
+
+
 def parse_backend(text):
     """'[lmtp:]address:port' -> (lmtp?, address, port); ValueError."""
     lmtp = text.startswith("lmtp:")
@@ -192,7 +200,7 @@ class Cache:
 
     @staticmethod
     def key(address):
-        return hashlib.blake2b(address.lower().encode("latin-1"), digest_size=16).digest()
+        return hashlib.blake2b(exact(address).encode("latin-1"), digest_size=16).digest()
 
     def get(self, address, now):
         """The cached code for address (250 or 550), or None."""
@@ -239,15 +247,15 @@ class Verifier:
 
     def check(self, address, where=""):
         address = bare(address)
-        if address.lower() in self.asked:
-            return self.asked[address.lower()]
+        if exact(address) in self.asked:
+            return self.asked[exact(address)]
         now = time.time()
         code = self.cache.get(address, now) if self.cache else None
         if code is not None:
             answer = None if code == 250 else UNKNOWN % address
         else:
             answer = self.ask(address, now, where)
-        self.asked[address.lower()] = answer
+        self.asked[exact(address)] = answer
         return answer
 
     def ask(self, address, now, where):

@@ -101,6 +101,25 @@ def test_rbl_servfail_is_tempfail(dnsz):
     assert verdict(text, "192.0.2.10", resolve=False)[0] == "tempfail"
 
 
+@pytest.mark.parametrize("answer", ["127.255.255.254", "127.255.255.252", "127.255.255.255",
+                                    "10.0.0.2", "192.0.2.1"])
+def test_rbl_error_answers_are_lookup_failures_never_listings(dnsz, answer):
+    """Spamhaus answers 127.255.255.x to refused resolvers: peers that
+    counted those rejected all mail.  Only 127/8 outside 127.255.255/24
+    lists; anything else is handled as a DNS failure (451), and logged."""
+    dnsz.add("10.2.0.192.rbl.example", "A", answer)
+    text = "deny:RBL.rbl.example:ALL:ALL:554 listed\nallow:ALL:ALL:ALL\n"
+    action, reply, detail = evaluated(text, "192.0.2.10")
+    assert action == "tempfail" and reply == checkrules.TEMPFAIL_REPLY
+    assert answer in detail and "error code" in detail
+
+
+def test_rbl_listing_with_a_code_still_lists(dnsz):
+    dnsz.add("10.2.0.192.rbl.example", "A", "127.0.0.4", "127.0.0.10")
+    text = "deny:RBL.rbl.example:ALL:ALL:554 listed\nallow:ALL:ALL:ALL\n"
+    assert verdict(text, "192.0.2.10", resolve=False) == ("deny", "554 listed")
+
+
 def test_ex39_ns_unknown_sender_domain(dnsz):
     dnsz.add("example.org", "NS", "ns.example.org.")
     dnsz.add("example.org", "MX", "10 mx.example.org.")

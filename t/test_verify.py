@@ -125,7 +125,7 @@ def test_cache_answers_again_without_a_callout_and_is_shared(daemon_, backend):
             s.mail("alice@example.org")
         assert first.rcpt("known@localhost")[0] == 250
         assert second.rcpt("nosuch2@localhost")[0] == 550
-        assert second.rcpt("KNOWN@localhost")[0] == 250
+        assert second.rcpt("known@LOCALHOST")[0] == 250     # a domain has no case
     finally:
         first.quit()
         second.quit()
