@@ -38,8 +38,19 @@ TEST_CONSTANTS = dict(IDENT_PORT=IDENT_PORT, DNS_TIMEOUT=2, NOTO_DELAY=1,
                       DENY_DELAY=1, SMTPD_ERROR_SLEEP=0)
 
 
+# What a tree of the tests never takes from the host it runs on: the
+# certificate and key an installed gate has in /etc/smtpd, the host's syslog
+# socket (its rsyslogd would get our lines), its pid directory, spool and
+# mail agent.  A test that wants one of these names its own.
+NOWHERE = "/nonexistent-smtpd-test"
+HOST_NEUTRAL = dict(TLS_CERT="", TLS_KEY="", LOG_SOCKET=NOWHERE + "/log", PID_DIR=NOWHERE,
+                    SPOOLDIR=NOWHERE + "/spool", MAIL_AGENT=NOWHERE + "/sendmail")
+
+
 def build_tree(dest, **constants):
-    """Copy the programs to dest and `make` them with other constants."""
+    """Copy the programs to dest and `make` them with other constants (and
+    HOST_NEUTRAL's, unless the test names its own)."""
+    constants = dict(HOST_NEUTRAL, **constants)
     os.makedirs(dest, exist_ok=True)
     for name in SOURCES:
         if os.path.exists(os.path.join(ROOT, name)):

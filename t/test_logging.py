@@ -17,6 +17,7 @@ from harness import (FWD_CONSTANTS, make_jail, needs_root, PYTHON, SmtpdDaemon,
                      TEST_CONSTANTS, wait_for)
 
 NOWHERE = "/nonexistent-smtpd-test/log"
+JAIL_LOG = "/smtpd-test-dev/log"        # inside the jail; nothing on the host
 
 
 def test_detached_smtpd_says_once_that_nothing_hears_it(tree_factory):
@@ -105,15 +106,18 @@ def session(port, marker):
 @needs_root
 @pytest.mark.skipif(not shutil.which("rsyslogd"), reason="needs rsyslog (installed by .ci/run)")
 def test_worker_lines_reach_rsyslog_started_later_and_restarted(tree_factory):
-    tree = tree_factory(**dict(TEST_CONSTANTS, SMTPD_PREFORK=1))
+    # The socket has a name of its own, so that the master (outside the
+    # jail) never reaches a syslog daemon of the host and hands its
+    # connection down to the workers: they must find the jail's by path.
+    tree = tree_factory(**dict(TEST_CONSTANTS, SMTPD_PREFORK=1, LOG_SOCKET=JAIL_LOG))
     jail = make_jail()
-    os.mkdir(os.path.join(jail, "dev"))
+    os.mkdir(os.path.join(jail, "smtpd-test-dev"))
     d = SmtpdDaemon(tree, jail, "-M", "1").wait_ready()
-    rs = Rsyslog(os.path.join(jail, "dev", "log"))
+    rs = Rsyslog(os.path.join(jail, JAIL_LOG.lstrip("/")))
     try:
         session(d.port, "before")
         rs.start()
-        assert wait_for(lambda: os.path.exists(os.path.join(jail, "dev", "log")))
+        assert wait_for(lambda: os.path.exists(os.path.join(jail, JAIL_LOG.lstrip("/"))))
         time.sleep(1.2)             # a worker retries a missing socket once a second
         session(d.port, "first")
         assert wait_for(lambda: "mail from <first@example.org>" in rs.lines()), rs.lines()
@@ -121,7 +125,7 @@ def test_worker_lines_reach_rsyslog_started_later_and_restarted(tree_factory):
         pid = rs.lines().split("mail from <first@")[0].rsplit("smtpd[", 1)[1].split("]")[0]
         rs.stop()
         rs.start()
-        assert wait_for(lambda: os.path.exists(os.path.join(jail, "dev", "log")))
+        assert wait_for(lambda: os.path.exists(os.path.join(jail, JAIL_LOG.lstrip("/"))))
         session(d.port, "second")
         assert wait_for(lambda: "mail from <second@example.org>" in rs.lines()), rs.lines()
         # The same worker, never replaced: no SIGHUP, no recycling.

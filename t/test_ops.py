@@ -20,6 +20,11 @@ EXAMPLE_RULES = ["etc/smtpd_check_rules.example", "etc/antispam_check_rules.exam
                  "etc/run-local.rules"]
 
 
+# The copy's daemons log to their standard error only: never to the host's
+# syslog daemon, if it runs one.
+QUIET_LOG = "LOG_SOCKET=/nonexistent-smtpd-test/log"
+
+
 def port_busy(port):
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -50,7 +55,7 @@ def test_make_run_delivers_into_var_mail_and_stops_on_sigint(mode):
         pytest.skip("the 0700 case is about root and user nobody")
     top, src = copy_tree(mode)
     log = open(os.path.join(top, "run.log"), "wb")
-    p = subprocess.Popen(["make", "-s", "run"], cwd=src, stdin=subprocess.DEVNULL,
+    p = subprocess.Popen(["make", "-s", "run", QUIET_LOG], cwd=src, stdin=subprocess.DEVNULL,
                          stdout=log, stderr=log, start_new_session=True)
     try:
         deadline = time.time() + 60
@@ -96,7 +101,7 @@ def test_make_run_with_another_mailprog_does_not_promise_var_mail():
     if port_busy(2525):
         pytest.skip("127.0.0.1:2525 is in use")
     top, src = copy_tree()
-    p = subprocess.Popen(["make", "-s", "run", "MAILPROG=/bin/true"], cwd=src,
+    p = subprocess.Popen(["make", "-s", "run", "MAILPROG=/bin/true", QUIET_LOG], cwd=src,
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, start_new_session=True)
     try:
