@@ -75,6 +75,13 @@ CHECK_ADDRESS_DENY_ON_FAILURE = 0
 # Most recipients accepted per message; further RCPTs get 452.
 MAX_RCPT = 1000
 
+# The largest message smtpd accepts, in bytes (smtpd -s overrides it; 0 = no
+# limit): announced in EHLO SIZE, refused at MAIL SIZE= and after DATA with
+# 552.  Postfix's message_size_limit; keep it at or a little below your MTA's
+# (whose count includes our Received header and its own), or what it refuses
+# comes back to the sender as a bounce instead of a 552.
+MESSAGE_SIZE_LIMIT = 10240000
+
 # Workers smtpd -D starts ahead of demand.
 SMTPD_PREFORK = 4
 
@@ -200,15 +207,16 @@ AGENT_TIMEOUT = 3600
 
 # Seconds a message may wait in the queue before its sender is told, once,
 # that it is delayed (a delivery status notification, Action: delayed).
-# 0 = never (as Postfix's default).
-DELAY_WARNING_TIME = 0
+# 4 hours, as sendmail: a sender behind a down MTA learns it the same day,
+# not after QUEUE_LIFETIME.  0 = never (Postfix's default).
+DELAY_WARNING_TIME = 14400
 
 # ------------------------------------------------------------ build rules ----
 
 CONSTANTS = SPOOLDIR SPOOLSUBDIR CHECK_FILE MAIL_AGENT PID_DIR TLS_CERT TLS_KEY PREFIX \
 	SMTP_USER SMTP_GROUP LOG_FACILITY LOG_SOCKET NOTO_DELAY DENY_DELAY READ_TIMEOUT \
 	SESSION_TIMEOUT CHECK_IDENT IDENT_PORT DNS_TIMEOUT \
-	CHECK_ADDRESS_DENY_ON_FAILURE MAX_RCPT SMTPD_PREFORK SMTPD_MAXCHILDREN \
+	CHECK_ADDRESS_DENY_ON_FAILURE MAX_RCPT MESSAGE_SIZE_LIMIT SMTPD_PREFORK SMTPD_MAXCHILDREN \
 	SMTPD_MAX_PER_IP SMTPD_MAX_USE SMTPD_IDLE_TIME SHUTDOWN_TIMEOUT RULES_MAX_SIZE \
 	SMTPD_V4_PREFIX SMTPD_V6_PREFIX SMTPD_MAX_RATE SMTPD_RATE_WINDOW SMTPD_RATE_TABLE \
 	SMTPD_GREET_PAUSE SMTPD_FORBID_UNAUTH_PIPELINING SMTPD_SOFT_ERRORS SMTPD_ERROR_SLEEP SMTPD_ADMISSION_EXEMPT \

@@ -9,11 +9,13 @@ DESCRIPTION
     of the C smtpd) never reaches the agent: it fails as unsafe.
 OUTCOMES
     All delivered: the file is removed.  A batch the agent fails for good
-    (a permanent exit status): its recipients fail, the other batches are
-    still tried.  A temporary failure (71 72 74 75; 78, a missing agent, a
-    signal or a timeout, with a CRIT line): the file is deferred (retried
-    after RETRY_DELAY_TIME), unless it is older than QUEUE_LIFETIME, when
-    every recipient still pending fails as expired (4.4.7).
+    (a permanent exit status, or a temporary one whose words say waiting
+    cannot help, e.g. "message file too big": HOPELESS): its recipients
+    fail, the other batches are still tried.  A temporary failure (71 72 74
+    75; 78, a missing agent, a signal or a timeout, with a CRIT line): the
+    file is deferred (retried after RETRY_DELAY_TIME), unless it is older
+    than QUEUE_LIFETIME, when every recipient still pending fails as
+    expired (4.4.7).
     Failed recipients are reported to the sender in one delivery status
     notification (bounce.py), committed to the spool before anything else
     changes; then the file moves to failed/ with its reason, or, when other
@@ -25,6 +27,7 @@ OUTCOMES
 """
 
 import os
+import re
 import select
 import signal
 import subprocess
@@ -37,10 +40,29 @@ import spool
 from address import bare
 
 TEMPORARY = (dl.EX_OSERR, dl.EX_OSFILE, dl.EX_IOERR, dl.EX_TEMPFAIL)
+# A temporary exit status that waiting cannot cure, told by the agent's own
+# words: (pattern, RFC 3463 status, why).  Postfix's sendmail exits 75
+# saying "message file too big", Exim says "message too big"; retrying them
+# for QUEUE_LIFETIME would only keep the sender waiting for a bounce.
+# (Postfix and Exim sort such failures into permanent classes too.)
+HOPELESS = (
+    (re.compile(r"\btoo (big|large)\b|\bexceeds? [\w ]{0,30}\b(size|limit)\b"
+                r"|\bsize limit\b", re.IGNORECASE),
+     "5.3.4", "the message is too big for the mail system"),
+)
 STDERR_MAX = 4096
 # For the test suite only: "after-notify" kills the delivery process right
 # after a notification is committed, before the original leaves the queue.
 CRASH_POINT = os.environ.get("SMTPFWDD_TEST_CRASH")
+
+
+def hopeless_words(said):
+    """(status, why) when the agent's words say that waiting cannot help,
+    else None (see HOPELESS)."""
+    for pattern, status, why in HOPELESS:
+        if pattern.search(said):
+            return status, why
+    return None
 
 
 def unquoted_comma(addr):
@@ -133,11 +155,15 @@ class Delivery:
                 why += " (delivered to %s)" % ", ".join(done)
             if status is None or status == dl.EX_CONFIG:
                 dl.crit("%s: %s; deferred, fix the mail agent", self.name, why)
-            if status is None or status == dl.EX_CONFIG or status in TEMPORARY:
+            code = bounce.status_of(status)
+            hopeless = status in TEMPORARY and hopeless_words(said)
+            if hopeless:
+                code = hopeless[0]
+                why += "; not retried: %s" % hopeless[1]
+            elif status is None or status == dl.EX_CONFIG or status in TEMPORARY:
                 return self.defer(why, said, sender, batch + rcpts, failed,
                                   bounce.status_of(status, temporary=True))
-            failed += [(off, bounce.Failure(r, bounce.status_of(status), said, why))
-                       for off, r in batch]
+            failed += [(off, bounce.Failure(r, code, said, why)) for off, r in batch]
         if failed:
             return self.give_up(sender, failed, done)
         if not spool.remove(self.path, self.f):

@@ -56,7 +56,7 @@ class Config:
         self.spooldir = buildconf.SPOOLSUBDIR
         self.user, self.group = buildconf.SMTP_USER, buildconf.SMTP_GROUP
         self.myname = None
-        self.maxsize = 0
+        self.maxsize = buildconf.MESSAGE_SIZE_LIMIT     # 0: no limit
         self.hostchecks = True
         self.paranoid = False
         self.daemon = False
@@ -95,6 +95,12 @@ def positive(opt, value):
     return int(value)
 
 
+def number(opt, value):
+    if not value.isdigit():
+        usage_error("%s needs a number of bytes (0: no limit), not %r" % (opt, value))
+    return int(value)
+
+
 def absolute(opt, value):
     if not value.startswith("/"):
         usage_error("%s needs an absolute path, not %r" % (opt, value))
@@ -121,7 +127,7 @@ def parse_options(argv):
         elif o == "-m":
             cfg.myname = v
         elif o == "-s":
-            cfg.maxsize = positive(o, v)
+            cfg.maxsize = number(o, v)
         elif o == "-l":
             try:
                 cfg.listen = str(ipaddress.ip_address(v))
@@ -181,7 +187,8 @@ def check_admission(cfg):
                       ("SMTPD_MAX_RATE", 100000), ("SMTPD_RATE_WINDOW", 86400),
                       ("SMTPD_RATE_TABLE", 1 << 20), ("SMTPD_GREET_PAUSE", 600000),
                       ("SMTPD_SOFT_ERRORS", 1000), ("SMTPD_ERROR_SLEEP", 3600),
-                      ("SMTPD_PROXY_TIMEOUT", 3600), ("SMTPD_FORBID_UNAUTH_PIPELINING", 1)):
+                      ("SMTPD_PROXY_TIMEOUT", 3600), ("SMTPD_FORBID_UNAUTH_PIPELINING", 1),
+                      ("MESSAGE_SIZE_LIMIT", 1 << 40)):
         value = getattr(buildconf, name)
         if not isinstance(value, int) or not 0 <= value <= top:
             problems.append("%s = %r: must be a number from 0 to %d" % (name, value, top))

@@ -263,3 +263,38 @@ def test_delivered_batches_are_not_listed_and_the_others_still_go(fwd_env):
     assert calls == ["a@my.domain", "b@my.domain", "c@my.domain", "alice@example.org"]
     m = the_report(fwd_env.agent.calls()[3]["stdin"].encode("latin-1"))
     check_report(m, ["b@my.domain"], "5.1.1", "exiting 67", "Subject: test")
+
+
+# -- a temporary failure that waiting cannot cure (issue 22, item 1) --
+
+@pytest.mark.parametrize("words", ["postdrop: warning: message file too big",
+                                   "Message too large for this system",
+                                   "552 message size exceeds fixed maximum message size"])
+def test_too_big_for_the_mta_fails_at_once_and_tells_the_sender(fwd_env, words):
+    agent = ScriptAgent('for a; do [ "$a" = "<>" ] && exit 0; done\n'
+                        'echo "%s" >&2\nexit 75' % words)
+    try:
+        name = put(fwd_env.spool)
+        f = fwd_env.start(agent_path=agent.path, RETRY_DELAY_TIME=600)
+        assert wait_for(lambda: os.path.exists(failed_path(fwd_env.spool, name) + ".reason"))
+        assert wait_for(lambda: sum(a[1:3] == ["-f", "<>"] for a, _ in agent.calls()) == 1)
+        bounce = [s for a, s in agent.calls() if a[1:3] == ["-f", "<>"]][0]
+        check_report(the_report(bounce), ["bob@my.domain"], "5.3.4", words,
+                     subject="Subject: test")
+        assert "not retried: the message is too big" in f.log()
+        assert len([a for a, _ in agent.calls() if a[1:3] != ["-f", "<>"]]) == 1  # tried once
+    finally:
+        agent.close()
+
+
+def test_other_temporary_words_are_still_retried(fwd_env):
+    agent = ScriptAgent('echo "temporary lookup failure" >&2\nexit 75')
+    try:
+        name = put(fwd_env.spool)
+        fwd_env.start(agent_path=agent.path, RETRY_DELAY_TIME=600)
+        assert wait_for(lambda: len(agent.calls()) == 1)
+        time.sleep(1.5)
+        assert os.stat(os.path.join(fwd_env.spool, name)).st_mode & 0o777 == 0o755
+        assert not os.path.exists(failed_path(fwd_env.spool, name))
+    finally:
+        agent.close()

@@ -543,7 +543,7 @@ def test_quiet_mode_logs_one_summary_line(smtpd):
 # --------------------------------------------------------------- options ----
 
 @pytest.mark.parametrize("args,status", [
-    (["-c", "relative"], 64), (["-d", "spool"], 64), (["-s", "0"], 64),
+    (["-c", "relative"], 64), (["-d", "spool"], 64), (["-s", "-1"], 64),
     (["-s", "x"], 64), (["-x"], 64), (["-l", "999.1.1.1"], 64), (["-p", "70000"], 64),
 ])
 def test_bad_options_exit_64(tree_factory, args, status):
@@ -657,3 +657,26 @@ def test_inetd_session_on_a_unix_socket(tree_factory, tmp_path):
     assert b"250 Message accepted for delivery" in data
     assert p.wait(30) == 0
     assert len(spool_files(jail)) == 1
+
+
+# -- the default size limit (issue 22, item 1) --
+
+def test_a_size_limit_by_default_postfixs(smtpd):
+    srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H")
+    assert c.cmd("EHLO x")[1][-1] == "SIZE 10240000"
+    assert c.cmd("MAIL FROM:<a@b.example> SIZE=10240001")[0] == 552
+    assert c.cmd("MAIL FROM:<a@b.example> SIZE=10240000")[0] == 250
+    assert c.cmd("RCPT TO:<c@d.example>")[0] == 250
+    assert c.cmd("DATA")[0] == 354
+    line = b"x" * 998 + b"\r\n"
+    c.send(b"Subject: big\r\n\r\n" + line * (10240000 // 999 + 1) + b".\r\n")  # 999 stored
+    assert c.code() == 552
+    assert spool_files(srv.jail) == []
+
+
+def test_s_overrides_the_limit_and_0_lifts_it(smtpd):
+    srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H", "-s", "0")
+    assert c.cmd("EHLO x")[1][-1] == "SIZE"
+    assert c.cmd("MAIL FROM:<a@b.example> SIZE=99999999999")[0] == 250
+    srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H", "-s", "500")
+    assert c.cmd("EHLO x")[1][-1] == "SIZE 500"
