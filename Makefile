@@ -285,7 +285,8 @@ MODULES = $(filter-out buildconf.py,$(wildcard *.py))
 PROGRAMS = smtpd smtpfwdd checkrules
 EXAMPLES = etc/smtpd_check_rules.example etc/antispam_check_rules.example \
 	etc/smtpd.service etc/smtpfwdd.service etc/smtpd.socket etc/smtpd@.service \
-	etc/init.d/smtpd etc/init.d/smtpfwdd etc/rc.d/smtpd etc/rc.d/smtpfwdd \
+	etc/init.d/smtpd etc/init.d/smtpfwdd etc/default/smtpd etc/default/smtpfwdd \
+	etc/rc.d/smtpd etc/rc.d/smtpfwdd \
 	etc/inetd.conf.smtpd etc/xinetd.d/smtpd etc/rsyslog-smtpd.conf etc/syslog-ng-smtpd.conf \
 	etc/haproxy.cfg
 # Where rsyslog reads snippets; the jail's log socket is added there.

@@ -238,7 +238,7 @@ def prepare_engine(cfg):
     try:
         cfg.tls_context = cfg.certs.start(quiet=not cfg.daemon).context
     except tlscert.CertError as e:
-        fatal_config(cfg, "cannot load the TLS certificate: %s" % e)
+        fatal_config(cfg, "cannot load the TLS certificate and key: %s" % e)
     dl.prepare_jail()
 
 

@@ -26,6 +26,11 @@ def load(cert, key):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    for path in (cert, key):        # name the file that is missing, not "cert"
+        try:
+            os.stat(path)
+        except OSError as e:
+            raise CertError("%s: %s" % (path, e.strerror)) from None
     try:
         ctx.load_cert_chain(cert, key)
     except FileNotFoundError as e:
@@ -57,13 +62,14 @@ class Certificates:
         self.stamp = None
 
     def start(self, quiet=False):
-        """Load at start.  No paths, or default paths that do not exist:
-        plaintext only, one notice (a debug line when quiet: inetd mode
-        starts once per connection).  Anything else that fails: CertError."""
+        """Load at start.  No paths, or default paths of which neither
+        exists: plaintext only, one notice (a debug line when quiet: inetd
+        mode starts once per connection).  Anything else that fails, half a
+        pair included: CertError, naming the file."""
         if not self.cert or not self.key:
             return self
         self.stamp = stamp(self.cert, self.key)
-        if not self.explicit and not (os.path.exists(self.cert) and os.path.exists(self.key)):
+        if not self.explicit and not (os.path.exists(self.cert) or os.path.exists(self.key)):
             (dl.debug if quiet else dl.notice)(
                 "no certificate and key at %s and %s: STARTTLS is not offered",
                 self.cert, self.key)

@@ -252,3 +252,64 @@ def test_systemd_units_verify(installed, tmp_path):
     assert p.returncode == 0, p.stderr
     problems = [l for l in p.stderr.splitlines() if "smtpd" in l or "smtpfwdd" in l]
     assert problems == [], p.stderr
+
+
+# -- the SysV scripts report the daemons' failures (issue 22, item 3) --
+
+def init_script(tmp_path, name, daemon_argv, args):
+    """etc/init.d/NAME with DAEMON, its defaults file and pid file of the test's."""
+    wrapper = tmp_path / ("run-" + name)
+    wrapper.write_text("#!/bin/sh\nexec %s \"$@\"\n" % " ".join(daemon_argv))
+    wrapper.chmod(0o755)
+    defaults = tmp_path / ("default-" + name)
+    defaults.write_text('DAEMON=%s\n%s_ARGS="%s"\nPIDFILE=%s\n' % (
+        wrapper, name.upper(), args, tmp_path / (name + ".pid")))
+    script = tmp_path / ("init-" + name)
+    text = open(os.path.join(ROOT, "etc", "init.d", name)).read()
+    script.write_text(text.replace("DEFAULTS=/etc/default/" + name, "DEFAULTS=%s" % defaults))
+    script.chmod(0o755)
+
+    def run(action):
+        p = subprocess.run([str(script), action], capture_output=True, text=True, timeout=60)
+        return p.returncode, p.stdout + p.stderr
+    return run
+
+
+def test_init_script_smtpd_reports_failure_and_success(tree_factory, tmp_path):
+    from harness import make_jail, NOBODY, NOGROUP, TEST_CONSTANTS, free_port
+    jail = make_jail()
+    ids = " -u %s -g %s" % (NOBODY, NOGROUP) if os.geteuid() == 0 else ""
+    args = "-H -c %s -l 127.0.0.1 -p %d -m mx.my.domain%s" % (jail, free_port(), ids)
+    run = init_script(tmp_path, "smtpd",
+                      [PYTHON, os.path.join(tree_factory(**TEST_CONSTANTS), "smtpd.py")], args)
+    rules = os.path.join(jail, "etc", "smtpd_check_rules")
+    os.rename(rules, rules + ".away")
+    status, out = run("start")
+    assert status == 6 and "failed (smtpd exited 78" in out, out
+    assert run("status")[0] == 3
+    os.rename(rules + ".away", rules)
+    status, out = run("start")
+    assert status == 0 and "Starting smtpd: smtpd (pid " in out, out
+    assert run("status")[0] == 0
+    assert run("start")[0] == 0                 # already running: fine
+    assert run("stop")[0] == 0
+    assert run("status")[0] in (1, 3)           # the unprivileged master leaves its pid file
+    shutil.rmtree(jail)
+
+
+def test_init_script_smtpfwdd_reports_failure_and_success(tree_factory, tmp_path):
+    from harness import FWD_CONSTANTS, give_to_nobody
+    spool_dir = tempfile.mkdtemp(prefix="spool-", dir="/tmp")     # nobody reaches it
+    give_to_nobody(spool_dir)
+    ids = " -u nobody -g nogroup" if os.geteuid() == 0 else ""
+    argv = [PYTHON, os.path.join(tree_factory(**FWD_CONSTANTS), "smtpfwdd.py")]
+    run = init_script(tmp_path, "smtpfwdd", argv, "-d %s/nosuch -s /bin/true%s" % (spool_dir, ids))
+    status, out = run("start")
+    assert status == 6 and "failed (smtpfwdd exited 78" in out, out
+    run = init_script(tmp_path, "smtpfwdd", argv, "-d %s -s /bin/true%s" % (spool_dir, ids))
+    status, out = run("start")
+    assert status == 0 and "Starting smtpfwdd: smtpfwdd (pid " in out, out
+    assert run("status")[0] == 0
+    assert run("stop")[0] == 0
+    assert run("status")[0] in (1, 3)
+    shutil.rmtree(spool_dir)

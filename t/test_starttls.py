@@ -262,6 +262,21 @@ def test_explicit_pair_that_cannot_load_exits_78(tree_factory, tmp_path):
     assert "cannot load the TLS certificate" in d.log()
 
 
+@pytest.mark.parametrize("explicit", [True, False])
+def test_a_missing_key_is_named_as_the_key(tree_factory, tmp_path, explicit):
+    cert, _ = certs.make_pair(serial=3001)
+    key = str(tmp_path / "nosuch-key.pem")
+    if explicit:
+        d = SmtpdDaemon(tree_factory(**TEST_CONSTANTS), make_jail(), "-C", cert, "-K", key)
+    else:
+        tree = tree_factory(**dict(TEST_CONSTANTS, TLS_CERT=cert, TLS_KEY=key))
+        d = SmtpdDaemon(tree, make_jail())
+    assert d.proc.wait(20) == 78
+    assert "cannot load the TLS certificate and key: %s: No such file or directory" % key \
+        in d.log()
+    assert "%s: No such" % cert not in d.log()
+
+
 def test_default_pair_missing_means_plaintext_and_one_notice(tree_factory):
     tree = tree_factory(**dict(TEST_CONSTANTS, TLS_CERT="/nonexistent/c.pem",
                                TLS_KEY="/nonexistent/k.pem"))
