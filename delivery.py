@@ -141,13 +141,15 @@ class Delivery:
 
     def batches(self, sender, rcpts, failed):
         per_call = max(1, buildconf.MAXARGS - 5)
-        done = []
+        done, words = [], []
         while rcpts:
             batch, rcpts = rcpts[:per_call], rcpts[per_call:]
             status, why, said = self.call(self.argv(sender, batch))
             names = [r for _, r in batch]
             if status == 0:
                 done += names
+                if said != why:         # it printed something (a queue id?)
+                    words.append(dl.printable(said, 300))
                 if rcpts:
                     spool.mark_sent(self.f, [off for off, _ in batch])
                 continue
@@ -169,7 +171,8 @@ class Delivery:
         if not spool.remove(self.path, self.f):
             dl.alert("%s: the name no longer holds the file delivered; left alone",
                      self.name)
-        self.outcome("delivered", sender, done)
+        self.outcome("delivered" + ("; the agent said: %s" % " | ".join(words) if words else ""),
+                     sender, done)
         return dl.EX_OK
 
     def call(self, argv):
@@ -199,10 +202,8 @@ class Delivery:
             why = "%s killed by signal %d" % (argv[0], -status)
         else:
             why = "%s exited %d" % (argv[0], status)
-        if said and (status != 0 or not self.cfg.quiet):
+        if said:
             why += ", saying: " + said
-            if status == 0:
-                dl.notice("%s: %s", self.name, why)
         return (None if status < 0 else status), why, said or why
 
     # -- giving up, deferring, telling the sender --
@@ -268,11 +269,24 @@ class Delivery:
         return dl.EX_DATAERR
 
     def outcome(self, what, sender, names):
+        """The one line per message: the spool id, sender, recipients, size
+        and Message-ID (to find the message in the MTA's log), and what
+        became of it."""
+        size, msgid = self.described()
         if self.cfg.quiet:
-            dl.info("%s from=%s%s status=%s", self.name, sender,
-                    "".join(" to=%s" % n for n in names), what)
+            dl.info("%s from=%s%s size=%s message-id=%s status=%s", self.name, sender,
+                    "".join(" to=%s" % n for n in names), size, msgid, what)
         else:
-            dl.info("%s from %s to %s: %s", self.name, sender, ", ".join(names) or "-", what)
+            dl.info("%s from %s to %s, size=%s, message-id=%s: %s", self.name, sender,
+                    ", ".join(names) or "-", size, msgid, what)
+
+    def described(self):
+        """(size of the message, its Message-ID) for the log; "?" and "-"
+        when the file could not be parsed."""
+        if self.msg is None:
+            return "?", "-"
+        size = os.fstat(self.f.fileno()).st_size - self.msg.body_offset
+        return size, spool.message_id(spool.headers(self.f.fileno(), self.msg.body_offset))
 
 
 def read_bounded(pipe, timeout):

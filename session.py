@@ -397,9 +397,10 @@ class Session:
             self.draft = None
             return self.reply(452)
         self.draft = None
-        self.log("Received %d bytes of message body from %s as %s for %d recipients"
-                 % (reader.size, self.where, name, len(env.recipients)),
-                 " bytes=%d id=%s" % (reader.size, name))
+        msgid = spool.message_id(bytes(reader.headers))
+        self.log("Received %d bytes of message body from %s as %s for %d recipients, "
+                 "message-id=%s" % (reader.size, self.where, name, len(env.recipients), msgid),
+                 " bytes=%d id=%s message-id=%s" % (reader.size, name, msgid))
         self.flush_summary()
         self.reply(250, "Message accepted for delivery")
 

@@ -69,6 +69,8 @@ import stat
 import string
 import time
 
+import daemonlib as dl
+
 PREFIX = b"smtpd"
 DRAFT_PREFIX = "draft."
 FAILED_DIR = "failed"
@@ -434,6 +436,21 @@ def headers(fd, body_offset, limit=65536):
     data = os.pread(fd, limit, body_offset)
     end = data.find(b"\n\n")
     return data[:end + 1] if end >= 0 else data
+
+
+MESSAGE_ID = re.compile(rb"^message-id:[ \t]*((?:[^\n]|\n[ \t])*)", re.IGNORECASE | re.MULTILINE)
+MESSAGE_ID_MAX = 120
+
+
+def message_id(headers):
+    """The Message-ID of a header section (bytes, LF or CRLF line ends),
+    unfolded, escaped for a log line and at most MESSAGE_ID_MAX characters;
+    "-" when there is none.  The client wrote it: never trusted."""
+    m = MESSAGE_ID.search(headers)
+    if m is None:
+        return "-"
+    text = re.sub(rb"\r?\n[ \t]+", b" ", m.group(1)).strip().decode("latin-1")
+    return dl.escape(text, MESSAGE_ID_MAX) if text else "-"
 
 
 def _flocks():

@@ -133,3 +133,38 @@ def test_worker_lines_reach_rsyslog_started_later_and_restarted(tree_factory):
     finally:
         rs.close()
         d.stop()
+
+
+# -- following one message through the logs (issue 22, item 4) --
+
+def test_one_message_followed_from_smtpd_to_the_agent(smtpd, tree_factory):
+    from harness import Agent, FWD_CONSTANTS, Fwd, spool_files
+    srv = smtpd("allow:ALL:ALL:ALL\n", "-H", "-q")
+    msgid = "<20261206.abc@client.example>"
+    with smtplib.SMTP("127.0.0.1", srv.port, timeout=30) as s:
+        s.sendmail("alice@example.org", ["bob@my.domain"],
+                   b"Subject: x\r\nMessage-ID:\r\n " + msgid.encode() + b"\r\n\r\nhi\r\n")
+    (name,) = spool_files(srv.jail)
+    gate = [l for l in srv.log().splitlines() if "id=" + name in l]
+    assert len(gate) == 1 and gate[0].endswith("bytes=%s id=%s message-id=%s" % (
+        gate[0].split("bytes=")[1].split()[0], name, msgid))
+    agent = Agent()
+    f = Fwd(tree_factory(**FWD_CONSTANTS), srv.jail, agent.path, "-q")
+    try:
+        assert wait_for(lambda: "status=delivered" in f.log())
+    finally:
+        f.stop()
+    (line,) = [l for l in f.log().splitlines() if name in l]
+    size = len(agent.calls()[0]["stdin"])
+    assert "size=%d message-id=%s status=delivered" % (size, msgid) in line
+
+
+def test_a_hostile_message_id_is_escaped_and_bounded(smtpd):
+    srv = smtpd("allow:ALL:ALL:ALL\n", "-H")
+    evil = b"<" + b"\x1b]0;x\x07" + b"a" * 300 + b">"
+    with smtplib.SMTP("127.0.0.1", srv.port, timeout=30) as s:
+        s.sendmail("alice@example.org", ["bob@my.domain"],
+                   b"Message-ID: " + evil + b"\r\n\r\nhi\r\n")
+    (line,) = [l for l in srv.log().splitlines() if "message-id=" in l]
+    assert "\x1b" not in line and "message-id=<\\x1b]0;x\\x07aaa" in line
+    assert line.endswith("...") and len(line.split("message-id=")[1]) <= 4 * 120 + 3

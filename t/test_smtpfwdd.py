@@ -11,7 +11,8 @@ import time
 import pytest
 
 import spool
-from harness import BODY, FWD_CONSTANTS, give_to_nobody, is_root, put, PYTHON, RECEIVED, wait_for
+from harness import (BODY, FWD_CONSTANTS, give_to_nobody, is_root, now_date, put, PYTHON,
+                     RECEIVED, wait_for)
 
 def mode(path):
     return stat.S_IMODE(os.stat(path).st_mode)
@@ -257,7 +258,9 @@ def test_quiet_mode_one_line_per_message(fwd_env):
     f.stop()
     lines = [l for l in f.log().splitlines() if name in l]
     assert lines == [l for l in lines if "from=<alice@example.org> to=<a@my.domain> "
-                     "to=<b@my.domain> status=delivered" in l]
+                     "to=<b@my.domain> size=%d message-id=- status=delivered; the agent "
+                     "said: fake-sendmail call 0 exiting 0" % (len(RECEIVED % now_date())
+                                                                + len(BODY)) in l]
     assert len(lines) == 1
 
 
