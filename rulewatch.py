@@ -159,9 +159,10 @@ def watch(path, shown, sock):
     p = select.poll()
     p.register(sock, select.POLLIN)
     last = None
+    wait = 0                # the first reading at once: the master waits for it
     while True:
         asked = False
-        if p.poll(1000):
+        if p.poll(wait):
             data = sock.recv(64)
             if not data:
                 return dl.EX_OK
@@ -177,4 +178,5 @@ def watch(path, shown, sock):
                 sock.sendall(HEADER.pack(frame[0], len(frame[1])) + frame[1])
             except OSError:
                 return dl.EX_OK
+        wait = 1000
 
