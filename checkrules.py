@@ -173,13 +173,13 @@ def read_text(path, limit=None, shown=None):
     name = shown or path
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):     # not even opened
-            raise RuleError(["%s:0: not a regular file; not read" % name])
+            raise RuleError(["%s: not a regular file; not read" % name])
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as e:
-        raise RuleError(["%s:0: cannot read: %s" % (name, e.strerror)]) from None
+        raise RuleError(["%s: cannot read: %s" % (name, e.strerror)]) from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):      # swapped since
-            raise RuleError(["%s:0: not a regular file; not read" % name])
+            raise RuleError(["%s: not a regular file; not read" % name])
         chunks, size = [], 0
         while size <= limit:
             chunk = os.read(fd, min(1 << 20, limit + 1 - size))
@@ -187,10 +187,10 @@ def read_text(path, limit=None, shown=None):
                 return b"".join(chunks)
             chunks.append(chunk)
             size += len(chunk)
-        raise RuleError(["%s:0: larger than %d bytes (RULES_MAX_SIZE); not read"
+        raise RuleError(["%s: larger than %d bytes (RULES_MAX_SIZE); not read"
                          % (name, limit)])
     except OSError as e:
-        raise RuleError(["%s:0: cannot read: %s" % (name, e.strerror)]) from None
+        raise RuleError(["%s: cannot read: %s" % (name, e.strerror)]) from None
     finally:
         os.close(fd)
 
@@ -448,6 +448,9 @@ def main(argv):
             return usage("-t takes no FROM TO")
         for line in warnings:
             say(line)
+        say("%s: %d rule%s, no errors%s" % (path, len(rules), "" if len(rules) == 1 else "s",
+                                          ", %d warning%s" % (len(warnings), "" if len(warnings)
+                                                              == 1 else "s") if warnings else ""))
         return 0
     if len(args) != 2:
         return usage()
@@ -462,7 +465,8 @@ def main(argv):
     said = None
     if v.action == "verify" and "-V" in o:
         v, said = callout(o["-V"], v, stored[1])
-    say(v.action if v.reply is None else "%s %s" % (v.action, v.reply))
+    written = v.rule.action if v.rule is not None and v.rule.action != "verify" else v.action
+    say(written if v.reply is None else "%s %s" % (written, v.reply))
     if "-v" in o and said:
         say("backend: %s" % said)
     if "-v" in o and v.detail:

@@ -171,6 +171,7 @@ class Delivery:
         if not spool.remove(self.path, self.f):
             dl.alert("%s: the name no longer holds the file delivered; left alone",
                      self.name)
+        spool.drop_deferral(self.cfg.spooldir, os.path.basename(self.path))
         self.outcome("delivered" + ("; the agent said: %s" % " | ".join(words) if words else ""),
                      sender, done)
         return dl.EX_OK
@@ -223,6 +224,7 @@ class Delivery:
             spool.mark_sent(self.f, [off for off, _ in failed])
         self.warn_if_delayed(sender, pending, said, status, age)
         spool.defer(self.f)
+        spool.note_deferral(self.cfg.spooldir, os.path.basename(self.path), why)
         self.outcome("deferred: %s" % why, sender, [r for _, r in pending])
         return dl.EX_TEMPFAIL
 
@@ -265,6 +267,7 @@ class Delivery:
 
     def quarantine(self, why, sender, names):
         dest = spool.quarantine(self.cfg.spooldir, os.path.basename(self.path), why)
+        spool.drop_deferral(self.cfg.spooldir, os.path.basename(self.path))
         self.outcome("failed: %s; moved to %s" % (why, dest), sender, names)
         return dl.EX_DATAERR
 

@@ -139,6 +139,8 @@ def examine(dir_fd, name, where, now):
         if st.st_mode & 0o111 == 0o111:
             e.state = "deferred"
             e.next_retry = max(now, st.st_mtime + buildconf.RETRY_DELAY_TIME)
+            reason = spool.deferral(dir_fd, name)
+            e.reason = dl.visible(reason) if reason else None
         else:
             e.state = "queued"
     return e
@@ -357,6 +359,7 @@ def cmd_delete(q, args):
         with hold(d, name) as f:
             if same_file(f, d, name):
                 os.unlink(name, dir_fd=d)
+        spool.drop_deferral(q.path, name)
     spool.fsync_dir(d)
     dl.notice("queue: %s deleted from %s by uid %d", ident, where, INVOKER)
     print("%s: deleted" % ident)

@@ -28,8 +28,6 @@ from address import AddressError, mail_params, parse_path
 from channel import Channel, Closed, DataReader, header_oddity
 from replies import VANILLA
 
-MAX_ERRORS = 10
-
 ERROR_CODES = (500, 501, 502, 503, 504, 553, 555)
 # RFC 2920 3.1: after these a client waits for our reply before it sends
 # more, PIPELINING or not.  Without PIPELINING every command is such a one.
@@ -80,7 +78,7 @@ class Session:
         SMTPD_ERROR_SLEEP seconds longer than the one before (within the
         session's time), so errors cost the client, not us."""
         self.errors += 1
-        if self.errors >= MAX_ERRORS:
+        if self.errors >= buildconf.MAX_ERRORS:
             dl.notice("too many errors from %s, closing", self.where)
             raise Closed(dl.EX_PROTOCOL, "too many errors")
         over = self.errors - buildconf.SMTPD_SOFT_ERRORS

@@ -20,8 +20,10 @@ SECURITY
     lacks (imports, resolver, syslog socket, time zone, own name, the TLS
     certificate and key) is done before the chroot.
 EXIT STATUS
-    0 QUIT or -l refusal; 64 usage; 71 client gone, timeout, I/O error;
-    76 denied by a rule or too many errors; 78 configuration error.
+    0 QUIT or -l refusal; 1 another -D daemon holds the pid file; 64 usage;
+    70 unexpected error in a session; 71 client gone, timeout, I/O error;
+    73 a spool file cannot be created; 76 denied by a rule, too many
+    errors or a protocol violation; 78 configuration error.
 """
 
 import getopt
@@ -112,7 +114,7 @@ def parse_options(argv):
     try:
         opts, args = getopt.getopt(argv, "c:d:u:g:m:s:l:p:i:M:C:K:X:V:DFHLPq")
     except getopt.GetoptError as e:
-        usage_error("Unknown option: %s" % e)
+        usage_error(str(e))
     if args:
         usage_error("unexpected argument %r" % args[0])
     for o, v in opts:
@@ -188,7 +190,7 @@ def check_admission(cfg):
                       ("SMTPD_RATE_TABLE", 1 << 20), ("SMTPD_GREET_PAUSE", 600000),
                       ("SMTPD_SOFT_ERRORS", 1000), ("SMTPD_ERROR_SLEEP", 3600),
                       ("SMTPD_PROXY_TIMEOUT", 3600), ("SMTPD_FORBID_UNAUTH_PIPELINING", 1),
-                      ("MESSAGE_SIZE_LIMIT", 1 << 40)):
+                      ("MESSAGE_SIZE_LIMIT", 1 << 40), ("MAX_ERRORS", 1000)):
         value = getattr(buildconf, name)
         if not isinstance(value, int) or not 0 <= value <= top:
             problems.append("%s = %r: must be a number from 0 to %d" % (name, value, top))

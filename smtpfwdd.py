@@ -73,16 +73,18 @@ class Config:
         self.pid_fd = None              # its descriptor, opened as root
 
 
-def config_error(msg):
-    """Option errors exit 78, as the original's did."""
+def usage_error(msg):
+    """A bad option: 64 as in smtpd (the original said 78, EX_CONFIG)."""
     dl.err("%s", msg)
-    print("smtpfwdd.py: %s\n%s" % (msg, USAGE), file=sys.stderr)
-    sys.exit(dl.EX_CONFIG)
+    if not dl.log.stderr:
+        print("smtpfwdd.py: %s" % msg, file=sys.stderr)
+    print(USAGE, file=sys.stderr)
+    sys.exit(dl.EX_USAGE)
 
 
 def bounded(opt, value):
     if not value.isdigit() or not 1 <= int(value) <= 1000:
-        config_error("%s needs a number from 1 to 1000, not %r" % (opt, value))
+        usage_error("%s needs a number from 1 to 1000, not %r" % (opt, value))
     return int(value)
 
 
@@ -91,14 +93,14 @@ def parse_options(argv):
     try:
         opts, args = getopt.getopt(argv, "qFQu:g:d:s:M:P:i:")
     except getopt.GetoptError as e:
-        config_error(str(e))
+        usage_error(str(e))
     if ("-Q", "") in opts:
         cfg.queue_command = args
     elif args:
-        config_error("unexpected argument %r" % args[0])
+        usage_error("unexpected argument %r" % args[0])
     for o, v in opts:
         if o in ("-d", "-s", "-i") and not v.startswith("/"):
-            config_error("%s needs an absolute path, not %r" % (o, v))
+            usage_error("%s needs an absolute path, not %r" % (o, v))
         if o == "-d":
             cfg.spooldir = v
         elif o == "-s":
@@ -262,6 +264,7 @@ class Forwarder:
         for d in (self.skipped, self.unopened, self.warned):
             for gone in [n for n in d if n not in seen]:
                 del d[gone]
+        spool.prune_deferrals(self.cfg.spooldir, seen | running)
 
     def eligible(self, entry, now):
         """Is this entry (lstat, never followed) a complete message due
@@ -367,8 +370,9 @@ def take_lock(spooldir):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-        print("smtpfwdd.py: already running (pid %s holds %s)" % (dl.visible(pid), path),
-              file=sys.stderr)
+        if not dl.log.stderr:       # else the log line below says it there
+            print("smtpfwdd.py: already running (pid %s holds %s)" % (dl.visible(pid), path),
+                  file=sys.stderr)
         dl.die(dl.EX_CONFIG, "already running (pid %s holds %s)", pid, path)
     return fd
 

@@ -39,7 +39,9 @@ PROTOCOL
     never lockf/fcntl record locks, so the C programs see them.
 
     Drafts whose writer died (unlocked and older than SESSION_TIMEOUT) are
-    removed: their client never got a 250.  Messages that cannot be
+    removed: their client never got a 250.  Why a file was last deferred is
+    kept in deferred/NAME for the queue tool; it is advice, not protocol
+    (the C programs know nothing of it), and goes with the file.  Messages that cannot be
     delivered are moved to failed/ with a NAME.reason file; nothing accepted
     is deleted unless delivered.
 
@@ -74,6 +76,7 @@ import daemonlib as dl
 PREFIX = b"smtpd"
 DRAFT_PREFIX = "draft."
 FAILED_DIR = "failed"
+DEFERRED_DIR = "deferred"
 LINE_MAX = 512
 NAME_CHARS = string.ascii_letters + string.digits
 MODE_DRAFT = 0o600
@@ -611,6 +614,59 @@ def quarantine(spooldir, name, reason):
     os.rename(dest + b".reason.tmp", dest + b".reason")     # whole or not at all
     fsync_dir(spooldir)
     return os.fsdecode(dest)
+
+
+def note_deferral(spooldir, name, reason):
+    """Keep why name was deferred, for smtpq (deferred/NAME, whole or not
+    at all; not fsynced: it is advice, the mode bits are the protocol)."""
+    d = os.path.join(os.fsencode(spooldir), DEFERRED_DIR.encode())
+    try:
+        os.mkdir(d, 0o700)
+    except FileExistsError:
+        pass
+    path = os.path.join(d, os.fsencode(name))
+    fd = os.open(path + b".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, 0o600)
+    with open(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
+        f.write(reason[:4000] + "\n")
+    os.rename(path + b".tmp", path)
+
+
+def drop_deferral(spooldir, name):
+    try:
+        os.unlink(os.path.join(os.fsencode(spooldir), DEFERRED_DIR.encode(), os.fsencode(name)))
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+
+
+def prune_deferrals(spooldir, present):
+    """Drop the notes of files no longer in the spool (present: their
+    names, bytes); a crash between a delivery and its note's removal."""
+    d = os.path.join(os.fsencode(spooldir), DEFERRED_DIR.encode())
+    try:
+        notes = os.listdir(d)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for n in notes:
+        if n not in present and not n.endswith(b".tmp"):
+            try:
+                os.unlink(os.path.join(d, n))
+            except OSError:
+                pass
+
+
+def deferral(spool_fd, name):
+    """Why name was last deferred (text), or None; read as hostile input."""
+    d = open_dir(DEFERRED_DIR, dir_fd=spool_fd)
+    if d is None:
+        return None
+    try:
+        with open_readonly(name, dir_fd=d) as f:
+            return f.read(4096).decode("utf-8", "backslashreplace").strip()
+    except (OSError, Odd):
+        return None
+    finally:
+        os.close(d)
 
 
 def entries(spooldir, prefix=PREFIX):

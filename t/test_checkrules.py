@@ -357,7 +357,7 @@ def test_cli_name_from_dns_without_n(rulefile, dnsz):
 
 
 def test_cli_t_validates(rulefile, tmp_path):
-    assert cli("-t", "-f", rulefile) == (0, [], "")
+    assert cli("-t", "-f", rulefile) == (0, ["%s: 3 rules, no errors" % rulefile], "")
     bad = tmp_path / "bad"
     bad.write_text("allow:*my.domain:ALL:ALL\nallow:10/8:ALL:ALL\nnope\n")
     code, out, _ = cli("-t", "-f", str(bad))
@@ -369,7 +369,16 @@ def test_cli_t_validates(rulefile, tmp_path):
     ok.write_text("allow:*my.domain:ALL:ALL\n")
     code, out, _ = cli("-t", "-f", str(ok))
     assert code == 0 and out == [str(ok) + ":1: warning: '*my.domain' has no dot "
-                                 "boundary: it also matches xmy.domain"]
+                                 "boundary: it also matches xmy.domain",
+                                 str(ok) + ": 1 rule, no errors, 1 warning"]
+
+
+def test_cli_prints_the_action_as_written(tmp_path):
+    p = tmp_path / "r"
+    p.write_text("noto_delay:ALL:ALL:slow@x:551 wait\ndeny_delay:ALL:ALL:bad@x:550 no\n")
+    assert cli("-f", str(p), "-n", "UNKNOWN", F, "<slow@x>")[:2] == \
+        (1, ["noto_delay 551 wait"])
+    assert cli("-f", str(p), "-n", "UNKNOWN", F, "<bad@x>")[:2] == (2, ["deny_delay 550 no"])
 
 
 def test_cli_usage_and_bad_file(rulefile, tmp_path):

@@ -3,6 +3,7 @@ holding a message in every state, show, requeue, delete, flush."""
 
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -403,3 +404,28 @@ def quarantine(d, name, reason):
     give_to_nobody(failed)
     for n in os.listdir(failed):
         give_to_nobody(os.path.join(failed, n))
+
+
+# -- why a message waits (issue 22, item 5) --
+
+def test_show_and_list_say_why_a_message_is_deferred(fwd_env, tree):
+    fwd_env.agent.statuses(75, 0)
+    name = put(fwd_env.spool)
+    f = fwd_env.start(RETRY_DELAY_TIME=600)
+    assert wait_for(lambda: os.stat(os.path.join(fwd_env.spool, name)).st_mode & 0o777 == 0o755)
+    status, out, _ = smtpq(tree, fwd_env.spool, "show", name)
+    assert status == 0 and "state: deferred" in out
+    assert re.search(r"reason: .*sendmail exited 75, saying: fake-sendmail call 0 exiting 75", out)
+    status, out, _ = smtpq(tree, fwd_env.spool, "list", "-j")
+    assert "exited 75" in json.loads(out)["reason"]
+    f.stop()
+    assert smtpq(tree, fwd_env.spool, "requeue", name)[0] == 0
+    f = fwd_env.start()
+    assert wait_for(lambda: not os.path.exists(os.path.join(fwd_env.spool, name)))
+    assert os.listdir(os.path.join(fwd_env.spool, "deferred")) == []   # gone with it
+    f.stop()
+
+
+def test_no_spool_is_66_with_a_readable_message(tree):
+    status, out, err = smtpq(tree, "/nonexistent-spool", "list")
+    assert status == 66 and err == "smtpq: /nonexistent-spool: no such spool directory\n"
