@@ -235,6 +235,7 @@ class Client(Addr):
     """What the rules know about the SMTP client of one session."""
 
     exempt = False          # in SMTPD_ADMISSION_EXEMPT (smtpd sets it)
+    health_check = False    # the trusted proxy's own connection (PROXY LOCAL)
 
     def __init__(self, ip=None, name=None, lookup_=None, ident=None,
                  ident_fn=None, name_error=None):

@@ -112,8 +112,9 @@ class Log:
             self.send(level, msg)
         if self.stderr:
             try:
-                os.write(2, ("%s[%d]: %s\n" % (self.ident, os.getpid(), msg))
-                         .encode("utf-8", "backslashreplace"))
+                os.write(2, ("%s[%d]: %s%s\n" % (self.ident, os.getpid(),
+                                                  "(debug) " if level == syslog.LOG_DEBUG else "",
+                                                  msg)).encode("utf-8", "backslashreplace"))
             except OSError:
                 self.stderr = False
 

@@ -121,15 +121,16 @@ def check_tlvs(data):
 
 
 def ends(sock, local, peer, timeout):
-    """(local, peer) of a connection from a trusted proxy: what its header
-    names, or the socket's own (LOCAL, UNKNOWN); (local, None) when the
-    header is missing or bad, logged once."""
+    """(local, peer, health) of a connection from a trusted proxy: what its
+    header names, or the socket's own for LOCAL or UNKNOWN -- the proxy's
+    own connection, a health check, then health is True; (local, None,
+    False) when the header is missing or bad, logged once."""
     try:
         names = read(sock, timeout)
     except (ProxyError, OSError) as e:
         dl.notice("refused %s: %s", peer[0], e)
-        return local, None
-    return (local, peer) if names is None else (names[1], names[0])
+        return local, None, False
+    return (local, peer, True) if names is None else (names[1], names[0], False)
 
 
 def could_be(data):

@@ -93,16 +93,21 @@ class Session:
             fn()
 
     def log(self, verbose, fragment):
-        """A verbose syslog line, or a fragment of the -q summary line."""
+        """A verbose syslog line, or a fragment of the -q summary line; at
+        LOG_DEBUG for a balancer's health check (every few seconds, all
+        day: mail.info in the syslog configuration drops them)."""
         if self.cfg.quiet:
             self.summary.append(fragment)
         else:
-            dl.info("%s", verbose)
+            self.routine("%s", verbose)
 
     def flush_summary(self):
         if self.summary:
-            dl.info("%s", "".join(self.summary).strip())
+            self.routine("%s", "".join(self.summary).strip())
             self.summary = []
+
+    def routine(self, fmt, *args):
+        (dl.debug if self.client.health_check else dl.info)(fmt, *args)
 
     def run(self):
         """Serve the session; return the exit status."""

@@ -351,16 +351,19 @@ def identify(cfg, local, peer, deadline, proxied=False):
 
 
 def serve(cfg, rfd, wfd, local=None, peer=None, greeted=False, sock=None, on_end=None,
-          proxied=False):
+          origin=None):
     """One session on rfd/wfd (sock: their socket object, if the caller has
     one); on_end() runs once when it is over, before its last reply goes
-    out; proxied: the addresses came from a PROXY header.  Returns the exit
+    out; origin: None (the socket names the client), "proxy" (a PROXY
+    header does) or "health" (the trusted proxy's own connection, LOCAL:
+    a health check, whose routine lines are not logged).  Returns the exit
     status.  SESSION_TIMEOUT counts from here."""
     deadline = time.monotonic() + buildconf.SESSION_TIMEOUT
     if local is None:
         local, peer = socket_ends(rfd)
     try:
-        client = identify(cfg, local, peer, deadline, proxied)
+        client = identify(cfg, local, peer, deadline, origin is not None)
+        client.health_check = origin == "health"
     except session.Closed as c:
         dl.crit("abandoning session with %s: %s", peer and peer[0], c)
         if on_end is not None:
@@ -371,15 +374,15 @@ def serve(cfg, rfd, wfd, local=None, peer=None, greeted=False, sock=None, on_end
 
 
 def proxied_ends(local, peer):
-    """inetd mode, from a trusted proxy: (local, peer) as its PROXY header
-    names them (the socket's for LOCAL); peer None when the header is
-    missing or bad (logged; nothing is sent)."""
+    """inetd mode, from a trusted proxy: (local, peer, health) as its PROXY
+    header names them (the socket's for LOCAL, a health check); peer None
+    when the header is missing or bad (logged; nothing is sent)."""
     d = os.dup(0)
     try:
         sock = socket.socket(fileno=d)
     except OSError:
         os.close(d)
-        return local, None
+        return local, None, False
     try:
         return proxy.ends(sock, local, peer, buildconf.SMTPD_PROXY_TIMEOUT)
     finally:
@@ -405,16 +408,18 @@ def inetd(cfg):
     if early:
         prepare_engine(cfg)
         jail(cfg)
+    origin = None
     if trusted:
-        local, peer = proxied_ends(local, peer)
+        local, peer, health = proxied_ends(local, peer)
         if peer is None:
             return dl.EX_PROTOCOL
+        origin = "health" if health else "proxy"
     if refused_by_listen(cfg, local):
         dl.info("Refused connection attempt to %s from %s", local[0], peer and peer[0])
         os.write(1, b"521 %s %s\r\n" % (cfg.myname.encode(), VANILLA[521].encode()))
         return dl.EX_OK
     if early:
-        return serve(cfg, 0, 1, local, peer, proxied=trusted)
+        return serve(cfg, 0, 1, local, peer, origin=origin)
     try:
         os.write(1, b"220 %s %s\r\n" % (cfg.myname.encode(), VANILLA[220].encode()))
     except OSError as e:

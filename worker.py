@@ -77,12 +77,12 @@ class WorkerLoop:
                 local = sock.getsockname()[:2]
             except OSError:
                 local = None
-            local, addr, proxied = who(self.cfg, sock, local, addr[:2])
+            local, addr, origin = who(self.cfg, sock, local, addr[:2])
             if addr is None or not self.admit(sock, addr):
                 continue
             used += 1
             status = self.cfg.serve(self.cfg, sock.fileno(), sock.fileno(), local,
-                                    addr, sock=sock, on_end=self.release, proxied=proxied)
+                                    addr, sock=sock, on_end=self.release, origin=origin)
             sock.close()
             if status == dl.EX_SOFTWARE:
                 return status
@@ -140,15 +140,16 @@ class WorkerLoop:
 
 
 def who(cfg, sock, local, peer):
-    """(local, peer, proxied): from a trusted proxy (-X), the addresses its
-    PROXY header names (or the socket's, for LOCAL); (.., None, ..) when the
-    header is missing or bad -- logged once, the connection closed."""
+    """(local, peer, origin): from a trusted proxy (-X), the addresses its
+    PROXY header names, origin "proxy" (or the socket's, for LOCAL: a health
+    check, "health"); (.., None, ..) when the header is missing or bad --
+    logged once, the connection closed.  Otherwise origin is None."""
     if not admission.member(dl.normalize_ip(peer[0]), cfg.proxy_from):
-        return local, peer, False
-    local, peer = proxy.ends(sock, local, peer, buildconf.SMTPD_PROXY_TIMEOUT)
+        return local, peer, None
+    local, peer, health = proxy.ends(sock, local, peer, buildconf.SMTPD_PROXY_TIMEOUT)
     if peer is None:
         sock.close()
-    return local, peer, True
+    return local, peer, "health" if health else "proxy"
 
 
 def refuse(sock, reply):

@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import smtplib
+import socket
 import subprocess
 import tempfile
 import threading
@@ -15,7 +16,7 @@ import time
 
 import pytest
 
-from harness import (Agent, free_port, FWD_CONSTANTS, Fwd, give_to_nobody, make_jail,
+from harness import (Agent, free_port, FWD_CONSTANTS, Fwd, give_to_nobody, make_jail, ROOT,
                      SmtpdDaemon, spool_files, TEST_CONSTANTS, wait_for)
 
 pytestmark = pytest.mark.skipif(not shutil.which("haproxy"),
@@ -214,3 +215,60 @@ def test_a_gate_dies_under_load_and_nothing_acknowledged_is_lost(scaled_out):
     assert all(busy_before), busy_before      # both gates had taken mail
     both = [re.search(r"relay=UNKNOWN/127\.0\.0\.5\d as", g.smtpd.log()) for g in gates]
     assert all(both)
+
+
+# -- the example of etc/ (issue 22, item 5) --
+
+def refused(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return False
+    except ConnectionRefusedError:
+        return True
+
+
+def example_config(port, gate_ports, piddir):
+    """etc/haproxy.cfg with test addresses, logging to its standard error."""
+    text = open(os.path.join(ROOT, "etc", "haproxy.cfg")).read()
+    text = text.replace("    log /dev/log local0\n", "    pidfile %s/haproxy.pid\n"
+                        "    log stdout format raw local0\n" % piddir)
+    text = text.replace("bind :25", "bind 127.0.0.1:%d" % port)
+    for i, p in enumerate(gate_ports, 1):
+        text = text.replace("192.0.2.1%d:25" % i, "127.0.0.1:%d" % p)
+    text = text.replace("inter 10s fastinter 2s", "inter 1s fastinter 200ms")
+    return text
+
+
+def test_the_example_loses_no_client_to_a_dead_gate_and_checks_log_at_debug(tree_factory):
+    tree = tree_factory(**TEST_CONSTANTS)
+    agent = Agent()
+    gates = [Gate(tree, tree_factory(**FWD_CONSTANTS), agent) for _ in range(2)]
+    piddir = tempfile.mkdtemp(prefix="haproxy-example-", dir="/tmp")
+    port = free_port()
+    cfg = os.path.join(piddir, "haproxy.cfg")
+    with open(cfg, "w") as f:
+        f.write(example_config(port, [g.smtpd.port for g in gates], piddir))
+    log = open(os.path.join(piddir, "log"), "wb")
+    hp = subprocess.Popen(["haproxy", "-f", cfg, "-db"], stdin=subprocess.DEVNULL,
+                          stdout=log, stderr=log)
+    try:
+        checked = '(debug) worker: relay=UNKNOWN/127.0.0.1 as "haproxy.example.org"'
+        assert wait_for(lambda: all(checked in g.smtpd.log() for g in gates), 20)
+        assert not any('worker: relay=UNKNOWN/127.0.0.1 as "haproxy.example.org"' in l
+                       and "(debug)" not in l for g in gates for l in g.smtpd.log().splitlines())
+        gates[0].kill()
+        dead = gates[0].smtpd.port
+        assert wait_for(lambda: refused(dead), 5)     # its last worker has exited
+        for n in range(12):        # at once: before any check has marked it down
+            assert send(port, "127.0.0.%d" % (70 + n), "after-%d" % n) == {}
+        # HAProxy's log: some went to the dead gate first, then elsewhere ("+1").
+        assert re.search(r" smtp gates/gate2 \S+ \d+ -- \S+/\+\d+ ",
+                         open(os.path.join(piddir, "log")).read())
+    finally:
+        hp.terminate()
+        hp.wait(20)
+        log.close()
+        for g in gates:
+            g.stop()
+        shutil.rmtree(piddir, ignore_errors=True)
+        shutil.rmtree(agent.dir, ignore_errors=True)
