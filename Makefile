@@ -262,8 +262,13 @@ venv: $(VENV)/.installed
 test: venv buildconf.py
 	$(VPY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) t/
 
+# Also what `make run` made: var/ (its spool and mailboxes) and, when var is a
+# link to a copy staged for user nobody under /var/tmp, that copy.
 clean:
 	rm -rf buildconf.py buildconf.py.tmp __pycache__ t/__pycache__ .pytest_cache .hypothesis
+	@if [ -L var ]; then case "$$(readlink var)" in /var/tmp/smtpd-run.*/var) \
+	    echo "rm -rf $$(dirname "$$(readlink var)")"; rm -rf "$$(dirname "$$(readlink var)")";; \
+	    esac; rm -f var; else rm -rf var; fi
 
 # --------------------------------------------------------- make run ----
 
@@ -296,9 +301,19 @@ EXAMPLES = etc/smtpd_check_rules.example etc/antispam_check_rules.example \
 RSYSLOG_DIR = /etc/rsyslog.d
 
 .PHONY: install uninstall
+# The directories install makes (with their parents), recorded in
+# LIBDIR/installed-dirs for uninstall, which removes those left empty.
+INSTALL_DIRS = $(LIBDIR) $(SBINDIR) $(MANDIR)/man5 $(MANDIR)/man8 $(DOCDIR)
+
 install: all venv
-	install -d -m 755 $(DESTDIR)$(LIBDIR) $(DESTDIR)$(SBINDIR) \
-	    $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(DOCDIR)
+	@for d in $(INSTALL_DIRS); do \
+	    while [ ! -d "$(DESTDIR)$$d" ]; do echo "$$d"; d=$$(dirname "$$d"); done; \
+	done > .installed-dirs.new
+	@if [ -r $(DESTDIR)$(LIBDIR)/installed-dirs ]; then \
+	    cat $(DESTDIR)$(LIBDIR)/installed-dirs >> .installed-dirs.new; fi
+	install -d -m 755 $(addprefix $(DESTDIR),$(INSTALL_DIRS))
+	sort -u .installed-dirs.new > .installed-dirs && rm -f .installed-dirs.new
+	install -m 644 .installed-dirs $(DESTDIR)$(LIBDIR)/installed-dirs && rm -f .installed-dirs
 	install -m 644 $(MODULES) buildconf.py $(DESTDIR)$(LIBDIR)/
 	rm -rf $(DESTDIR)$(LIBDIR)/vendor
 	$(VPY) -m pip install -q --disable-pip-version-check --no-compile \
@@ -344,12 +359,21 @@ install: all venv
 	fi
 
 uninstall:
+	@cp $(DESTDIR)$(LIBDIR)/installed-dirs .installed-dirs 2>/dev/null || : > .installed-dirs
 	rm -rf $(DESTDIR)$(LIBDIR)
 	rm -f $(DESTDIR)$(RSYSLOG_DIR)/smtpd.conf
 	for p in $(PROGRAMS) smtpq; do rm -f $(DESTDIR)$(SBINDIR)/$$p; done
 	rm -f $(DESTDIR)$(MANDIR)/man8/smtpd.8 $(DESTDIR)$(MANDIR)/man8/smtpfwdd.8 \
 	    $(DESTDIR)$(MANDIR)/man8/checkrules.8 $(DESTDIR)$(MANDIR)/man5/smtpd_check_rules.5
 	rm -rf $(DESTDIR)$(DOCDIR)
+	@# The verification cache is a cache: it goes, with sqlite's side files.
+	@# (rm never follows a link, should the jail have put one there.)
+	@if [ -n "$(SMTPD_VERIFY_CACHE)" ]; then c=$(DESTDIR)$(SPOOLDIR)$(SMTPD_VERIFY_CACHE); \
+	    rm -f "$$c" "$$c-wal" "$$c-shm" "$$c-journal"; fi
+	@# Directories install made, deepest first, if nothing else lives there.
+	@sort -r .installed-dirs | while read -r d; do \
+	    rmdir "$(DESTDIR)$$d" 2>/dev/null && echo "rmdir $(DESTDIR)$$d"; done; \
+	    rm -f .installed-dirs
 	@echo "left alone: $(SPOOLDIR) (the spool and rules) and the $(SMTP_USER) account"
 
 # ------------------------------------------------------------ make bench ----

@@ -93,9 +93,32 @@ def test_make_run_delivers_into_var_mail_and_stops_on_sigint(mode):
     assert "mail lands in %s/var/mail/" % src in out
     assert not port_busy(2525)
     if os.path.islink(os.path.join(src, "var")):
-        assert mode == 0o700
-        shutil.rmtree(os.path.realpath(os.path.join(src, "var", "..")))
+        assert mode == 0o700 and out.count("staged in") == 1
+        stage = os.path.dirname(os.path.realpath(os.path.join(src, "var")))
+        assert "staged in" not in run_briefly(src)      # said once, when it was made
+        subprocess.run(["make", "-s", "clean"], cwd=src, check=True, capture_output=True)
+        assert not os.path.lexists(os.path.join(src, "var")) and not os.path.exists(stage)
     shutil.rmtree(top)
+
+
+def run_briefly(src):
+    """make run until it listens, then Ctrl-C; what it said."""
+    p = subprocess.Popen(["make", "-s", "run", QUIET_LOG], cwd=src, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         start_new_session=True)
+    try:
+        assert wait_for(lambda: port_busy(2525), 60)
+    finally:
+        os.killpg(p.pid, signal.SIGINT)
+        out = p.communicate(timeout=60)[0].decode()
+    return out
+
+
+def test_var_is_ignored_by_git_even_as_a_link():
+    if not os.path.isdir(os.path.join(ROOT, ".git")) or not shutil.which("git"):
+        pytest.skip("not a git checkout")
+    assert subprocess.run(["git", "-C", ROOT, "check-ignore", "-q", "--no-index", "var"]
+                          ).returncode == 0
 
 
 def test_make_run_with_another_mailprog_does_not_promise_var_mail():
@@ -176,11 +199,18 @@ def test_installed_checkrules_runs_from_its_vendor_dir(installed):
 def test_make_uninstall(installed):
     d = tempfile.mkdtemp(prefix="smtpd-uninstall-", dir="/tmp")
     shutil.copytree(installed, d, dirs_exist_ok=True, symlinks=True)
+    os.makedirs(os.path.join(d, "usr/share/doc/other"))            # not ours: stays
+    cache = os.path.join(d, "var/spool/smtpd/verify.db")
+    for side in ("", "-wal", "-shm"):
+        open(cache + side, "w").close()
     subprocess.run(["make", "-s", "uninstall", "DESTDIR=" + d, "PREFIX=/usr"],
                    cwd=ROOT, check=True, capture_output=True)
     left = [os.path.relpath(os.path.join(p, f), d) for p, _, fs in os.walk(d) for f in fs]
     assert left == []
-    assert os.path.isdir(os.path.join(d, "var/spool/smtpd"))     # the spool stays
+    dirs = sorted(os.path.relpath(p, d) for p, _, _ in os.walk(d))
+    assert dirs == [".", "usr", "usr/share", "usr/share/doc", "usr/share/doc/other",
+                    "var", "var/spool", "var/spool/smtpd", "var/spool/smtpd/dev",
+                    "var/spool/smtpd/etc"]                          # the spool stays
     shutil.rmtree(d)
 
 
