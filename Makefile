@@ -266,6 +266,7 @@ test: venv buildconf.py
 # link to a copy staged for user nobody under /var/tmp, that copy.
 clean:
 	rm -rf buildconf.py buildconf.py.tmp __pycache__ t/__pycache__ .pytest_cache .hypothesis
+	find smtpgate -name __pycache__ -prune -exec rm -rf {} +
 	@if [ -L var ]; then case "$$(readlink var)" in /var/tmp/smtpd-run.*/var) \
 	    echo "rm -rf $$(dirname "$$(readlink var)")"; rm -rf "$$(dirname "$$(readlink var)")";; \
 	    esac; rm -f var; else rm -rf var; fi
@@ -288,9 +289,10 @@ MANDIR = $(PREFIX)/share/man
 DOCDIR = $(PREFIX)/share/doc/smtpd
 # The Python the installed programs run with (readable by SMTP_USER).
 INSTALL_PYTHON = /usr/bin/python3
-# Every top-level module is part of the programs.
-MODULES = $(filter-out buildconf.py,$(wildcard *.py))
+# The three programs and the package, as a package (never a wildcard: a
+# scratch file must not be installed).
 PROGRAMS = smtpd smtpfwdd checkrules
+PACKAGE = smtpgate
 EXAMPLES = etc/smtpd_check_rules.example etc/antispam_check_rules.example \
 	etc/smtpd.service etc/smtpfwdd.service etc/smtpd.socket etc/smtpd@.service \
 	etc/init.d/smtpd etc/init.d/smtpfwdd etc/default/smtpd etc/default/smtpfwdd \
@@ -314,7 +316,12 @@ install: all venv
 	install -d -m 755 $(addprefix $(DESTDIR),$(INSTALL_DIRS))
 	sort -u .installed-dirs.new > .installed-dirs && rm -f .installed-dirs.new
 	install -m 644 .installed-dirs $(DESTDIR)$(LIBDIR)/installed-dirs && rm -f .installed-dirs
-	install -m 644 $(MODULES) buildconf.py $(DESTDIR)$(LIBDIR)/
+	install -m 644 $(addsuffix .py,$(PROGRAMS)) buildconf.py $(DESTDIR)$(LIBDIR)/
+	rm -rf $(DESTDIR)$(LIBDIR)/$(PACKAGE)
+	cd $(PACKAGE) && git ls-files -- '*.py' 2>/dev/null | grep . > ../.package-files \
+	    || find . -name '*.py' | sed 's|^\./||' > ../.package-files
+	while read -r f; do install -D -m 644 $(PACKAGE)/$$f $(DESTDIR)$(LIBDIR)/$(PACKAGE)/$$f; \
+	    done < .package-files; rm -f .package-files
 	rm -rf $(DESTDIR)$(LIBDIR)/vendor
 	$(VPY) -m pip install -q --disable-pip-version-check --no-compile \
 	    --target $(DESTDIR)$(LIBDIR)/vendor -r requirements.txt

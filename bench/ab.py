@@ -59,9 +59,12 @@ def tree_cpu(pid):
 def start(src, work, port, flags, makevars):
     tree = os.path.join(work, "tree")
     os.makedirs(tree)
-    for f in os.listdir(src):
+    for f in os.listdir(src):       # a flat tree (before the package) or not
         if f.endswith(".py") and f != "buildconf.py" or f == "Makefile":
             shutil.copy(os.path.join(src, f), tree)
+    if os.path.isdir(os.path.join(src, "smtpgate")):
+        shutil.copytree(os.path.join(src, "smtpgate"), os.path.join(tree, "smtpgate"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
     run.sh("make", "-s", "-C", tree, "buildconf.py", "SMTPD_MAX_PER_IP=200",
            "SMTPD_PREFORK=8", *makevars, stdout=subprocess.DEVNULL)
     jail = os.path.join(work, "jail")

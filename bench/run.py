@@ -34,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(HERE)
 sys.path.insert(0, TOP)
 sys.path.insert(0, HERE)
-import spool  # noqa: E402
+from smtpgate import spool  # noqa: E402
 import startup  # noqa: E402  (bench/startup.py)
 
 PY = os.path.join(TOP, ".venv", "bin", "python")
@@ -106,9 +106,10 @@ def wait_port(port, timeout=30):
 def start_ours(work):
     tree = os.path.join(work, "tree")
     os.makedirs(tree)
-    for f in glob.glob(os.path.join(TOP, "*.py")) + [os.path.join(TOP, "Makefile")]:
-        if not f.endswith("buildconf.py"):
-            shutil.copy(f, tree)
+    for f in ("smtpd.py", "smtpfwdd.py", "checkrules.py", "Makefile"):
+        shutil.copy(os.path.join(TOP, f), tree)
+    shutil.copytree(os.path.join(TOP, "smtpgate"), os.path.join(tree, "smtpgate"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
     # One client address drives every session, so lift the per-address cap.
     sh("make", "-s", "-C", tree, "buildconf.py", "SMTPD_MAX_PER_IP=200",
        "SMTPD_PREFORK=8", stdout=subprocess.DEVNULL)

@@ -9,8 +9,8 @@ import atheris
 
 with atheris.instrument_imports():
     import common  # noqa: F401
-    import address
-    import delivery
+    from smtpgate import address
+    from smtpgate.forwarder import delivery
 
 
 def TestOneInput(data):

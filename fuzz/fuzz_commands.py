@@ -11,10 +11,10 @@ import atheris
 with atheris.instrument_imports():
     import common  # noqa: F401
     import buildconf
-    import checkrules
-    import daemonlib as dl
-    import session
-    import smtpd
+    from smtpgate.rules import engine as checkrules
+    from smtpgate import daemonlib as dl
+    from smtpgate.gate import session
+    from smtpgate.gate import program as smtpd
 
 buildconf.SMTPD_ERROR_SLEEP = 0         # random input makes many errors: no tarpit
 SPOOL = tempfile.mkdtemp(prefix="fuzz-cmd-")

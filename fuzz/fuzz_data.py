@@ -10,7 +10,7 @@ import atheris
 
 with atheris.instrument_imports():
     import common  # noqa: F401
-    import channel
+    from smtpgate.gate import channel
 
 
 def model(data):

@@ -11,7 +11,7 @@ import atheris
 
 with atheris.instrument_imports():
     import common  # noqa: F401
-    import proxy
+    from smtpgate.gate import proxy
 
 
 def check(got):

@@ -8,7 +8,7 @@ import atheris
 
 with atheris.instrument_imports():
     import common  # noqa: F401
-    import checkrules
+    from smtpgate.rules import engine as checkrules
 
 CLIENTS = [checkrules.Client("192.0.2.10", "mail.example.org"),
            checkrules.Client("2001:db8::1", None), checkrules.Client(None, None)]

@@ -17,7 +17,7 @@ import atheris
 
 with atheris.instrument_imports():
     import common  # noqa: F401
-    import spool
+    from smtpgate import spool
 
 KINDS = ("file", "draft", "link", "fifo", "dir")
 

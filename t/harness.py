@@ -22,11 +22,12 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Our smtpd.py shadows the deprecated stdlib module of the same name.
 sys.path.insert(0, ROOT)
-import spool  # noqa: E402  (from ROOT)
+from smtpgate import spool  # noqa: E402  (from ROOT)
 PYTHON = sys.executable
-# The programs are every top-level module (as `make install` has it).
-SOURCES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py"))
-                 if not p.endswith("buildconf.py")) + ["Makefile"]
+# What `make install` installs: the three programs, the package, and the
+# Makefile to build buildconf.py with.
+PROGRAMS = ["smtpd.py", "smtpfwdd.py", "checkrules.py"]
+PACKAGE = "smtpgate"
 
 is_root = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not is_root, reason="needs root")
@@ -52,9 +53,10 @@ def build_tree(dest, **constants):
     HOST_NEUTRAL's, unless the test names its own)."""
     constants = dict(HOST_NEUTRAL, **constants)
     os.makedirs(dest, exist_ok=True)
-    for name in SOURCES:
-        if os.path.exists(os.path.join(ROOT, name)):
-            shutil.copy(os.path.join(ROOT, name), dest)
+    for name in PROGRAMS + ["Makefile"]:
+        shutil.copy(os.path.join(ROOT, name), dest)
+    shutil.copytree(os.path.join(ROOT, PACKAGE), os.path.join(dest, PACKAGE), dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
     args = ["%s=%s" % kv for kv in constants.items()]
     subprocess.run(["make", "-s", "-C", dest, "buildconf.py"] + args,
                    check=True, stdout=subprocess.DEVNULL)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-import admission
+from smtpgate.gate import admission
 from harness import (make_jail, needs_root, PYTHON, SmtpdDaemon, spool_files, TEST_CONSTANTS,
                      wait_for)
 

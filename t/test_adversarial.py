@@ -199,7 +199,7 @@ def finishes(fn, seconds=5):
 def test_address_parser_is_linear_on_hostile_domains():
     # Found by fuzz/fuzz_address.py: the domain regex backtracked
     # exponentially ('a' * 24 + '!' took a second, 40 would take days).
-    import address
+    from smtpgate import address
 
     def parse():
         for n in (30, 60, 200):
@@ -211,7 +211,7 @@ def test_address_parser_is_linear_on_hostile_domains():
 
 
 def test_glob_rules_are_linear_on_hostile_addresses():
-    import checkrules
+    from smtpgate.rules import engine as checkrules
     rules, _ = checkrules.parse("noto:ALL:ALL:*a*a*a*a*a*a*a*a*a*a*z:550 no\n"
                                 "allow:ALL:ALL:ALL\n")
     client = checkrules.Client("192.0.2.1", None)
@@ -226,8 +226,8 @@ def test_glob_rules_are_linear_on_hostile_addresses():
     ('<"a,b"@x.example>', False), ('<"a\\"b,c"@x.example>', False),
     ('<"a"b,c@x.example>', True), ("<a,b@x.example>", True)])
 def test_smtpd_and_smtpfwdd_agree_on_commas(addr, comma):
-    import address
-    import delivery
+    from smtpgate import address
+    from smtpgate.forwarder import delivery
     try:
         stored = address.parse_path(addr, False)[0]
     except address.AddressError:
@@ -242,9 +242,9 @@ def test_sessions_on_non_socket_fds_leak_no_descriptors(tmp_path, monkeypatch):
     # session at once: the pipelining check is off for it.)
     import buildconf
     monkeypatch.setattr(buildconf, "SMTPD_FORBID_UNAUTH_PIPELINING", 0)
-    import checkrules
-    import session
-    import smtpd
+    from smtpgate.rules import engine as checkrules
+    from smtpgate.gate import session
+    from smtpgate.gate import program as smtpd
     cfg = smtpd.Config()
     cfg.myname, cfg.spooldir = "fuzz.example", str(tmp_path)
     rules, _ = checkrules.parse("allow:ALL:ALL:ALL\n")

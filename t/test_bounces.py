@@ -14,7 +14,7 @@ import time
 import pytest
 
 import postfix
-import spool
+from smtpgate import spool
 from harness import put, PYTHON, RECEIVED, spool_files, TEST_CONSTANTS, wait_for
 
 SENDER = "alice@localhost"

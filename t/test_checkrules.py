@@ -7,10 +7,10 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import checkrules
-import daemonlib as dl
-import lookup
-from checkrules import Client
+from smtpgate.rules import engine as checkrules
+from smtpgate import daemonlib as dl
+from smtpgate.rules import lookup
+from smtpgate.rules.engine import Client
 from harness import IDENT_PORT, PYTHON, ROOT
 
 F, T = "<alice@example.org>", "<bob@my.domain>"

@@ -16,10 +16,10 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import buildconf
-import checkrules
-import daemonlib as dl
-import session
-import smtpd
+from smtpgate.rules import engine as checkrules
+from smtpgate import daemonlib as dl
+from smtpgate.gate import session
+from smtpgate.gate import program as smtpd
 
 buildconf.SMTPD_ERROR_SLEEP = 0     # random commands make many errors: no tarpit here
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-import checkrules
+from smtpgate.rules import engine as checkrules
 from harness import (make_jail, needs_root, send, SmtpdDaemon, TEST_CONSTANTS, wait_for,
                      write_rules)
 

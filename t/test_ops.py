@@ -169,8 +169,9 @@ def test_make_install_tree_and_modes(installed):
                             "smtpq"] + args + ["list", "-j"], capture_output=True, text=True)
         assert p.stdout.endswith("smtpfwdd.py|" + "|".join(
             (["-d", "/x y"] if args else []) + ["-Q", "list", "-j"]) + "|"), p.stdout
-    for mod in ("smtpd.py", "smtpfwdd.py", "checkrules.py", "spool.py", "session.py",
-                "prefork.py", "lookup.py", "daemonlib.py", "buildconf.py"):
+    for mod in ("smtpd.py", "smtpfwdd.py", "checkrules.py", "buildconf.py",
+                "smtpgate/__init__.py", "smtpgate/spool.py", "smtpgate/gate/session.py",
+                "smtpgate/forwarder/delivery.py", "smtpgate/rules/engine.py"):
         assert mode(os.path.join(d, "usr/lib/smtpd", mod)) == 0o644
     assert "PREFIX = '/usr'" in open(os.path.join(d, "usr/lib/smtpd/buildconf.py")).read()
     for pkg in ("daemon", "lockfile", "dns"):

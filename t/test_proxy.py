@@ -11,7 +11,7 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import proxy
+from smtpgate.gate import proxy
 from harness import Client, spool_files, wait_for
 
 SIG = proxy.SIGNATURE

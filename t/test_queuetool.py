@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-import spool
+from smtpgate import spool
 from harness import (FWD_CONSTANTS, give_to_nobody, is_root, nobody_tree, put, PYTHON, ROOT,
                      wait_for)
 

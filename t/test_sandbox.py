@@ -14,7 +14,7 @@ import struct
 
 import pytest
 
-import sandbox
+from smtpgate.gate import sandbox
 from harness import (Agent, children, comm, FWD_CONSTANTS, Fwd, needs_gdb, put, run_inside,
                      status_field, wait_for)
 

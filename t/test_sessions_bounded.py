@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-import checkrules
+from smtpgate.rules import engine as checkrules
 from harness import wait_for
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-import spool
+from smtpgate import spool
 from harness import (BODY, FWD_CONSTANTS, give_to_nobody, is_root, now_date, put, PYTHON,
                      RECEIVED, wait_for)
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from harness import PYTHON, ROOT
-import spool
+from smtpgate import spool
 
 RECEIVED_C = (b'Received: from mail.example.org(192.0.2.10), claiming to be "mailhost"\n'
               b" via SMTP by mx.my.domain, id smtpdA1b2C3; Tue Jul 14 10:00:00 1998\n")
@@ -77,7 +77,7 @@ def test_envelope_line_over_512_bytes_is_refused_before_writing(tmp_path):
 WRITER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, %r)
-    import spool
+    from smtpgate import spool
     d = spool.Draft(sys.argv[1], b"<a@b>", [b"<c@d>"])
     d.write(b"Subject: half a message\\n")
     d.flush()
@@ -137,7 +137,7 @@ def test_deferred_file_waits_retry_delay(tmp_path):
 RACER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, %r)
-    import spool
+    from smtpgate import spool
     start = float(sys.argv[2])
     while time.time() < start:
         pass

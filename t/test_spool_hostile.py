@@ -10,8 +10,8 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import checkrules
-import spool
+from smtpgate.rules import engine as checkrules
+from smtpgate import spool
 from harness import BODY, give_to_nobody, is_root, now_date, put, RECEIVED, wait_for
 
 OLD = b"Tue, 14 Jul 1998 10:00:00 +0000"
@@ -208,8 +208,8 @@ def test_no_date_falls_back_to_the_files_birth_time(tmp_path, monkeypatch):
 
 
 def test_no_date_at_all_is_not_retried_for_ever(fwd_env, monkeypatch):
-    import delivery
-    import smtpfwdd
+    from smtpgate.forwarder import delivery
+    from smtpgate.forwarder import daemon as smtpfwdd
     name = put(fwd_env.spool, body=b"Subject: none\n\nx\n")
     path = os.path.join(fwd_env.spool, name)
     monkeypatch.setattr(spool, "STATX", None)

@@ -15,7 +15,7 @@ import time
 import pytest
 
 import postfix
-import verify
+from smtpgate.gate import verify
 from harness import free_port, PYTHON, ROOT, TEST_CONSTANTS, wait_for
 
 pytestmark = pytest.mark.skipif(not postfix.available(), reason="needs root and Debian's postfix")

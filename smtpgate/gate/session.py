@@ -20,13 +20,13 @@ import time
 import traceback
 
 import buildconf
-import checkrules
-import daemonlib as dl
-import spool
-import verify
-from address import AddressError, mail_params, parse_path
-from channel import Channel, Closed, DataReader, header_oddity
-from replies import VANILLA
+from smtpgate.rules import engine as checkrules
+from smtpgate import daemonlib as dl
+from smtpgate import spool
+from smtpgate.gate import verify
+from smtpgate.address import AddressError, mail_params, parse_path
+from smtpgate.gate.channel import Channel, Closed, DataReader, header_oddity
+from smtpgate.replies import VANILLA
 
 ERROR_CODES = (500, 501, 502, 503, 504, 553, 555)
 # RFC 2920 3.1: after these a client waits for our reply before it sends

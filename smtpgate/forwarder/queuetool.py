@@ -45,8 +45,8 @@ import sys
 import time
 
 import buildconf
-import daemonlib as dl
-import spool
+from smtpgate import daemonlib as dl
+from smtpgate import spool
 
 USAGE = """usage: smtpfwdd.py [-d spooldir] -Q list [-j]
        smtpfwdd.py [-d spooldir] -Q show ID

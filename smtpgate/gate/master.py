@@ -37,13 +37,13 @@ import daemon
 import daemon.pidfile
 import lockfile
 
-import admission
+from smtpgate.gate import admission
 import buildconf
-import checkrules
-import daemonlib as dl
-import rulewatch
-import worker
-from admission import Scoreboard
+from smtpgate.rules import engine as checkrules
+from smtpgate import daemonlib as dl
+from smtpgate.gate import rulewatch
+from smtpgate.gate import worker
+from smtpgate.gate.admission import Scoreboard
 
 
 

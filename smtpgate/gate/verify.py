@@ -32,8 +32,8 @@ import sqlite3
 import time
 
 import buildconf
-import daemonlib as dl
-from address import bare
+from smtpgate import daemonlib as dl
+from smtpgate.address import bare
 
 REPLY_LINE_MAX = 512
 REPLY_LINES_MAX = 100

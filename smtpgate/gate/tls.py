@@ -14,7 +14,7 @@ DESCRIPTION
 import os
 import ssl
 
-import daemonlib as dl
+from smtpgate import daemonlib as dl
 
 
 class CertError(Exception):

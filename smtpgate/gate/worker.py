@@ -20,11 +20,11 @@ import signal
 import socket
 import time
 
-import admission
+from smtpgate.gate import admission
 import buildconf
-import daemonlib as dl
-import proxy
-from admission import Scoreboard
+from smtpgate import daemonlib as dl
+from smtpgate.gate import proxy
+from smtpgate.gate.admission import Scoreboard
 
 REFUSAL = b"421 Too many connections from your address, try again later\r\n"
 RATE_REFUSAL = b"421 4.7.0 Too many connections from your network, slow down\r\n"

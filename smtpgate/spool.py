@@ -1,7 +1,7 @@
 """spool - the smtpd spool directory, its file format and its protocol
 
 SYNOPSIS
-    import spool
+    from smtpgate import spool
     with spool.Draft(spooldir, sender, recipients) as d:
         d.write(received_header); d.write(body); name = d.commit()
     msg = spool.parse(fileobj)
@@ -71,7 +71,7 @@ import stat
 import string
 import time
 
-import daemonlib as dl
+from smtpgate import daemonlib as dl
 
 PREFIX = b"smtpd"
 DRAFT_PREFIX = "draft."

@@ -13,8 +13,8 @@ DESCRIPTION
 import ipaddress
 import re
 
-import daemonlib as dl
-import lookup
+from smtpgate import daemonlib as dl
+from smtpgate.rules import lookup
 
 SPECIALS = ("ALL", "KNOWN", "UNKNOWN", "EXCEPT")
 TOKEN_SPLIT = re.compile(r"[, \t]+")

@@ -20,8 +20,8 @@ import ssl
 import time
 
 import buildconf
-import daemonlib as dl
-from replies import VANILLA
+from smtpgate import daemonlib as dl
+from smtpgate.replies import VANILLA
 
 LINE_MAX = 512
 CHUNK = 65536

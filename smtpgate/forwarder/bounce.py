@@ -26,8 +26,8 @@ import email.policy
 import email.utils
 import time
 
-import spool
-from address import bare
+from smtpgate import spool
+from smtpgate.address import bare
 
 WORDS_MAX = 900             # characters of the agent's words per recipient
 

@@ -29,7 +29,7 @@ import socket
 import struct
 import time
 
-import daemonlib as dl
+from smtpgate import daemonlib as dl
 
 V1_MAX = 107
 SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"

@@ -33,11 +33,11 @@ import signal
 import subprocess
 import time
 
-import bounce
+from smtpgate.forwarder import bounce
 import buildconf
-import daemonlib as dl
-import spool
-from address import bare
+from smtpgate import daemonlib as dl
+from smtpgate import spool
+from smtpgate.address import bare
 
 TEMPORARY = (dl.EX_OSERR, dl.EX_OSFILE, dl.EX_IOERR, dl.EX_TEMPFAIL)
 # A temporary exit status that waiting cannot cure, told by the agent's own

@@ -25,8 +25,8 @@ import struct
 import time
 
 import buildconf
-import checkrules
-import daemonlib as dl
+from smtpgate.rules import engine as checkrules
+from smtpgate import daemonlib as dl
 
 HEADER = struct.Struct(">cQ")
 FIRST_READ_TIMEOUT = 10     # seconds the master waits for the first text

@@ -1,0 +1,1 @@
+"""smtpgate - the package behind smtpd, smtpfwdd and checkrules"""

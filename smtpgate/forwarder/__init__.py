@@ -1,0 +1,1 @@
+"""the forwarder side: smtpfwdd and smtpq"""

@@ -1,0 +1,1 @@
+"""the rules: engine, tokens, DNS and ident"""
