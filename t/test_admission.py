@@ -74,7 +74,7 @@ def test_rate_table_memory_is_fixed_and_recent_networks_are_kept(monkeypatch):
     for i in range(5000):                               # far more networks than entries
         t[0] += 0.001
         table.attempt(admission.network_key(ip("10.%d.%d.1" % (i // 250, i % 250))))
-    assert len(table.mm) == size == 64 * 96
+    assert len(table.mm) == size == 64 * 96 + 4       # and the count of attempts
     assert len(admission.RateTable(64, 100000, 60).mm) == size   # not with the rate
     recent = admission.network_key(ip("10.19.249.1"))   # the last one seen
     assert table.attempt(recent)[0] and not table.attempt(recent)[0]

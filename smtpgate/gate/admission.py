@@ -138,10 +138,14 @@ class RateTable(Shared):
     SMTPD_MAX_RATE.  Refused attempts count too, so a client that keeps
     hammering stays out until it pauses for a whole window.
 
-    An entry: key (16 bytes), then 32-bit words: last seen, the newest
-    bucket's number, when a refusal was last logged, a spare, and the
-    BUCKETS counters.  Times are deciseconds since the table was made
-    (0: never)."""
+    An entry: key (16 bytes), then 32-bit words: when it was last used (a
+    sequence number of the table's, 0: free), the newest bucket's number,
+    when a refusal was last logged, a spare, and the BUCKETS counters.
+    Times are deciseconds since the table was made (0: never).  The last
+    word of the mapping counts the attempts, so that the least recently
+    used entry of a set is exactly that, even among attempts of the same
+    instant; when it would wrap (every 4 billion attempts) every entry's
+    use is reset to one."""
 
     WAYS, HEAD, BUCKETS = 8, 8, 16
 
@@ -150,8 +154,9 @@ class RateTable(Shared):
         self.span = self.window / self.BUCKETS      # deciseconds per bucket
         self.words_per = self.HEAD + self.BUCKETS
         self.sets = max(1, entries // self.WAYS)
-        super().__init__("smtpd-rates", self.sets * self.WAYS * self.words_per * 4)
+        super().__init__("smtpd-rates", self.sets * self.WAYS * self.words_per * 4 + 4)
         self.w = memoryview(self.mm).cast("I")
+        self.used = len(self.w) - 1         # the sequence of attempts
         self.base = time.monotonic()
         self.secret = os.urandom(16)        # never the same placement twice
 
@@ -175,6 +180,16 @@ class RateTable(Shared):
         self.w[at + 4:at + self.words_per] = memoryview(bytes(4 * (self.words_per - 4))).cast("I")
         return oldest
 
+    def next_use(self):
+        n = self.w[self.used] + 1
+        if n >= 0xFFFFFFF0:             # wrap: keep "in use", lose the order once
+            for e in range(self.sets * self.WAYS):
+                if self.w[e * self.words_per + 4]:
+                    self.w[e * self.words_per + 4] = 1
+            n = 2
+        self.w[self.used] = n
+        return n
+
     def attempt(self, key):
         """(admitted, log this refusal) for a new session from key."""
         with self:
@@ -193,7 +208,7 @@ class RateTable(Shared):
             seen = sum(self.w[counts:counts + self.BUCKETS])
             admitted = seen < self.rate
             self.w[counts + bucket % self.BUCKETS] += 1
-            self.w[at + 4] = now
+            self.w[at + 4] = self.next_use()
             log = False
             if not admitted and (not self.w[at + 6] or now - self.w[at + 6] >= self.window):
                 self.w[at + 6] = now
