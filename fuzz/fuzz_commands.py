@@ -12,7 +12,6 @@ with atheris.instrument_imports():
     import common  # noqa: F401
     import buildconf
     from smtpgate.rules import engine as checkrules
-    from smtpgate import daemonlib as dl
     from smtpgate.gate import session
     from smtpgate.gate import program as smtpd
 
@@ -32,7 +31,7 @@ def TestOneInput(data):
     client = checkrules.Client("192.0.2.1", None)
     status = session.Session(CFG, client, r, DEVNULL).run()
     os.close(r)
-    if status not in (dl.EX_OK, dl.EX_OSERR, dl.EX_PROTOCOL):
+    if status not in (os.EX_OK, os.EX_OSERR, os.EX_PROTOCOL):
         raise RuntimeError("session ended with status %d" % status)
     for n in os.listdir(SPOOL):
         if n.startswith("draft."):

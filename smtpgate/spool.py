@@ -61,7 +61,6 @@ ARRIVAL
 """
 
 import _strptime  # noqa: F401  time.strptime imports it lazily; not after setuid
-import ctypes
 import email.utils
 import errno
 import fcntl
@@ -71,7 +70,8 @@ import stat
 import string
 import time
 
-from smtpgate import daemonlib as dl
+from smtpgate import libc
+from smtpgate.text import escape
 
 PREFIX = b"smtpd"
 DRAFT_PREFIX = "draft."
@@ -199,36 +199,19 @@ class Draft:
         self.abort()
 
 
-def _renameat2():
-    """glibc's renameat2(2), or None where there is none."""
-    try:
-        f = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return None
-    f.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                  ctypes.c_uint]
-    return f
-
-
-RENAMEAT2 = _renameat2()
-AT_FDCWD, RENAME_NOREPLACE = -100, 1
-
-
-def rename_noreplace(src, dst, src_dir_fd=AT_FDCWD, dst_dir_fd=AT_FDCWD):
+def rename_noreplace(src, dst, src_dir_fd=libc.AT_FDCWD, dst_dir_fd=libc.AT_FDCWD):
     """Rename src to dst atomically, never replacing dst (FileExistsError);
     each name relative to its directory descriptor, if given.
 
     renameat2(RENAME_NOREPLACE) where the kernel and file system have it,
     else link(2) then unlink(2): a message is never overwritten."""
-    if RENAMEAT2 is not None:
-        if RENAMEAT2(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst),
-                     RENAME_NOREPLACE) == 0:
-            return
-        e = ctypes.get_errno()
-        if e not in (errno.ENOSYS, errno.EINVAL):
-            raise OSError(e, os.strerror(e), dst)
-    fds = {"src_dir_fd": None if src_dir_fd == AT_FDCWD else src_dir_fd,
-           "dst_dir_fd": None if dst_dir_fd == AT_FDCWD else dst_dir_fd}
+    try:
+        return libc.renameat2(src, dst, libc.RENAME_NOREPLACE, src_dir_fd, dst_dir_fd)
+    except OSError as e:
+        if e.errno not in (errno.ENOSYS, errno.EINVAL):
+            raise
+    fds = {"src_dir_fd": None if src_dir_fd == libc.AT_FDCWD else src_dir_fd,
+           "dst_dir_fd": None if dst_dir_fd == libc.AT_FDCWD else dst_dir_fd}
     os.link(src, dst, follow_symlinks=False, **fds)
     os.unlink(src, dir_fd=fds["src_dir_fd"])
 
@@ -305,7 +288,7 @@ def parse(f):
     body_offset = f.tell()
     arrival = received_time(f)
     if arrival is None:
-        arrival = birth_time(f.fileno())
+        arrival = libc.birth_time(f.fileno())
     return Message(sender, recipients, body_offset, arrival, sent)
 
 
@@ -343,37 +326,6 @@ def parse_date(text):
         return time.mktime(time.strptime(text, "%a %b %d %H:%M:%S %Y"))
     except (ValueError, OverflowError):
         return None
-
-
-class _Statx(ctypes.Structure):
-    """The start of struct statx, up to stx_btime."""
-    _fields_ = [("mask", ctypes.c_uint32), ("pad", ctypes.c_uint8 * 76),
-                ("btime_sec", ctypes.c_int64), ("btime_nsec", ctypes.c_uint32),
-                ("rest", ctypes.c_uint8 * 172)]
-
-
-def _statx():
-    try:
-        f = ctypes.CDLL(None, use_errno=True).statx
-    except (AttributeError, OSError):
-        return None
-    f.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
-                  ctypes.POINTER(_Statx)]
-    return f
-
-
-STATX = _statx()
-AT_EMPTY_PATH, STATX_BTIME = 0x1000, 0x800
-
-
-def birth_time(fd):
-    """When the file was created (statx(2) stx_btime), or None."""
-    if STATX is None:
-        return None
-    buf = _Statx()
-    if STATX(fd, b"", AT_EMPTY_PATH, STATX_BTIME, ctypes.byref(buf)) != 0:
-        return None
-    return buf.btime_sec if buf.mask & STATX_BTIME and buf.btime_sec > 0 else None
 
 
 def eligible(st, now, retry_delay):
@@ -453,7 +405,7 @@ def message_id(headers):
     if m is None:
         return "-"
     text = re.sub(rb"\r?\n[ \t]+", b" ", m.group(1)).strip().decode("latin-1")
-    return dl.escape(text, MESSAGE_ID_MAX) if text else "-"
+    return escape(text, MESSAGE_ID_MAX) if text else "-"
 
 
 def _flocks():

@@ -17,7 +17,6 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import buildconf
 from smtpgate.rules import engine as checkrules
-from smtpgate import daemonlib as dl
 from smtpgate.gate import session
 from smtpgate.gate import program as smtpd
 
@@ -131,7 +130,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.sock.close()
         self.thread.join(30)
         assert not self.thread.is_alive()
-        assert self.status in (dl.EX_OK, dl.EX_OSERR, dl.EX_PROTOCOL), self.status
+        assert self.status in (os.EX_OK, os.EX_OSERR, os.EX_PROTOCOL), self.status
         self.theirs.close()
         names = os.listdir(self.dir)
         assert not [n for n in names if n.startswith("draft.")]

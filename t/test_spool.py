@@ -11,7 +11,7 @@ import time
 import pytest
 
 from harness import PYTHON, ROOT
-from smtpgate import spool
+from smtpgate import libc, spool
 
 RECEIVED_C = (b'Received: from mail.example.org(192.0.2.10), claiming to be "mailhost"\n'
               b" via SMTP by mx.my.domain, id smtpdA1b2C3; Tue Jul 14 10:00:00 1998\n")
@@ -226,7 +226,7 @@ def test_commit_never_replaces_an_existing_message(tmp_path):
 
 
 def test_rename_noreplace_falls_back_to_link(tmp_path, monkeypatch):
-    monkeypatch.setattr(spool, "RENAMEAT2", None)
+    monkeypatch.setattr(libc, "RENAMEAT2", None)
     (tmp_path / "a").write_text("a")
     (tmp_path / "b").write_text("b")
     with pytest.raises(FileExistsError):

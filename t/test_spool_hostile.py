@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from smtpgate.rules import engine as checkrules
-from smtpgate import spool
+from smtpgate import libc, spool
 from harness import BODY, give_to_nobody, is_root, now_date, put, RECEIVED, wait_for
 
 OLD = b"Tue, 14 Jul 1998 10:00:00 +0000"
@@ -199,10 +199,10 @@ def test_no_date_falls_back_to_the_files_birth_time(tmp_path, monkeypatch):
     p.write_bytes(b"FROM <a@b>\nRCPT <c@d>\nBODY\nSubject: x\n\nno header\n")
     with open(p, "rb") as f:
         msg = spool.parse(f)
-    if spool.birth_time(os.open(p, os.O_RDONLY)) is None:
+    if libc.birth_time(os.open(p, os.O_RDONLY)) is None:
         pytest.skip("this file system records no birth time")
     assert abs(msg.arrival - time.time()) < 60
-    monkeypatch.setattr(spool, "STATX", None)
+    monkeypatch.setattr(libc, "STATX", None)
     with open(p, "rb") as f:
         assert spool.parse(f).arrival is None
 
@@ -212,7 +212,7 @@ def test_no_date_at_all_is_not_retried_for_ever(fwd_env, monkeypatch):
     from smtpgate.forwarder import daemon as smtpfwdd
     name = put(fwd_env.spool, body=b"Subject: none\n\nx\n")
     path = os.path.join(fwd_env.spool, name)
-    monkeypatch.setattr(spool, "STATX", None)
+    monkeypatch.setattr(libc, "STATX", None)
     f = spool.open_for_delivery(path, time.time(), 0)
     cfg = smtpfwdd.Config()
     cfg.spooldir, cfg.myname = fwd_env.spool, "mx.my.domain"

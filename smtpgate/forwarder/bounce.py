@@ -28,6 +28,7 @@ import time
 
 from smtpgate import spool
 from smtpgate.address import bare
+from smtpgate.text import one_line
 
 WORDS_MAX = 900             # characters of the agent's words per recipient
 
@@ -69,11 +70,6 @@ class Failure:
         self.status = status        # "5.1.1"
         self.words = one_line(words)[:WORDS_MAX]
         self.detail = detail or words   # for the log and failed/NAME.reason
-
-
-def one_line(text):
-    """The agent's words, safe for one header line: printable, no breaks."""
-    return "".join(c if " " <= c <= "~" else " " for c in text.replace("\n", " | ")).strip()
 
 
 def report(myname, sender, failures, headers, arrival, queue_id, action="failed",

@@ -41,7 +41,8 @@ import time
 import daemon
 
 import buildconf
-from smtpgate import daemonlib as dl
+from smtpgate import log, privileges, process
+from smtpgate.text import visible
 from smtpgate.forwarder import queuetool
 from smtpgate import spool
 from smtpgate.forwarder.delivery import Delivery
@@ -75,11 +76,11 @@ class Config:
 
 def usage_error(msg):
     """A bad option: 64 as in smtpd (the original said 78, EX_CONFIG)."""
-    dl.err("%s", msg)
-    if not dl.log.stderr:
+    log.err("%s", msg)
+    if not log.log.stderr:
         print("smtpfwdd.py: %s" % msg, file=sys.stderr)
     print(USAGE, file=sys.stderr)
-    sys.exit(dl.EX_USAGE)
+    sys.exit(os.EX_USAGE)
 
 
 def bounded(opt, value):
@@ -136,21 +137,21 @@ class Worker:
 
 def worker_loop(cfg, sock):
     """Deliver the files the master names until it closes the socket."""
-    dl.child_signals(signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD)  # never cut short
+    process.child_signals(signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD)  # never cut short
     while True:
         try:
             name = sock.recv(4096)
         except OSError:
-            return dl.EX_OK
+            return os.EX_OK
         if not name:
-            return dl.EX_OK
+            return os.EX_OK
         delivery = Delivery(cfg, name)
         try:
             status = delivery.run()
         except Exception as e:
-            dl.crit("delivery of %s: %s: %s; deferred", dl.visible(name), type(e).__name__, e)
+            log.crit("delivery of %s: %s: %s; deferred", visible(name), type(e).__name__, e)
             delivery.give_up_for_now()
-            status = dl.EX_SOFTWARE
+            status = os.EX_SOFTWARE
         finally:
             if delivery.f is not None:
                 delivery.f.close()      # releases the lock
@@ -193,7 +194,7 @@ class Forwarder:
         r, _, _ = select.select([self.wake_r] + socks, [], [], max(0, seconds))
         for s in r:
             if s == self.wake_r:
-                dl.drain(self.wake_r)
+                process.drain(self.wake_r)
             else:
                 self.answer(next(w for w in self.workers.values() if w.sock is s))
         self.reap()
@@ -204,28 +205,28 @@ class Forwarder:
         except OSError:
             msg = b""
         if not msg:
-            dl.crit("delivery worker %d died delivering %s; it will be retried",
-                    w.pid, dl.visible(w.name))
+            log.crit("delivery worker %d died delivering %s; it will be retried",
+                    w.pid, visible(w.name))
             w.dead = True
         else:
-            if msg[0] == dl.EX_NOPERM:      # could not open it: until it changes
+            if msg[0] == os.EX_NOPERM:      # could not open it: until it changes
                 self.unopened[w.name] = w.stamp
             if not self.cfg.quiet:
-                dl.debug("delivery of %s ended with %d", dl.visible(w.name), msg[0])
+                log.debug("delivery of %s ended with %d", visible(w.name), msg[0])
         w.name = None
 
     def reap(self):
-        for pid, status in dl.reaped():
+        for pid, status in process.reaped():
             w = self.workers.pop(pid, None)
             if w is None:
                 continue
             w.sock.close()
             if w.name is not None:
-                dl.crit("delivery worker %d died delivering %s; it will be retried",
-                        pid, dl.visible(w.name))
+                log.crit("delivery worker %d died delivering %s; it will be retried",
+                        pid, visible(w.name))
 
     def run(self):
-        dl.info("scanning %s every %d seconds with %s", self.cfg.spooldir,
+        log.info("scanning %s every %d seconds with %s", self.cfg.spooldir,
                 self.cfg.poll, self.cfg.agent)
         while not self.stopping:
             self.scan()
@@ -245,11 +246,11 @@ class Forwarder:
                 self.cfg.spooldir, buildconf.SESSION_TIMEOUT, now)
             entries = spool.entries(self.cfg.spooldir)
         except OSError as e:
-            dl.err("scanning %s: %s", self.cfg.spooldir, e.strerror)
+            log.err("scanning %s: %s", self.cfg.spooldir, e.strerror)
             return
         for name in removed:
-            dl.notice("removed %s: a draft left by an smtpd that died before its 250",
-                      dl.visible(name))
+            log.notice("removed %s: a draft left by an smtpd that died before its 250",
+                      visible(name))
         seen = set()
         for name, why in problems:
             seen.add(name)
@@ -277,7 +278,7 @@ class Forwarder:
         except OSError as e:
             self.skip_once(name, e.strerror, "%s: lstat: %s; skipped")
             return False
-        self.stamp = (st.st_dev, st.st_ino, st.st_mode, st.st_ctime_ns, st.st_size)
+        self.stamp = process.stamp_of(st)
         if not stat.S_ISREG(st.st_mode):
             self.skip_once(name, "not a regular file", "%s is %s; skipped")
             return False
@@ -287,7 +288,7 @@ class Forwarder:
             if now - st.st_mtime > ALERT_EVERY and \
                     now - self.warned.get(name, 0) >= ALERT_EVERY:
                 self.warned[name] = now
-                dl.alert("%s incomplete since %s; investigate", dl.visible(name),
+                log.alert("%s incomplete since %s; investigate", visible(name),
                          time.ctime(st.st_mtime))
             return False
         return spool.eligible(st, now, buildconf.RETRY_DELAY_TIME)
@@ -296,7 +297,7 @@ class Forwarder:
         """Log a skipped entry once (again only if what it says changes)."""
         if self.skipped.get(name) != why:
             self.skipped[name] = why
-            dl.alert(fmt, dl.visible(name), why)
+            log.alert(fmt, visible(name), why)
 
     def dispatch(self, name, stamp):
         """Hand name to an idle worker, starting one or waiting as needed."""
@@ -310,7 +311,7 @@ class Forwarder:
                     idle.sock.send(name)
                     idle.name, idle.stamp = name, stamp
                 except OSError as e:
-                    dl.err("handing %s to worker %d: %s", dl.visible(name), idle.pid, e.strerror)
+                    log.err("handing %s to worker %d: %s", visible(name), idle.pid, e.strerror)
                 return
             self.sleep(1)
 
@@ -319,15 +320,15 @@ class Forwarder:
         try:
             pid = os.fork()
         except OSError as e:
-            dl.err("fork: %s", e.strerror)
+            log.err("fork: %s", e.strerror)
             ours.close()
             theirs.close()
             time.sleep(1)
             return None
         if pid == 0:
-            status = dl.EX_SOFTWARE
+            status = os.EX_SOFTWARE
             try:
-                dl.set_title(DELIVERY_TITLE)
+                process.set_title(DELIVERY_TITLE)
                 ours.close()
                 os.close(self.cfg.lock_fd)  # a new smtpfwdd must not wait for us
                 if self.cfg.pid_fd is not None:
@@ -338,7 +339,7 @@ class Forwarder:
                 os.close(self.wake_w)
                 status = worker_loop(self.cfg, theirs)
             except BaseException as e:
-                dl.crit("delivery worker: %s: %s", type(e).__name__, e)
+                log.crit("delivery worker: %s: %s", type(e).__name__, e)
             os._exit(status)
         theirs.close()
         w = self.workers[pid] = Worker(pid, ours)
@@ -347,16 +348,16 @@ class Forwarder:
     def shutdown(self):
         deadline = time.monotonic() + buildconf.SHUTDOWN_TIMEOUT
         if self.busy():
-            dl.info("stopping: waiting for %d deliveries", self.busy())
+            log.info("stopping: waiting for %d deliveries", self.busy())
         while self.busy() and time.monotonic() < deadline:
             self.sleep(0.2)
         for w in self.workers.values():
             if w.name is not None:
-                dl.warn("delivery of %s still running; left to finish alone", w.name)
+                log.warn("delivery of %s still running; left to finish alone", w.name)
             w.sock.close()          # idle workers see EOF and exit
-        dl.ignore_stop_signals()
-        dl.info("stopped")
-        return dl.EX_OK
+        process.ignore_stop_signals()
+        log.info("stopped")
+        return os.EX_OK
 
 
 def take_lock(spooldir):
@@ -365,15 +366,15 @@ def take_lock(spooldir):
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as e:
-        dl.die(dl.EX_CONFIG, "open(%s): %s", path, e.strerror)
+        log.die(os.EX_CONFIG, "open(%s): %s", path, e.strerror)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-        if not dl.log.stderr:       # else the log line below says it there
-            print("smtpfwdd.py: already running (pid %s holds %s)" % (dl.visible(pid), path),
+        if not log.log.stderr:       # else the log line below says it there
+            print("smtpfwdd.py: already running (pid %s holds %s)" % (visible(pid), path),
                   file=sys.stderr)
-        dl.die(dl.EX_CONFIG, "already running (pid %s holds %s)", pid, path)
+        log.die(os.EX_CONFIG, "already running (pid %s holds %s)", pid, path)
     return fd
 
 
@@ -389,7 +390,7 @@ def relock(fd):
             return
         except BlockingIOError:
             if time.monotonic() > deadline:
-                dl.die(dl.EX_TEMPFAIL, "cannot take back %s: another process holds it",
+                log.die(os.EX_TEMPFAIL, "cannot take back %s: another process holds it",
                        LOCKFILE)
             time.sleep(0.01)
 
@@ -403,7 +404,7 @@ def open_pidfile(path):
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as e:
         print("smtpfwdd.py: pid file %s: %s" % (path, e.strerror), file=sys.stderr)
-        dl.die(dl.EX_CONFIG, "pid file %s: %s", path, e.strerror)
+        log.die(os.EX_CONFIG, "pid file %s: %s", path, e.strerror)
 
 
 def write_pid(*fds):
@@ -414,35 +415,35 @@ def write_pid(*fds):
 
 
 def main(argv):
-    dl.log.open("smtpfwdd", buildconf.LOG_FACILITY, pid=True, path=buildconf.LOG_SOCKET)
+    log.log.open("smtpfwdd", buildconf.LOG_FACILITY, pid=True, path=buildconf.LOG_SOCKET)
     cfg = parse_options(argv)
     if cfg.queue_command is not None:
         return queuetool.main(cfg, cfg.queue_command)
-    dl.log.stderr = cfg.foreground
-    dl.log.say_if_unheard("smtpfwdd", stays=cfg.foreground)
-    dl.set_title(TITLE)
-    cfg.myname = dl.own_name()
+    log.log.stderr = cfg.foreground
+    log.log.say_if_unheard("smtpfwdd", stays=cfg.foreground)
+    process.set_title(TITLE)
+    cfg.myname = privileges.own_name()
     cfg.pid_fd = open_pidfile(cfg.pidfile)
     if os.geteuid() == 0:
-        pw, gr = dl.resolve_identity(cfg.user, cfg.group)
-        dl.enter_jail(pw, gr, None)
+        pw, gr = privileges.resolve_identity(cfg.user, cfg.group)
+        privileges.enter_jail(pw, gr, None)
     else:
-        dl.warn("not started as root: running as uid %d", os.getuid())
+        log.warn("not started as root: running as uid %d", os.getuid())
     try:
         os.chdir(cfg.spooldir)
     except OSError as e:
         print("smtpfwdd.py: chdir(%s): %s" % (cfg.spooldir, e.strerror), file=sys.stderr)
-        dl.die(dl.EX_CONFIG, "chdir(%s): %s", cfg.spooldir, e.strerror)
+        log.die(os.EX_CONFIG, "chdir(%s): %s", cfg.spooldir, e.strerror)
     lock = cfg.lock_fd = take_lock(cfg.spooldir)
     if cfg.foreground:
         write_pid(lock, cfg.pid_fd)
         return Forwarder(cfg).run()
-    dl.log.close()          # DaemonContext closes every descriptor
+    log.log.close()          # DaemonContext closes every descriptor
     kept = [lock] + ([cfg.pid_fd] if cfg.pid_fd is not None else [])
     with daemon.DaemonContext(files_preserve=kept, working_directory=cfg.spooldir,
                               umask=0o077, signal_map={signal.SIGHUP: None,
                                                        signal.SIGTERM: None}):
-        dl.log.open("smtpfwdd", buildconf.LOG_FACILITY, pid=True, path=buildconf.LOG_SOCKET)
+        log.log.open("smtpfwdd", buildconf.LOG_FACILITY, pid=True, path=buildconf.LOG_SOCKET)
         relock(lock)
         write_pid(lock, cfg.pid_fd)
         return Forwarder(cfg).run()

@@ -35,11 +35,12 @@ import time
 
 from smtpgate.forwarder import bounce
 import buildconf
-from smtpgate import daemonlib as dl
+from smtpgate import log
+from smtpgate.text import visible
 from smtpgate import spool
 from smtpgate.address import bare
 
-TEMPORARY = (dl.EX_OSERR, dl.EX_OSFILE, dl.EX_IOERR, dl.EX_TEMPFAIL)
+TEMPORARY = (os.EX_OSERR, os.EX_OSFILE, os.EX_IOERR, os.EX_TEMPFAIL)
 # A temporary exit status that waiting cannot cure, told by the agent's own
 # words: (pattern, RFC 3463 status, why).  Postfix's sendmail exits 75
 # saying "message file too big", Exim says "message too big"; retrying them
@@ -96,7 +97,7 @@ class Delivery:
     """The delivery process's work on one spool file (name: bytes)."""
 
     def __init__(self, cfg, name):
-        self.cfg, self.name = cfg, dl.visible(name)
+        self.cfg, self.name = cfg, visible(name)
         self.path = os.path.join(os.fsencode(cfg.spooldir), name)
         self.f = None
         self.msg = None
@@ -108,17 +109,17 @@ class Delivery:
             try:
                 spool.defer(self.f)
             except OSError as e:
-                dl.crit("deferring %s: %s", self.name, e.strerror)
+                log.crit("deferring %s: %s", self.name, e.strerror)
 
     def run(self):
         try:
             f = spool.open_for_delivery(self.path, time.time(), buildconf.RETRY_DELAY_TIME)
         except spool.Odd as e:
-            dl.err("%s: %s; skipped", self.name, e)
-            return dl.EX_NOPERM
+            log.err("%s: %s; skipped", self.name, e)
+            return os.EX_NOPERM
         if f is None:
-            dl.debug("%s: busy or no longer eligible", self.name)
-            return dl.EX_TEMPFAIL
+            log.debug("%s: busy or no longer eligible", self.name)
+            return os.EX_TEMPFAIL
         self.f = f
         try:
             self.msg = spool.parse(f)
@@ -149,32 +150,32 @@ class Delivery:
             if status == 0:
                 done += names
                 if said != why:         # it printed something (a queue id?)
-                    words.append(dl.printable(said, 300))
+                    words.append(visible(said, 300))
                 if rcpts:
                     spool.mark_sent(self.f, [off for off, _ in batch])
                 continue
             if done:
                 why += " (delivered to %s)" % ", ".join(done)
-            if status is None or status == dl.EX_CONFIG:
-                dl.crit("%s: %s; deferred, fix the mail agent", self.name, why)
+            if status is None or status == os.EX_CONFIG:
+                log.crit("%s: %s; deferred, fix the mail agent", self.name, why)
             code = bounce.status_of(status)
             hopeless = status in TEMPORARY and hopeless_words(said)
             if hopeless:
                 code = hopeless[0]
                 why += "; not retried: %s" % hopeless[1]
-            elif status is None or status == dl.EX_CONFIG or status in TEMPORARY:
+            elif status is None or status == os.EX_CONFIG or status in TEMPORARY:
                 return self.defer(why, said, sender, batch + rcpts, failed,
                                   bounce.status_of(status, temporary=True))
             failed += [(off, bounce.Failure(r, code, said, why)) for off, r in batch]
         if failed:
             return self.give_up(sender, failed, done)
         if not spool.remove(self.path, self.f):
-            dl.alert("%s: the name no longer holds the file delivered; left alone",
+            log.alert("%s: the name no longer holds the file delivered; left alone",
                      self.name)
         spool.drop_deferral(self.cfg.spooldir, os.path.basename(self.path))
         self.outcome("delivered" + ("; the agent said: %s" % " | ".join(words) if words else ""),
                      sender, done)
-        return dl.EX_OK
+        return os.EX_OK
 
     def call(self, argv):
         """Run the agent on the message, fed from the file we hold locked
@@ -226,7 +227,7 @@ class Delivery:
         spool.defer(self.f)
         spool.note_deferral(self.cfg.spooldir, os.path.basename(self.path), why)
         self.outcome("deferred: %s" % why, sender, [r for _, r in pending])
-        return dl.EX_TEMPFAIL
+        return os.EX_TEMPFAIL
 
     def warn_if_delayed(self, sender, pending, said, status, age):
         wait = buildconf.DELAY_WARNING_TIME
@@ -249,10 +250,10 @@ class Delivery:
         """One delivery status notification to sender, into the spool."""
         rcpts = ", ".join(f.rcpt for f in failures)
         if bare(sender) in ("", "<>"):
-            dl.info("%s: no notification for %s: the sender is null", self.name, rcpts)
+            log.info("%s: no notification for %s: the sender is null", self.name, rcpts)
             return None
         if check_recipient(sender):
-            dl.notice("%s: no notification for %s: the sender %s is unsafe for a "
+            log.notice("%s: no notification for %s: the sender %s is unsafe for a "
                       "command line", self.name, rcpts, sender)
             return None
         headers = spool.headers(self.f.fileno(), self.msg.body_offset)
@@ -261,7 +262,7 @@ class Delivery:
         name = bounce.queue(self.cfg.spooldir, sender, data, self.cfg.myname)
         if CRASH_POINT == "after-notify":
             os.kill(os.getpid(), signal.SIGKILL)
-        dl.info("%s: %s notification %s to %s for %s", self.name,
+        log.info("%s: %s notification %s to %s for %s", self.name,
                 "delivery status" if action == "failed" else "delay", name, sender, rcpts)
         return name
 
@@ -269,7 +270,7 @@ class Delivery:
         dest = spool.quarantine(self.cfg.spooldir, os.path.basename(self.path), why)
         spool.drop_deferral(self.cfg.spooldir, os.path.basename(self.path))
         self.outcome("failed: %s; moved to %s" % (why, dest), sender, names)
-        return dl.EX_DATAERR
+        return os.EX_DATAERR
 
     def outcome(self, what, sender, names):
         """The one line per message: the spool id, sender, recipients, size
@@ -277,10 +278,10 @@ class Delivery:
         became of it."""
         size, msgid = self.described()
         if self.cfg.quiet:
-            dl.info("%s from=%s%s size=%s message-id=%s status=%s", self.name, sender,
+            log.info("%s from=%s%s size=%s message-id=%s status=%s", self.name, sender,
                     "".join(" to=%s" % n for n in names), size, msgid, what)
         else:
-            dl.info("%s from %s to %s, size=%s, message-id=%s: %s", self.name, sender,
+            log.info("%s from %s to %s, size=%s, message-id=%s: %s", self.name, sender,
                     ", ".join(names) or "-", size, msgid, what)
 
     def described(self):

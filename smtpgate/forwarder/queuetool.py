@@ -45,7 +45,8 @@ import sys
 import time
 
 import buildconf
-from smtpgate import daemonlib as dl
+from smtpgate import log, privileges
+from smtpgate.text import visible
 from smtpgate import spool
 
 USAGE = """usage: smtpfwdd.py [-d spooldir] -Q list [-j]
@@ -87,7 +88,7 @@ class Entry:
     """What list and show say of one message."""
 
     def __init__(self, name, where, st):
-        self.id = dl.visible(name)
+        self.id = visible(name)
         self.where = where              # "queue" or "failed"
         self.size = st.st_size
         self.state = None
@@ -130,7 +131,7 @@ def examine(dir_fd, name, where, now):
     except FileNotFoundError:
         return None
     except (spool.Odd, OSError) as x:
-        e.state, e.reason = "unreadable", dl.visible(str(x))
+        e.state, e.reason = "unreadable", visible(str(x))
         return e
     if where == "failed":
         e.state = "failed"
@@ -140,7 +141,7 @@ def examine(dir_fd, name, where, now):
             e.state = "deferred"
             e.next_retry = max(now, st.st_mtime + buildconf.RETRY_DELAY_TIME)
             reason = spool.deferral(dir_fd, name)
-            e.reason = dl.visible(reason) if reason else None
+            e.reason = visible(reason) if reason else None
         else:
             e.state = "queued"
     return e
@@ -152,9 +153,9 @@ def read_envelope(e, f):
     except spool.Malformed as x:
         e.state, e.reason = "malformed", str(x)
         return None
-    e.sender = dl.visible(msg.sender)
-    e.pending = [dl.visible(r) for _, r in msg.recipients]
-    e.sent = [dl.visible(r) for r in msg.sent]
+    e.sender = visible(msg.sender)
+    e.pending = [visible(r) for _, r in msg.recipients]
+    e.sent = [visible(r) for r in msg.sent]
     e.arrival = msg.arrival
     return msg
 
@@ -162,7 +163,7 @@ def read_envelope(e, f):
 def failure_reason(dir_fd, name):
     try:
         with spool.open_readonly(name + b".reason", dir_fd=dir_fd) as r:
-            return dl.visible(r.read(4096).strip())
+            return visible(r.read(4096).strip())
     except (FileNotFoundError, spool.Odd, OSError):
         return None
 
@@ -226,7 +227,7 @@ def find(q, ident):
     name = os.fsencode(ident)
     if not ID.match(name):
         raise Failure(os.EX_NOINPUT, "%s: not a queue id (smtpd followed by letters "
-                                     "and digits)" % dl.visible(ident))
+                                     "and digits)" % visible(ident))
     for where in ("queue", "failed"):
         d = q.where(where)
         if d is not None and exists(d, name):
@@ -264,7 +265,7 @@ def cmd_show(q, args):
     with spool.open_readonly(name, dir_fd=d) as f:
         msg = spool.parse(f)
         print("")
-        sys.stdout.write(dl.visible(spool.headers(f.fileno(), msg.body_offset), keep="\n\t"))
+        sys.stdout.write(visible(spool.headers(f.fileno(), msg.body_offset), keep="\n\t"))
     return os.EX_OK
 
 
@@ -289,13 +290,13 @@ def cmd_requeue(q, args):
             print("%s: already due" % ident)
             return os.EX_OK
         spool.make_due(f)
-    dl.notice("queue: %s made due now by uid %d", ident, INVOKER)
+    log.notice("queue: %s made due now by uid %d", ident, INVOKER)
     print("%s: due now" % ident)
     return os.EX_OK
 
 
 def requeue_failed(q, name):
-    shown = dl.visible(name)
+    shown = visible(name)
     try:
         spool.unquarantine(q.fd, q.failed, name)
     except FileExistsError:
@@ -303,7 +304,7 @@ def requeue_failed(q, name):
                       % shown) from None
     except spool.Odd as e:
         raise Failure(os.EX_NOINPUT, "%s: %s" % (shown, e)) from None
-    dl.notice("queue: %s moved back from failed/ by uid %d", shown, INVOKER)
+    log.notice("queue: %s moved back from failed/ by uid %d", shown, INVOKER)
 
 
 class hold:
@@ -311,7 +312,7 @@ class hold:
     being written or delivered."""
 
     def __init__(self, dir_fd, name):
-        self.dir_fd, self.name, self.ident = dir_fd, name, dl.visible(name)
+        self.dir_fd, self.name, self.ident = dir_fd, name, visible(name)
 
     def __enter__(self):
         try:
@@ -361,7 +362,7 @@ def cmd_delete(q, args):
                 os.unlink(name, dir_fd=d)
         spool.drop_deferral(q.path, name)
     spool.fsync_dir(d)
-    dl.notice("queue: %s deleted from %s by uid %d", ident, where, INVOKER)
+    log.notice("queue: %s deleted from %s by uid %d", ident, where, INVOKER)
     print("%s: deleted" % ident)
     return os.EX_OK
 
@@ -403,7 +404,7 @@ def forwarder(q):
     if title != FORWARDER_TITLE or uid != owner:
         raise Failure(os.EX_UNAVAILABLE, "%s is held by pid %d (%s, uid %s), not by an "
                       "smtpfwdd of uid %d: not signalled" % (
-                          LOCKFILE, pid, dl.visible(title or b"?"), uid, owner))
+                          LOCKFILE, pid, visible(title or b"?"), uid, owner))
     return pid
 
 
@@ -438,18 +439,12 @@ INVOKER = os.getuid()           # for the log: who asked, before any change of u
 
 
 def become_owner(path):
-    """As root: become the owner of the spool directory (its uid and group,
-    no other groups) before reading anything in it.  A spool owned by root
-    is not the jail's: then nothing changes."""
+    """As root: become the spool directory's owner before reading anything
+    in it (privileges.become_owner)."""
     try:
-        st = os.stat(path)
+        privileges.become_owner(path)
     except FileNotFoundError:
         raise Failure(os.EX_NOINPUT, "%s: no such spool directory" % path) from None
-    if os.geteuid() != 0 or st.st_uid == 0:
-        return
-    os.setgroups([st.st_gid])
-    os.setresgid(st.st_gid, st.st_gid, st.st_gid)
-    os.setresuid(st.st_uid, st.st_uid, st.st_uid)
 
 
 def main(cfg, args):
@@ -468,5 +463,5 @@ def main(cfg, args):
         return e.status
     except OSError as e:
         where = os.fsdecode(e.filename) if e.filename is not None else cfg.spooldir
-        print("smtpq: %s: %s" % (dl.visible(where), e.strerror), file=sys.stderr)
+        print("smtpq: %s: %s" % (visible(where), e.strerror), file=sys.stderr)
         return os.EX_IOERR

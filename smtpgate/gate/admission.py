@@ -34,27 +34,6 @@ import buildconf
 MAPPED = b"\0" * 10 + b"\xff\xff"
 
 
-class ConfigError(Exception):
-    """A bad admission constant; str() says which."""
-
-
-def parse_networks(text, what="SMTPD_ADMISSION_EXEMPT"):
-    """The CIDR list in text -> [ip_network]; ConfigError if one is bad."""
-    out = []
-    for tok in text.split():
-        try:
-            out.append(ipaddress.ip_network(tok, strict=False))
-        except ValueError as e:
-            raise ConfigError("%s: %r is not an address or network: %s" % (what, tok, e)) \
-                from None
-    return out
-
-
-def member(ip, networks):
-    """Is ip (an ipaddress object, IPv4-mapped already IPv4) in networks?"""
-    return ip is not None and any(ip.version == n.version and ip in n for n in networks)
-
-
 def network_key(ip):
     """16 bytes naming the client's network (IPv4 as ::ffff:a.b.c.d)."""
     if ip.version == 4:

@@ -20,7 +20,7 @@ import ssl
 import time
 
 import buildconf
-from smtpgate import daemonlib as dl
+from smtpgate import log
 from smtpgate.replies import VANILLA
 
 LINE_MAX = 512
@@ -86,7 +86,7 @@ class Channel:
             except BlockingIOError:
                 pass
             except OSError as e:
-                raise Closed(dl.EX_OSERR, "write to client: %s" % e.strerror) from None
+                raise Closed(os.EX_OSERR, "write to client: %s" % e.strerror) from None
             if final:       # the last words: past the deadline, but briefly
                 if not select.select([], [self.wfd], [], 5)[1]:
                     return
@@ -96,7 +96,7 @@ class Channel:
     def wait(self, fd, event):
         timeout = min(self.read_timeout, self.deadline - time.monotonic())
         if timeout <= 0:
-            raise Closed(dl.EX_OSERR, "session timeout")
+            raise Closed(os.EX_OSERR, "session timeout")
         if fd == self.rfd and event == select.POLLIN:
             p = self.read_poll
         else:
@@ -104,7 +104,7 @@ class Channel:
             p.register(fd, event)
         if not p.poll(timeout * 1000):
             what = "session" if time.monotonic() >= self.deadline else "read"
-            raise Closed(dl.EX_OSERR, "%s timeout (%d seconds)" % (
+            raise Closed(os.EX_OSERR, "%s timeout (%d seconds)" % (
                 what, buildconf.SESSION_TIMEOUT if what == "session" else self.read_timeout))
 
     def fill(self):
@@ -119,7 +119,7 @@ class Channel:
             self.wait(self.rfd, select.POLLIN)
         data = self.tls_read() if self.tls is not None else self.raw_read()
         if not data:
-            raise Closed(dl.EX_OSERR, "EOF on client fd")
+            raise Closed(os.EX_OSERR, "EOF on client fd")
         self.buf += data
 
     def raw_read(self):
@@ -130,7 +130,7 @@ class Channel:
             except BlockingIOError:
                 self.wait(self.rfd, select.POLLIN)
             except OSError as e:
-                raise Closed(dl.EX_OSERR, "read from client: %s" % e.strerror) from None
+                raise Closed(os.EX_OSERR, "read from client: %s" % e.strerror) from None
 
     # -- TLS: a change of transport under the same line discipline --
 
@@ -152,11 +152,11 @@ class Channel:
                     self.raw_write(self.tls_out.read())
                     data = self.raw_read()
                     if not data:
-                        raise Closed(dl.EX_PROTOCOL, "client closed the connection")
+                        raise Closed(os.EX_PROTOCOL, "client closed the connection")
                     self.tls_in.write(data)
                 except ssl.SSLError as e:
                     self.raw_write(self.tls_out.read())      # the alert, if any
-                    raise Closed(dl.EX_PROTOCOL, tls_reason(e)) from None
+                    raise Closed(os.EX_PROTOCOL, tls_reason(e)) from None
             self.raw_write(self.tls_out.read())
         except Closed:
             self.broken = True
@@ -180,7 +180,7 @@ class Channel:
                 return b""
             except ssl.SSLError as e:
                 self.broken = True
-                raise Closed(dl.EX_PROTOCOL, "TLS: %s" % tls_reason(e)) from None
+                raise Closed(os.EX_PROTOCOL, "TLS: %s" % tls_reason(e)) from None
 
     def tls_buffered(self):
         """Client input already inside the TLS layer (not on the socket)."""
@@ -247,7 +247,7 @@ class Channel:
 
     def check_deadline(self):
         if time.monotonic() >= self.deadline:
-            raise Closed(dl.EX_OSERR, "session timeout (%d seconds)" % buildconf.SESSION_TIMEOUT)
+            raise Closed(os.EX_OSERR, "session timeout (%d seconds)" % buildconf.SESSION_TIMEOUT)
 
     def sleep(self, seconds):
         """Sleep, but never past the session deadline (then Closed)."""
@@ -384,7 +384,7 @@ class DataReader:
         try:
             self.sink(data)
         except OSError as e:
-            dl.err("write to spool file: %s", e.strerror)
+            log.err("write to spool file: %s", e.strerror)
             self.problem = "write"
 
     def note_headers(self, data):

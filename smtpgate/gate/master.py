@@ -40,7 +40,7 @@ import lockfile
 from smtpgate.gate import admission
 import buildconf
 from smtpgate.rules import engine as checkrules
-from smtpgate import daemonlib as dl
+from smtpgate import log, process
 from smtpgate.gate import rulewatch
 from smtpgate.gate import worker
 from smtpgate.gate.admission import Scoreboard
@@ -79,12 +79,12 @@ def load_rules(cfg):
         os.waitpid(w.pid, 0)
     if problems:
         for p in problems:
-            dl.err("%s", p)
-            if not dl.log.stderr:
+            log.err("%s", p)
+            if not log.log.stderr:
                 print(p, file=sys.stderr)
-        sys.exit(dl.EX_CONFIG)
+        sys.exit(os.EX_CONFIG)
     for w in warnings:
-        dl.warn("%s", w)
+        log.warn("%s", w)
     return rules, frame[1]
 
 
@@ -100,7 +100,7 @@ def check_jail_log_socket(cfg):
     except OSError:
         ok = False
     if not ok:
-        dl.warn("no log socket at %s: when the syslog daemon restarts, workers cannot "
+        log.warn("no log socket at %s: when the syslog daemon restarts, workers cannot "
                 "reach it until they are replaced (see the rsyslog or syslog-ng "
                 "snippet in smtpd(8))", path)
 
@@ -121,7 +121,7 @@ def bind(cfg):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             return bind_or_die(s, "0.0.0.0", cfg.port)
-        dl.die(dl.EX_OSERR, "bind(%s port %d): %s", addr or "::", cfg.port, e.strerror)
+        log.die(os.EX_OSERR, "bind(%s port %d): %s", addr or "::", cfg.port, e.strerror)
     s.listen(128)
     s.setblocking(False)
     return s
@@ -131,7 +131,7 @@ def bind_or_die(s, addr, port):
     try:
         s.bind((addr, port))
     except OSError as e:
-        dl.die(dl.EX_OSERR, "bind(%s port %d): %s", addr, port, e.strerror)
+        log.die(os.EX_OSERR, "bind(%s port %d): %s", addr, port, e.strerror)
     s.listen(128)
     s.setblocking(False)
     return s
@@ -148,22 +148,22 @@ def check_pidfile(path):
     except FileNotFoundError:
         return
     except OSError as e:        # e.g. a link: never followed as root
-        dl.die(dl.EX_CONFIG, "pid file %s: %s", path, e.strerror)
+        log.die(os.EX_CONFIG, "pid file %s: %s", path, e.strerror)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            dl.die(dl.EX_CONFIG, "pid file %s is not a regular file", path)
+            log.die(os.EX_CONFIG, "pid file %s is not a regular file", path)
         pid = int(os.read(fd, 64).split()[0])
     except (OSError, ValueError, IndexError):
         pid = None
     finally:
         os.close(fd)
     if pid and pid != os.getpid() and is_smtpd_master(pid):
-        dl.err("already running as pid %d (pid file %s)", pid, path)
-        if not dl.log.stderr:
+        log.err("already running as pid %d (pid file %s)", pid, path)
+        if not log.log.stderr:
             print("smtpd.py: already running as pid %d (%s)" % (pid, path),
                   file=sys.stderr)
         sys.exit(1)
-    dl.notice("removing stale pid file %s%s", path,
+    log.notice("removing stale pid file %s%s", path,
               " (pid %d is not an smtpd master)" % pid if pid else "")
     os.unlink(path)
 
@@ -263,7 +263,7 @@ class Master:
         except OSError as e:
             self.fork_backoff = min(max(1, self.fork_backoff * 2), 30)
             self.next_fork = time.monotonic() + self.fork_backoff
-            dl.err("fork: %s; retrying in %d seconds", e.strerror, self.fork_backoff)
+            log.err("fork: %s; retrying in %d seconds", e.strerror, self.fork_backoff)
             ours.close()
             theirs.close()
             self.board.set(slot, Scoreboard.FREE)
@@ -289,9 +289,9 @@ class Master:
         if not self.child_exited:
             return
         self.child_exited = False
-        for pid, status in dl.reaped():
+        for pid, status in process.reaped():
             if self.watcher is not None and pid == self.watcher.pid:
-                dl.warn("rules watcher %d ended with %s; restarting it", pid, describe(status))
+                log.warn("rules watcher %d ended with %s; restarting it", pid, process.describe(status))
                 self.watcher.pid = None     # reaped: its pid may be anyone's now
                 self.stop_watcher()
                 continue
@@ -303,7 +303,7 @@ class Master:
             self.board.set(w.slot, Scoreboard.FREE)
             self.free_slots.append(w.slot)
             if os.WIFSIGNALED(status) or os.WEXITSTATUS(status) not in (0,):
-                dl.warn("worker %d ended with %s", pid, describe(status))
+                log.warn("worker %d ended with %s", pid, process.describe(status))
 
     def from_worker(self, w):
         """b"N": a worker took a connection and spares ran low (the loop
@@ -332,7 +332,7 @@ class Master:
             self.watcher = rulewatch.Watcher(self.cfg, self.cfg.enter_jail,
                                              inherited).start()
         except OSError as e:
-            dl.err("fork of the rules watcher: %s", e.strerror)
+            log.err("fork of the rules watcher: %s", e.strerror)
             self.next_watcher = time.monotonic() + 1
             return
         self.sel.register(self.watcher.sock, selectors.EVENT_READ, "rules")
@@ -353,7 +353,7 @@ class Master:
         try:
             frames = self.watcher.frames()
         except rulewatch.WatcherError as e:
-            dl.err("%s; restarting it", e)
+            log.err("%s; restarting it", e)
             self.stop_watcher()
             return
         for frame in frames:
@@ -366,11 +366,11 @@ class Master:
         try:
             rules, warnings = compile_rules(self.cfg, frame)
         except checkrules.RuleError as e:
-            dl.err("%s: keeping the old rules: %s", why, "; ".join(e.problems))
+            log.err("%s: keeping the old rules: %s", why, "; ".join(e.problems))
             return
         for w in warnings:
-            dl.warn("%s", w)
-        dl.info("%s: rules re-read from %s; recycling workers", why,
+            log.warn("%s", w)
+        log.info("%s: rules re-read from %s; recycling workers", why,
                 rulewatch.shown_path(self.cfg))
         self.rules, self.rules_text = rules, frame[1]
         for w in list(self.workers.values()):
@@ -392,7 +392,7 @@ class Master:
     # -- the loop --
 
     def run(self):
-        dl.info("ready to accept connections on port %d (master pid %d)",
+        log.info("ready to accept connections on port %d (master pid %d)",
                 self.cfg.port, os.getpid())
         next_check = time.monotonic() + 1
         while not self.stopping:
@@ -413,7 +413,7 @@ class Master:
         """Wait for a signal, a worker's word or the watcher's text."""
         for key, _ in self.sel.select(timeout):
             if key.data is None:
-                dl.drain(self.wake_r)
+                process.drain(self.wake_r)
             elif key.data == "rules":
                 if self.watcher is not None:
                     self.from_watcher()
@@ -421,7 +421,7 @@ class Master:
                 self.from_worker(key.data)
 
     def shutdown(self):
-        dl.info("stopping: no new connections; waiting up to %d seconds for %d sessions",
+        log.info("stopping: no new connections; waiting up to %d seconds for %d sessions",
                 buildconf.SHUTDOWN_TIMEOUT, self.busy())
         # shutdown(2) on a listening socket stops it for every process that
         # shares it: waiting connections are reset, workers' accept fails.
@@ -439,21 +439,21 @@ class Master:
             self.child_exited = True
             self.reap()
         for pid in list(self.workers):
-            dl.warn("worker %d still busy after %d seconds; terminating it",
+            log.warn("worker %d still busy after %d seconds; terminating it",
                     pid, buildconf.SHUTDOWN_TIMEOUT)
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        dl.ignore_stop_signals()
-        dl.info("stopped")
-        return dl.EX_OK
+        process.ignore_stop_signals()
+        log.info("stopped")
+        return os.EX_OK
 
     # -- in the child --
 
     def become_worker(self, ctrl, slot):
         try:
-            dl.child_signals(signal.SIGTERM, signal.SIGCHLD)   # the master ends sessions
+            process.child_signals(signal.SIGTERM, signal.SIGCHLD)   # the master ends sessions
             for w in self.workers.values():
                 w.ctrl.close()
             if self.watcher is not None:
@@ -461,32 +461,26 @@ class Master:
             os.close(self.wake_r)
             os.close(self.wake_w)
             self.sel.close()
-            dl.set_title("smtpd: worker")
-            dl.log.role = "worker: "
+            process.set_title("smtpd: worker")
+            log.log.role = "worker: "
             self.cfg.rules = worker.FrozenRules(self.rules)
             master = os.getppid()
             self.cfg.enter_jail(self.cfg)
             status = worker.WorkerLoop(self.cfg, ctrl, self.listener, self.admission, slot,
                                        master).run()
         except SystemExit as e:
-            status = e.code if isinstance(e.code, int) else dl.EX_SOFTWARE
+            status = e.code if isinstance(e.code, int) else os.EX_SOFTWARE
         except BaseException as e:
-            dl.crit("worker: %s", e)
-            status = dl.EX_SOFTWARE
+            log.crit("worker: %s", e)
+            status = os.EX_SOFTWARE
         os._exit(status)
-
-
-def describe(status):
-    if os.WIFSIGNALED(status):
-        return "signal %d" % os.WTERMSIG(status)
-    return "status %d" % os.WEXITSTATUS(status)
 
 
 def run(cfg):
     """smtpd -D: everything as root first, then detach and serve.
 
     cfg.serve(cfg, rfd, wfd) runs one session; cfg.enter_jail(cfg) jails."""
-    dl.set_title("smtpd: master")
+    process.set_title("smtpd: master")
     rules, text = load_rules(cfg)
     check_jail_log_socket(cfg)
     listener = bind(cfg)
@@ -497,12 +491,12 @@ def run(cfg):
     ctx = daemon.DaemonContext(
         files_preserve=[listener.fileno()], umask=0o077, pidfile=pidfile,
         signal_map={signal.SIGTERM: None, signal.SIGHUP: None, signal.SIGINT: None})
-    dl.log.close()          # DaemonContext closes every descriptor
+    log.log.close()          # DaemonContext closes every descriptor
     try:
         ctx.open()
     except lockfile.AlreadyLocked:
-        dl.die(1, "already running (pid file %s)", cfg.pidfile)
-    dl.log.open("smtpd", buildconf.LOG_FACILITY, pid=cfg.log_pid, path=buildconf.LOG_SOCKET)
+        log.die(1, "already running (pid file %s)", cfg.pidfile)
+    log.log.open("smtpd", buildconf.LOG_FACILITY, pid=cfg.log_pid, path=buildconf.LOG_SOCKET)
     try:
         return serve(cfg, listener, rules, text, None)
     finally:
@@ -514,7 +508,7 @@ def serve(cfg, listener, rules, text, pidfile):
         try:
             pidfile.acquire()
         except lockfile.AlreadyLocked:
-            dl.die(1, "already running (pid file %s)", cfg.pidfile)
+            log.die(1, "already running (pid file %s)", cfg.pidfile)
     try:
         return Master(cfg, listener, rules, text).run()
     finally:

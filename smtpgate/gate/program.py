@@ -33,9 +33,10 @@ import socket
 import sys
 import time
 
-from smtpgate.gate import admission
 import buildconf
-from smtpgate import daemonlib as dl
+from smtpgate import log, privileges
+from smtpgate import net
+from smtpgate.net import normalize_ip
 from smtpgate.gate import proxy
 from smtpgate.gate import sandbox
 from smtpgate.replies import VANILLA
@@ -85,10 +86,10 @@ class Config:
 
 def usage_error(msg):
     """Log a bad option and exit 64; stderr only if it is not the client."""
-    dl.err("%s", msg)
-    if not dl.stderr_is_socket():
+    log.err("%s", msg)
+    if not log.stderr_is_socket():
         print(USAGE, file=sys.stderr)
-    sys.exit(dl.EX_USAGE)
+    sys.exit(os.EX_USAGE)
 
 
 def positive(opt, value):
@@ -147,8 +148,8 @@ def parse_options(argv):
             cfg.verify_text = v
         elif o == "-X":
             try:
-                admission.parse_networks(v, "-X")
-            except admission.ConfigError as e:
+                net.parse_networks(v, "-X")
+            except net.ConfigError as e:
                 usage_error(str(e))
             cfg.proxy_text = v
         elif o in ("-C", "-K"):
@@ -182,8 +183,8 @@ def check_admission(cfg):
                               "SMTPD_ADMISSION_EXEMPT"),
                              ("proxy_from", cfg.proxy_text, "SMTPD_PROXY_FROM")):
         try:
-            setattr(cfg, attr, admission.parse_networks(text, what))
-        except admission.ConfigError as e:
+            setattr(cfg, attr, net.parse_networks(text, what))
+        except net.ConfigError as e:
             problems.append(str(e))
     for name, top in (("SMTPD_V4_PREFIX", 32), ("SMTPD_V6_PREFIX", 128),
                       ("SMTPD_MAX_RATE", 100000), ("SMTPD_RATE_WINDOW", 86400),
@@ -197,11 +198,11 @@ def check_admission(cfg):
     if buildconf.SMTPD_MAX_RATE and not (buildconf.SMTPD_RATE_WINDOW and buildconf.SMTPD_RATE_TABLE):
         problems.append("SMTPD_MAX_RATE needs SMTPD_RATE_WINDOW and SMTPD_RATE_TABLE above 0")
     for p in problems:
-        dl.err("%s", p)
+        log.err("%s", p)
     if problems:
-        if not dl.stderr_is_socket() and not dl.log.stderr:
+        if not log.stderr_is_socket() and not log.log.stderr:
             print("smtpd.py: " + "\nsmtpd.py: ".join(problems), file=sys.stderr)
-        sys.exit(dl.EX_CONFIG)
+        sys.exit(os.EX_CONFIG)
 
 
 def prepare(cfg):
@@ -209,17 +210,17 @@ def prepare(cfg):
     check_admission(cfg)
     cfg.root = os.geteuid() == 0
     if cfg.root:
-        cfg.pw, cfg.gr = dl.resolve_identity(cfg.user, cfg.group)
+        cfg.pw, cfg.gr = privileges.resolve_identity(cfg.user, cfg.group)
     else:
-        dl.warn("not started as root: no chroot to %s, no change of user; "
+        log.warn("not started as root: no chroot to %s, no change of user; "
                 "jail paths are taken under it", cfg.chroot)
         cfg.spooldir = os.path.join(cfg.chroot, cfg.spooldir.lstrip("/"))
         cfg.rules_path = os.path.join(cfg.chroot, cfg.rules_path.lstrip("/"))
     if cfg.myname is None:
-        cfg.myname = dl.own_name()
+        cfg.myname = privileges.own_name()
     cfg.sandbox_missing = sandbox.available()
     if cfg.sandbox_missing:     # once here, not in every jailed process
-        (dl.warn if cfg.daemon else dl.debug)(
+        (log.warn if cfg.daemon else log.debug)(
             "no seccomp sandbox for the jailed processes: %s", cfg.sandbox_missing)
 
 
@@ -241,7 +242,7 @@ def prepare_engine(cfg):
         cfg.tls_context = cfg.certs.start(quiet=not cfg.daemon).context
     except tlscert.CertError as e:
         fatal_config(cfg, "cannot load the TLS certificate and key: %s" % e)
-    dl.prepare_jail()
+    privileges.prepare_jail()
 
 
 def inside(path, directory):
@@ -268,32 +269,32 @@ def prepare_verify(cfg):
 def fatal_config(cfg, msg):
     """A configuration error found while loading: logged, on stderr when it
     is not the client, 421 to an inetd client, exit 78."""
-    dl.err("%s", msg)
-    if not dl.log.stderr and not dl.stderr_is_socket():
+    log.err("%s", msg)
+    if not log.log.stderr and not log.stderr_is_socket():
         print("smtpd.py: %s" % msg, file=sys.stderr)
     if not cfg.daemon:
         os.write(1, b"421 %s\r\n" % VANILLA[421].encode())
-    sys.exit(dl.EX_CONFIG)
+    sys.exit(os.EX_CONFIG)
 
 
 def jail(cfg):
     """Enter the chroot and drop privileges (root only), then the seccomp
     sandbox (sandbox.py): from here on the process reaches no other."""
     if cfg.root:
-        dl.enter_jail(cfg.pw, cfg.gr, cfg.chroot)
+        privileges.enter_jail(cfg.pw, cfg.gr, cfg.chroot)
     if cfg.sandbox_missing:
         return
     try:
         sandbox.enter()
     except sandbox.SandboxError as e:
-        dl.err("seccomp sandbox: %s; going on without it", e)
+        log.err("seccomp sandbox: %s; going on without it", e)
 
 
 def peer_ip(peer):
     """The client's address as an ipaddress object; None when there is none
     (not a socket, a Unix socket, an unparsable name)."""
     try:
-        return dl.normalize_ip(peer[0]) if peer and peer[0] else None
+        return normalize_ip(peer[0]) if peer and peer[0] else None
     except (ValueError, TypeError):
         return None
 
@@ -325,11 +326,11 @@ def identify(cfg, local, peer, deadline, proxied=False):
         try:
             name, why = lk.confirmed_name(ip)
             if why:
-                dl.info("%s", why)
+                log.info("%s", why)
                 if cfg.paranoid and not why.startswith("no reverse"):
-                    raise session.Closed(dl.EX_PROTOCOL, why)
+                    raise session.Closed(os.EX_PROTOCOL, why)
         except lookup.TempFail as e:
-            dl.notice("cannot identify %s: %s", ip, e)
+            log.notice("cannot identify %s: %s", ip, e)
             error = str(e)
     def ask_ident():
         try:
@@ -346,7 +347,7 @@ def identify(cfg, local, peer, deadline, proxied=False):
     c = checkrules.Client(ip, name, lk, ident=env_ident, ident_fn=ident_fn,
                           name_error=error)
     c.local, c.peer = local, peer
-    c.exempt = admission.member(ip, cfg.exempt)
+    c.exempt = net.member(ip, cfg.exempt)
     return c
 
 
@@ -365,7 +366,7 @@ def serve(cfg, rfd, wfd, local=None, peer=None, greeted=False, sock=None, on_end
         client = identify(cfg, local, peer, deadline, origin is not None)
         client.health_check = origin == "health"
     except session.Closed as c:
-        dl.crit("abandoning session with %s: %s", peer and peer[0], c)
+        log.crit("abandoning session with %s: %s", peer and peer[0], c)
         if on_end is not None:
             on_end()
         os.write(wfd, b"421 %s\r\n" % VANILLA[421].encode())
@@ -393,7 +394,7 @@ def refused_by_listen(cfg, local):
     """-l in inetd mode: a connection to another local address gets 521."""
     if cfg.listen is None or local is None:
         return False
-    return dl.normalize_ip(local[0]) != dl.normalize_ip(cfg.listen)
+    return normalize_ip(local[0]) != normalize_ip(cfg.listen)
 
 
 def inetd(cfg):
@@ -403,7 +404,7 @@ def inetd(cfg):
     the jail first, for nothing from the network is read as root, and the
     session greets after its pause, as in -D mode."""
     local, peer = socket_ends(0)
-    trusted = admission.member(peer_ip(peer), cfg.proxy_from)
+    trusted = net.member(peer_ip(peer), cfg.proxy_from)
     early = trusted or buildconf.SMTPD_GREET_PAUSE
     if early:
         prepare_engine(cfg)
@@ -412,35 +413,35 @@ def inetd(cfg):
     if trusted:
         local, peer, health = proxied_ends(local, peer)
         if peer is None:
-            return dl.EX_PROTOCOL
+            return os.EX_PROTOCOL
         origin = "health" if health else "proxy"
     if refused_by_listen(cfg, local):
-        dl.info("Refused connection attempt to %s from %s", local[0], peer and peer[0])
+        log.info("Refused connection attempt to %s from %s", local[0], peer and peer[0])
         os.write(1, b"521 %s %s\r\n" % (cfg.myname.encode(), VANILLA[521].encode()))
-        return dl.EX_OK
+        return os.EX_OK
     if early:
         return serve(cfg, 0, 1, local, peer, origin=origin)
     try:
         os.write(1, b"220 %s %s\r\n" % (cfg.myname.encode(), VANILLA[220].encode()))
     except OSError as e:
-        dl.info("write to client: %s", e.strerror)
-        return dl.EX_OSERR
+        log.info("write to client: %s", e.strerror)
+        return os.EX_OSERR
     prepare_engine(cfg)
     jail(cfg)
     return serve(cfg, 0, 1, local, peer, greeted=True)
 
 
 def main(argv):
-    dl.log.open("smtpd", buildconf.LOG_FACILITY, pid=True,
-                stderr=not dl.stderr_is_socket(), path=buildconf.LOG_SOCKET)
+    log.log.open("smtpd", buildconf.LOG_FACILITY, pid=True,
+                stderr=not log.stderr_is_socket(), path=buildconf.LOG_SOCKET)
     cfg = parse_options(argv)
     if not cfg.log_pid:
-        dl.log.open("smtpd", buildconf.LOG_FACILITY, pid=False, path=buildconf.LOG_SOCKET,
-                    stderr=dl.log.stderr)
+        log.log.open("smtpd", buildconf.LOG_FACILITY, pid=False, path=buildconf.LOG_SOCKET,
+                    stderr=log.log.stderr)
     if cfg.foreground:
-        dl.log.stderr = True
+        log.log.stderr = True
     # Detached (-D without -F), standard error is gone: say so if syslog is too.
-    dl.log.say_if_unheard("smtpd", stays=cfg.foreground or not cfg.daemon)
+    log.log.say_if_unheard("smtpd", stays=cfg.foreground or not cfg.daemon)
     prepare(cfg)
     if cfg.daemon:
         prepare_engine(cfg)

@@ -29,7 +29,7 @@ import socket
 import struct
 import time
 
-from smtpgate import daemonlib as dl
+from smtpgate import log
 
 V1_MAX = 107
 SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -128,7 +128,7 @@ def ends(sock, local, peer, timeout):
     try:
         names = read(sock, timeout)
     except (ProxyError, OSError) as e:
-        dl.notice("refused %s: %s", peer[0], e)
+        log.notice("refused %s: %s", peer[0], e)
         return local, None, False
     return (local, peer, True) if names is None else (names[1], names[0], False)
 

@@ -26,7 +26,7 @@ import time
 
 import buildconf
 from smtpgate.rules import engine as checkrules
-from smtpgate import daemonlib as dl
+from smtpgate import log, process
 
 HEADER = struct.Struct(">cQ")
 FIRST_READ_TIMEOUT = 10     # seconds the master waits for the first text
@@ -52,7 +52,7 @@ class Watcher:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:
-            status = dl.EX_SOFTWARE
+            status = os.EX_SOFTWARE
             try:
                 ours.close()
                 for x in self.close_in_child():
@@ -62,7 +62,7 @@ class Watcher:
                         pass
                 status = self.child(theirs)
             except BaseException as e:      # noqa: B036 -- a child never returns
-                dl.crit("rules watcher: %s: %s", type(e).__name__, e)
+                log.crit("rules watcher: %s: %s", type(e).__name__, e)
             os._exit(status)
         theirs.close()
         ours.setblocking(False)
@@ -70,9 +70,9 @@ class Watcher:
         return self
 
     def child(self, sock):
-        dl.child_signals(signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR2)
-        dl.set_title("smtpd: rules")
-        dl.log.role = "rules: "
+        process.child_signals(signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR2)
+        process.set_title("smtpd: rules")
+        log.log.role = "rules: "
         self.jail(self.cfg)
         return watch(self.cfg.rules_path, shown_path(self.cfg), sock)
 
@@ -145,14 +145,6 @@ def shown_path(cfg):
     return cfg.rules_path
 
 
-def stamp(path):
-    try:
-        st = os.stat(path)
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    except OSError as e:
-        return e.errno
-
-
 def watch(path, shown, sock):
     """The watcher's loop (jailed, unprivileged): a frame at start, on each
     change of the file and on each b"R"; returns when the master is gone."""
@@ -165,9 +157,9 @@ def watch(path, shown, sock):
         if p.poll(wait):
             data = sock.recv(64)
             if not data:
-                return dl.EX_OK
+                return os.EX_OK
             asked = True
-        now = stamp(path)
+        now = process.stamp(path)
         if asked or now != last:
             last = now
             try:
@@ -177,6 +169,6 @@ def watch(path, shown, sock):
             try:
                 sock.sendall(HEADER.pack(frame[0], len(frame[1])) + frame[1])
             except OSError:
-                return dl.EX_OK
+                return os.EX_OK
         wait = 1000
 

@@ -34,7 +34,9 @@ import os
 import platform
 import struct
 
-PR_SET_DUMPABLE, PR_GET_SECCOMP, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS = 4, 21, 22, 38
+from smtpgate import libc
+from smtpgate.libc import prctl
+
 SECCOMP_MODE_FILTER = 2
 RET_KILL_PROCESS, RET_ERRNO, RET_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
 LD_ABS_W, JEQ_K, JGE_K, RET_K = 0x20, 0x15, 0x35, 0x06
@@ -97,28 +99,6 @@ class _Fprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
 
 
-def _libc():
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p,
-                               ctypes.c_ulong, ctypes.c_ulong]
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-LIBC = _libc()
-
-
-def prctl(option, arg2=0, arg3=None):
-    """prctl(2); OSError on failure."""
-    if LIBC is None:
-        raise OSError(errno.ENOSYS, "no prctl(2) here")
-    if LIBC.prctl(option, arg2, arg3, 0, 0) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
 def program(pid, machine=None):
     """The BPF program (bytes) for this process on machine (uname -m)."""
     arch, x32, numbers = ARCHES[machine or platform.machine()]
@@ -158,7 +138,7 @@ def available():
     if platform.machine() not in ARCHES:
         return "no seccomp filter for %s machines" % platform.machine()
     try:
-        prctl(PR_GET_SECCOMP)
+        prctl(libc.PR_GET_SECCOMP)
     except OSError as e:
         return "prctl(PR_GET_SECCOMP): %s" % e.strerror
     return None
@@ -173,8 +153,8 @@ def enter():
     data = program(os.getpid())
     prog = _Fprog(len(data) // 8, data)
     try:
-        prctl(PR_SET_DUMPABLE, 0)
-        prctl(PR_SET_NO_NEW_PRIVS, 1)
-        prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(prog))
+        prctl(libc.PR_SET_DUMPABLE, 0)
+        prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
+        prctl(libc.PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(prog))
     except OSError as e:
         raise SandboxError("prctl: %s" % e.strerror) from None

@@ -15,13 +15,15 @@ PROTOCOL
 """
 
 import email.utils
+import os
 import re
 import time
 import traceback
 
 import buildconf
 from smtpgate.rules import engine as checkrules
-from smtpgate import daemonlib as dl
+from smtpgate import log
+from smtpgate.text import escape, host_chars
 from smtpgate import spool
 from smtpgate.gate import verify
 from smtpgate.address import AddressError, mail_params, parse_path
@@ -79,8 +81,8 @@ class Session:
         session's time), so errors cost the client, not us."""
         self.errors += 1
         if self.errors >= buildconf.MAX_ERRORS:
-            dl.notice("too many errors from %s, closing", self.where)
-            raise Closed(dl.EX_PROTOCOL, "too many errors")
+            log.notice("too many errors from %s, closing", self.where)
+            raise Closed(os.EX_PROTOCOL, "too many errors")
         over = self.errors - buildconf.SMTPD_SOFT_ERRORS
         if over > 0 and buildconf.SMTPD_ERROR_SLEEP and not self.client.exempt:
             self.ch.sleep(over * buildconf.SMTPD_ERROR_SLEEP)
@@ -107,11 +109,11 @@ class Session:
             self.summary = []
 
     def routine(self, fmt, *args):
-        (dl.debug if self.client.health_check else dl.info)(fmt, *args)
+        (log.debug if self.client.health_check else log.info)(fmt, *args)
 
     def run(self):
         """Serve the session; return the exit status."""
-        status = dl.EX_OK
+        status = os.EX_OK
         try:
             self.greet()
             while True:
@@ -126,9 +128,9 @@ class Session:
                 VERBS.get(verb, Session.smtp_unknown)(self, arg)
         except Closed as c:
             status = c.status
-            if status not in (dl.EX_OK, dl.EX_PROTOCOL) and str(c):
+            if status not in (os.EX_OK, os.EX_PROTOCOL) and str(c):
                 self.log("%s from %s" % (c, self.where), " %s." % c)
-            if status != dl.EX_OK and c.last_word:
+            if status != os.EX_OK and c.last_word:
                 self.ch.reply(421)
             self.end()
             try:
@@ -137,7 +139,7 @@ class Session:
             except Closed:
                 pass
         except Exception:
-            dl.crit("unexpected error with %s: %s", self.where,
+            log.crit("unexpected error with %s: %s", self.where,
                     traceback.format_exc().replace("\n", " | "))
             self.ch.out = []
             self.ch.reply(451)
@@ -146,7 +148,7 @@ class Session:
                 self.ch.flush(final=True)
             except Closed:
                 pass
-            status = dl.EX_SOFTWARE
+            status = os.EX_SOFTWARE
         finally:
             self.end()
             if self.draft is not None:
@@ -154,7 +156,7 @@ class Session:
             if self.verifier is not None:
                 self.verifier.close()
             self.flush_summary()
-        if status != dl.EX_OK or self.ch.unread_input():
+        if status != os.EX_OK or self.ch.unread_input():
             self.ch.linger()
         return status
 
@@ -180,20 +182,20 @@ class Session:
         """Input before the reply it had to wait for (RFC 2920 3.1; what
         spam engines and smuggling chains do): 554, one log line, closed;
         nothing of it is executed or spooled."""
-        dl.notice("improper command pipelining after %s from %s: %s", after, self.where,
-                  dl.escape(bytes(self.ch.buf[:60]).decode("latin-1"), 60))
+        log.notice("improper command pipelining after %s from %s: %s", after, self.where,
+                  escape(bytes(self.ch.buf[:60]).decode("latin-1"), 60))
         self.ch.reply(554, OUT_OF_SYNC)
-        return Closed(dl.EX_PROTOCOL, "", last_word=False)
+        return Closed(os.EX_PROTOCOL, "", last_word=False)
 
     def early_talker(self, said):
         """A client that talked before our greeting: 554, one log line, closed;
         nothing it sent is executed."""
         if not said:
-            return Closed(dl.EX_OSERR, "EOF before the greeting", last_word=False)
-        dl.notice("pregreet: %s talked before the greeting: %s", self.where,
-                  dl.escape(said.decode("latin-1"), 60))
+            return Closed(os.EX_OSERR, "EOF before the greeting", last_word=False)
+        log.notice("pregreet: %s talked before the greeting: %s", self.where,
+                  escape(said.decode("latin-1"), 60))
         self.ch.reply(554, "5.5.1 Protocol error: you talked before my greeting")
-        return Closed(dl.EX_PROTOCOL, "", last_word=False)
+        return Closed(os.EX_PROTOCOL, "", last_word=False)
 
     # -- verbs --
 
@@ -203,10 +205,10 @@ class Session:
             return self.reply(503)
         name = arg.strip()
         if self.cfg.paranoid and not re.match(r"^[\x21-\x7e]*$", name):
-            raise Closed(dl.EX_PROTOCOL, "suspicious HELO")
+            raise Closed(os.EX_PROTOCOL, "suspicious HELO")
         self.helo, self.esmtp = name, esmtp
         self.flush_summary()
-        shown = dl.escape(name)
+        shown = escape(name)
         as_ = ' as "%s"' % shown if name.lower() != (self.client.name or "").lower() else ""
         tls = self.ch.tls_info()
         self.log('%s from %s as "%s"' % ("EHLO" if esmtp else "HELO", self.where, shown),
@@ -238,15 +240,15 @@ class Session:
         try:
             dropped = self.ch.start_tls(self.cfg.tls_context)
         except Closed as e:
-            dl.notice("TLS handshake with %s failed: %s", self.where, e)
-            raise Closed(dl.EX_PROTOCOL, "") from None
+            log.notice("TLS handshake with %s failed: %s", self.where, e)
+            raise Closed(os.EX_PROTOCOL, "") from None
         if dropped:
-            dl.notice("discarded %d octets that %s sent after STARTTLS, before TLS",
+            log.notice("discarded %d octets that %s sent after STARTTLS, before TLS",
                       dropped, self.where)
         version, cipher = self.ch.tls_info()
         self.flush_summary()
         if not self.cfg.quiet:
-            dl.info("STARTTLS with %s: %s with cipher %s", self.where, version, cipher)
+            log.info("STARTTLS with %s: %s with cipher %s", self.where, version, cipher)
         self.helo, self.esmtp, self.env = None, False, Envelope()
 
     def smtp_ehlo(self, arg):
@@ -260,9 +262,9 @@ class Session:
         try:
             return parse_path(arg[len(keyword):].lstrip(" "), null_ok)
         except AddressError as e:
-            dl.notice("refused address %s from %s: %s", dl.escape(arg), self.where, e.text)
+            log.notice("refused address %s from %s: %s", escape(arg), self.where, e.text)
             if self.cfg.paranoid:
-                raise Closed(dl.EX_PROTOCOL, "suspicious address") from None
+                raise Closed(os.EX_PROTOCOL, "suspicious address") from None
             self.reply(e.code, e.text)
             return None
 
@@ -288,7 +290,7 @@ class Session:
         if parsed is None or not self.mail_params(parsed[1]):
             return
         self.env = Envelope(parsed[0])
-        self.log("mail from %s" % dl.escape(parsed[0]), " from=%s" % dl.escape(parsed[0]))
+        self.log("mail from %s" % escape(parsed[0]), " from=%s" % escape(parsed[0]))
         self.reply(250, "sender is %s, sender OK" % parsed[0])
 
     def smtp_rcpt(self, arg):
@@ -304,7 +306,7 @@ class Session:
             return self.reply(452, "Too many recipients")
         if self.check_rules(rcpt):
             self.env.recipients.append(rcpt)
-            self.log("Recipient %s" % dl.escape(rcpt), " to=%s" % dl.escape(rcpt))
+            self.log("Recipient %s" % escape(rcpt), " to=%s" % escape(rcpt))
             self.reply(250, "recipient %s, recipient OK" % rcpt)
 
     def check_rules(self, rcpt):
@@ -314,31 +316,31 @@ class Session:
         try:
             rules = self.cfg.rules.get()
         except checkrules.RuleError as e:
-            dl.err("%s", str(e).replace("\n", "; "))
+            log.err("%s", str(e).replace("\n", "; "))
             self.ch.reply(451, "Requested action not taken: rules file invalid")
             self.count_error()
             return False
         v = checkrules.evaluate(rules, self.client, self.env.sender, rcpt)
-        who = "%s@%s" % (dl.escape(self.client.ident or "UNKNOWN", 80), self.where)
-        shown = (dl.escape(self.env.sender), dl.escape(rcpt))
+        who = "%s@%s" % (escape(self.client.ident or "UNKNOWN", 80), self.where)
+        shown = (escape(self.env.sender), escape(rcpt))
         for r in v.debug:
-            dl.info("DEBUG: matched %s for %s from %s to %s", r.where, who, *shown)
+            log.info("DEBUG: matched %s for %s from %s to %s", r.where, who, *shown)
         if v.action == "verify":
             v = self.verified(v, rcpt)
         if v.action == "allow":
             return True
-        dl.info("%s from %s to %s: %s by %s%s", who, shown[0], shown[1], v.action,
+        log.info("%s from %s to %s: %s by %s%s", who, shown[0], shown[1], v.action,
                 v.rule.where if v.rule else "lookup failure" if v.action == "tempfail"
                 else "default", " (%s)" % v.detail if v.detail else "")
         if v.delay:
-            dl.info("sleeping for a %s_delay of %d seconds", v.action, v.delay)
+            log.info("sleeping for a %s_delay of %d seconds", v.action, v.delay)
             self.ch.flush()
             self.ch.sleep(v.delay)
         self.ch.raw_reply(v.reply)
         if v.action == "deny":
             self.log("Forbidden FROM or RCPT for host %s - abandoning" % self.where,
                      " forbidden FROM or RCPT")
-            raise Closed(dl.EX_PROTOCOL, "denied")
+            raise Closed(os.EX_PROTOCOL, "denied")
         if v.action == "noto":
             self.log("Discarded bad recipient %s" % shown[1],
                      " discarded bad recipient=%s" % shown[1])
@@ -366,8 +368,8 @@ class Session:
                                      [r.encode("latin-1") for r in self.env.recipients])
             self.draft.write(self.received())
         except OSError as e:
-            dl.crit("creating spool file in %s: %s", self.cfg.spooldir, e.strerror)
-            raise Closed(dl.EX_CANTCREAT, "cannot create spool file") from None
+            log.crit("creating spool file in %s: %s", self.cfg.spooldir, e.strerror)
+            raise Closed(os.EX_CANTCREAT, "cannot create spool file") from None
         self.ch.reply(354)
         self.ch.flush()
         reader = DataReader(self.ch, self.draft.write, self.cfg.maxsize)
@@ -381,21 +383,21 @@ class Session:
         if not problem and self.cfg.paranoid and header_oddity(reader.headers):
             draft.abort()
             self.draft = None
-            raise Closed(dl.EX_PROTOCOL, "unprintable characters in headers")
+            raise Closed(os.EX_PROTOCOL, "unprintable characters in headers")
         if problem:
             draft.abort()
             self.draft = None
-            dl.notice("message from %s refused: %s", self.where, problem)
+            log.notice("message from %s refused: %s", self.where, problem)
             if problem == "bare":
                 return self.reply(550, "Message refused: bare CR or LF or NUL in message")
             if problem == "size":
-                dl.err("message body exceeds maximum size of %d", self.cfg.maxsize)
+                log.err("message body exceeds maximum size of %d", self.cfg.maxsize)
                 return self.reply(552)
             return self.reply(452)
         try:
             name = draft.commit()
         except OSError as e:
-            dl.err("committing spool file: %s", e.strerror)
+            log.err("committing spool file: %s", e.strerror)
             draft.abort()
             self.draft = None
             return self.reply(452)
@@ -439,7 +441,7 @@ class Session:
 
     def smtp_quit(self, arg):
         self.reply(221)
-        raise Closed(dl.EX_OK)
+        raise Closed(os.EX_OK)
 
     def smtp_unknown(self, arg):
         self.reply(500)
@@ -447,7 +449,7 @@ class Session:
     def smtp_proxy(self, arg):
         """A PROXY header from a client that is not a trusted proxy (-X): a
         protocol error, never a way to claim another address."""
-        dl.notice("PROXY header from %s, which is not a trusted proxy: refused",
+        log.notice("PROXY header from %s, which is not a trusted proxy: refused",
                   self.where)
         self.reply(500)
 
@@ -459,12 +461,6 @@ VERBS = {"HELO": Session.smtp_helo, "EHLO": Session.smtp_ehlo,
          "EXPN": Session.smtp_expn, "HELP": Session.smtp_help,
          "QUIT": Session.smtp_quit, "STARTTLS": Session.smtp_starttls,
          "PROXY": Session.smtp_proxy}
-
-
-def host_chars(name):
-    """A client's HELO name for a header or a reply: host name characters
-    only (others become '?'), at most 255."""
-    return re.sub(r"[^A-Za-z0-9.:\[\]_-]", "?", name[:255])
 
 
 def email_date():

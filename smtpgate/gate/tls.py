@@ -14,7 +14,7 @@ DESCRIPTION
 import os
 import ssl
 
-from smtpgate import daemonlib as dl
+from smtpgate import log, process
 
 
 class CertError(Exception):
@@ -42,15 +42,8 @@ def load(cert, key):
     return ctx
 
 
-def stamp(*paths):
-    out = []
-    for p in paths:
-        try:
-            st = os.stat(p)
-            out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-        except OSError as e:
-            out.append(e.errno)
-    return tuple(out)
+def stamps(*paths):
+    return tuple(process.stamp(p) for p in paths)
 
 
 class Certificates:
@@ -68,9 +61,9 @@ class Certificates:
         pair included: CertError, naming the file."""
         if not self.cert or not self.key:
             return self
-        self.stamp = stamp(self.cert, self.key)
+        self.stamp = stamps(self.cert, self.key)
         if not self.explicit and not (os.path.exists(self.cert) or os.path.exists(self.key)):
-            (dl.debug if quiet else dl.notice)(
+            (log.debug if quiet else log.notice)(
                 "no certificate and key at %s and %s: STARTTLS is not offered",
                 self.cert, self.key)
             return self
@@ -78,18 +71,18 @@ class Certificates:
         return self
 
     def changed(self):
-        return self.cert and self.key and stamp(self.cert, self.key) != self.stamp
+        return self.cert and self.key and stamps(self.cert, self.key) != self.stamp
 
     def reload(self, why):
         """Load the pair again; True if a new context replaced the old."""
         if not self.cert or not self.key:
             return False
-        self.stamp = stamp(self.cert, self.key)
+        self.stamp = stamps(self.cert, self.key)
         try:
             ctx = load(self.cert, self.key)
         except CertError as e:
-            dl.err("%s: keeping the old certificate: %s", why, e)
+            log.err("%s: keeping the old certificate: %s", why, e)
             return False
-        dl.info("%s: certificate and key re-read from %s and %s", why, self.cert, self.key)
+        log.info("%s: certificate and key re-read from %s and %s", why, self.cert, self.key)
         self.context = ctx
         return True

@@ -32,7 +32,8 @@ import sqlite3
 import time
 
 import buildconf
-from smtpgate import daemonlib as dl
+from smtpgate import log
+from smtpgate.text import visible
 from smtpgate.address import bare
 
 REPLY_LINE_MAX = 512
@@ -189,7 +190,7 @@ class Cache:
         return self.db
 
     def give_up(self, what, e):
-        dl.err("verification cache %s: %s: %s; going on without it", self.path, what, e)
+        log.err("verification cache %s: %s: %s; going on without it", self.path, what, e)
         self.failed = True
         if self.db is not None:
             try:
@@ -260,7 +261,7 @@ class Verifier:
 
     def ask(self, address, now, where):
         if self.backend is None:
-            dl.err("a verify rule matched %s, but no backend is configured "
+            log.err("a verify rule matched %s, but no backend is configured "
                    "(SMTPD_VERIFY_BACKEND, -V)", address)
             return UNREACHABLE % address
         if self.callouts >= buildconf.SMTPD_VERIFY_MAX:
@@ -273,14 +274,14 @@ class Verifier:
         except BackendError as e:
             self.said = str(e)
             self.callout.close(polite=False)
-            dl.notice("cannot verify %s for %s: %s", address, where, dl.printable(str(e), 300))
+            log.notice("cannot verify %s for %s: %s", address, where, visible(str(e), 300))
             if buildconf.SMTPD_VERIFY_DEFER_OK:
-                dl.notice("accepting %s unverified (SMTPD_VERIFY_DEFER_OK)", address)
+                log.notice("accepting %s unverified (SMTPD_VERIFY_DEFER_OK)", address)
                 return None
             return UNREACHABLE % address
         self.said = "%d %s" % (code, text)
-        dl.info("verified %s for %s: backend said %d %s", address, where, code,
-                dl.printable(text, 300))
+        log.info("verified %s for %s: backend said %d %s", address, where, code,
+                visible(text, 300))
         if code // 100 in (2, 5):
             if self.cache is not None:
                 self.cache.put(address, code // 100 * 100 + 50, now)

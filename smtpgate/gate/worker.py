@@ -12,7 +12,6 @@ DESCRIPTION
     master can bind while its session ends.  prefork.py forks and jails it.
 """
 
-import ctypes
 import errno
 import os
 import select
@@ -22,7 +21,9 @@ import time
 
 from smtpgate.gate import admission
 import buildconf
-from smtpgate import daemonlib as dl
+from smtpgate import libc, log
+from smtpgate import net
+from smtpgate.net import normalize_ip
 from smtpgate.gate import proxy
 from smtpgate.gate.admission import Scoreboard
 
@@ -53,7 +54,7 @@ class WorkerLoop:
         # new master can bind it while this session ends.  (Set after the
         # jail: a change of credentials clears it.)
         signal.signal(signal.SIGUSR2, self.on_master_death)
-        set_parent_death_signal(signal.SIGUSR2)
+        libc.set_parent_death_signal(signal.SIGUSR2)
         if os.getppid() != master:
             self.on_master_death()
         self.poller = select.epoll()
@@ -71,7 +72,7 @@ class WorkerLoop:
             self.board.set(self.slot, Scoreboard.IDLE)
             conn = self.next_connection()
             if conn is None:
-                return dl.EX_OK
+                return os.EX_OK
             sock, addr = conn
             try:
                 local = sock.getsockname()[:2]
@@ -84,9 +85,9 @@ class WorkerLoop:
             status = self.cfg.serve(self.cfg, sock.fileno(), sock.fileno(), local,
                                     addr, sock=sock, on_end=self.release, origin=origin)
             sock.close()
-            if status == dl.EX_SOFTWARE:
+            if status == os.EX_SOFTWARE:
                 return status
-        return dl.EX_OK
+        return os.EX_OK
 
     def next_connection(self):
         """(socket, peer address), or None when it is time to leave."""
@@ -101,7 +102,7 @@ class WorkerLoop:
                 continue            # another worker took it
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    dl.err("accept: %s", e.strerror)
+                    log.err("accept: %s", e.strerror)
                     time.sleep(0.1)
                     continue
                 return None         # the listener was shut down or closed
@@ -116,19 +117,19 @@ class WorkerLoop:
     def admit(self, sock, addr):
         """Claim our slot for this client's network, or refuse it with 421:
         over SMTPD_MAX_RATE new sessions, or SMTPD_MAX_PER_IP at once."""
-        ip = dl.normalize_ip(addr[0])
+        ip = normalize_ip(addr[0])
         key = admission.network_key(ip)
-        if self.adm.rates is not None and not admission.member(ip, self.adm.exempt):
-            admitted, log = self.adm.rates.attempt(key)
+        if self.adm.rates is not None and not net.member(ip, self.adm.exempt):
+            admitted, tell = self.adm.rates.attempt(key)
             if not admitted:
-                if log:
-                    dl.notice("refused %s: more than %d new sessions from %s in %d seconds",
+                if tell:
+                    log.notice("refused %s: more than %d new sessions from %s in %d seconds",
                               ip, buildconf.SMTPD_MAX_RATE, admission.network_text(key),
                               buildconf.SMTPD_RATE_WINDOW)
                 return refuse(sock, RATE_REFUSAL)
         n = self.board.claim(self.slot, key, buildconf.SMTPD_MAX_PER_IP)
         if n >= buildconf.SMTPD_MAX_PER_IP:
-            dl.notice("refused %s: %d sessions from %s already", ip, n,
+            log.notice("refused %s: %d sessions from %s already", ip, n,
                       admission.network_text(key))
             return refuse(sock, REFUSAL)
         if self.board.count(Scoreboard.IDLE) < buildconf.SMTPD_PREFORK:
@@ -144,7 +145,7 @@ def who(cfg, sock, local, peer):
     PROXY header names, origin "proxy" (or the socket's, for LOCAL: a health
     check, "health"); (.., None, ..) when the header is missing or bad --
     logged once, the connection closed.  Otherwise origin is None."""
-    if not admission.member(dl.normalize_ip(peer[0]), cfg.proxy_from):
+    if not net.member(normalize_ip(peer[0]), cfg.proxy_from):
         return local, peer, None
     local, peer, health = proxy.ends(sock, local, peer, buildconf.SMTPD_PROXY_TIMEOUT)
     if peer is None:
@@ -159,12 +160,3 @@ def refuse(sock, reply):
         pass
     sock.close()
     return False
-
-
-def set_parent_death_signal(sig):
-    """prctl(PR_SET_PDEATHSIG): sig when the master exits (Linux)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(sig), 0, 0, 0)       # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        pass

@@ -32,7 +32,9 @@ import stat
 import sys
 
 import buildconf
-from smtpgate import daemonlib as dl
+from smtpgate import privileges, process
+from smtpgate.net import normalize_ip
+from smtpgate.text import visible
 from smtpgate.rules import lookup
 from smtpgate.gate import verify
 from smtpgate.address import AddressError, mail_params, parse_path
@@ -208,20 +210,15 @@ class RulesFile:
         self.stamp = None
         self.rules = None
         self.error = None
-        self.last_good = None
 
     def get(self):
         """The current rules; RuleError if the file is now invalid."""
-        try:
-            st = os.stat(self.path)
-            stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        except OSError:
-            stamp = None
-        if stamp != self.stamp or stamp is None:
+        stamp = process.stamp(self.path)
+        if stamp != self.stamp or isinstance(stamp, int):     # an errno: try again
             self.stamp = stamp
             try:
                 self.rules, _ = load(self.path)
-                self.last_good, self.error = self.rules, None
+                self.error = None
             except RuleError as e:
                 self.rules, self.error = None, e
         if self.error is not None:
@@ -348,7 +345,7 @@ def usage(msg=None):
 def cli_client(address, name, ident, resolver):
     lk = lookup.Lookup(resolver)
     try:
-        ip = dl.normalize_ip(address)
+        ip = normalize_ip(address)
     except ValueError:
         raise SystemExit(usage("bad address %r" % address))
     name_error = None
@@ -369,7 +366,7 @@ def callout(backend, v, rcpt):
         where = verify.parse_backend(backend)
     except ValueError:
         raise SystemExit(usage("-V needs [lmtp:]address:port, not %r" % backend))
-    checker = verify.Verifier(where, dl.own_name(), None, None)
+    checker = verify.Verifier(where, privileges.own_name(), None, None)
     refusal = checker.check(rcpt, "checkrules")
     checker.close()
     if refusal is None:
@@ -408,7 +405,7 @@ def smtpd_refusal(sender, rcpt):
 def say(text):
     """Print what the rules file or the DNS said: their control characters
     made visible (the file may be the jail's), never sent to the terminal."""
-    print(dl.visible(text))
+    print(visible(text))
 
 
 def become_jail_owner(path):
@@ -417,16 +414,11 @@ def become_jail_owner(path):
     smtpd's own rules watcher reads it.  Elsewhere, nothing changes."""
     jail = os.path.realpath(buildconf.SPOOLDIR)
     where = os.path.realpath(os.path.dirname(os.path.abspath(path)))
-    if os.geteuid() != 0 or not (where + "/").startswith(jail.rstrip("/") + "/"):
-        return
-    try:
-        st = os.stat(jail)
-    except OSError:
-        return
-    if st.st_uid != 0:
-        os.setgroups([st.st_gid])
-        os.setresgid(st.st_gid, st.st_gid, st.st_gid)
-        os.setresuid(st.st_uid, st.st_uid, st.st_uid)
+    if (where + "/").startswith(jail.rstrip("/") + "/"):
+        try:
+            privileges.become_owner(jail)
+        except FileNotFoundError:
+            pass
 
 
 def main(argv):

@@ -13,7 +13,7 @@ DESCRIPTION
 import ipaddress
 import re
 
-from smtpgate import daemonlib as dl
+from smtpgate.net import normalize_ip
 from smtpgate.rules import lookup
 
 SPECIALS = ("ALL", "KNOWN", "UNKNOWN", "EXCEPT")
@@ -112,7 +112,7 @@ class Addr:
     """An address as IP tokens see it (the Client is one too)."""
 
     def __init__(self, ip, lookup_):
-        self.ip = dl.normalize_ip(ip)
+        self.ip = normalize_ip(ip)
         self.ip_int = int(self.ip) if self.ip is not None else None
         self.ip_text = str(self.ip) if self.ip is not None else None
         self.lookup = lookup_

@@ -1,0 +1,42 @@
+"""net - client addresses and the networks the configuration names
+
+DESCRIPTION
+    normalize_ip() makes every address an ipaddress object, IPv4-mapped
+    IPv6 as IPv4, so that one client is one address whichever socket it
+    came through; parse_networks() reads a CIDR list of the configuration
+    (SMTPD_ADMISSION_EXEMPT, SMTPD_PROXY_FROM, -X); member() asks whether an
+    address is in one.
+"""
+
+import ipaddress
+
+
+class ConfigError(Exception):
+    """A bad address list in the configuration; str() says which."""
+
+
+def normalize_ip(addr):
+    """An ipaddress object; IPv4-mapped IPv6 becomes IPv4; None/"" -> None."""
+    if addr is None or addr == "":
+        return None
+    ip = ipaddress.ip_address(addr) if isinstance(addr, str) else addr
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def parse_networks(text, what):
+    """The CIDR list in text -> [ip_network]; ConfigError if one is bad."""
+    out = []
+    for tok in text.split():
+        try:
+            out.append(ipaddress.ip_network(tok, strict=False))
+        except ValueError as e:
+            raise ConfigError("%s: %r is not an address or network: %s" % (what, tok, e)) \
+                from None
+    return out
+
+
+def member(ip, networks):
+    """Is ip (an ipaddress object, IPv4-mapped already IPv4) in networks?"""
+    return ip is not None and any(ip.version == n.version and ip in n for n in networks)
