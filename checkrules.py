@@ -1,23 +1,18 @@
 #!/usr/bin/env python3
-"""checkrules - the smtpd_check_rules engine and its tester
+"""checkrules - test smtpd_check_rules before smtpd uses them
 
 SYNOPSIS
     checkrules.py [-v] [-f rules] [-a address] [-n hostname] [-u identuser]
                   [-V backend] FROM TO
     checkrules.py -t [-f rules]
 DESCRIPTION
-    The rules engine smtpd(8) runs at each RCPT, and a tester that runs the
-    same code: it prints "allow", "noto <reply>" or "deny <reply>" (or
-    "tempfail <reply>" when a lookup failed) and, with -v, the deciding
-    "file:line: rule" or "default".  An address smtpd itself refuses (a
-    leading '-', an unquoted ',', ...) is reported first, as smtpd answers
-    it: "refused <reply>".  A "verify" rule prints "verify"; with -V
-    [lmtp:]address:port the tester asks that backend as smtpd would and
-    prints the outcome (with -v, the backend's words).  -t validates the
-    file and prints every error and warning as "file:line: message".
-    -a is the client address (none: IP tokens never match); -n its confirmed
-    host name, UNKNOWN for none (without -n the name comes from DNS as smtpd
-    gets it); -u its ident user.  FROM and TO as the client typed them.
+    Runs smtpd's rules engine on one recipient and prints what smtpd would
+    do: "allow", "noto <reply>", "deny <reply>", "tempfail <reply>" or
+    "verify", and with -v the deciding "file:line: rule" (tcpdmatch to
+    tcp_wrappers).  -a is the client's address, -n its confirmed host name
+    (UNKNOWN: none; without -n, the DNS as smtpd asks it), -u its ident
+    user, -V the verification backend to ask; FROM and TO as the client
+    typed them.  -t validates the file.  (smtpgate/rules/tester.py)
 EXIT STATUS
     0 allow, 1 noto, 2 deny, 3 refused by smtpd's address checks,
     4 verify (not asked), 75 temporary failure, 64 usage, 78 bad file.
@@ -25,9 +20,27 @@ FILES
     SPOOLDIR/CHECK_FILE, normally /var/spool/smtpd/etc/smtpd_check_rules.
 """
 
+import os
 import sys
 
-from smtpgate.rules import engine
+from smtpgate import options
+from smtpgate.rules import tester
+
+USAGE = """usage: checkrules.py [-v] [-f rules] [-a address] [-n hostname] [-u identuser]
+                     [-V backend] FROM TO
+       checkrules.py -t [-f rules]"""
+FLAGS = {"-t": ("validate", True), "-v": ("verbose", True), "-f": ("rules", options.text),
+         "-a": ("address", options.text), "-n": ("name", options.text),
+         "-u": ("ident", options.text), "-V": ("backend", options.text)}
+
+
+def main(argv):
+    try:
+        return tester.run(*options.parse(argv, FLAGS, takes_args=True))
+    except options.UsageError as e:
+        print("checkrules.py: %s\n%s" % (e, USAGE), file=sys.stderr)
+        return os.EX_USAGE
+
 
 if __name__ == "__main__":
-    sys.exit(engine.main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

@@ -15,7 +15,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from smtpgate.rules import engine as checkrules  # noqa: E402
+from smtpgate.rules import engine  # noqa: E402
 
 N = 2000
 
@@ -54,10 +54,10 @@ def main():
     loads = []
     for _ in range(10):
         t0 = time.perf_counter()
-        rules, _ = checkrules.load(f.name)
+        rules, _ = engine.load(f.name)
         loads.append(time.perf_counter() - t0)
     os.unlink(f.name)
-    client = checkrules.Client("203.0.113.77", "mx.customer.example")
+    client = engine.Client("203.0.113.77", "mx.customer.example")
     cases = {"late match (default)": "<bob@elsewhere.example>",
              "early match": "<x@host1.example.com>"}
     print("rules: %d lines" % len(rules))
@@ -67,7 +67,7 @@ def main():
         times = []
         for _ in range(300):
             t0 = time.perf_counter()
-            checkrules.evaluate(rules, client, "<alice@example.org>", rcpt)
+            engine.evaluate(rules, client, "<alice@example.org>", rcpt)
             times.append(time.perf_counter() - t0)
         print("evaluate, %s: median %.3f ms, p99 %.3f ms"
               % (label, statistics.median(times) * 1e3, pct(times, 0.99) * 1e3))

@@ -19,7 +19,6 @@ Run by `make bench` (never by `make test`).  In one run it:
 Environment: RUNS (default 3), QUICK=1 (only the 10 x 10 KB cells).
 """
 
-import glob
 import os
 import platform
 import shutil

@@ -11,16 +11,16 @@ import atheris
 with atheris.instrument_imports():
     import common  # noqa: F401
     import buildconf
-    from smtpgate.rules import engine as checkrules
     from smtpgate.gate import session
-    from smtpgate.gate import program as smtpd
+    from smtpgate.gate.config import GateConfig
+    from smtpgate.gate.connection import Connection
+    from smtpgate.gate.engine import in_process
+    from smtpgate.rules import engine
 
 buildconf.SMTPD_ERROR_SLEEP = 0         # random input makes many errors: no tarpit
 SPOOL = tempfile.mkdtemp(prefix="fuzz-cmd-")
-CFG = smtpd.Config()
-CFG.myname, CFG.spooldir, CFG.maxsize = "fuzz.example", SPOOL, 4096
-RULES, _ = checkrules.parse("noto:ALL:ALL:*@no.example:550 no\nallow:ALL:ALL:ALL\n")
-CFG.rules = type("R", (), {"get": lambda self: RULES})()
+CFG = GateConfig(myname="fuzz.example", spooldir=SPOOL, maxsize=4096)
+ENGINE = in_process(engine.parse("noto:ALL:ALL:*@no.example:550 no\nallow:ALL:ALL:ALL\n")[0])
 DEVNULL = os.open(os.devnull, os.O_WRONLY)
 
 
@@ -28,8 +28,8 @@ def TestOneInput(data):
     r, w = os.pipe()
     os.write(w, data[:60000])
     os.close(w)
-    client = checkrules.Client("192.0.2.1", None)
-    status = session.Session(CFG, client, r, DEVNULL).run()
+    client = engine.Client("192.0.2.1", None)
+    status = session.Session(CFG, ENGINE, client, Connection(r, DEVNULL)).run()
     os.close(r)
     if status not in (os.EX_OK, os.EX_OSERR, os.EX_PROTOCOL):
         raise RuntimeError("session ended with status %d" % status)

@@ -8,20 +8,20 @@ import atheris
 
 with atheris.instrument_imports():
     import common  # noqa: F401
-    from smtpgate.rules import engine as checkrules
+    from smtpgate.rules import engine
 
-CLIENTS = [checkrules.Client("192.0.2.10", "mail.example.org"),
-           checkrules.Client("2001:db8::1", None), checkrules.Client(None, None)]
+CLIENTS = [engine.Client("192.0.2.10", "mail.example.org"),
+           engine.Client("2001:db8::1", None), engine.Client(None, None)]
 
 
 def TestOneInput(data):
     try:
-        rules, _ = checkrules.parse(data)
-    except checkrules.RuleError:
+        rules, _ = engine.parse(data)
+    except engine.RuleError:
         return
     for c in CLIENTS:
         for f, t in (("<a@b.example>", "<bob@my.domain>"), ("<>", "postmaster")):
-            v = checkrules.evaluate(rules, c, f, t)
+            v = engine.evaluate(rules, c, f, t)
             if v.action not in ("allow", "noto", "deny", "tempfail"):
                 raise RuntimeError(v.action)
             if v.reply is not None and ("\n" in v.reply or len(v.reply) > 510):

@@ -40,3 +40,17 @@ def parse_networks(text, what):
 def member(ip, networks):
     """Is ip (an ipaddress object, IPv4-mapped already IPv4) in networks?"""
     return ip is not None and any(ip.version == n.version and ip in n for n in networks)
+
+
+def parse_backend(text):
+    """'[lmtp:]address:port' -> (lmtp?, address, port); ValueError.  The
+    address is an IP literal (IPv6 in brackets or not): a jailed process
+    cannot resolve names it was not given."""
+    lmtp = text.startswith("lmtp:")
+    rest = text[5:] if lmtp else text.removeprefix("smtp:")
+    host, _, port = rest.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    ip = ipaddress.ip_address(host)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("no port in %r" % text)
+    return lmtp, str(ip), int(port)

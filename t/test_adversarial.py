@@ -211,12 +211,12 @@ def test_address_parser_is_linear_on_hostile_domains():
 
 
 def test_glob_rules_are_linear_on_hostile_addresses():
-    from smtpgate.rules import engine as checkrules
-    rules, _ = checkrules.parse("noto:ALL:ALL:*a*a*a*a*a*a*a*a*a*a*z:550 no\n"
+    from smtpgate.rules import engine
+    rules, _ = engine.parse("noto:ALL:ALL:*a*a*a*a*a*a*a*a*a*a*z:550 no\n"
                                 "allow:ALL:ALL:ALL\n")
-    client = checkrules.Client("192.0.2.1", None)
+    client = engine.Client("192.0.2.1", None)
     verdicts = []
-    assert finishes(lambda: verdicts.append(checkrules.evaluate(
+    assert finishes(lambda: verdicts.append(engine.evaluate(
         rules, client, "<x@y.example>", "<" + "a" * 200 + "@b.example>")))
     assert verdicts[0].action == "allow"
 
@@ -242,20 +242,20 @@ def test_sessions_on_non_socket_fds_leak_no_descriptors(tmp_path, monkeypatch):
     # session at once: the pipelining check is off for it.)
     import buildconf
     monkeypatch.setattr(buildconf, "SMTPD_FORBID_UNAUTH_PIPELINING", 0)
-    from smtpgate.rules import engine as checkrules
     from smtpgate.gate import session
-    from smtpgate.gate import program as smtpd
-    cfg = smtpd.Config()
-    cfg.myname, cfg.spooldir = "fuzz.example", str(tmp_path)
-    rules, _ = checkrules.parse("allow:ALL:ALL:ALL\n")
-    cfg.rules = type("R", (), {"get": lambda self: rules})()
+    from smtpgate.gate.config import GateConfig
+    from smtpgate.gate.connection import Connection
+    from smtpgate.gate.engine import in_process
+    from smtpgate.rules import engine
+    cfg = GateConfig(myname="fuzz.example", spooldir=str(tmp_path))
+    rules = in_process(engine.parse("allow:ALL:ALL:ALL\n")[0])
     out = os.open(os.devnull, os.O_WRONLY)
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(50):
         r, w = os.pipe()
         os.write(w, b"HELO x\r\nQUIT\r\n")
         os.close(w)
-        assert session.Session(cfg, checkrules.Client(None), r, out).run() == 0
+        assert session.Session(cfg, rules, engine.Client(None), Connection(r, out)).run() == 0
         os.close(r)
     assert len(os.listdir("/proc/self/fd")) == before
     os.close(out)

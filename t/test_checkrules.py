@@ -7,9 +7,9 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from smtpgate.rules import engine as checkrules
+from smtpgate.rules import engine
 from smtpgate.net import normalize_ip
-from smtpgate.rules import lookup
+from smtpgate.rules import dnslookup, ident
 from smtpgate.rules.engine import Client
 from harness import IDENT_PORT, PYTHON, ROOT
 
@@ -18,13 +18,13 @@ F, T = "<alice@example.org>", "<bob@my.domain>"
 
 def session(text, ip, name=None, resolve=True):
     """A Client as smtpd builds it: FCrDNS through the DNS fixture."""
-    rules, _ = checkrules.parse(text)
-    lk = lookup.Lookup(lookup.make_resolver(timeout=1.0))
+    rules, _ = engine.parse(text)
+    lk = dnslookup.Lookup(dnslookup.make_resolver(timeout=1.0))
     err = None
     if resolve:
         try:
             name, _ = lk.confirmed_name(normalize_ip(ip))
-        except lookup.TempFail as e:
+        except dnslookup.TempFail as e:
             err = str(e)
     return rules, Client(ip, name, lk, name_error=err)
 
@@ -35,7 +35,7 @@ def verdict(text, ip, f=F, t=T, **kw):
 
 def evaluated(text, ip, f=F, t=T, **kw):
     rules, c = session(text, ip, **kw)
-    v = checkrules.evaluate(rules, c, f, t)
+    v = engine.evaluate(rules, c, f, t)
     return v.action, v.reply, v.detail
 
 
@@ -76,7 +76,7 @@ def test_dns_timeout_is_tempfail_never_allow(dnsz):
     t0 = time.monotonic()
     action, reply, detail = evaluated("deny:UNKNOWN:ALL:ALL\nallow:ALL:ALL:ALL\n", "203.0.113.5")
     assert action == "tempfail" and "timed out" in detail
-    assert reply == checkrules.TEMPFAIL_REPLY       # nothing internal reaches the client
+    assert reply == engine.TEMPFAIL_REPLY       # nothing internal reaches the client
     assert time.monotonic() - t0 < 5
 
 
@@ -110,7 +110,7 @@ def test_rbl_error_answers_are_lookup_failures_never_listings(dnsz, answer):
     dnsz.add("10.2.0.192.rbl.example", "A", answer)
     text = "deny:RBL.rbl.example:ALL:ALL:554 listed\nallow:ALL:ALL:ALL\n"
     action, reply, detail = evaluated(text, "192.0.2.10")
-    assert action == "tempfail" and reply == checkrules.TEMPFAIL_REPLY
+    assert action == "tempfail" and reply == engine.TEMPFAIL_REPLY
     assert answer in detail and "error code" in detail
 
 
@@ -161,7 +161,7 @@ def test_ident_over_rfc1413(ident_server):
     cli = socket.create_connection(listener.getsockname(), source_address=("127.0.0.61", 0))
     conn, peer = listener.accept()
     local = conn.getsockname()
-    user = lookup.ident_query(local, peer, port=IDENT_PORT, timeout=2)
+    user = ident.query(local, peer, port=IDENT_PORT, timeout=2)
     assert user == "JOE"
     assert srv.queries == ["%d , %d\r\n" % (peer[1], local[1])]
     for s in (cli, conn, listener):
@@ -177,16 +177,16 @@ def test_ident_over_rfc1413(ident_server):
     ("4000 , 25 : USERID : UNIX :" + "x" * 100 + "\r\n", "x" * 80),
 ])
 def test_ident_reply_parsing(reply, user):
-    assert lookup.parse_ident_reply(reply.encode(), 4000, 25) == user
+    assert ident.parse_reply(reply.encode(), 4000, 25) == user
 
 
 def test_ipv6_tokens_and_mapped_clients():
     text = ("allow:[2001:db8::]/32:ALL:ALL\nallow:[2001:db9::1]:ALL:ALL\n"
             "allow:192.0.2.0/24:ALL:ALL\nnoto:ALL:ALL:ALL:550 no\n")
-    rules, _ = checkrules.parse(text)
+    rules, _ = engine.parse(text)
 
     def v(ip):
-        return checkrules.evaluate(rules, Client(ip), F, T).action
+        return engine.evaluate(rules, Client(ip), F, T).action
     assert v("2001:db8:ffff::1") == "allow"
     assert v("2001:db9::1") == "allow"
     assert v("2001:db9::2") == "noto"
@@ -198,8 +198,8 @@ def test_except_three_deep():
     # A EXCEPT B EXCEPT C EXCEPT D = A and not (B and not (C and not D))
     text = ("deny:192.0.2.0/24 EXCEPT 192.0.2.0/25 EXCEPT 192.0.2.0/26 "
             "EXCEPT 192.0.2.1:ALL:ALL\nallow:ALL:ALL:ALL\n")
-    rules, _ = checkrules.parse(text)
-    got = {ip: checkrules.evaluate(rules, Client(ip), F, T).action
+    rules, _ = engine.parse(text)
+    got = {ip: engine.evaluate(rules, Client(ip), F, T).action
            for ip in ("192.0.2.200", "192.0.2.100", "192.0.2.30", "192.0.2.1")}
     assert got == {"192.0.2.200": "deny", "192.0.2.100": "allow",
                    "192.0.2.30": "deny", "192.0.2.1": "allow"}
@@ -233,44 +233,44 @@ def test_except_three_deep():
     ("allow:ALL:ALL:ALL\0", "NUL byte"),
 ])
 def test_validation_error_messages(line, message):
-    with pytest.raises(checkrules.RuleError) as e:
-        checkrules.parse("# first\n" + line + "\n", "/etc/rules")
+    with pytest.raises(engine.RuleError) as e:
+        engine.parse("# first\n" + line + "\n", "/etc/rules")
     (problem,) = e.value.problems
     assert problem.startswith("/etc/rules:2: ")
     assert message in problem
 
 
 def test_every_problem_is_reported_not_just_the_first():
-    with pytest.raises(checkrules.RuleError) as e:
-        checkrules.parse("bogus\nallow:ALL:ALL:ALL\nnoto:10/8:ALL:ALL\n")
+    with pytest.raises(engine.RuleError) as e:
+        engine.parse("bogus\nallow:ALL:ALL:ALL\nnoto:10/8:ALL:ALL\n")
     assert [p.split(":")[1] for p in e.value.problems] == ["1", "3"]
 
 
 def test_tolerated_forms():
-    rules, _ = checkrules.parse("  \t \r\n#c\r\nallow:ALL:ALL:ALL\r\n   # indented comment\n"
+    rules, _ = engine.parse("  \t \r\n#c\r\nallow:ALL:ALL:ALL\r\n   # indented comment\n"
                                 "noto:ALL:ALL:*@x:550 y")
     assert len(rules) == 2 and rules[1].template == "550 y"
 
 
 def test_reply_is_capped_at_510_bytes_plus_crlf():
-    rules, _ = checkrules.parse("noto:ALL:ALL:ALL:550 %T%T%T\n")
+    rules, _ = engine.parse("noto:ALL:ALL:ALL:550 %T%T%T\n")
     long_rcpt = "<" + "a" * 250 + "@x>"
-    v = checkrules.evaluate(rules, Client("192.0.2.1"), F, long_rcpt)
+    v = engine.evaluate(rules, Client("192.0.2.1"), F, long_rcpt)
     assert len(v.reply) == 510     # 512 octets with CR LF (RFC 5321)
 
 
 def test_rules_file_reload_on_change_and_451_when_broken(tmp_path):
     path = tmp_path / "rules"
     path.write_text("allow:ALL:ALL:ALL\n")
-    rf = checkrules.RulesFile(str(path))
+    rf = engine.RulesFile(str(path))
     assert rf.get()[0].action == "allow"
     path.write_text("deny:ALL:ALL:ALL\n")
     assert rf.get()[0].action == "deny"
     path.write_text("deny:ALL:ALL:ALL\nbroken\n")
-    with pytest.raises(checkrules.RuleError) as e:
+    with pytest.raises(engine.RuleError) as e:
         rf.get()
     assert str(e.value).startswith(str(path) + ":2: bad field count")
-    with pytest.raises(checkrules.RuleError):      # still broken: never the old rules
+    with pytest.raises(engine.RuleError):      # still broken: never the old rules
         rf.get()
     path.write_text("noto:ALL:ALL:ALL\n")
     assert rf.get()[0].action == "noto"
@@ -280,12 +280,12 @@ def test_rules_file_reload_on_change_and_451_when_broken(tmp_path):
 @given(st.binary(max_size=300))
 def test_parsing_arbitrary_bytes_raises_only_rule_error(data):
     try:
-        rules, warnings = checkrules.parse(data)
-    except checkrules.RuleError as e:
+        rules, warnings = engine.parse(data)
+    except engine.RuleError as e:
         assert e.problems and all(p.startswith("rules:") for p in e.problems)
         return
     for r in rules:
-        assert r.action in checkrules.ACTIONS
+        assert r.action in engine.ACTIONS
 
 
 TOKENS = st.sampled_from(["ALL", "KNOWN", "UNKNOWN", "*.example.org", "192.0.2.0/24",
@@ -302,13 +302,13 @@ TOKENS = st.sampled_from(["ALL", "KNOWN", "UNKNOWN", "*.example.org", "192.0.2.0
 def test_matching_is_deterministic(lines, ip, rcpt):
     text = "".join("%s:%s:ALL:%s\n" % (a, " ".join(s), " ".join(t)) for a, s, t in lines)
     try:
-        rules, _ = checkrules.parse(text)
-    except checkrules.RuleError:
+        rules, _ = engine.parse(text)
+    except engine.RuleError:
         return
     c1 = Client(ip, "mail.example.org")
     c2 = Client(ip, "mail.example.org")
-    v1 = checkrules.evaluate(rules, c1, F, rcpt)
-    v2 = checkrules.evaluate(rules, c2, F, rcpt)
+    v1 = engine.evaluate(rules, c1, F, rcpt)
+    v2 = engine.evaluate(rules, c2, F, rcpt)
     assert (v1.action, v1.reply, v1.rule) == (v2.action, v2.reply, v2.rule)
 
 

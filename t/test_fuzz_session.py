@@ -12,15 +12,24 @@ import socket
 import tempfile
 import threading
 
+import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import buildconf
-from smtpgate.rules import engine as checkrules
 from smtpgate.gate import session
-from smtpgate.gate import program as smtpd
+from smtpgate.gate.config import GateConfig
+from smtpgate.gate.connection import Connection
+from smtpgate.gate.engine import in_process
+from smtpgate.rules import engine
 
-buildconf.SMTPD_ERROR_SLEEP = 0     # random commands make many errors: no tarpit here
+
+@pytest.fixture(autouse=True, scope="module")
+def no_tarpit():
+    """Random commands make many errors: no error delays in this module."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(buildconf, "SMTPD_ERROR_SLEEP", 0)
+        yield
 
 REPLY_LINE = re.compile(rb"^[2-5][0-9][0-9][ -][\x20-\x7e]*$")
 VERBS = ["HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "VRFY", "EXPN",
@@ -39,18 +48,16 @@ class SessionMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="fuzz-spool-")
-        cfg = smtpd.Config()
-        cfg.myname, cfg.spooldir, cfg.maxsize = "fuzz.example", self.dir, 2000
-        rules, _ = checkrules.parse("noto:ALL:ALL:*@refused.example:550 no\n"
-                                    "allow:ALL:ALL:ALL\n")
-        cfg.rules = type("R", (), {"get": lambda self: rules})()
+        cfg = GateConfig(myname="fuzz.example", spooldir=self.dir, maxsize=2000)
+        rules = in_process(engine.parse("noto:ALL:ALL:*@refused.example:550 no\n"
+                                        "allow:ALL:ALL:ALL\n")[0])
         ours, theirs = socket.socketpair()
         self.sock = ours
         self.sock.settimeout(10)
         self.buf = b""
         self.status = None
-        client = checkrules.Client("192.0.2.1", None)
-        self.s = session.Session(cfg, client, theirs.fileno(), theirs.fileno())
+        client = engine.Client("192.0.2.1", None)
+        self.s = session.Session(cfg, rules, client, Connection(theirs.fileno(), theirs.fileno()))
         self.theirs = theirs
 
         def run():

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from smtpgate.rules import engine as checkrules
+from smtpgate.rules import engine
 from harness import (make_jail, needs_root, send, SmtpdDaemon, TEST_CONSTANTS, wait_for,
                      write_rules)
 
@@ -137,30 +137,30 @@ HOSTILE_LINES = [
 
 @pytest.mark.parametrize("line", HOSTILE_LINES, ids=["overflow", "recursion", "re.error", "bound"])
 def test_compile_errors_of_every_type_are_rule_errors(line):
-    with pytest.raises(checkrules.RuleError) as e:
-        checkrules.parse("allow:ALL:ALL:ALL\n" + line + "\n", "f")
+    with pytest.raises(engine.RuleError) as e:
+        engine.parse("allow:ALL:ALL:ALL\n" + line + "\n", "f")
     assert e.value.problems[0].startswith("f:2: ")
 
 
 def test_long_except_chains_do_not_recurse():
     n = 100000     # far beyond the recursion limit
     tokens = " EXCEPT ".join("10.0.%d.%d" % (i // 250 % 250, i % 250) for i in range(n))
-    rules, _ = checkrules.parse("deny:%s:ALL:ALL\nallow:ALL:ALL:ALL\n" % tokens)
+    rules, _ = engine.parse("deny:%s:ALL:ALL\nallow:ALL:ALL:ALL\n" % tokens)
     # 10.0.0.0 matches group 0 only: denied; nothing else matches group 0.
-    c0 = checkrules.Client("10.0.0.0", None)
-    assert checkrules.evaluate(rules, c0, "<a@b>", "<c@d>").action == "deny"
-    c1 = checkrules.Client("10.0.0.1", None)
-    assert checkrules.evaluate(rules, c1, "<a@b>", "<c@d>").action == "allow"
+    c0 = engine.Client("10.0.0.0", None)
+    assert engine.evaluate(rules, c0, "<a@b>", "<c@d>").action == "deny"
+    c1 = engine.Client("10.0.0.1", None)
+    assert engine.evaluate(rules, c1, "<a@b>", "<c@d>").action == "allow"
 
 
 def test_except_chain_semantics_by_parity():
     # A EXCEPT B EXCEPT C = A and not (B and not C)
-    rules, _ = checkrules.parse("deny:10.0.0.0/8 EXCEPT 10.1.0.0/16 EXCEPT 10.1.1.0/24"
+    rules, _ = engine.parse("deny:10.0.0.0/8 EXCEPT 10.1.0.0/16 EXCEPT 10.1.1.0/24"
                                 ":ALL:ALL\nallow:ALL:ALL:ALL\n")
     for ip, action in (("10.2.0.1", "deny"), ("10.1.2.1", "allow"), ("10.1.1.1", "deny"),
                        ("192.0.2.1", "allow")):
-        c = checkrules.Client(ip, None)
-        assert checkrules.evaluate(rules, c, "<a@b>", "<c@d>").action == action, ip
+        c = engine.Client(ip, None)
+        assert engine.evaluate(rules, c, "<a@b>", "<c@d>").action == action, ip
 
 
 @pytest.mark.parametrize("line", HOSTILE_LINES[:2], ids=["overflow", "recursion"])

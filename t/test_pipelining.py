@@ -8,9 +8,7 @@ SMTPD_FORBID_UNAUTH_PIPELINING=0 brings back the original's leniency."""
 import os
 import time
 
-import pytest
-
-from harness import spool_files, wait_for
+from harness import spool_files
 
 SYNC = (554, ["5.5.0 Error: SMTP protocol synchronization"])
 ENVELOPE = "MAIL FROM:<a@example.org>\r\nRCPT TO:<b@my.domain>\r\n"

@@ -7,7 +7,7 @@ PTR names count as UNKNOWN."""
 import pytest
 
 import buildconf
-from smtpgate.rules import engine as checkrules
+from smtpgate.rules import engine
 from smtpgate.rules.engine import Client
 
 A = dict(ip="192.0.2.10", name="mail.example.org")
@@ -22,8 +22,8 @@ def D(ident="UNKNOWN", host="mail.example.org", ip="192.0.2.10", f=F, t=T):
 
 
 def run(text, client=A, f=F, t=T, ident=None):
-    rules, _ = checkrules.parse(text)
-    v = checkrules.evaluate(rules, Client(client["ip"], client["name"],
+    rules, _ = engine.parse(text)
+    v = engine.evaluate(rules, Client(client["ip"], client["name"],
                                           ident=ident), f, t)
     return (v.action, v.reply)
 
@@ -125,41 +125,41 @@ ERRORS = [
 @pytest.mark.parametrize("n,text,message", ERRORS,
                          ids=["ex%d-%d" % (row[0], i) for i, row in enumerate(ERRORS)])
 def test_spec_example_that_failed_open_is_a_load_error(n, text, message):
-    with pytest.raises(checkrules.RuleError) as e:
-        checkrules.parse(text)
+    with pytest.raises(engine.RuleError) as e:
+        engine.parse(text)
     assert message in str(e.value)
     assert str(e.value).startswith("rules:")
 
 
 def test_ex3_missing_file_is_an_error_not_allow(tmp_path):
     # CHANGED: a missing file no longer allows everything.
-    with pytest.raises(checkrules.RuleError) as e:
-        checkrules.load(str(tmp_path / "nope"))
+    with pytest.raises(engine.RuleError) as e:
+        engine.load(str(tmp_path / "nope"))
     assert "cannot read" in str(e.value)
 
 
 def test_ex35_lower_case_all_warns():
-    _, warnings = checkrules.parse("noto:all:ALL:ALL\nallow:ALL:ALL:ALL\n")
+    _, warnings = engine.parse("noto:all:ALL:ALL\nallow:ALL:ALL:ALL\n")
     assert warnings == ["rules:1: warning: lower-case 'all' is a literal pattern, not ALL"]
 
 
 def test_ex14_suffix_glob_without_dot_warns():
-    _, warnings = checkrules.parse("allow:*example.org:ALL:ALL\n")
+    _, warnings = engine.parse("allow:*example.org:ALL:ALL\n")
     assert len(warnings) == 1 and "no dot boundary" in warnings[0]
 
 
 def test_ex36_ex37_delays_use_the_makefile_constants():
-    rules, _ = checkrules.parse("deny_delay:ALL:ALL:*@spam.example\n"
+    rules, _ = engine.parse("deny_delay:ALL:ALL:*@spam.example\n"
                                 "noto_delay:ALL:ALL:*@junk.example\n")
-    v = checkrules.evaluate(rules, Client(**A), F, "<x@spam.example>")
+    v = engine.evaluate(rules, Client(**A), F, "<x@spam.example>")
     assert (v.action, v.delay) == ("deny", buildconf.DENY_DELAY)
-    v = checkrules.evaluate(rules, Client(**A), F, "<x@junk.example>")
+    v = engine.evaluate(rules, Client(**A), F, "<x@junk.example>")
     assert (v.action, v.delay) == ("noto", buildconf.NOTO_DELAY)
 
 
 def test_ex40_debug_rule_is_reported_and_evaluation_continues():
-    rules, _ = checkrules.parse("debug:ALL:ALL:ALL\ndeny:ALL:ALL:ALL\n")
-    v = checkrules.evaluate(rules, Client(**A), F, T)
+    rules, _ = engine.parse("debug:ALL:ALL:ALL\ndeny:ALL:ALL:ALL\n")
+    v = engine.evaluate(rules, Client(**A), F, T)
     assert [r.where for r in v.debug] == ["rules:1"]
     assert v.rule.where == "rules:2"
 
@@ -176,20 +176,20 @@ def test_ex27_to_29_ident_and_user():
             "allow:ALL@freenet.my.domain:USER@freenet.my.domain:ALL\n"
             "deny:freenet.my.domain:ALL:ALL\n")
     fn = dict(ip="192.0.2.50", name="freenet.my.domain")
-    rules, _ = checkrules.parse(text)
+    rules, _ = engine.parse(text)
     asked = []
 
     def ident():
         asked.append(1)
         return "JOE"
     c = Client(fn["ip"], fn["name"], ident_fn=ident)
-    v = checkrules.evaluate(rules, c, "<joe@freenet.my.domain>", T)
+    v = engine.evaluate(rules, c, "<joe@freenet.my.domain>", T)
     assert (v.action, v.rule.where, len(asked)) == ("allow", "rules:2", 1)
-    v = checkrules.evaluate(rules, c, "<root@freenet.my.domain>", T)
+    v = engine.evaluate(rules, c, "<root@freenet.my.domain>", T)
     assert (v.action, v.reply) == ("deny", D("joe", "freenet.my.domain", "192.0.2.50",
                                              f="<root@freenet.my.domain>"))
     assert len(asked) == 1          # asked once per session
     c = Client(fn["ip"], fn["name"], ident_fn=lambda: None)
-    v = checkrules.evaluate(rules, c, "<joe@freenet.my.domain>", T)
+    v = engine.evaluate(rules, c, "<joe@freenet.my.domain>", T)
     assert (v.action, v.reply) == ("deny", D("UNKNOWN", "freenet.my.domain",
                                              "192.0.2.50", f="<joe@freenet.my.domain>"))

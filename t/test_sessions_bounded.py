@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from smtpgate.rules import engine as checkrules
+from smtpgate.rules import engine
 from harness import wait_for
 
 
@@ -122,14 +122,14 @@ def test_tempfail_reply_is_fixed_and_hides_the_resolver(smtpd, dnsz):
     c.cmd("MAIL FROM:<a@b.example>")
     code, texts = c.cmd("RCPT TO:<bob@my.domain>")
     assert code == 451
-    assert texts == [checkrules.TEMPFAIL_REPLY[4:]]
+    assert texts == [engine.TEMPFAIL_REPLY[4:]]
     assert dnsz.spec.split("@")[0] not in " ".join(texts)
 
 
 def test_rule_replies_fit_512_octets_with_crlf():
-    rules, _ = checkrules.parse("noto:ALL:ALL:ALL:550 %F %T %F %T\n")
-    c = checkrules.Client("192.0.2.1", None)
-    v = checkrules.evaluate(rules, c, "<%s@b.example>" % ("f" * 240), "<%s@d.example>" % ("t" * 240))
+    rules, _ = engine.parse("noto:ALL:ALL:ALL:550 %F %T %F %T\n")
+    c = engine.Client("192.0.2.1", None)
+    v = engine.evaluate(rules, c, "<%s@b.example>" % ("f" * 240), "<%s@d.example>" % ("t" * 240))
     assert len(v.reply.encode("latin-1")) + 2 <= 512
 
 

@@ -10,7 +10,7 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from smtpgate.rules import engine as checkrules
+from smtpgate.rules import engine
 from smtpgate import libc, spool
 from harness import BODY, give_to_nobody, is_root, now_date, put, RECEIVED, wait_for
 
@@ -288,6 +288,6 @@ TOKENS = st.sampled_from(["ALL", "EXCEPT", "10.0.0.0/8", "[2001:db8::]/32", "*.x
        .map(":".join))
 def test_rules_compile_raises_only_rule_errors(line):
     try:
-        checkrules.parse("deny:" + line + "\n")
-    except checkrules.RuleError:
+        engine.parse("deny:" + line + "\n")
+    except engine.RuleError:
         pass

@@ -15,8 +15,9 @@ import time
 import pytest
 
 import postfix
+from smtpgate import net
 from smtpgate.gate import verify
-from harness import free_port, PYTHON, ROOT, TEST_CONSTANTS, wait_for
+from harness import free_port, PYTHON, ROOT, wait_for
 
 pytestmark = pytest.mark.skipif(not postfix.available(), reason="needs root and Debian's postfix")
 RULES = ("noto:ALL:ALL:blocked@localhost:550 blocked by the rules\n"
@@ -223,7 +224,7 @@ def test_lmtp_backend(tmp_path):
                 break
         conn.close()
     threading.Thread(target=serve, daemon=True).start()
-    v = verify.Verifier(verify.parse_backend("lmtp:127.0.0.1:%d" % server.getsockname()[1]),
+    v = verify.Verifier(net.parse_backend("lmtp:127.0.0.1:%d" % server.getsockname()[1]),
                         "gate.example", None, None)
     assert v.check("<known@x>") is None
     assert v.check("<nosuch@x>").startswith("550 5.1.1")
@@ -236,5 +237,5 @@ def test_lmtp_backend(tmp_path):
 @pytest.mark.parametrize("text", ["127.0.0.1", "localhost:25", "127.0.0.1:0", "lmtp:[::1]:x"])
 def test_bad_backends_are_refused(text):
     with pytest.raises(ValueError):
-        verify.parse_backend(text)
-    assert verify.parse_backend("lmtp:[::1]:24") == (True, "::1", 24)
+        net.parse_backend(text)
+    assert net.parse_backend("lmtp:[::1]:24") == (True, "::1", 24)

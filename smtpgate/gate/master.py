@@ -1,15 +1,17 @@
-"""prefork - smtpd -D: the master and its pre-forked, jailed workers
+"""master - smtpd -D: the master and its pool of pre-forked, jailed workers
 
 DESCRIPTION
-    The master binds the listening socket(s) as root, takes the pid file,
+    run(config, engine): the master reads the rules through a one-shot
+    watcher, binds the listening socket(s) as root, takes the pid file,
     detaches (unless -F) and keeps a pool of workers: SMTPD_PREFORK spare
     ones, at most -M (SMTPD_MAXCHILDREN) in all; it never reads what a
     client sends.  The workers (worker.py) accept for themselves and ask
     admission.py whether a client may have a session; the master maps the
     shared scoreboard and rate table before forking them, keeps spares
     (a worker says "N" when they run low), retires surplus ones after
-    SMTPD_IDLE_TIME, and replaces those that end.  Each worker chroots to
-    -c and becomes -u/-g before its first session.  The master holds the
+    SMTPD_IDLE_TIME, and replaces those that end.  Each worker enters the
+    jail (engine.post_jail_init) before its first session, with the Engine
+    of the moment: a new rules text or certificate makes a new Engine.  The master holds the
     TLS certificate and key (outside the jail) and reloads them on SIGHUP
     and when either file changes.  It holds the rules but never opens
     anything in the jail: a jailed watcher
@@ -32,47 +34,50 @@ import socket
 import stat
 import sys
 import time
+from dataclasses import replace
 
 import daemon
 import daemon.pidfile
 import lockfile
 
-from smtpgate.gate import admission
 import buildconf
-from smtpgate.rules import engine as checkrules
 from smtpgate import log, process
-from smtpgate.gate import rulewatch
-from smtpgate.gate import worker
+from smtpgate.gate import admission, rulewatch
 from smtpgate.gate.admission import Scoreboard
+from smtpgate.gate.engine import FrozenRules, post_jail_init
+from smtpgate.gate.worker import Worker
+from smtpgate.rules.engine import parse, RuleError
 
 
+class WorkerHandle:
+    """The master's hold on one worker process: its control socket and
+    scoreboard slot."""
 
-class Worker:
     def __init__(self, pid, ctrl, slot):
         self.pid, self.ctrl, self.slot = pid, ctrl, slot
         self.retiring = False
 
 
-def compile_rules(cfg, frame):
+def compile_rules(config, frame):
     """(rules, warnings) from what the watcher sent; RuleError."""
     kind, data = frame
     if kind == "E":
-        raise checkrules.RuleError([data])
-    return checkrules.parse(data, rulewatch.shown_path(cfg))
+        raise RuleError([data])
+    return parse(data, config.rules_shown)
 
 
-def load_rules(cfg):
+def load_rules(config):
     """The rules at start, read in the jail by a one-shot watcher; an
     unreadable or invalid file stops smtpd with 78.  (rules, text)."""
-    w = rulewatch.Watcher(cfg, cfg.enter_jail).start()
+    w = rulewatch.Watcher(config).start()
     frame = None
     try:
         frame = w.first()
-        rules, warnings = compile_rules(cfg, frame)
+        rules, warnings = compile_rules(config, frame)
         problems = []
     except rulewatch.WatcherError as e:
         problems = [str(e)]
-    except checkrules.RuleError as e:
+    except RuleError as e:
         problems = e.problems
     finally:
         w.stop()
@@ -88,13 +93,13 @@ def load_rules(cfg):
     return rules, frame[1]
 
 
-def check_jail_log_socket(cfg):
+def check_jail_log_socket(config):
     """Warn when the jail has no log socket: the workers could not reach
     the syslog daemon again after it restarts (with -F they also log to
     standard error, so nothing is lost)."""
-    if not cfg.root or cfg.foreground:
+    if not config.root or config.foreground:
         return
-    path = os.path.join(cfg.chroot, buildconf.LOG_SOCKET.lstrip("/"))
+    path = os.path.join(config.chroot, buildconf.LOG_SOCKET.lstrip("/"))
     try:
         ok = stat.S_ISSOCK(os.stat(path, follow_symlinks=False).st_mode)
     except OSError:
@@ -105,23 +110,23 @@ def check_jail_log_socket(cfg):
                 "snippet in smtpd(8))", path)
 
 
-def bind(cfg):
+def bind(config):
     """The listening socket: -l address (or all, dual stack) and -p port."""
-    addr = cfg.listen
+    addr = config.listen
     family = socket.AF_INET6 if addr is None or ":" in addr else socket.AF_INET
     s = socket.socket(family, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if family == socket.AF_INET6 and addr is None:
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     try:
-        s.bind((addr or "::", cfg.port))
+        s.bind((addr or "::", config.port))
     except OSError as e:
         if addr is None and e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
             s.close()
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            return bind_or_die(s, "0.0.0.0", cfg.port)
-        log.die(os.EX_OSERR, "bind(%s port %d): %s", addr or "::", cfg.port, e.strerror)
+            return bind_or_die(s, "0.0.0.0", config.port)
+        log.die(os.EX_OSERR, "bind(%s port %d): %s", addr or "::", config.port, e.strerror)
     s.listen(128)
     s.setblocking(False)
     return s
@@ -190,16 +195,17 @@ def is_smtpd_master(pid):
 
 
 class Master:
-    def __init__(self, cfg, listener, rules, rules_text):
-        self.cfg, self.listener = cfg, listener
-        self.rules, self.rules_text = rules, rules_text
+    def __init__(self, config, engine, listener, rules, rules_text):
+        self.config, self.listener = config, listener
+        self.engine = replace(engine, rules=FrozenRules(rules))   # what a new worker gets
+        self.rules_text = rules_text
         self.watcher = None
         self.next_watcher = 0
         self.reload_reason = None
-        self.workers = {}           # pid -> Worker
-        self.admission = admission.Admission(cfg.maxchildren, cfg.exempt)
+        self.workers = {}           # pid -> WorkerHandle
+        self.admission = admission.Admission(config.maxchildren, config.exempt)
         self.board = self.admission.board
-        self.free_slots = list(range(cfg.maxchildren - 1, -1, -1))
+        self.free_slots = list(range(config.maxchildren - 1, -1, -1))
         self.stopping = self.hup = False
         self.fork_backoff = 0
         self.next_fork = 0
@@ -238,7 +244,7 @@ class Master:
         if self.watcher is None and time.monotonic() >= self.next_watcher:
             self.start_watcher()
         idle = self.idle()
-        while len(idle) < buildconf.SMTPD_PREFORK and len(self.workers) < self.cfg.maxchildren:
+        while len(idle) < buildconf.SMTPD_PREFORK and len(self.workers) < self.config.maxchildren:
             w = self.spawn()
             if w is None:
                 break
@@ -274,7 +280,7 @@ class Master:
             self.become_worker(theirs, slot)
         self.fork_backoff = 0
         theirs.close()
-        w = self.workers[pid] = Worker(pid, ours, slot)
+        w = self.workers[pid] = WorkerHandle(pid, ours, slot)
         self.sel.register(ours, selectors.EVENT_READ, w)
         return w
 
@@ -329,8 +335,7 @@ class Master:
             return ([self.listener, self.wake_r, self.wake_w, self.sel]
                     + [w.ctrl for w in self.workers.values()])
         try:
-            self.watcher = rulewatch.Watcher(self.cfg, self.cfg.enter_jail,
-                                             inherited).start()
+            self.watcher = rulewatch.Watcher(self.config, inherited).start()
         except OSError as e:
             log.err("fork of the rules watcher: %s", e.strerror)
             self.next_watcher = time.monotonic() + 1
@@ -364,15 +369,15 @@ class Master:
         if frame == ("T", self.rules_text) and why != "SIGHUP":
             return      # touched, or a new watcher's first reading
         try:
-            rules, warnings = compile_rules(self.cfg, frame)
-        except checkrules.RuleError as e:
+            rules, warnings = compile_rules(self.config, frame)
+        except RuleError as e:
             log.err("%s: keeping the old rules: %s", why, "; ".join(e.problems))
             return
         for w in warnings:
             log.warn("%s", w)
-        log.info("%s: rules re-read from %s; recycling workers", why,
-                rulewatch.shown_path(self.cfg))
-        self.rules, self.rules_text = rules, frame[1]
+        log.info("%s: rules re-read from %s; recycling workers", why, self.config.rules_shown)
+        self.engine = replace(self.engine, rules=FrozenRules(rules))
+        self.rules_text = frame[1]
         for w in list(self.workers.values()):
             self.retire(w)      # a busy one reads the Q after its session
 
@@ -384,8 +389,9 @@ class Master:
 
     def reload_tls(self, why):
         """New sessions get a new certificate; running ones keep theirs."""
-        if self.cfg.certs is not None and self.cfg.certs.reload(why):
-            self.cfg.tls_context = self.cfg.certs.context
+        certificates = self.engine.certificates
+        if certificates.reload(why):
+            self.engine = replace(self.engine, tls_context=certificates.context)
             for w in list(self.workers.values()):
                 self.retire(w)
 
@@ -393,7 +399,7 @@ class Master:
 
     def run(self):
         log.info("ready to accept connections on port %d (master pid %d)",
-                self.cfg.port, os.getpid())
+                self.config.port, os.getpid())
         next_check = time.monotonic() + 1
         while not self.stopping:
             self.reap()
@@ -405,7 +411,7 @@ class Master:
                 self.on_sighup()
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + 1
-                if self.cfg.certs is not None and self.cfg.certs.changed():
+                if self.engine.certificates.changed():
                     self.reload_tls("certificate or key changed")
         return self.shutdown()
 
@@ -463,11 +469,10 @@ class Master:
             self.sel.close()
             process.set_title("smtpd: worker")
             log.log.role = "worker: "
-            self.cfg.rules = worker.FrozenRules(self.rules)
             master = os.getppid()
-            self.cfg.enter_jail(self.cfg)
-            status = worker.WorkerLoop(self.cfg, ctrl, self.listener, self.admission, slot,
-                                       master).run()
+            post_jail_init(self.config)
+            status = Worker(self.config, self.engine, ctrl, self.listener, self.admission,
+                            slot, master).run()
         except SystemExit as e:
             status = e.code if isinstance(e.code, int) else os.EX_SOFTWARE
         except BaseException as e:
@@ -476,18 +481,17 @@ class Master:
         os._exit(status)
 
 
-def run(cfg):
-    """smtpd -D: everything as root first, then detach and serve.
-
-    cfg.serve(cfg, rfd, wfd) runs one session; cfg.enter_jail(cfg) jails."""
+def run(config, engine):
+    """smtpd -D, after the pre-jail phase (engine): the rules, the socket
+    and the pid file as root, then detach and serve."""
     process.set_title("smtpd: master")
-    rules, text = load_rules(cfg)
-    check_jail_log_socket(cfg)
-    listener = bind(cfg)
-    check_pidfile(cfg.pidfile)
-    pidfile = daemon.pidfile.TimeoutPIDLockFile(cfg.pidfile, acquire_timeout=0)
-    if cfg.foreground:
-        return serve(cfg, listener, rules, text, pidfile)
+    rules, text = load_rules(config)
+    check_jail_log_socket(config)
+    listener = bind(config)
+    check_pidfile(config.pidfile)
+    pidfile = daemon.pidfile.TimeoutPIDLockFile(config.pidfile, acquire_timeout=0)
+    if config.foreground:
+        return serve(config, engine, listener, rules, text, pidfile)
     ctx = daemon.DaemonContext(
         files_preserve=[listener.fileno()], umask=0o077, pidfile=pidfile,
         signal_map={signal.SIGTERM: None, signal.SIGHUP: None, signal.SIGINT: None})
@@ -495,22 +499,22 @@ def run(cfg):
     try:
         ctx.open()
     except lockfile.AlreadyLocked:
-        log.die(1, "already running (pid file %s)", cfg.pidfile)
-    log.log.open("smtpd", buildconf.LOG_FACILITY, pid=cfg.log_pid, path=buildconf.LOG_SOCKET)
+        log.die(1, "already running (pid file %s)", config.pidfile)
+    log.log.open("smtpd", buildconf.LOG_FACILITY, pid=config.log_pid, path=buildconf.LOG_SOCKET)
     try:
-        return serve(cfg, listener, rules, text, None)
+        return serve(config, engine, listener, rules, text, None)
     finally:
         ctx.close()
 
 
-def serve(cfg, listener, rules, text, pidfile):
+def serve(config, engine, listener, rules, text, pidfile):
     if pidfile is not None:
         try:
             pidfile.acquire()
         except lockfile.AlreadyLocked:
-            log.die(1, "already running (pid file %s)", cfg.pidfile)
+            log.die(1, "already running (pid file %s)", config.pidfile)
     try:
-        return Master(cfg, listener, rules, text).run()
+        return Master(config, engine, listener, rules, text).run()
     finally:
         if pidfile is not None:
             pidfile.release()

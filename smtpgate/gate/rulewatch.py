@@ -7,7 +7,7 @@ DESCRIPTION
     path inside it.  A watcher process, forked by the master, enters the jail
     as a worker does and becomes -u/-g.  It stats the rules file once a
     second and, when it changed or when the master asks (SIGHUP), reads it
-    with checkrules.read_text (never blocking, regular files only, at most
+    with engine.read_text (never blocking, regular files only, at most
     RULES_MAX_SIZE bytes) and sends the text, or why it could not, to the
     master.  The master bounds what it accepts in size and time and compiles
     only the text it received.
@@ -25,7 +25,8 @@ import struct
 import time
 
 import buildconf
-from smtpgate.rules import engine as checkrules
+from smtpgate.gate.engine import post_jail_init
+from smtpgate.rules import engine
 from smtpgate import log, process
 
 HEADER = struct.Struct(">cQ")
@@ -40,8 +41,8 @@ class Watcher:
     """The master's end: start() forks the watcher, then frames() yields
     what it sent, as ("T", bytes) or ("E", message)."""
 
-    def __init__(self, cfg, jail, close_in_child=list):
-        self.cfg, self.jail = cfg, jail
+    def __init__(self, config, close_in_child=list):
+        self.config = config
         self.close_in_child = close_in_child
         self.pid = None
         self.sock = None
@@ -73,8 +74,8 @@ class Watcher:
         process.child_signals(signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR2)
         process.set_title("smtpd: rules")
         log.log.role = "rules: "
-        self.jail(self.cfg)
-        return watch(self.cfg.rules_path, shown_path(self.cfg), sock)
+        post_jail_init(self.config)
+        return watch(self.config.rules_path, self.config.rules_shown, sock)
 
     def ask(self):
         """Ask for a reading now (SIGHUP)."""
@@ -137,14 +138,6 @@ class Watcher:
                 pass
 
 
-def shown_path(cfg):
-    """The rules file as the operator knows it, for messages (the master
-    never opens it)."""
-    if cfg.root:
-        return os.path.join(cfg.chroot, cfg.rules_path.lstrip("/"))
-    return cfg.rules_path
-
-
 def watch(path, shown, sock):
     """The watcher's loop (jailed, unprivileged): a frame at start, on each
     change of the file and on each b"R"; returns when the master is gone."""
@@ -163,8 +156,8 @@ def watch(path, shown, sock):
         if asked or now != last:
             last = now
             try:
-                frame = b"T", checkrules.read_text(path, shown=shown)
-            except checkrules.RuleError as e:
+                frame = b"T", engine.read_text(path, shown=shown)
+            except engine.RuleError as e:
                 frame = b"E", str(e).encode("utf-8", "backslashreplace")
             try:
                 sock.sendall(HEADER.pack(frame[0], len(frame[1])) + frame[1])

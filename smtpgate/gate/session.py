@@ -1,7 +1,7 @@
 """session - one SMTP session of smtpd, on any pair of file descriptors
 
 DESCRIPTION
-    Session(cfg, peer, rfd, wfd).run() speaks SMTP until QUIT, EOF, a
+    Session(config, engine, client, conn).run() speaks SMTP until QUIT, EOF, a
     timeout, a deny rule or too many errors, and returns the exit status
     (spec 1.7).  inetd mode, the pre-forked workers and the tests run this
     same code.  Two records: Session (peer, names, HELO, counters, I/O) and
@@ -21,14 +21,13 @@ import time
 import traceback
 
 import buildconf
-from smtpgate.rules import engine as checkrules
-from smtpgate import log
-from smtpgate.text import escape, host_chars
-from smtpgate import spool
-from smtpgate.gate import verify
+from smtpgate import log, spool
 from smtpgate.address import AddressError, mail_params, parse_path
+from smtpgate.gate import verify
 from smtpgate.gate.channel import Channel, Closed, DataReader, header_oddity
 from smtpgate.replies import VANILLA
+from smtpgate.rules.engine import evaluate, RuleError, Verdict
+from smtpgate.text import escape, host_chars
 
 ERROR_CODES = (500, 501, 502, 503, 504, 553, 555)
 # RFC 2920 3.1: after these a client waits for our reply before it sends
@@ -47,17 +46,19 @@ class Envelope:
 
 
 class Session:
-    """One SMTP session.  cfg: the smtpd options; peer: a checkrules.Client
-    with .local and .peer (address, port) pairs (None when not a socket)."""
+    """One SMTP session: config (config.GateConfig), engine (the rules, TLS
+    and verification of the moment, engine.Engine), client (the rules'
+    Client, with .local and .peer (address, port) pairs, None when not a
+    socket), conn (connection.Connection: the descriptors, on_end, greeted)
+    and the session's deadline (time.monotonic())."""
 
-    def __init__(self, cfg, client, rfd, wfd, greeted=False, sock=None, deadline=None,
-                 on_end=None):
-        self.cfg, self.client = cfg, client
-        self.greeted = greeted      # inetd mode sends the 220 before loading
+    def __init__(self, config, engine, client, conn, deadline=None):
+        self.config, self.engine, self.client = config, engine, client
+        self.greeted = conn.greeted     # inetd mode sends the 220 before loading
         if deadline is None:
             deadline = time.monotonic() + buildconf.SESSION_TIMEOUT
-        self.ch = Channel(rfd, wfd, buildconf.READ_TIMEOUT, deadline, sock)
-        self.on_end = on_end        # called once, before the last reply goes out
+        self.ch = Channel(conn.rfd, conn.wfd, buildconf.READ_TIMEOUT, deadline, conn.sock)
+        self.on_end = conn.on_end       # called once, before the last reply goes out
         self.helo = None
         self.esmtp = False
         self.env = Envelope()
@@ -98,7 +99,7 @@ class Session:
         """A verbose syslog line, or a fragment of the -q summary line; at
         LOG_DEBUG for a balancer's health check (every few seconds, all
         day: mail.info in the syslog configuration drops them)."""
-        if self.cfg.quiet:
+        if self.config.quiet:
             self.summary.append(fragment)
         else:
             self.routine("%s", verbose)
@@ -170,7 +171,7 @@ class Session:
                 raise self.early_talker(said)
         if buildconf.SMTPD_FORBID_UNAUTH_PIPELINING and self.ch.ready():
             raise self.out_of_sync("CONNECT")
-        self.ch.reply(220, "%s %s" % (self.cfg.myname, VANILLA[220]))
+        self.ch.reply(220, "%s %s" % (self.config.myname, VANILLA[220]))
 
     def ends_group(self, verb):
         """Must the client wait for our reply to verb before it says more
@@ -204,7 +205,7 @@ class Session:
             self.env = Envelope()
             return self.reply(503)
         name = arg.strip()
-        if self.cfg.paranoid and not re.match(r"^[\x21-\x7e]*$", name):
+        if self.config.paranoid and not re.match(r"^[\x21-\x7e]*$", name):
             raise Closed(os.EX_PROTOCOL, "suspicious HELO")
         self.helo, self.esmtp = name, esmtp
         self.flush_summary()
@@ -214,22 +215,22 @@ class Session:
         self.log('%s from %s as "%s"' % ("EHLO" if esmtp else "HELO", self.where, shown),
                  "relay=%s/%s%s%s" % (self.client.name or "UNKNOWN", self.client.ip_text or "",
                                       as_, " tls=%s" % tls[0] if tls else ""))
-        text = "%s pleased to meet you, %s" % (self.cfg.myname, host_chars(name))
+        text = "%s pleased to meet you, %s" % (self.config.myname, host_chars(name))
         if not esmtp:
             return self.reply(250, text)
-        size = "SIZE %d" % self.cfg.maxsize if self.cfg.maxsize else "SIZE"
+        size = "SIZE %d" % self.config.maxsize if self.config.maxsize else "SIZE"
         more = ["PIPELINING", "8BITMIME", size]
         if self.tls_offered():
             more.append("STARTTLS")
         self.reply(250, text, more)
 
     def tls_offered(self):
-        return self.cfg.tls_context is not None and self.ch.tls is None
+        return self.engine.tls_context is not None and self.ch.tls is None
 
     def smtp_starttls(self, arg):
         """RFC 3207: 220, then the handshake; what the client pipelined
         behind STARTTLS is discarded, and the session starts over."""
-        if self.cfg.tls_context is None:
+        if self.engine.tls_context is None:
             return self.smtp_unknown(arg)
         if arg.strip():
             return self.reply(501, "Syntax: STARTTLS takes no argument")
@@ -238,7 +239,7 @@ class Session:
         self.reply(220, "Ready to start TLS")
         self.ch.flush()
         try:
-            dropped = self.ch.start_tls(self.cfg.tls_context)
+            dropped = self.ch.start_tls(self.engine.tls_context)
         except Closed as e:
             log.notice("TLS handshake with %s failed: %s", self.where, e)
             raise Closed(os.EX_PROTOCOL, "") from None
@@ -247,7 +248,7 @@ class Session:
                       dropped, self.where)
         version, cipher = self.ch.tls_info()
         self.flush_summary()
-        if not self.cfg.quiet:
+        if not self.config.quiet:
             log.info("STARTTLS with %s: %s with cipher %s", self.where, version, cipher)
         self.helo, self.esmtp, self.env = None, False, Envelope()
 
@@ -263,7 +264,7 @@ class Session:
             return parse_path(arg[len(keyword):].lstrip(" "), null_ok)
         except AddressError as e:
             log.notice("refused address %s from %s: %s", escape(arg), self.where, e.text)
-            if self.cfg.paranoid:
+            if self.config.paranoid:
                 raise Closed(os.EX_PROTOCOL, "suspicious address") from None
             self.reply(e.code, e.text)
             return None
@@ -278,7 +279,7 @@ class Session:
         except AddressError as e:
             self.reply(e.code)
             return False
-        if self.cfg.maxsize and size > self.cfg.maxsize:
+        if self.config.maxsize and size > self.config.maxsize:
             self.reply(552, "Message size exceeds fixed maximum message size")
             return False
         return True
@@ -314,13 +315,13 @@ class Session:
         A noto or a 451 counts as an error; a delay never outlasts the
         session deadline."""
         try:
-            rules = self.cfg.rules.get()
-        except checkrules.RuleError as e:
+            rules = self.engine.rules.get()
+        except RuleError as e:
             log.err("%s", str(e).replace("\n", "; "))
             self.ch.reply(451, "Requested action not taken: rules file invalid")
             self.count_error()
             return False
-        v = checkrules.evaluate(rules, self.client, self.env.sender, rcpt)
+        v = evaluate(rules, self.client, self.env.sender, rcpt)
         who = "%s@%s" % (escape(self.client.ident or "UNKNOWN", 80), self.where)
         shown = (escape(self.env.sender), escape(rcpt))
         for r in v.debug:
@@ -350,13 +351,13 @@ class Session:
     def verified(self, v, rcpt):
         """A verify rule matched: the backend decides (verify.py)."""
         if self.verifier is None:
-            self.verifier = verify.Verifier(self.cfg.verify_backend, self.cfg.myname,
-                                            self.ch.deadline, self.cfg.verify_cache)
+            self.verifier = verify.Verifier(self.config.verify_backend, self.config.myname,
+                                            self.ch.deadline, self.engine.verify_cache)
         refusal = self.verifier.check(rcpt, self.where)
         if refusal is None:
-            return checkrules.Verdict("allow", rule=v.rule, debug=v.debug)
+            return Verdict("allow", rule=v.rule, debug=v.debug)
         kind = "noto" if refusal.startswith("5") else "tempfail"
-        return checkrules.Verdict(kind, refusal, v.rule, 0, v.debug, "recipient verification")
+        return Verdict(kind, refusal, v.rule, 0, v.debug, "recipient verification")
 
     def smtp_data(self, arg):
         if not self.env.recipients:
@@ -364,15 +365,15 @@ class Session:
         if arg.strip():
             return self.reply(501)
         try:
-            self.draft = spool.Draft(self.cfg.spooldir, self.env.sender.encode("latin-1"),
+            self.draft = spool.Draft(self.config.spooldir, self.env.sender.encode("latin-1"),
                                      [r.encode("latin-1") for r in self.env.recipients])
             self.draft.write(self.received())
         except OSError as e:
-            log.crit("creating spool file in %s: %s", self.cfg.spooldir, e.strerror)
+            log.crit("creating spool file in %s: %s", self.config.spooldir, e.strerror)
             raise Closed(os.EX_CANTCREAT, "cannot create spool file") from None
         self.ch.reply(354)
         self.ch.flush()
-        reader = DataReader(self.ch, self.draft.write, self.cfg.maxsize)
+        reader = DataReader(self.ch, self.draft.write, self.config.maxsize)
         reader.run()
         self.finish_data(reader)
 
@@ -380,7 +381,7 @@ class Session:
         env, draft = self.env, self.draft
         self.env = Envelope()
         problem = reader.problem
-        if not problem and self.cfg.paranoid and header_oddity(reader.headers):
+        if not problem and self.config.paranoid and header_oddity(reader.headers):
             draft.abort()
             self.draft = None
             raise Closed(os.EX_PROTOCOL, "unprintable characters in headers")
@@ -391,7 +392,7 @@ class Session:
             if problem == "bare":
                 return self.reply(550, "Message refused: bare CR or LF or NUL in message")
             if problem == "size":
-                log.err("message body exceeds maximum size of %d", self.cfg.maxsize)
+                log.err("message body exceeds maximum size of %d", self.config.maxsize)
                 return self.reply(552)
             return self.reply(452)
         try:
@@ -418,7 +419,7 @@ class Session:
         tls = self.ch.tls_info()
         return ("Received: from %s (%s [%s])\n%s\tby %s (smtpd) with %s id %s;\n\t%s\n"
                 % (helo or "unknown", c.name or "unknown", c.ip_text or "unknown",
-                   "\t(version=%s cipher=%s)\n" % tls if tls else "", self.cfg.myname,
+                   "\t(version=%s cipher=%s)\n" % tls if tls else "", self.config.myname,
                    "ESMTPS" if tls else "ESMTP" if self.esmtp else "SMTP", self.draft.name,
                    email_date())).encode("latin-1")
 

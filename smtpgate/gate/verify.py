@@ -25,7 +25,6 @@ CACHE
 """
 
 import hashlib
-import ipaddress
 import select
 import socket
 import sqlite3
@@ -56,18 +55,6 @@ def exact(address):
     domain in lower case."""
     local, at, domain = address.rpartition("@")
     return local + at + domain.lower() if at else address
-
-
-def parse_backend(text):
-    """'[lmtp:]address:port' -> (lmtp?, address, port); ValueError."""
-    lmtp = text.startswith("lmtp:")
-    rest = text[5:] if lmtp else text.removeprefix("smtp:")
-    host, _, port = rest.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    ip = ipaddress.ip_address(host)
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError("no port in %r" % text)
-    return lmtp, str(ip), int(port)
 
 
 class Callout:

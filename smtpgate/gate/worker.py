@@ -1,15 +1,16 @@
 """worker - smtpd -D: one pre-forked, jailed worker process
 
 DESCRIPTION
-    WorkerLoop waits for a connection or a word from the master ("Q": leave),
+    Worker waits for a connection or a word from the master ("Q": leave),
     accepts for itself (idle workers share the listening socket with
     EPOLLEXCLUSIVE, so one connection wakes one worker), reads the PROXY
     header of a connection from a trusted proxy (proxy.py), asks admission.py
-    whether the client may have a session (421 if not), serves it with
-    smtpd's serve(), and after SMTPD_MAX_USE sessions exits.  It tells the
+    whether the client may have a session (421 if not), serves it
+    (connection.serve), and after SMTPD_MAX_USE sessions exits.  It tells the
     master ("N") when spare workers run low.  If the master dies it closes
     its copy of the listener at once (parent-death signal SIGUSR2), so a new
-    master can bind while its session ends.  prefork.py forks and jails it.
+    master can bind while its session ends.  master.py forks it and puts it
+    in the jail first.
 """
 
 import errno
@@ -19,35 +20,24 @@ import signal
 import socket
 import time
 
-from smtpgate.gate import admission
 import buildconf
-from smtpgate import libc, log
-from smtpgate import net
-from smtpgate.net import normalize_ip
-from smtpgate.gate import proxy
+from smtpgate import libc, log, net
+from smtpgate.gate import admission, client
 from smtpgate.gate.admission import Scoreboard
+from smtpgate.gate.connection import Connection, serve
+from smtpgate.net import normalize_ip
 
 REFUSAL = b"421 Too many connections from your address, try again later\r\n"
 RATE_REFUSAL = b"421 4.7.0 Too many connections from your network, slow down\r\n"
 
 
-class FrozenRules:
-    """The rules a worker was forked with (the master re-reads them)."""
-
-    def __init__(self, rules):
-        self.rules = rules
-
-    def get(self):
-        return self.rules
-
-
-
-class WorkerLoop:
+class Worker:
     """A jailed worker: wait for a connection or a word from the master,
     accept, check the client's address against SMTPD_MAX_PER_IP, serve."""
 
-    def __init__(self, cfg, ctrl, listener, adm, slot, master):
-        self.cfg, self.ctrl, self.listener = cfg, ctrl, listener
+    def __init__(self, config, engine, ctrl, listener, adm, slot, master):
+        self.config, self.engine = config, engine
+        self.ctrl, self.listener = ctrl, listener
         self.adm, self.board, self.slot = adm, adm.board, slot
         self.orphaned = False
         # If the master dies, let go of the listening socket at once, so a
@@ -78,12 +68,16 @@ class WorkerLoop:
                 local = sock.getsockname()[:2]
             except OSError:
                 local = None
-            local, addr, origin = who(self.cfg, sock, local, addr[:2])
-            if addr is None or not self.admit(sock, addr):
+            local, addr, origin = client.who(self.config, sock, local, addr[:2])
+            if addr is None:
+                sock.close()
+                continue
+            if not self.admit(sock, addr):
                 continue
             used += 1
-            status = self.cfg.serve(self.cfg, sock.fileno(), sock.fileno(), local,
-                                    addr, sock=sock, on_end=self.release, origin=origin)
+            status = serve(self.config, self.engine, Connection(
+                sock.fileno(), sock.fileno(), sock=sock, local=local, peer=addr,
+                origin=origin, on_end=self.release))
             sock.close()
             if status == os.EX_SOFTWARE:
                 return status
@@ -138,19 +132,6 @@ class WorkerLoop:
             except OSError:
                 pass
         return True
-
-
-def who(cfg, sock, local, peer):
-    """(local, peer, origin): from a trusted proxy (-X), the addresses its
-    PROXY header names, origin "proxy" (or the socket's, for LOCAL: a health
-    check, "health"); (.., None, ..) when the header is missing or bad --
-    logged once, the connection closed.  Otherwise origin is None."""
-    if not net.member(normalize_ip(peer[0]), cfg.proxy_from):
-        return local, peer, None
-    local, peer, health = proxy.ends(sock, local, peer, buildconf.SMTPD_PROXY_TIMEOUT)
-    if peer is None:
-        sock.close()
-    return local, peer, "health" if health else "proxy"
 
 
 def refuse(sock, reply):

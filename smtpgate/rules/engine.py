@@ -1,44 +1,23 @@
-#!/usr/bin/env python3
-"""checkrules - the smtpd_check_rules engine and its tester
+"""engine - the smtpd_check_rules engine: parse the file, judge a recipient
 
-SYNOPSIS
-    checkrules.py [-v] [-f rules] [-a address] [-n hostname] [-u identuser]
-                  [-V backend] FROM TO
-    checkrules.py -t [-f rules]
 DESCRIPTION
-    The rules engine smtpd(8) runs at each RCPT, and a tester that runs the
-    same code: it prints "allow", "noto <reply>" or "deny <reply>" (or
-    "tempfail <reply>" when a lookup failed) and, with -v, the deciding
-    "file:line: rule" or "default".  An address smtpd itself refuses (a
-    leading '-', an unquoted ',', ...) is reported first, as smtpd answers
-    it: "refused <reply>".  A "verify" rule prints "verify"; with -V
-    [lmtp:]address:port the tester asks that backend as smtpd would and
-    prints the outcome (with -v, the backend's words).  -t validates the
-    file and prints every error and warning as "file:line: message".
-    -a is the client address (none: IP tokens never match); -n its confirmed
-    host name, UNKNOWN for none (without -n the name comes from DNS as smtpd
-    gets it); -u its ident user.  FROM and TO as the client typed them.
-EXIT STATUS
-    0 allow, 1 noto, 2 deny, 3 refused by smtpd's address checks,
-    4 verify (not asked), 75 temporary failure, 64 usage, 78 bad file.
-FILES
-    SPOOLDIR/CHECK_FILE, normally /var/spool/smtpd/etc/smtpd_check_rules.
+    parse(text) compiles a rules file (spec 4) into Rules, or RuleError with
+    every problem as "file:line: message"; read_text() reads the file the
+    careful way (the jail owns it); RulesFile re-reads it when it changes.
+    evaluate(rules, client, sender, rcpt) gives the Verdict of the first
+    rule that matches: allow, verify, noto or deny with its reply, or
+    tempfail when a lookup could not be answered -- never a silent allow.
+    smtpd runs it at each RCPT; checkrules(8) (tester.py) runs the same.
 """
 
-import getopt
 import os
 import re
 import stat
-import sys
 
 import buildconf
-from smtpgate import privileges, process
-from smtpgate.net import normalize_ip
-from smtpgate.text import visible
-from smtpgate.rules import lookup
-from smtpgate.gate import verify
-from smtpgate.address import AddressError, mail_params, parse_path
-from smtpgate.rules.lookup import TempFail
+from smtpgate import process
+from smtpgate.rules import dnslookup
+from smtpgate.rules.dnslookup import TempFail
 from smtpgate.rules.tokens import Addr, Bad, compile_address, compile_source, TokenList
 
 ACTIONS = ("allow", "deny", "noto", "deny_delay", "noto_delay", "debug", "verify")
@@ -236,7 +215,7 @@ class Client(Addr):
 
     def __init__(self, ip=None, name=None, lookup_=None, ident=None,
                  ident_fn=None, name_error=None):
-        super().__init__(ip, lookup_ or lookup.Lookup(None))
+        super().__init__(ip, lookup_ or dnslookup.Lookup(None))
         self.name = name
         self.name_error = name_error     # a TempFail while finding the name
         # What host patterns see, in lower case; None (so known_name()
@@ -321,155 +300,3 @@ def evaluate(rules, client, sender, rcpt):
         return Verdict("deny", format_reply(DEFAULT_TEMPLATE, client, sender, rcpt),
                        None, 0, debug)
     return Verdict("allow", None, None, 0, debug)
-
-
-# ------------------------------------------------------------------- CLI ----
-
-USAGE = """usage: checkrules.py [-v] [-f rules] [-a address] [-n hostname] [-u identuser]
-                     [-V backend] FROM TO
-       checkrules.py -t [-f rules]"""
-EXIT = {"allow": 0, "noto": 1, "deny": 2, "refused": 3, "verify": 4, "tempfail": 75}
-
-
-def default_rules_path():
-    return os.path.join(buildconf.SPOOLDIR, buildconf.CHECK_FILE.lstrip("/"))
-
-
-def usage(msg=None):
-    if msg:
-        print("checkrules.py: " + msg, file=sys.stderr)
-    print(USAGE, file=sys.stderr)
-    return 64
-
-
-def cli_client(address, name, ident, resolver):
-    lk = lookup.Lookup(resolver)
-    try:
-        ip = normalize_ip(address)
-    except ValueError:
-        raise SystemExit(usage("bad address %r" % address))
-    name_error = None
-    if name == "UNKNOWN":
-        name = None
-    elif name is None and ip is not None:
-        try:
-            name, why = lk.confirmed_name(ip)
-        except TempFail as e:
-            name_error = str(e)
-    return Client(ip, name, lk, ident=ident, name_error=name_error)
-
-
-def callout(backend, v, rcpt):
-    """Ask the backend as smtpd would for a verify rule: (verdict, what the
-    backend said)."""
-    try:
-        where = verify.parse_backend(backend)
-    except ValueError:
-        raise SystemExit(usage("-V needs [lmtp:]address:port, not %r" % backend))
-    checker = verify.Verifier(where, privileges.own_name(), None, None)
-    refusal = checker.check(rcpt, "checkrules")
-    checker.close()
-    if refusal is None:
-        return Verdict("allow", None, v.rule, 0, v.debug), checker.said
-    return Verdict("noto" if refusal.startswith("5") else "tempfail", refusal, v.rule,
-                   0, v.debug), checker.said
-
-
-def line_number(message):
-    """The N of 'file:N: message', for sorting."""
-    try:
-        return int(message.split(": ", 1)[0].rsplit(":", 1)[1])
-    except (IndexError, ValueError):
-        return 0
-
-
-def smtpd_refusal(sender, rcpt):
-    """What smtpd answers before any rule: None, or (reply, command) for an
-    address its MAIL or RCPT refuses; else the stored (sender, rcpt)."""
-    try:
-        stored, params = parse_path(sender, null_ok=True)
-        mail_params(params)
-        sender = stored
-    except AddressError as e:
-        return ("%d %s" % (e.code, e.text), "MAIL FROM"), None
-    try:
-        stored, params = parse_path(rcpt, null_ok=False)
-        if params:
-            raise AddressError(555, "MAIL FROM/RCPT TO parameters not recognized "
-                                    "or not implemented")
-    except AddressError as e:
-        return ("%d %s" % (e.code, e.text), "RCPT TO"), None
-    return None, (sender, stored)
-
-
-def say(text):
-    """Print what the rules file or the DNS said: their control characters
-    made visible (the file may be the jail's), never sent to the terminal."""
-    print(visible(text))
-
-
-def become_jail_owner(path):
-    """Run as root on a rules file inside SPOOLDIR (the jail, which the
-    smtpd user owns and can fill with links): become that user first, as
-    smtpd's own rules watcher reads it.  Elsewhere, nothing changes."""
-    jail = os.path.realpath(buildconf.SPOOLDIR)
-    where = os.path.realpath(os.path.dirname(os.path.abspath(path)))
-    if (where + "/").startswith(jail.rstrip("/") + "/"):
-        try:
-            privileges.become_owner(jail)
-        except FileNotFoundError:
-            pass
-
-
-def main(argv):
-    try:
-        opts, args = getopt.getopt(argv, "tvf:a:n:u:V:")
-    except getopt.GetoptError as e:
-        return usage(str(e))
-    o = dict(opts)
-    path = o.get("-f", default_rules_path())
-    resolver = lookup.make_resolver()       # everything loaded before a change of user
-    become_jail_owner(path)
-    try:
-        rules, warnings = load(path)
-    except RuleError as e:      # every error and every warning, in line order
-        for line in sorted(e.problems + e.warnings, key=line_number):
-            say(line)
-        return 78
-    if "-t" in o:
-        if args:
-            return usage("-t takes no FROM TO")
-        for line in warnings:
-            say(line)
-        say("%s: %d rule%s, no errors%s" % (path, len(rules), "" if len(rules) == 1 else "s",
-                                          ", %d warning%s" % (len(warnings), "" if len(warnings)
-                                                              == 1 else "s") if warnings else ""))
-        return 0
-    if len(args) != 2:
-        return usage()
-    refusal, stored = smtpd_refusal(args[0], args[1])
-    if refusal:
-        say("refused %s" % refusal[0])
-        if "-v" in o:
-            say("smtpd refuses this %s address before any rule" % refusal[1])
-        return EXIT["refused"]
-    client = cli_client(o.get("-a"), o.get("-n"), o.get("-u"), resolver)
-    v = evaluate(rules, client, *stored)
-    said = None
-    if v.action == "verify" and "-V" in o:
-        v, said = callout(o["-V"], v, stored[1])
-    written = v.rule.action if v.rule is not None and v.rule.action != "verify" else v.action
-    say(written if v.reply is None else "%s %s" % (written, v.reply))
-    if "-v" in o and said:
-        say("backend: %s" % said)
-    if "-v" in o and v.detail:
-        say("lookup failure: %s" % v.detail)
-    if "-v" in o:
-        say("%s: %s" % (v.rule.where, v.rule.text) if v.rule else "default")
-        for r in v.debug:
-            say("debug %s: %s" % (r.where, r.text))
-    return EXIT[v.action]
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

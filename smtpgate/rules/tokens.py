@@ -14,7 +14,7 @@ import ipaddress
 import re
 
 from smtpgate.net import normalize_ip
-from smtpgate.rules import lookup
+from smtpgate.rules import dnslookup
 
 SPECIALS = ("ALL", "KNOWN", "UNKNOWN", "EXCEPT")
 TOKEN_SPLIT = re.compile(r"[, \t]+")
@@ -175,7 +175,7 @@ def compile_host(tok, warnings):
         def ns(c):
             name = c.known_name()
             if name is None and c.ip is not None:
-                name = lookup.reverse_name(c.ip)
+                name = dnslookup.reverse_name(c.ip)
             return fn(name, c.lookup)
         return ns
     sfn = compile_string(tok, warnings)

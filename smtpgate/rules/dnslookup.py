@@ -1,4 +1,4 @@
-"""lookup - DNS (dnspython) and RFC 1413 ident for smtpd and checkrules
+"""dnslookup - every DNS question of smtpd and checkrules (dnspython)
 
 DESCRIPTION
     make_resolver() builds the one resolver object a process uses; build it
@@ -15,14 +15,11 @@ ENVIRONMENT
                         comma-separated, each ADDRESS or ADDRESS@PORT
                         (e.g. 127.0.0.1@5353, ::1@53)
     SMTPD_RESOLV_CONF   resolv.conf to read instead of /etc/resolv.conf
-    SMTPD_IDENT         the client's user name (RFC 1413 is then not asked);
-                        UNKNOWN means none
 """
 
 import ipaddress
 import os
 import re
-import socket
 import time
 
 import dns.exception
@@ -39,7 +36,6 @@ import dns.reversename
 import buildconf
 
 HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?$")
-IDENT_USER = re.compile(r"^[\x21-\x7e]{1,80}$")
 NSLIMIT, NSIPLIMIT = 100, 500
 
 
@@ -210,45 +206,3 @@ class Lookup:
             labels = labels[1:]
             cropped = True
         return [], [], cropped
-
-
-def ident_query(local, peer, port=None, timeout=None):
-    """RFC 1413: the user owning the connection local<->peer, or None.
-
-    local and peer are (address, port) pairs of the SMTP connection."""
-    port = port or buildconf.IDENT_PORT
-    timeout = timeout if timeout is not None else buildconf.CHECK_IDENT
-    if timeout <= 0:
-        return None
-    deadline = time.monotonic() + timeout
-    try:
-        with socket.create_connection((peer[0], port), timeout=timeout,
-                                      source_address=(local[0], 0)) as s:
-            s.sendall(b"%d , %d\r\n" % (peer[1], local[1]))
-            reply = b""
-            while b"\n" not in reply and len(reply) < 1023:
-                s.settimeout(max(0.01, deadline - time.monotonic()))
-                chunk = s.recv(1023 - len(reply))
-                if not chunk:
-                    break
-                reply += chunk
-    except OSError:
-        return None
-    return parse_ident_reply(reply, peer[1], local[1])
-
-
-def parse_ident_reply(reply, peer_port, local_port):
-    """The user id of '<port> , <port> : USERID : <os> :<user>', or None."""
-    line = reply.split(b"\n", 1)[0].rstrip(b"\r").decode("latin-1")
-    parts = line.split(":", 3)
-    if len(parts) != 4 or parts[1].strip().upper() != "USERID":
-        return None
-    try:
-        ports = [int(p) for p in parts[0].split(",")]
-    except ValueError:
-        return None
-    words = parts[3].split()
-    if ports != [peer_port, local_port] or not words:
-        return None
-    user = words[0][:80]
-    return user if IDENT_USER.match(user) else None

@@ -1,0 +1,160 @@
+"""config - what smtpd runs with: its options and the Makefile's constants,
+built once
+
+DESCRIPTION
+    build(flags) makes the one GateConfig every part of smtpd reads, before
+    anything is forked: the command line over the Makefile's defaults, the
+    identity to become (as root), the jail paths (taken under -c when not
+    started as root), the networks of SMTPD_ADMISSION_EXEMPT and -X, the
+    verification backend.  It is frozen: nothing changes it later.  What
+    does change while smtpd runs -- the rules, the certificate -- lives in
+    the Engine (engine.py), which the master replaces and hands down.
+    A bad value of the configuration stops smtpd with 78 here, saying why.
+"""
+
+import dataclasses
+import os
+import sys
+
+import buildconf
+from smtpgate import log, net, privileges
+from smtpgate.gate import sandbox
+from smtpgate.replies import VANILLA
+
+
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+    """Every field has the default smtpd would have without options, not
+    started as root: GateConfig(spooldir=..., myname=...) is what a session
+    run in the same process (the fuzzers, some tests) needs."""
+    chroot: str = buildconf.SPOOLDIR            # -c: the jail
+    spooldir: str = buildconf.SPOOLSUBDIR       # -d, as the jailed process sees it
+    rules_path: str = buildconf.CHECK_FILE      # as the jailed process sees it
+    rules_shown: str = buildconf.CHECK_FILE     # the rules file as the operator knows it
+    identity: tuple = None      # (pw, gr) to become, when started as root
+    myname: str = "localhost"   # -m
+    maxsize: int = buildconf.MESSAGE_SIZE_LIMIT     # -s: 0 for no limit
+    hostchecks: bool = True     # not -H
+    paranoid: bool = False      # -P
+    daemon: bool = False        # -D
+    foreground: bool = False    # -F
+    log_pid: bool = True        # not -L
+    quiet: bool = False         # -q
+    listen: str = None          # -l
+    port: int = 25              # -p
+    pidfile: str = os.path.join(buildconf.PID_DIR, "smtpd.pid")      # -i
+    maxchildren: int = buildconf.SMTPD_MAXCHILDREN                   # -M
+    tls_cert: str = buildconf.TLS_CERT          # -C
+    tls_key: str = buildconf.TLS_KEY            # -K
+    tls_explicit: bool = False  # -C or -K given: a pair that fails is fatal
+    exempt: tuple = ()          # SMTPD_ADMISSION_EXEMPT networks
+    proxy_from: tuple = ()      # -X, SMTPD_PROXY_FROM networks
+    verify_backend: tuple = None    # -V, SMTPD_VERIFY_BACKEND parsed
+    verify_cache: str = ""      # SMTPD_VERIFY_CACHE as the jailed process sees it
+    sandbox_missing: str = None     # why the seccomp sandbox cannot be had
+
+    @property
+    def root(self):
+        return self.identity is not None
+
+
+DEFAULTS = dict(
+    chroot=buildconf.SPOOLDIR, spooldir=buildconf.SPOOLSUBDIR, user=buildconf.SMTP_USER,
+    group=buildconf.SMTP_GROUP, myname=None, maxsize=buildconf.MESSAGE_SIZE_LIMIT,
+    hostchecks=True, paranoid=False, daemon=False, foreground=False, log_pid=True,
+    quiet=False, listen=None, port=25, pidfile=os.path.join(buildconf.PID_DIR, "smtpd.pid"),
+    maxchildren=buildconf.SMTPD_MAXCHILDREN, tls_cert=buildconf.TLS_CERT,
+    tls_key=buildconf.TLS_KEY, proxies=buildconf.SMTPD_PROXY_FROM,
+    verify=buildconf.SMTPD_VERIFY_BACKEND)
+
+
+def build(flags):
+    """The GateConfig for the command line's fields (options.parse)."""
+    o = dict(DEFAULTS, **flags)
+    problems = constants()
+    exempt = networks(buildconf.SMTPD_ADMISSION_EXEMPT, "SMTPD_ADMISSION_EXEMPT", problems)
+    proxy_from = networks(o["proxies"], "SMTPD_PROXY_FROM", problems)
+    backend = verify_backend(o["verify"], problems)
+    if problems:
+        config_error(problems, inetd=not o["daemon"])
+    identity, spooldir, rules_path, cache = None, o["spooldir"], buildconf.CHECK_FILE, \
+        buildconf.SMTPD_VERIFY_CACHE
+    if os.geteuid() == 0:
+        identity = privileges.resolve_identity(o["user"], o["group"])
+    else:
+        log.warn("not started as root: no chroot to %s, no change of user; "
+                 "jail paths are taken under it", o["chroot"])
+        spooldir, rules_path = under(o["chroot"], spooldir), under(o["chroot"], rules_path)
+        cache = under(o["chroot"], cache) if cache else cache
+    missing = sandbox.available()
+    if missing:                 # once here, not in every jailed process
+        (log.warn if o["daemon"] else log.debug)(
+            "no seccomp sandbox for the jailed processes: %s", missing)
+    return GateConfig(
+        chroot=o["chroot"], spooldir=spooldir, rules_path=rules_path,
+        rules_shown=under(o["chroot"], rules_path) if identity else rules_path,
+        identity=identity, myname=o["myname"] or privileges.own_name(),
+        maxsize=o["maxsize"], hostchecks=o["hostchecks"], paranoid=o["paranoid"],
+        daemon=o["daemon"], foreground=o["foreground"], log_pid=o["log_pid"],
+        quiet=o["quiet"], listen=o["listen"], port=o["port"], pidfile=o["pidfile"],
+        maxchildren=o["maxchildren"], tls_cert=o["tls_cert"], tls_key=o["tls_key"],
+        tls_explicit="tls_cert" in flags or "tls_key" in flags, exempt=tuple(exempt),
+        proxy_from=tuple(proxy_from), verify_backend=backend, verify_cache=cache,
+        sandbox_missing=missing)
+
+
+def constants():
+    """What is wrong with the Makefile's constants smtpd reads."""
+    problems = []
+    for name, top in (("SMTPD_V4_PREFIX", 32), ("SMTPD_V6_PREFIX", 128),
+                      ("SMTPD_MAX_RATE", 100000), ("SMTPD_RATE_WINDOW", 86400),
+                      ("SMTPD_RATE_TABLE", 1 << 20), ("SMTPD_GREET_PAUSE", 600000),
+                      ("SMTPD_SOFT_ERRORS", 1000), ("SMTPD_ERROR_SLEEP", 3600),
+                      ("SMTPD_PROXY_TIMEOUT", 3600), ("SMTPD_FORBID_UNAUTH_PIPELINING", 1),
+                      ("MESSAGE_SIZE_LIMIT", 1 << 40), ("MAX_ERRORS", 1000)):
+        value = getattr(buildconf, name)
+        if not isinstance(value, int) or not 0 <= value <= top:
+            problems.append("%s = %r: must be a number from 0 to %d" % (name, value, top))
+    if buildconf.SMTPD_MAX_RATE and not (buildconf.SMTPD_RATE_WINDOW
+                                         and buildconf.SMTPD_RATE_TABLE):
+        problems.append("SMTPD_MAX_RATE needs SMTPD_RATE_WINDOW and SMTPD_RATE_TABLE above 0")
+    return problems
+
+
+def under(directory, path):
+    return os.path.join(directory, path.lstrip("/"))
+
+
+def networks(text, what, problems):
+    try:
+        return net.parse_networks(text, what)
+    except net.ConfigError as e:
+        problems.append(str(e))
+        return []
+
+
+def verify_backend(text, problems):
+    """-V, SMTPD_VERIFY_BACKEND -> (lmtp?, address, port), or None if empty."""
+    if not text:
+        return None
+    try:
+        return net.parse_backend(text)
+    except ValueError:
+        problems.append("verification backend %r: not [lmtp:]address:port with an IP "
+                        "address" % text)
+        return None
+
+
+def config_error(problems, inetd):
+    """A configuration error found at start: logged, on stderr when it is
+    not the client, 421 to an inetd client, exit 78."""
+    for p in problems:
+        log.err("%s", p)
+    if not log.log.stderr and not log.stderr_is_socket():
+        print("smtpd.py: " + "\nsmtpd.py: ".join(problems), file=sys.stderr)
+    if inetd:
+        try:
+            os.write(1, b"421 %s\r\n" % VANILLA[421].encode())
+        except OSError:
+            pass
+    sys.exit(os.EX_CONFIG)

@@ -1,0 +1,75 @@
+"""connection - one client connection becomes one session
+
+DESCRIPTION
+    serve(config, engine, conn) runs the session of a Connection -- inetd
+    mode's descriptors 0 and 1, or a socket a worker accepted -- after
+    identify() has made the rules' Client of it: the forward-confirmed
+    host name (unless -H), ident on demand (never behind a proxy: it cannot
+    reach the client), the exemptions.  No lookup outlasts the session's
+    deadline, SESSION_TIMEOUT from here.
+"""
+
+import dataclasses
+import os
+import time
+
+import buildconf
+from smtpgate import log, net
+from smtpgate.gate import session
+from smtpgate.gate.client import peer_ip, socket_ends
+from smtpgate.replies import VANILLA
+from smtpgate.rules import dnslookup, ident
+from smtpgate.rules.engine import Client
+
+
+@dataclasses.dataclass
+class Connection:
+    """A client's connection, as far as it is known before its session."""
+    rfd: int
+    wfd: int
+    sock: object = None         # the caller's socket object for them, if any
+    local: tuple = None         # (address, port) of our end; None: ask the socket
+    peer: tuple = None          # (address, port) of the client (client.who)
+    origin: str = None          # None, "proxy" or "health" (client.who)
+    greeted: bool = False       # inetd mode has sent the 220 already
+    on_end: object = None       # called once when the session is over
+
+
+def identify(config, engine, conn, deadline):
+    """The rules' Client for a connection; session.Closed with -P when the
+    name does not confirm."""
+    lk = dnslookup.Lookup(engine.resolver, deadline)
+    ip = peer_ip(conn.peer)
+    name, error = None, None
+    if config.hostchecks and ip is not None:
+        try:
+            name, why = lk.confirmed_name(ip)
+            if why:
+                log.info("%s", why)
+                if config.paranoid and not why.startswith("no reverse"):
+                    raise session.Closed(os.EX_PROTOCOL, why)
+        except dnslookup.TempFail as e:
+            log.notice("cannot identify %s: %s", ip, e)
+            error = str(e)
+    user, ask = ident.of_client(conn.local, conn.peer, lk, behind_proxy=conn.origin is not None)
+    c = Client(ip, name, lk, ident=user, ident_fn=ask, name_error=error)
+    c.local, c.peer = conn.local, conn.peer
+    c.exempt = net.member(ip, config.exempt)
+    c.health_check = conn.origin == "health"
+    return c
+
+
+def serve(config, engine, conn):
+    """The session of conn; its exit status."""
+    deadline = time.monotonic() + buildconf.SESSION_TIMEOUT
+    if conn.local is None:
+        conn.local, conn.peer = socket_ends(conn.rfd)
+    try:
+        client = identify(config, engine, conn, deadline)
+    except session.Closed as c:
+        log.crit("abandoning session with %s: %s", conn.peer and conn.peer[0], c)
+        if conn.on_end is not None:
+            conn.on_end()
+        os.write(conn.wfd, b"421 %s\r\n" % VANILLA[421].encode())
+        return c.status
+    return session.Session(config, engine, client, conn, deadline).run()
