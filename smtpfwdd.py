@@ -8,29 +8,59 @@ SYNOPSIS
                 | delete ID | flush
 DESCRIPTION
     Scans the spool every -P seconds (or on SIGUSR1) and hands each complete
-    smtpd* file to one of at most -M long-lived delivery processes, which runs
+    smtpd* file to one of at most -M delivery processes, which runs
         mailprog -oi -f <sender> -- <recipient>...
-    (never through a shell) with the message on standard input, at most
-    MAXARGS arguments per call, marking delivered batches SENT.  Exit status
-    0 removes the file; 71 72 74 75 defer it (retried after
-    RETRY_DELAY_TIME); 78, a missing agent or a signal defer it and log
-    CRIT; anything else, and a message deferred beyond QUEUE_LIFETIME, moves
-    it to failed/ with the reason, and the sender gets a delivery status
-    notification (delivery.py, bounce.py).  Nothing accepted is deleted
-    unless delivered.  -Q is the queue tool (queuetool.py, also `smtpq`).
+    (never through a shell) with the message on standard input.  Exit
+    status 0 removes the file; 71 72 74 75 defer it; what cannot get better
+    and messages older than QUEUE_LIFETIME go to failed/, and the sender
+    gets a delivery status notification.  Nothing accepted is deleted
+    unless delivered.  -Q is the queue tool (also installed as `smtpq`).
+    The program is its options; smtpgate/forwarder/ is the rest.
 SECURITY
-    Runs as -u/-g (supplementary groups cleared), never as root.  The
-    spool lock .smtpfwdd.lock holds our pid as the original's did, but the
-    jail can write it: tools find us through the kernel's lock table, init
-    scripts through -i, a pid file root opens before we drop privileges.
+    Runs as -u/-g (supplementary groups cleared), never as root; the queue
+    tool, started as root, becomes the spool's owner before it reads it.
 SIGNALS
     SIGTERM, SIGINT: stop scanning, wait up to SHUTDOWN_TIMEOUT seconds for
     running deliveries, exit 0.  SIGUSR1, SIGHUP: scan now.
+EXIT STATUS
+    0 stopped; 64 usage, unknown user or group; 78 root identity, spool
+    that cannot be entered, another smtpfwdd running.
 """
 
+import os
 import sys
 
-from smtpgate.forwarder import daemon
+import buildconf
+from smtpgate import log, options
+from smtpgate.forwarder import config, queuetool, start
+
+USAGE = """usage: smtpfwdd.py [-Fq] [-d spooldir] [-u user] [-g group] [-s mailprog]
+                   [-M maxchildren] [-P polltime] [-i pidfile]
+       smtpfwdd.py [-d spooldir] -Q list [-j] | show ID | requeue ID|all-failed
+                   | delete ID | flush"""
+FLAGS = {"-d": ("spooldir", options.absolute), "-s": ("agent", options.absolute),
+         "-i": ("pidfile", options.absolute), "-u": ("user", options.text),
+         "-g": ("group", options.text), "-M": ("maxchildren", options.between(1, 1000)),
+         "-P": ("poll", options.between(1, 1000)), "-q": ("quiet", True),
+         "-F": ("foreground", True), "-Q": ("queue", True)}
+
+
+def main(argv):
+    log.log.open("smtpfwdd", buildconf.LOG_FACILITY, pid=True, path=buildconf.LOG_SOCKET)
+    try:
+        flags, args = options.parse(argv, FLAGS, takes_args=True)
+        if args and not flags.get("queue"):
+            raise options.UsageError("unexpected argument %r" % args[0])
+    except options.UsageError as e:     # 64 as smtpd's (the original said 78)
+        log.err("%s", e)
+        print("smtpfwdd.py: %s\n%s" % (e, USAGE), file=sys.stderr)
+        return os.EX_USAGE
+    if flags.pop("queue", False):
+        return queuetool.main(flags.get("spooldir", config.SPOOL), args)
+    log.log.stderr = flags.get("foreground", False)
+    log.log.say_if_unheard("smtpfwdd", stays=log.log.stderr)
+    return start.run(config.build(flags))
+
 
 if __name__ == "__main__":
-    sys.exit(daemon.main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

@@ -209,13 +209,12 @@ def test_no_date_falls_back_to_the_files_birth_time(tmp_path, monkeypatch):
 
 def test_no_date_at_all_is_not_retried_for_ever(fwd_env, monkeypatch):
     from smtpgate.forwarder import delivery
-    from smtpgate.forwarder import daemon as smtpfwdd
+    from smtpgate.forwarder.config import ForwarderConfig
     name = put(fwd_env.spool, body=b"Subject: none\n\nx\n")
     path = os.path.join(fwd_env.spool, name)
     monkeypatch.setattr(libc, "STATX", None)
     f = spool.open_for_delivery(path, time.time(), 0)
-    cfg = smtpfwdd.Config()
-    cfg.spooldir, cfg.myname = fwd_env.spool, "mx.my.domain"
+    cfg = ForwarderConfig(spooldir=fwd_env.spool, myname="mx.my.domain")
     d = delivery.Delivery(cfg, os.fsencode(name))
     d.f, d.msg = f, spool.parse(f)
     assert d.msg.arrival is None

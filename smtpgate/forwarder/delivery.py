@@ -1,7 +1,7 @@
 """delivery - what smtpfwdd's delivery process does with one spool file
 
 DESCRIPTION
-    Delivery(cfg, name).run() opens and locks the file (spool.py), runs
+    Delivery(config, name).run() opens and locks the file (spool.py), runs
         mailprog -oi -f <sender> -- <recipient>...
     for at most MAXARGS arguments at a time, never through a shell, fed from
     the locked descriptor, and returns the exit status the master logs.
@@ -96,9 +96,9 @@ def check_recipient(r):
 class Delivery:
     """The delivery process's work on one spool file (name: bytes)."""
 
-    def __init__(self, cfg, name):
-        self.cfg, self.name = cfg, visible(name)
-        self.path = os.path.join(os.fsencode(cfg.spooldir), name)
+    def __init__(self, config, name):
+        self.config, self.name = config, visible(name)
+        self.path = os.path.join(os.fsencode(config.spooldir), name)
         self.f = None
         self.msg = None
 
@@ -137,7 +137,7 @@ class Delivery:
         return self.batches(sender, safe, failed)
 
     def argv(self, sender, batch):
-        return [self.cfg.agent, "-oi", "-f", bare(sender) or "<>", "--"] + \
+        return [self.config.agent, "-oi", "-f", bare(sender) or "<>", "--"] + \
             [bare(r) for _, r in batch]
 
     def batches(self, sender, rcpts, failed):
@@ -172,7 +172,7 @@ class Delivery:
         if not spool.remove(self.path, self.f):
             log.alert("%s: the name no longer holds the file delivered; left alone",
                      self.name)
-        spool.drop_deferral(self.cfg.spooldir, os.path.basename(self.path))
+        spool.drop_deferral(self.config.spooldir, os.path.basename(self.path))
         self.outcome("delivered" + ("; the agent said: %s" % " | ".join(words) if words else ""),
                      sender, done)
         return os.EX_OK
@@ -225,7 +225,7 @@ class Delivery:
             spool.mark_sent(self.f, [off for off, _ in failed])
         self.warn_if_delayed(sender, pending, said, status, age)
         spool.defer(self.f)
-        spool.note_deferral(self.cfg.spooldir, os.path.basename(self.path), why)
+        spool.note_deferral(self.config.spooldir, os.path.basename(self.path), why)
         self.outcome("deferred: %s" % why, sender, [r for _, r in pending])
         return os.EX_TEMPFAIL
 
@@ -257,9 +257,9 @@ class Delivery:
                       "command line", self.name, rcpts, sender)
             return None
         headers = spool.headers(self.f.fileno(), self.msg.body_offset)
-        data = bounce.report(self.cfg.myname, sender, failures, headers, self.msg.arrival,
+        data = bounce.report(self.config.myname, sender, failures, headers, self.msg.arrival,
                              self.name, action, until)
-        name = bounce.queue(self.cfg.spooldir, sender, data, self.cfg.myname)
+        name = bounce.queue(self.config.spooldir, sender, data, self.config.myname)
         if CRASH_POINT == "after-notify":
             os.kill(os.getpid(), signal.SIGKILL)
         log.info("%s: %s notification %s to %s for %s", self.name,
@@ -267,8 +267,8 @@ class Delivery:
         return name
 
     def quarantine(self, why, sender, names):
-        dest = spool.quarantine(self.cfg.spooldir, os.path.basename(self.path), why)
-        spool.drop_deferral(self.cfg.spooldir, os.path.basename(self.path))
+        dest = spool.quarantine(self.config.spooldir, os.path.basename(self.path), why)
+        spool.drop_deferral(self.config.spooldir, os.path.basename(self.path))
         self.outcome("failed: %s; moved to %s" % (why, dest), sender, names)
         return os.EX_DATAERR
 
@@ -277,7 +277,7 @@ class Delivery:
         and Message-ID (to find the message in the MTA's log), and what
         became of it."""
         size, msgid = self.described()
-        if self.cfg.quiet:
+        if self.config.quiet:
             log.info("%s from=%s%s size=%s message-id=%s status=%s", self.name, sender,
                     "".join(" to=%s" % n for n in names), size, msgid, what)
         else:

@@ -447,14 +447,14 @@ def become_owner(path):
         raise Failure(os.EX_NOINPUT, "%s: no such spool directory" % path) from None
 
 
-def main(cfg, args):
-    """smtpfwdd -Q: args are the command and its arguments."""
+def main(spooldir, args):
+    """smtpfwdd -Q on spooldir: args are the command and its arguments."""
     if not args or args[0] not in COMMANDS:
         print(USAGE, file=sys.stderr)
         return os.EX_USAGE
     try:
-        become_owner(cfg.spooldir)
-        return COMMANDS[args[0]](Queue(cfg.spooldir), args[1:])
+        become_owner(spooldir)
+        return COMMANDS[args[0]](Queue(spooldir), args[1:])
     except getopt.GetoptError as e:
         print("smtpq: %s\n%s" % (e, USAGE), file=sys.stderr)
         return os.EX_USAGE
@@ -462,6 +462,6 @@ def main(cfg, args):
         print("smtpq: %s" % e, file=sys.stderr)
         return e.status
     except OSError as e:
-        where = os.fsdecode(e.filename) if e.filename is not None else cfg.spooldir
+        where = os.fsdecode(e.filename) if e.filename is not None else spooldir
         print("smtpq: %s: %s" % (visible(where), e.strerror), file=sys.stderr)
         return os.EX_IOERR

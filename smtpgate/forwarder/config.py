@@ -1,0 +1,36 @@
+"""config - what smtpfwdd runs with: its options and the Makefile's
+constants, built once
+
+DESCRIPTION
+    build(flags) makes the ForwarderConfig the daemon, its delivery
+    processes and the queue tool read: frozen, never changed after.  What
+    changes while smtpfwdd runs -- its locks, its delivery processes -- is
+    the Forwarder's (daemon.py).
+"""
+
+import dataclasses
+import os
+
+import buildconf
+from smtpgate import privileges
+
+SPOOL = os.path.normpath(os.path.join(buildconf.SPOOLDIR, buildconf.SPOOLSUBDIR))
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwarderConfig:
+    spooldir: str = SPOOL                       # -d
+    user: str = buildconf.SMTP_USER             # -u
+    group: str = buildconf.SMTP_GROUP           # -g
+    agent: str = buildconf.MAIL_AGENT           # -s: the mail agent
+    maxchildren: int = buildconf.MAXCHILDREN    # -M: delivery processes
+    poll: int = buildconf.POLL_TIME             # -P: seconds between scans
+    quiet: bool = False                         # -q: one line per message
+    foreground: bool = False                    # -F
+    pidfile: str = None                         # -i: a pid file outside the spool
+    myname: str = "localhost"                   # this host, for notifications
+
+
+def build(flags):
+    """The ForwarderConfig for the command line's fields (options.parse)."""
+    return ForwarderConfig(**dict(flags, myname=privileges.own_name()))
