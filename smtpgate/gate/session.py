@@ -29,7 +29,8 @@ from smtpgate.replies import VANILLA
 from smtpgate.rules.engine import evaluate, RuleError, Verdict
 from smtpgate.text import escape, host_chars
 
-ERROR_CODES = (500, 501, 502, 503, 504, 553, 555)
+# In HELP: every verb of VERBS but these (STARTTLS only when it is offered).
+UNLISTED = ("EXPN", "PROXY", "STARTTLS")
 # RFC 2920 3.1: after these a client waits for our reply before it sends
 # more, PIPELINING or not.  Without PIPELINING every command is such a one.
 # (STARTTLS discards what follows it instead; QUIT ends everything.)
@@ -71,9 +72,13 @@ class Session:
     # -- plumbing --
 
     def reply(self, code, text=None, more=()):
+        """A reply (batched until the next read); never counted."""
         self.ch.reply(code, text, more)
-        if code in ERROR_CODES:
-            self.count_error()
+
+    def refuse(self, code, text=None):
+        """The reply to a refused command: it counts as an error."""
+        self.ch.reply(code, text)
+        self.count_error()
 
     def count_error(self):
         """One more error (refused commands, noto, tempfail): MAX_ERRORS end
@@ -120,7 +125,7 @@ class Session:
             while True:
                 line, problem = self.ch.command()
                 if line is None:
-                    self.reply(500, problem)
+                    self.refuse(500, problem)
                     continue
                 verb, _, arg = line.partition(" ")
                 verb = verb.upper()
@@ -203,7 +208,7 @@ class Session:
     def smtp_helo(self, arg, esmtp=False):
         if self.helo is not None:
             self.env = Envelope()
-            return self.reply(503)
+            return self.refuse(503)
         name = arg.strip()
         if self.config.paranoid and not re.match(r"^[\x21-\x7e]*$", name):
             raise Closed(os.EX_PROTOCOL, "suspicious HELO")
@@ -233,9 +238,9 @@ class Session:
         if self.engine.tls_context is None:
             return self.smtp_unknown(arg)
         if arg.strip():
-            return self.reply(501, "Syntax: STARTTLS takes no argument")
+            return self.refuse(501, "Syntax: STARTTLS takes no argument")
         if self.ch.tls is not None or self.helo is None:
-            return self.reply(503)
+            return self.refuse(503)
         self.reply(220, "Ready to start TLS")
         self.ch.flush()
         try:
@@ -258,7 +263,7 @@ class Session:
     def address(self, arg, keyword, null_ok):
         """'FROM:<a> params' -> (stored, params) or None after replying."""
         if not arg[:len(keyword)].upper() == keyword:
-            self.reply(501, 'Syntax: %s<address>' % keyword)
+            self.refuse(501, 'Syntax: %s<address>' % keyword)
             return None
         try:
             return parse_path(arg[len(keyword):].lstrip(" "), null_ok)
@@ -266,18 +271,18 @@ class Session:
             log.notice("refused address %s from %s: %s", escape(arg), self.where, e.text)
             if self.config.paranoid:
                 raise Closed(os.EX_PROTOCOL, "suspicious address") from None
-            self.reply(e.code, e.text)
+            self.refuse(e.code, e.text)
             return None
 
     def mail_params(self, params):
         """SIZE= and BODY= after EHLO; True if acceptable (else replied)."""
         if params and not self.esmtp:
-            self.reply(501)
+            self.refuse(501)
             return False
         try:
             size = mail_params(params).get("SIZE", 0)
         except AddressError as e:
-            self.reply(e.code)
+            self.refuse(e.code)
             return False
         if self.config.maxsize and size > self.config.maxsize:
             self.reply(552, "Message size exceeds fixed maximum message size")
@@ -286,7 +291,7 @@ class Session:
 
     def smtp_mail(self, arg):
         if self.helo is None or self.env.sender is not None:
-            return self.reply(503)
+            return self.refuse(503)
         parsed = self.address(arg, "FROM:", null_ok=True)
         if parsed is None or not self.mail_params(parsed[1]):
             return
@@ -296,13 +301,13 @@ class Session:
 
     def smtp_rcpt(self, arg):
         if self.env.sender is None:
-            return self.reply(503)
+            return self.refuse(503)
         parsed = self.address(arg, "TO:", null_ok=False)
         if parsed is None:
             return
         rcpt, params = parsed
         if params:
-            return self.reply(555)
+            return self.refuse(555)
         if len(self.env.recipients) >= buildconf.MAX_RCPT:
             return self.reply(452, "Too many recipients")
         if self.check_rules(rcpt):
@@ -361,9 +366,9 @@ class Session:
 
     def smtp_data(self, arg):
         if not self.env.recipients:
-            return self.reply(503)
+            return self.refuse(503)
         if arg.strip():
-            return self.reply(501)
+            return self.refuse(501)
         try:
             self.draft = spool.Draft(self.config.spooldir, self.env.sender.encode("latin-1"),
                                      [r.encode("latin-1") for r in self.env.recipients])
@@ -434,25 +439,25 @@ class Session:
         self.reply(252)
 
     def smtp_expn(self, arg):
-        self.reply(502)
+        self.refuse(502)
 
     def smtp_help(self, arg):
-        self.reply(214, "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT"
-                   + (" STARTTLS" if self.tls_offered() else ""))
+        verbs = [v for v in VERBS if v not in UNLISTED]
+        self.reply(214, "Commands: " + " ".join(verbs + ["STARTTLS"] * self.tls_offered()))
 
     def smtp_quit(self, arg):
         self.reply(221)
         raise Closed(os.EX_OK)
 
     def smtp_unknown(self, arg):
-        self.reply(500)
+        self.refuse(500)
 
     def smtp_proxy(self, arg):
         """A PROXY header from a client that is not a trusted proxy (-X): a
         protocol error, never a way to claim another address."""
         log.notice("PROXY header from %s, which is not a trusted proxy: refused",
                   self.where)
-        self.reply(500)
+        self.refuse(500)
 
 
 VERBS = {"HELO": Session.smtp_helo, "EHLO": Session.smtp_ehlo,
