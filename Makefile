@@ -1,235 +1,159 @@
 # Makefile for the Python Obtuse smtpd/smtpfwdd.
 #
-# Every tunable of the programs lives here.  `make` writes buildconf.py from
-# these values; override any of them on the command line, e.g.
-#     make NOTO_DELAY=5
-# and the next plain `make` writes the defaults back.
+# Every tunable of the programs lives here, in the table below.  `make`
+# writes buildconf.py from it; `make NOTO_DELAY=5` changes a value, and it
+# stays changed (config.mk) until `make defaults`.
+
+# ============================================================ constants ====
+# One table: every tunable constant, its bounds and one line of doc, as
+#     #: KIND: documentation
+#     NAME = default
+# KIND: int LOW..HIGH, bool, path (absolute), path? (or empty), name, text or
+# nets (CIDRs).  smtpgate/params.py reads it: `make` writes buildconf.py
+# from it; smtpd and smtpfwdd check every value at start (78 if one is out
+# of bounds); `smtpd -n` prints those that differ from these defaults and
+# `smtpd -N` all of them.  `make NAME=value` writes the value in config.mk,
+# which this file includes, so it stays until changed; `make defaults`
+# removes config.mk.  The man pages (CONFIGURATION) say more of each.
 
 # ---------------------------------------------------------------- paths ----
-
-# The smtpd home: smtpd chroots here (-c default).  Real path.
+#: path: the smtpd home, where smtpd chroots (-c default; a real path)
 SPOOLDIR = /var/spool/smtpd
-
-# The spool directory relative to the jail (-d default of smtpd); smtpfwdd's
-# default spool is SPOOLDIR/SPOOLSUBDIR.
+#: text: the spool inside the jail (smtpd -d default); smtpfwdd's is SPOOLDIR/SPOOLSUBDIR
 SPOOLSUBDIR = .
-
-# The rules file, a path inside the jail (so normally SPOOLDIR/etc/...).
+#: path: the rules file, a path inside the jail
 CHECK_FILE = /etc/smtpd_check_rules
-
-# The mail agent smtpfwdd runs for each spool file (smtpfwdd -s default).
+#: path: the mail agent smtpfwdd runs for each spool file (smtpfwdd -s default)
 MAIL_AGENT = /usr/sbin/sendmail
-
-# Directory of smtpd.pid for `smtpd -D` (smtpd -i default: PID_DIR/smtpd.pid).
+#: path: the directory of smtpd.pid (smtpd -i default: PID_DIR/smtpd.pid)
 PID_DIR = /var/run
-
-# STARTTLS: the certificate chain and private key (PEM), outside the jail,
-# read by root before the chroot (smtpd -C and -K override them).  Missing
-# files here mean plaintext only; empty values turn STARTTLS off.
+#: path?: the STARTTLS certificate chain, outside the jail (-C); empty: no STARTTLS
 TLS_CERT = /etc/smtpd/cert.pem
+#: path?: its private key, outside the jail, read by root (-K); empty: no STARTTLS
 TLS_KEY = /etc/smtpd/key.pem
-
-# Installation prefix for `make install`.
+#: path: where make install puts the programs (PREFIX/sbin, PREFIX/lib/smtpd)
 PREFIX = /usr/local
 
 # ------------------------------------------------------------- identity ----
-
-# User and group both daemons run as (-u/-g defaults).  Never root.
+#: name: the user both daemons run as (-u default); never root
 SMTP_USER = smtpd
+#: name: their group (-g default); never root's
 SMTP_GROUP = smtpd
-
-# syslog facility of both daemons (a name from syslog.h, without LOG_).
+#: name: the syslog facility of both daemons (a name of syslog.h without LOG_)
 LOG_FACILITY = mail
-
-# The syslog socket.  Jailed processes reach it by the same path inside the
-# jail (SPOOLDIR/dev/log), which `make install` asks rsyslog to provide.
+#: path: the syslog socket, the same path inside the jail (SPOOLDIR/dev/log)
 LOG_SOCKET = /dev/log
 
-# ------------------------------------------------------- smtpd timings ----
-
-# Seconds a noto_delay / deny_delay rule sleeps before its reply.
+# -------------------------------------------------------- smtpd timings ----
+#: int 0..86400: seconds a noto_delay rule sleeps before its reply
 NOTO_DELAY = 60
+#: int 0..86400: seconds a deny_delay rule sleeps before its reply
 DENY_DELAY = 60
-
-# Seconds smtpd waits for each read from the client before 421.
+#: int 1..86400: seconds smtpd waits for each read from the client before 421
 READ_TIMEOUT = 300
-
-# Seconds a whole SMTP session may last before 421.  Also the age after
-# which smtpfwdd removes an unlocked draft left by a killed smtpd.
+#: int 1..86400: seconds a whole session may last; also the age of a stale draft
 SESSION_TIMEOUT = 1800
-
-# Seconds an RFC 1413 ident query may take; 0 = never ask.
+#: int 0..600: seconds an RFC 1413 ident query may take; 0 = never ask
 CHECK_IDENT = 10
-
-# TCP port of the client's ident server.
+#: int 1..65535: the TCP port of the client's ident server
 IDENT_PORT = 113
-
-# Seconds a DNS lookup (PTR, A/AAAA, NS, MX, RBL) may take in all.
+#: int 1..600: seconds a DNS lookup (PTR, A/AAAA, NS, MX, RBL) may take in all
 DNS_TIMEOUT = 10
-
-# 1 = a recipient that no rule matches is denied; 0 = allowed (original).
+#: bool: 1 = a recipient that no rule matches is denied; 0 = allowed (original)
 CHECK_ADDRESS_DENY_ON_FAILURE = 0
 
 # -------------------------------------------------------- smtpd limits ----
-
-# Most recipients accepted per message; further RCPTs get 452.
+#: int 1..100000: most recipients per message; more get 452
 MAX_RCPT = 1000
-
-# The largest message smtpd accepts, in bytes (smtpd -s overrides it; 0 = no
-# limit): announced in EHLO SIZE, refused at MAIL SIZE= and after DATA with
-# 552.  Postfix's message_size_limit; keep it at or a little below your MTA's
-# (whose count includes our Received header and its own), or what it refuses
-# comes back to the sender as a bounce instead of a 552.
+#: int 0..1099511627776: the largest message in bytes (-s default; 0 = no limit; Postfix's)
 MESSAGE_SIZE_LIMIT = 10240000
-
-# Workers smtpd -D starts ahead of demand.
+#: int 0..1000: workers smtpd -D starts ahead of demand
 SMTPD_PREFORK = 4
-
-# Most worker processes (sessions at once) of smtpd -D (-M default).
+#: int 1..10000: most workers, sessions at once, of smtpd -D (-M default)
 SMTPD_MAXCHILDREN = 64
-
-# Most concurrent sessions from one client network (see the prefixes
-# below); more get 421.
+#: int 1..10000: most sessions at once from one client network; more get 421
 SMTPD_MAX_PER_IP = 10
-
-# ---------------------------------------- smtpd admission (spam engines) ----
-
-# A client is its network: its address cut to these many bits.  One host
-# usually owns a whole IPv6 /64.
-SMTPD_V4_PREFIX = 32
-SMTPD_V6_PREFIX = 64
-
-# Most new sessions per client network in any SMTPD_RATE_WINDOW seconds,
-# refused ones included (the window slides in sixteenths); more get
-# "421 4.7.0" (logged once per window).  0 = no limit (the default, as
-# Postfix's anvil).  SMTPD_RATE_TABLE networks are remembered, in sets of
-# 8, the least recently seen of a full set giving way: 96 bytes each,
-# fixed at start.
-SMTPD_MAX_RATE = 0
-SMTPD_RATE_WINDOW = 60
-SMTPD_RATE_TABLE = 4096
-
-# Milliseconds smtpd waits before its 220; a client that talks first gets
-# "554 5.5.1" and is closed (sendmail's greet_pause, postscreen's pregreet
-# test).  0 = no pause.
-SMTPD_GREET_PAUSE = 0
-
-# 1 = a client that does not wait for a reply where RFC 2920 says it must
-# (text after DATA before our 354, commands after HELO without PIPELINING,
-# a whole session before our greeting) gets "554 5.5.0 Error: SMTP protocol
-# synchronization" and is closed (Postfix's smtpd_forbid_unauth_pipelining).
-# 0 = the original's way: such input is simply read.
-SMTPD_FORBID_UNAUTH_PIPELINING = 1
-
-# Errors (refused commands, noto replies, 451s) that end a session with 421.
+#: int 1..1000000: sessions a worker serves before it exits and is replaced
+SMTPD_MAX_USE = 100
+#: int 1..86400: seconds a spare worker beyond the needed ones stays idle
+SMTPD_IDLE_TIME = 10
+#: int 0..3600: seconds running sessions (or deliveries) may take to end after SIGTERM
+SHUTDOWN_TIMEOUT = 30
+#: int 1..1073741824: the largest rules file read, in bytes; larger is an error
+RULES_MAX_SIZE = 4194304
+#: int 1..1000: errors (refused commands, noto, 451) that end a session with 421
 MAX_ERRORS = 10
 
-# After this many errors in a session, each further error reply waits
-# SMTPD_ERROR_SLEEP seconds more than the one before (1, 2, 3... with the
-# default), within the session's time; MAX_ERRORS still ends it.
+# ---------------------------------------- smtpd admission (spam engines) ----
+#: int 0..32: bits of an IPv4 address that make a client's network
+SMTPD_V4_PREFIX = 32
+#: int 0..128: bits of an IPv6 address that make a client's network (one host, one /64)
+SMTPD_V6_PREFIX = 64
+#: int 0..100000: most new sessions per network per SMTPD_RATE_WINDOW; 0 = no limit
+SMTPD_MAX_RATE = 0
+#: int 1..86400: the rate limit's sliding window, in seconds
+SMTPD_RATE_WINDOW = 60
+#: int 8..1048576: networks the rate table remembers (96 bytes each, fixed at start)
+SMTPD_RATE_TABLE = 4096
+#: int 0..600000: milliseconds before the 220; who talks first gets 554 (0 = no pause)
+SMTPD_GREET_PAUSE = 0
+#: bool: 1 = pipelining where RFC 2920 forbids it gets 554 and is closed; 0 = the original
+SMTPD_FORBID_UNAUTH_PIPELINING = 1
+#: int 0..1000: errors after which each error reply waits longer
 SMTPD_SOFT_ERRORS = 5
+#: int 0..3600: seconds more each error reply waits past SMTPD_SOFT_ERRORS
 SMTPD_ERROR_SLEEP = 1
-
-# Networks (CIDRs, space-separated) exempt from the rate limit, the greeting
-# pause and the error delays -- your own relays and monitoring, e.g.
-# "192.0.2.0/24 2001:db8::/48".  The concurrency cap still applies.
+#: nets: networks exempt from the rate limit, the greeting pause and error delays
 SMTPD_ADMISSION_EXEMPT =
 
 # ---------------------------------------------- smtpd behind a balancer ----
-
-# Trusted proxies (CIDRs, space-separated; smtpd -X overrides): a connection
-# from them must begin with a PROXY header (v1 or v2), whose client address
-# then counts for everything.  Empty = off: every client is its socket.
+#: nets: trusted proxies whose connections begin with a PROXY header (-X); empty = off
 SMTPD_PROXY_FROM =
-
-# Seconds the PROXY header may take to arrive; the greeting waits for it.
+#: int 1..3600: seconds the PROXY header may take to arrive
 SMTPD_PROXY_TIMEOUT = 5
 
 # ------------------------------------------------ recipient verification ----
-
-# The MTA that "verify" rules ask whether a recipient exists (smtpd -V):
-# [lmtp:]address:port with an IP address, e.g. 127.0.0.1:10025 (a second
-# Postfix smtpd that only answers) or lmtp:127.0.0.1:24.  Empty: a verify
-# rule answers 451 (never lets mail through unverified).
+#: text: the MTA verify rules ask, [lmtp:]address:port (-V); empty: verify gives 451
 SMTPD_VERIFY_BACKEND =
-
-# Seconds each step of a callout may take (within the session's time).
+#: int 1..600: seconds each step of a callout may take
 SMTPD_VERIFY_TIMEOUT = 10
-
-# 1 = accept a recipient when the backend cannot be asked (refused, timeout):
-# mail keeps flowing while the backend is down, at the price of bounces for
-# unknown users meanwhile.  0 = answer 451 (the sender retries; the default).
+#: bool: 1 = accept a recipient when the backend cannot be asked; 0 = 451
 SMTPD_VERIFY_DEFER_OK = 0
-
-# Most callouts in one session; further unverified recipients get 450, so
-# a flood of random names cannot scan the backend.
+#: int 0..1000000: most callouts in one session; more unverified recipients get 450
 SMTPD_VERIFY_MAX = 20
-
-# The cache of answers: an sqlite3 file inside the jail, shared by every
-# process of the gate; at most SMTPD_VERIFY_CACHE_SIZE addresses; a user
-# that exists is remembered SMTPD_VERIFY_POSITIVE_TTL seconds (31 days), one
-# that does not SMTPD_VERIFY_NEGATIVE_TTL (3 days), as Postfix's verify(8).
-# An empty SMTPD_VERIFY_CACHE, or a TTL of 0, keeps nothing.
+#: path?: the verification cache, an sqlite3 file inside the jail; empty: none
 SMTPD_VERIFY_CACHE = /verify.db
+#: int 1..10000000: most addresses the verification cache keeps
 SMTPD_VERIFY_CACHE_SIZE = 10000
+#: int 0..31536000: seconds a user that exists is remembered (31 days; 0 = never)
 SMTPD_VERIFY_POSITIVE_TTL = 2678400
+#: int 0..31536000: seconds a user that does not exist is remembered (3 days)
 SMTPD_VERIFY_NEGATIVE_TTL = 259200
 
-# Sessions a worker serves before it exits and is replaced.
-SMTPD_MAX_USE = 100
-
-# Seconds a spare worker beyond the needed ones stays idle before it exits.
-SMTPD_IDLE_TIME = 10
-
-# Seconds smtpd -D lets running sessions finish after SIGTERM/SIGINT.
-SHUTDOWN_TIMEOUT = 30
-
-# Largest rules file smtpd and checkrules read, in bytes; a larger file is
-# an error (the old rules stay in smtpd -D).
-RULES_MAX_SIZE = 4194304
-
 # ----------------------------------------------------- smtpfwdd tunables ----
-
-# Most delivery children at once (smtpfwdd -M default).
+#: int 1..1000: most delivery processes at once (smtpfwdd -M default)
 MAXCHILDREN = 10
-
-# Seconds between spool scans (smtpfwdd -P default).
+#: int 1..1000: seconds between spool scans (smtpfwdd -P default)
 POLL_TIME = 10
-
-# Most argv elements per mail-agent call: options, sender and recipients.
+#: int 6..100000: most argv elements per mail agent call: options, sender, recipients
 MAXARGS = 100
-
-# Seconds a temporarily failed message waits before the next attempt.
+#: int 1..86400: seconds a temporarily failed message waits before its next try
 RETRY_DELAY_TIME = 600
-
-# Seconds a message may stay deferred before it is moved to failed/ (5 days).
+#: int 1..31536000: seconds a message may stay deferred before failed/ (5 days)
 QUEUE_LIFETIME = 432000
-
-# Seconds one mail-agent call may take before it is killed (then deferred).
+#: int 1..86400: seconds one mail agent call may take before it is killed
 AGENT_TIMEOUT = 3600
-
-# Seconds a message may wait in the queue before its sender is told, once,
-# that it is delayed (a delivery status notification, Action: delayed).
-# 4 hours, as sendmail: a sender behind a down MTA learns it the same day,
-# not after QUEUE_LIFETIME.  0 = never (Postfix's default).
+#: int 0..31536000: seconds before a sender hears, once, that a message waits (4 h; 0 = never)
 DELAY_WARNING_TIME = 14400
+
+-include config.mk
 
 # ------------------------------------------------------------ build rules ----
 
-CONSTANTS = SPOOLDIR SPOOLSUBDIR CHECK_FILE MAIL_AGENT PID_DIR TLS_CERT TLS_KEY PREFIX \
-	SMTP_USER SMTP_GROUP LOG_FACILITY LOG_SOCKET NOTO_DELAY DENY_DELAY READ_TIMEOUT \
-	SESSION_TIMEOUT CHECK_IDENT IDENT_PORT DNS_TIMEOUT \
-	CHECK_ADDRESS_DENY_ON_FAILURE MAX_RCPT MESSAGE_SIZE_LIMIT SMTPD_PREFORK SMTPD_MAXCHILDREN \
-	SMTPD_MAX_PER_IP SMTPD_MAX_USE SMTPD_IDLE_TIME SHUTDOWN_TIMEOUT RULES_MAX_SIZE \
-	SMTPD_V4_PREFIX SMTPD_V6_PREFIX SMTPD_MAX_RATE SMTPD_RATE_WINDOW SMTPD_RATE_TABLE \
-	SMTPD_GREET_PAUSE SMTPD_FORBID_UNAUTH_PIPELINING MAX_ERRORS SMTPD_SOFT_ERRORS SMTPD_ERROR_SLEEP SMTPD_ADMISSION_EXEMPT \
-	SMTPD_PROXY_FROM SMTPD_PROXY_TIMEOUT SMTPD_VERIFY_BACKEND SMTPD_VERIFY_TIMEOUT \
-	SMTPD_VERIFY_DEFER_OK SMTPD_VERIFY_MAX SMTPD_VERIFY_CACHE SMTPD_VERIFY_CACHE_SIZE \
-	SMTPD_VERIFY_POSITIVE_TTL SMTPD_VERIFY_NEGATIVE_TTL \
-	MAXCHILDREN POLL_TIME MAXARGS \
-	RETRY_DELAY_TIME QUEUE_LIFETIME AGENT_TIMEOUT DELAY_WARNING_TIME
+CONSTANTS := $(shell sed -n '/^\#: /{n;s/ *=.*//p;}' Makefile)
 export $(CONSTANTS)
-export CONSTANTS
+# The constants given on make's command line: config.mk keeps them.
+GIVEN = $(foreach v,$(CONSTANTS),$(if $(filter command line,$(origin $(v))),$(v)))
 
 PYTHON = python3
 VENV = .venv
@@ -240,16 +164,20 @@ PYTEST_ARGS =
 
 all: buildconf.py venv
 
-# Written only when its content changes, so an override is always applied
-# and a plain `make` afterwards restores the defaults.
+# Written only when its content changes; the constants given on the command
+# line are recorded in config.mk first.
 buildconf.py: FORCE
-	@$(PYTHON) -c 'import os; \
-	  out = ["\"\"\"Generated from Makefile; do not edit.\"\"\"", ""]; \
-	  v = lambda s: int(s) if s.lstrip("-").isdigit() else s; \
-	  out += ["%s = %r" % (n, v(os.environ[n])) for n in os.environ["CONSTANTS"].split()]; \
-	  open("buildconf.py.tmp", "w").write("\n".join(out) + "\n")'
-	@if cmp -s buildconf.py.tmp buildconf.py; then rm -f buildconf.py.tmp; \
-	 else mv buildconf.py.tmp buildconf.py; echo "wrote buildconf.py"; fi
+	@$(PYTHON) -m smtpgate.params build Makefile config.mk buildconf.py $(GIVEN)
+
+# The Makefile's defaults again: config.mk goes.
+.PHONY: defaults showconf
+defaults:
+	rm -f config.mk
+	@$(PYTHON) -m smtpgate.params build Makefile config.mk buildconf.py
+
+# The constants in effect that differ from the defaults (smtpd -n).
+showconf: buildconf.py
+	@$(PYTHON) smtpd.py -n
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -289,10 +217,15 @@ MANDIR = $(PREFIX)/share/man
 DOCDIR = $(PREFIX)/share/doc/smtpd
 # The Python the installed programs run with (readable by SMTP_USER).
 INSTALL_PYTHON = /usr/bin/python3
-# The three programs and the package, as a package (never a wildcard: a
-# scratch file must not be installed).
+# The three programs and the package, module by module: never a wildcard, so
+# that a scratch file is never installed (a test checks this list against
+# the modules git knows; the tests' trees copy the same list).
 PROGRAMS = smtpd smtpfwdd checkrules
 PACKAGE = smtpgate
+PACKAGE_MODULES = __init__ address libc log net options params privileges process replies spool text \
+	gate/__init__ gate/admission gate/channel gate/client gate/config gate/connection gate/engine gate/master gate/proxy gate/rulewatch gate/sandbox gate/session gate/start gate/tls gate/verify gate/worker \
+	forwarder/__init__ forwarder/bounce forwarder/config forwarder/daemon forwarder/delivery forwarder/queuetool forwarder/start \
+	rules/__init__ rules/dnslookup rules/engine rules/ident rules/tester rules/tokens
 EXAMPLES = etc/smtpd_check_rules.example etc/antispam_check_rules.example \
 	etc/smtpd.service etc/smtpfwdd.service etc/smtpd.socket etc/smtpd@.service \
 	etc/init.d/smtpd etc/init.d/smtpfwdd etc/default/smtpd etc/default/smtpfwdd \
@@ -318,10 +251,9 @@ install: all venv
 	install -m 644 .installed-dirs $(DESTDIR)$(LIBDIR)/installed-dirs && rm -f .installed-dirs
 	install -m 644 $(addsuffix .py,$(PROGRAMS)) buildconf.py $(DESTDIR)$(LIBDIR)/
 	rm -rf $(DESTDIR)$(LIBDIR)/$(PACKAGE)
-	cd $(PACKAGE) && git ls-files -- '*.py' 2>/dev/null | grep . > ../.package-files \
-	    || find . -name '*.py' | sed 's|^\./||' > ../.package-files
-	while read -r f; do install -D -m 644 $(PACKAGE)/$$f $(DESTDIR)$(LIBDIR)/$(PACKAGE)/$$f; \
-	    done < .package-files; rm -f .package-files
+	for m in $(PACKAGE_MODULES); do \
+	    install -D -m 644 $(PACKAGE)/$$m.py $(DESTDIR)$(LIBDIR)/$(PACKAGE)/$$m.py || exit 1; \
+	done
 	rm -rf $(DESTDIR)$(LIBDIR)/vendor
 	$(VPY) -m pip install -q --disable-pip-version-check --no-compile \
 	    --target $(DESTDIR)$(LIBDIR)/vendor -r requirements.txt

@@ -5,6 +5,7 @@ SYNOPSIS
     smtpd.py [-DFHLPq] [-c chrootdir] [-d spooldir] [-u user] [-g group]
              [-m myname] [-s maxsize] [-l address] [-p port] [-i pidfile] [-M max]
              [-C certfile] [-K keyfile] [-X proxies] [-V backend]
+    smtpd.py -n | -N
 DESCRIPTION
     Speaks SMTP on stdin (inetd) or on a listening socket (-D) and writes each
     accepted message to the spool for smtpfwdd(8).  Every recipient is checked
@@ -12,8 +13,10 @@ DESCRIPTION
     certificate -C and key -K (TLS_CERT, TLS_KEY).  Behind a load balancer,
     connections from the networks -X (SMTPD_PROXY_FROM) begin with a PROXY
     header naming the real client.  A "verify" rule asks the backend MTA -V
-    (SMTPD_VERIFY_BACKEND) whether a recipient exists.  The program is its
-    options; smtpgate/gate/ is the rest (smtpgate/__init__.py is the map).
+    (SMTPD_VERIFY_BACKEND) whether a recipient exists.  -n prints the
+    Makefile's constants in effect that differ from their defaults (as
+    postconf -n), -N all of them with their documentation.  The program is
+    its options; smtpgate/gate/ is the rest (smtpgate/__init__.py is the map).
 SECURITY
     Talks to the network.  Sessions run chrooted to -c as -u/-g under a
     seccomp filter; only the master keeps root, and it never reads network
@@ -30,12 +33,13 @@ import os
 import sys
 
 import buildconf
-from smtpgate import log, net, options
+from smtpgate import log, net, options, params
 from smtpgate.gate import config, start
 
 USAGE = """usage: smtpd.py [-DFHLPq] [-c chrootdir] [-d spooldir] [-u user] [-g group]
                 [-m myname] [-s maxsize] [-l address] [-p port] [-i pidfile] [-M max]
-                [-C certfile] [-K keyfile] [-X proxies] [-V backend]"""
+                [-C certfile] [-K keyfile] [-X proxies] [-V backend]
+       smtpd.py -n | -N"""
 
 
 def networks(flag, value):
@@ -54,7 +58,8 @@ FLAGS = {"-c": ("chroot", options.absolute), "-d": ("spooldir", options.absolute
          "-C": ("tls_cert", options.absolute), "-K": ("tls_key", options.absolute),
          "-X": ("proxies", networks), "-V": ("verify", options.text),
          "-D": ("daemon", True), "-F": ("foreground", True), "-H": ("hostchecks", False),
-         "-L": ("log_pid", False), "-P": ("paranoid", True), "-q": ("quiet", True)}
+         "-L": ("log_pid", False), "-P": ("paranoid", True), "-q": ("quiet", True),
+         "-n": ("show", "changed"), "-N": ("show", "all")}
 
 
 def main(argv):
@@ -67,6 +72,10 @@ def main(argv):
         if not log.stderr_is_socket():      # under inetd, stderr is the client
             print(USAGE, file=sys.stderr)
         return os.EX_USAGE
+    if "show" in flags:         # like postconf -n: the constants in effect
+        for line in params.show(buildconf, everything=flags["show"] == "all"):
+            print(line)
+        return os.EX_OK
     if not flags.get("log_pid", True):
         log.log.open("smtpd", buildconf.LOG_FACILITY, pid=False, path=buildconf.LOG_SOCKET,
                      stderr=log.log.stderr)

@@ -2,10 +2,10 @@
 
 DESCRIPTION
     Each program declares its flags as a table, flag -> (field, kind), and
-    parse() reads argv with getopt against it: a kind is True or False
-    (a switch: the field takes that value) or a function that checks and
-    converts the flag's argument, raising UsageError with a message that
-    names the flag.  parse() returns the fields given, and the arguments
+    parse() reads argv with getopt against it: a kind is a function that
+    checks and converts the flag's argument, raising UsageError with a
+    message that names the flag, or any other value: a switch, whose field
+    takes that value.  parse() returns the fields given, and the arguments
     left.  What a program does with a UsageError (its exit status, whether
     the usage goes to stderr) is its own.
 """
@@ -20,8 +20,7 @@ class UsageError(Exception):
 
 def parse(argv, table, takes_args=False):
     """({field: value}, args) for argv; UsageError."""
-    letters = "".join(f[1] + ("" if isinstance(kind, bool) else ":")
-                      for f, (_, kind) in table.items())
+    letters = "".join(f[1] + (":" if callable(kind) else "") for f, (_, kind) in table.items())
     try:
         opts, args = getopt.getopt(argv, letters)
     except getopt.GetoptError as e:
@@ -31,7 +30,7 @@ def parse(argv, table, takes_args=False):
     values = {}
     for flag, value in opts:
         field, kind = table[flag]
-        values[field] = kind if isinstance(kind, bool) else kind(flag, value)
+        values[field] = kind(flag, value) if callable(kind) else kind
     return values, args
 
 

@@ -24,13 +24,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from smtpgate import spool  # noqa: E402  (from ROOT)
 PYTHON = sys.executable
-# What `make install` installs: the three programs, the package, and the
-# Makefile to build buildconf.py with.
+def package_modules():
+    """The Makefile's PACKAGE_MODULES: what `make install` installs."""
+    text = open(os.path.join(ROOT, "Makefile")).read().replace("\\\n", " ")
+    line = next(l for l in text.split("\n") if l.startswith("PACKAGE_MODULES ="))
+    return line.split("=", 1)[1].split()
+
+
+# What `make install` installs: the three programs and the package's
+# modules, and the Makefile to build buildconf.py with.
 PROGRAMS = ["smtpd.py", "smtpfwdd.py", "checkrules.py"]
 PACKAGE = "smtpgate"
+MODULES = package_modules()
 
 is_root = os.geteuid() == 0
-needs_root = pytest.mark.skipif(not is_root, reason="needs root")
+def needs_root(test):
+    """A test that needs root (chroot, setuid, port 25): marked root, so
+    that `pytest -m root` runs them all; skipped when not root (CI is)."""
+    return pytest.mark.root(pytest.mark.skipif(not is_root, reason="needs root")(test))
 IDENT_PORT = 11313      # the test trees are built with this IDENT_PORT
 
 # (No error delays: sessions that collect errors on purpose stay fast; the
@@ -55,8 +66,9 @@ def build_tree(dest, **constants):
     os.makedirs(dest, exist_ok=True)
     for name in PROGRAMS + ["Makefile"]:
         shutil.copy(os.path.join(ROOT, name), dest)
-    shutil.copytree(os.path.join(ROOT, PACKAGE), os.path.join(dest, PACKAGE), dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    for m in MODULES:
+        os.makedirs(os.path.dirname(os.path.join(dest, PACKAGE, m)), exist_ok=True)
+        shutil.copy(os.path.join(ROOT, PACKAGE, m + ".py"), os.path.join(dest, PACKAGE, m + ".py"))
     args = ["%s=%s" % kv for kv in constants.items()]
     subprocess.run(["make", "-s", "-C", dest, "buildconf.py"] + args,
                    check=True, stdout=subprocess.DEVNULL)
@@ -453,5 +465,8 @@ def run_inside(pid, root, code, timeout=60):
                 os.unlink(p)
 
 
-needs_gdb = pytest.mark.skipif(not (is_root and shutil.which("gdb")),
-                               reason="needs root and gdb (to act inside a live process)")
+def needs_gdb(test):
+    """A test that acts inside a live jailed process: root and gdb."""
+    return pytest.mark.root(pytest.mark.skipif(
+        not (is_root and shutil.which("gdb")),
+        reason="needs root and gdb (to act inside a live process)")(test))

@@ -41,7 +41,7 @@ def copy_tree(mode=0o755):
     os.chmod(d, mode)
     dest = os.path.join(d, "src")
     shutil.copytree(ROOT, dest, symlinks=True, ignore=shutil.ignore_patterns(
-        ".venv", "var", ".git", "__pycache__", ".pytest_cache", ".hypothesis"))
+        ".venv", "var", ".git", "__pycache__", ".pytest_cache", ".hypothesis", "config.mk"))
     os.symlink(os.path.join(ROOT, ".venv"), os.path.join(dest, ".venv"))
     for dirpath, dirs, files in os.walk(dest):
         os.chmod(dirpath, 0o755)
@@ -142,13 +142,16 @@ def test_make_run_with_another_mailprog_does_not_promise_var_mail():
 
 @pytest.fixture(scope="module")
 def installed():
+    """make install PREFIX=/usr into a DESTDIR, from a copy of the tree (so
+    that the config.mk of PREFIX=/usr is the copy's)."""
     destdir = tempfile.mkdtemp(prefix="smtpd-install-", dir="/tmp")
+    top, src = copy_tree()
     p = subprocess.run(["make", "-s", "install", "DESTDIR=" + destdir, "PREFIX=/usr"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+                       cwd=src, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
-    subprocess.run(["make", "-s"], cwd=ROOT, check=True)   # restore buildconf
     yield destdir
     shutil.rmtree(destdir)
+    shutil.rmtree(top)
 
 
 def mode(path):
@@ -204,8 +207,10 @@ def test_make_uninstall(installed):
     cache = os.path.join(d, "var/spool/smtpd/verify.db")
     for side in ("", "-wal", "-shm"):
         open(cache + side, "w").close()
+    top, src = copy_tree()
     subprocess.run(["make", "-s", "uninstall", "DESTDIR=" + d, "PREFIX=/usr"],
-                   cwd=ROOT, check=True, capture_output=True)
+                   cwd=src, check=True, capture_output=True)
+    shutil.rmtree(top)
     left = [os.path.relpath(os.path.join(p, f), d) for p, _, fs in os.walk(d) for f in fs]
     assert left == []
     dirs = sorted(os.path.relpath(p, d) for p, _, _ in os.walk(d))

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from smtpgate import libc, spool
-from harness import (FWD_CONSTANTS, give_to_nobody, is_root, nobody_tree, put, PYTHON, ROOT,
+from harness import (FWD_CONSTANTS, give_to_nobody, is_root, needs_root, nobody_tree, put, PYTHON,
+                     ROOT,
                      wait_for)
 
 
@@ -178,7 +179,7 @@ def test_flush_triggers_an_immediate_scan(fwd_env, tree):
     assert status == 69 and "not running" in err
 
 
-@pytest.mark.skipif(not is_root, reason="needs root to run as the spool's user")
+@needs_root
 def test_works_as_the_spools_user(fwd_env):
     tree, env, as_nobody = nobody_tree(**FWD_CONSTANTS)
     name = put(fwd_env.spool)
@@ -319,7 +320,7 @@ def test_flush_finds_a_detached_smtpfwdd(fwd_env, tree):
         os.unlink(pidfile)
 
 
-@pytest.mark.skipif(not is_root, reason="needs root to start as root")
+@needs_root
 def test_as_root_it_becomes_the_spools_owner_first(fwd_env, tree):
     name = put(fwd_env.spool)
     secret = os.path.join(fwd_env.spool, "smtpdROOTONLY")

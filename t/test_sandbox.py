@@ -112,7 +112,6 @@ def jailed(pid):
 
 
 @needs_gdb
-@pytest.mark.root
 def test_a_jailed_worker_reaches_no_process_outside(daemon_, delivering):
     d = daemon_().wait_ready()
     pids = delivering(d.jail)
@@ -125,7 +124,6 @@ def test_a_jailed_worker_reaches_no_process_outside(daemon_, delivering):
 
 
 @needs_gdb
-@pytest.mark.root
 def test_the_rules_watcher_reaches_no_process_outside(daemon_, delivering):
     d = daemon_().wait_ready()
     pids = delivering(d.jail)
@@ -134,7 +132,6 @@ def test_the_rules_watcher_reaches_no_process_outside(daemon_, delivering):
 
 
 @needs_gdb
-@pytest.mark.root
 def test_an_inetd_session_reaches_no_process_outside(smtpd, delivering):
     srv = smtpd()
     pids = delivering(srv.jail)

@@ -10,9 +10,10 @@ DESCRIPTION
 
 import dataclasses
 import os
+import sys
 
 import buildconf
-from smtpgate import privileges
+from smtpgate import log, params, privileges
 
 SPOOL = os.path.normpath(os.path.join(buildconf.SPOOLDIR, buildconf.SPOOLSUBDIR))
 
@@ -32,5 +33,13 @@ class ForwarderConfig:
 
 
 def build(flags):
-    """The ForwarderConfig for the command line's fields (options.parse)."""
+    """The ForwarderConfig for the command line's fields (options.parse);
+    a constant of the Makefile out of its bounds stops smtpfwdd with 78."""
+    problems = params.check(buildconf)
+    for p in problems:
+        log.err("%s", p)
+        if not log.log.stderr:
+            print("smtpfwdd.py: %s" % p, file=sys.stderr)
+    if problems:
+        sys.exit(os.EX_CONFIG)
     return ForwarderConfig(**dict(flags, myname=privileges.own_name()))

@@ -17,7 +17,7 @@ import os
 import sys
 
 import buildconf
-from smtpgate import log, net, privileges
+from smtpgate import log, net, params, privileges
 from smtpgate.gate import sandbox
 from smtpgate.replies import VANILLA
 
@@ -104,20 +104,12 @@ def build(flags):
 
 
 def constants():
-    """What is wrong with the Makefile's constants smtpd reads."""
-    problems = []
-    for name, top in (("SMTPD_V4_PREFIX", 32), ("SMTPD_V6_PREFIX", 128),
-                      ("SMTPD_MAX_RATE", 100000), ("SMTPD_RATE_WINDOW", 86400),
-                      ("SMTPD_RATE_TABLE", 1 << 20), ("SMTPD_GREET_PAUSE", 600000),
-                      ("SMTPD_SOFT_ERRORS", 1000), ("SMTPD_ERROR_SLEEP", 3600),
-                      ("SMTPD_PROXY_TIMEOUT", 3600), ("SMTPD_FORBID_UNAUTH_PIPELINING", 1),
-                      ("MESSAGE_SIZE_LIMIT", 1 << 40), ("MAX_ERRORS", 1000)):
-        value = getattr(buildconf, name)
-        if not isinstance(value, int) or not 0 <= value <= top:
-            problems.append("%s = %r: must be a number from 0 to %d" % (name, value, top))
-    if buildconf.SMTPD_MAX_RATE and not (buildconf.SMTPD_RATE_WINDOW
-                                         and buildconf.SMTPD_RATE_TABLE):
-        problems.append("SMTPD_MAX_RATE needs SMTPD_RATE_WINDOW and SMTPD_RATE_TABLE above 0")
+    """What is wrong with the Makefile's constants: each against its bounds
+    in the Makefile's table (params.py), then how they fit together."""
+    problems = params.check(buildconf)
+    if buildconf.SMTPD_PREFORK > buildconf.SMTPD_MAXCHILDREN:
+        problems.append("SMTPD_PREFORK = %d: more than SMTPD_MAXCHILDREN (%d)"
+                        % (buildconf.SMTPD_PREFORK, buildconf.SMTPD_MAXCHILDREN))
     return problems
 
 
