@@ -17,7 +17,7 @@ import atheris
 
 with atheris.instrument_imports():
     import common  # noqa: F401
-    from smtpgate import spool
+    from smtpgate import spool, spooldir
 
 KINDS = ("file", "draft", "link", "fifo", "dir")
 
@@ -52,8 +52,8 @@ def TestOneInput(data):
     d = tempfile.mkdtemp(prefix="fuzz-spool-")
     try:
         path, content = make(d, fdp)
-        spool.remove_stale_drafts(d, 3600, time.time())
-        for e in spool.entries(d):
+        spooldir.remove_stale_drafts(d, 3600, time.time())
+        for e in spooldir.entries(d):
             e.stat(follow_symlinks=False)
             try:
                 f = spool.open_for_delivery(e.path, time.time(), 0)

@@ -1,1 +1,48 @@
-"""smtpgate - the package behind smtpd, smtpfwdd and checkrules"""
+"""smtpgate - the package behind smtpd, smtpfwdd and checkrules
+
+The three programs at the top of the tree are their options and one call
+into this package.  The map: which process runs what, and with which
+privileges.  Nothing read from the network, and nothing the jail wrote, is
+read with root's privileges.
+
+    process              privileges              modules
+    -------------------  ----------------------  ---------------------------------
+    smtpd -D master      root, never reads the   smtpd.py, gate/start, gate/config,
+                         network nor the jail    gate/engine (pre_jail_init),
+                                                 gate/master, gate/admission (maps
+                                                 the tables), gate/tls,
+                                                 gate/rulewatch (its end),
+                                                 rules/engine (compiles the text)
+    smtpd worker         jailed: chroot -c,      gate/worker, gate/client,
+                         -u/-g, seccomp          gate/proxy, gate/connection,
+                         (gate/engine            gate/session, gate/channel,
+                         post_jail_init)         gate/admission (claims),
+                                                 gate/verify, rules/engine,
+                                                 rules/tokens, rules/dnslookup,
+                                                 rules/ident, spool (drafts)
+    smtpd rules watcher  jailed, as a worker     gate/rulewatch (watch),
+                                                 rules/engine (read_text)
+    smtpd under inetd    root until the jail,    smtpd.py, gate/start, then as a
+                         then as a worker        worker
+    smtpfwdd             -u/-g after             smtpfwdd.py, forwarder/config,
+                         forwarder/start's       forwarder/start,
+                         post_jail_init          forwarder/daemon, spooldir
+    delivery process     -u/-g                   forwarder/daemon
+                                                 (delivery_process),
+                                                 forwarder/delivery,
+                                                 forwarder/bounce, spool
+    the mail agent       -u/-g, exec'd: not      (sendmail: its own)
+                         ours; no worker can
+                         reach it (sandbox)
+    smtpq (smtpfwdd -Q)  root -> the spool's     smtpfwdd.py, forwarder/queuetool,
+                         owner before reading    spool, spooldir
+    checkrules           any; root -> the jail's checkrules.py, rules/tester,
+                         owner for its rules     rules/* , gate/verify (-V)
+
+What every process shares sits at this package's root: spool (the only
+code that knows the spool file's format) and spooldir (its directory, hostile
+input), address (the one address parser),
+replies, log, text (the sanitizers), privileges, process, net, libc,
+options (command lines), params (the Makefile's table of constants).
+The gate is gate/, the forwarder forwarder/, the rules rules/.
+"""

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from smtpgate import libc, spool
+from smtpgate import libc, spool, spooldir
 from harness import (FWD_CONSTANTS, give_to_nobody, is_root, needs_root, nobody_tree, put, PYTHON,
                      ROOT,
                      wait_for)
@@ -399,7 +399,7 @@ def RECEIVED_NOW():
 
 def quarantine(d, name, reason):
     """As smtpfwdd would: failed/ and its files belong to the spool's user."""
-    spool.quarantine(d, name, reason)
+    spooldir.quarantine(d, name, reason)
     failed = os.path.join(d, "failed")
     give_to_nobody(failed)
     for n in os.listdir(failed):

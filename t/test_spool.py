@@ -11,7 +11,7 @@ import time
 import pytest
 
 from harness import PYTHON, ROOT
-from smtpgate import libc, spool
+from smtpgate import libc, spool, spooldir
 
 RECEIVED_C = (b'Received: from mail.example.org(192.0.2.10), claiming to be "mailhost"\n'
               b" via SMTP by mx.my.domain, id smtpdA1b2C3; Tue Jul 14 10:00:00 1998\n")
@@ -77,7 +77,7 @@ def test_envelope_line_over_512_bytes_is_refused_before_writing(tmp_path):
 WRITER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, %r)
-    from smtpgate import spool
+    from smtpgate import spool, spooldir
     d = spool.Draft(sys.argv[1], b"<a@b>", [b"<c@d>"])
     d.write(b"Subject: half a message\\n")
     d.flush()
@@ -91,14 +91,14 @@ def test_writer_killed_before_commit_leaves_no_smtpd_file(tmp_path):
                          stdout=subprocess.PIPE)
     assert p.stdout.readline() == b"ready\n"
     # While the writer lives, its draft is locked and is not stale.
-    assert spool.remove_stale_drafts(str(tmp_path), 0, time.time() + 10) == ([], [])
+    assert spooldir.remove_stale_drafts(str(tmp_path), 0, time.time() + 10) == ([], [])
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert smtpd_files(tmp_path) == []
     (draft,) = os.listdir(tmp_path)
     # Young drafts stay; old unlocked ones go.
-    assert spool.remove_stale_drafts(str(tmp_path), 1800, time.time()) == ([], [])
-    assert spool.remove_stale_drafts(str(tmp_path), 1800,
+    assert spooldir.remove_stale_drafts(str(tmp_path), 1800, time.time()) == ([], [])
+    assert spooldir.remove_stale_drafts(str(tmp_path), 1800,
                                      time.time() + 1801) == ([draft.encode()], [])
     assert os.listdir(tmp_path) == []
 
@@ -200,7 +200,7 @@ def test_mark_sent_changes_only_the_four_bytes(tmp_path):
 def test_quarantine_moves_with_reason(tmp_path):
     name = write_message(tmp_path)
     before = (tmp_path / name).read_bytes()
-    dest = spool.quarantine(str(tmp_path), name, "agent exited 67")
+    dest = spooldir.quarantine(str(tmp_path), name, "agent exited 67")
     assert smtpd_files(tmp_path) == []
     assert open(dest, "rb").read() == before
     assert open(dest + ".reason").read() == "agent exited 67\n"
@@ -210,7 +210,7 @@ def test_entries_lists_only_smtpd_names(tmp_path):
     write_message(tmp_path)
     (tmp_path / ".smtpfwdd.lock").write_text("1\n")
     (tmp_path / "smtpdDIR").mkdir()
-    names = sorted(e.name for e in spool.entries(str(tmp_path)))
+    names = sorted(e.name for e in spooldir.entries(str(tmp_path)))
     assert len(names) == 2 and b"smtpdDIR" in names
 
 

@@ -23,7 +23,7 @@ import stat
 import time
 
 import buildconf
-from smtpgate import log, process, spool
+from smtpgate import log, process, spool, spooldir
 from smtpgate.forwarder import queuetool
 from smtpgate.forwarder.delivery import Delivery
 from smtpgate.text import visible
@@ -155,9 +155,9 @@ class Forwarder:
         never stops the delivery of the others."""
         now = time.time()
         try:
-            removed, problems = spool.remove_stale_drafts(
+            removed, problems = spooldir.remove_stale_drafts(
                 self.config.spooldir, buildconf.SESSION_TIMEOUT, now)
-            entries = spool.entries(self.config.spooldir)
+            entries = spooldir.entries(self.config.spooldir)
         except OSError as e:
             log.err("scanning %s: %s", self.config.spooldir, e.strerror)
             return
@@ -178,7 +178,7 @@ class Forwarder:
         for d in (self.skipped, self.unopened, self.warned):
             for gone in [n for n in d if n not in seen]:
                 del d[gone]
-        spool.prune_deferrals(self.config.spooldir, seen | running)
+        spooldir.prune_deferrals(self.config.spooldir, seen | running)
 
     def eligible(self, entry, now):
         """Is this entry (lstat, never followed) a complete message due

@@ -37,7 +37,7 @@ from smtpgate.forwarder import bounce
 import buildconf
 from smtpgate import log
 from smtpgate.text import visible
-from smtpgate import spool
+from smtpgate import spool, spooldir
 from smtpgate.address import bare
 
 TEMPORARY = (os.EX_OSERR, os.EX_OSFILE, os.EX_IOERR, os.EX_TEMPFAIL)
@@ -172,7 +172,7 @@ class Delivery:
         if not spool.remove(self.path, self.f):
             log.alert("%s: the name no longer holds the file delivered; left alone",
                      self.name)
-        spool.drop_deferral(self.config.spooldir, os.path.basename(self.path))
+        spooldir.drop_deferral(self.config.spooldir, os.path.basename(self.path))
         self.outcome("delivered" + ("; the agent said: %s" % " | ".join(words) if words else ""),
                      sender, done)
         return os.EX_OK
@@ -225,7 +225,7 @@ class Delivery:
             spool.mark_sent(self.f, [off for off, _ in failed])
         self.warn_if_delayed(sender, pending, said, status, age)
         spool.defer(self.f)
-        spool.note_deferral(self.config.spooldir, os.path.basename(self.path), why)
+        spooldir.note_deferral(self.config.spooldir, os.path.basename(self.path), why)
         self.outcome("deferred: %s" % why, sender, [r for _, r in pending])
         return os.EX_TEMPFAIL
 
@@ -267,8 +267,8 @@ class Delivery:
         return name
 
     def quarantine(self, why, sender, names):
-        dest = spool.quarantine(self.config.spooldir, os.path.basename(self.path), why)
-        spool.drop_deferral(self.config.spooldir, os.path.basename(self.path))
+        dest = spooldir.quarantine(self.config.spooldir, os.path.basename(self.path), why)
+        spooldir.drop_deferral(self.config.spooldir, os.path.basename(self.path))
         self.outcome("failed: %s; moved to %s" % (why, dest), sender, names)
         return os.EX_DATAERR
 

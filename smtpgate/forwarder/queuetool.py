@@ -47,7 +47,7 @@ import time
 import buildconf
 from smtpgate import log, privileges
 from smtpgate.text import visible
-from smtpgate import spool
+from smtpgate import spool, spooldir
 
 USAGE = """usage: smtpfwdd.py [-d spooldir] -Q list [-j]
        smtpfwdd.py [-d spooldir] -Q show ID
@@ -78,7 +78,7 @@ class Queue:
             self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise Failure(os.EX_NOINPUT, "%s: no such spool directory" % path) from None
-        self.failed = spool.open_dir(spool.FAILED_DIR, dir_fd=self.fd)
+        self.failed = spooldir.open_dir(spooldir.FAILED_DIR, dir_fd=self.fd)
 
     def where(self, place):
         return self.fd if place == "queue" else self.failed
@@ -124,8 +124,8 @@ def examine(dir_fd, name, where, now):
         e.state = "writing"             # never read as complete
         return e
     try:
-        with spool.open_readonly(name, dir_fd=dir_fd) as f:
-            if where == "queue" and spool.held(f):
+        with spooldir.open_readonly(name, dir_fd=dir_fd) as f:
+            if where == "queue" and spooldir.held(f):
                 e.state = "delivering"
             read_envelope(e, f)
     except FileNotFoundError:
@@ -140,7 +140,7 @@ def examine(dir_fd, name, where, now):
         if st.st_mode & 0o111 == 0o111:
             e.state = "deferred"
             e.next_retry = max(now, st.st_mtime + buildconf.RETRY_DELAY_TIME)
-            reason = spool.deferral(dir_fd, name)
+            reason = spooldir.deferral(dir_fd, name)
             e.reason = visible(reason) if reason else None
         else:
             e.state = "queued"
@@ -162,7 +162,7 @@ def read_envelope(e, f):
 
 def failure_reason(dir_fd, name):
     try:
-        with spool.open_readonly(name + b".reason", dir_fd=dir_fd) as r:
+        with spooldir.open_readonly(name + b".reason", dir_fd=dir_fd) as r:
             return visible(r.read(4096).strip())
     except (FileNotFoundError, spool.Odd, OSError):
         return None
@@ -171,9 +171,9 @@ def failure_reason(dir_fd, name):
 def everything(q, now):
     out = []
     for prefix in (spool.PREFIX, spool.DRAFT_PREFIX.encode()):
-        out += [examine(q.fd, n, "queue", now) for n in spool.names(q.fd, prefix)]
+        out += [examine(q.fd, n, "queue", now) for n in spooldir.names(q.fd, prefix)]
     if q.failed is not None:
-        out += [examine(q.failed, n, "failed", now) for n in spool.names(q.failed)
+        out += [examine(q.failed, n, "failed", now) for n in spooldir.names(q.failed)
                 if not n.endswith(b".reason") and not n.endswith(b".tmp")]
     return sorted((e for e in out if e is not None), key=lambda e: -e.age(now))
 
@@ -262,7 +262,7 @@ def cmd_show(q, args):
         print("to: %s" % r)
     for r in e.sent:
         print("sent: %s" % r)
-    with spool.open_readonly(name, dir_fd=d) as f:
+    with spooldir.open_readonly(name, dir_fd=d) as f:
         msg = spool.parse(f)
         print("")
         sys.stdout.write(visible(spool.headers(f.fileno(), msg.body_offset), keep="\n\t"))
@@ -274,7 +274,7 @@ def cmd_requeue(q, args):
     if ident == "all-failed":
         names = []
         if q.failed is not None:
-            names = [n for n in spool.names(q.failed) if FAILED_ID.match(n)]
+            names = [n for n in spooldir.names(q.failed) if FAILED_ID.match(n)]
         for n in names:
             requeue_failed(q, n)
         print("%d failed message%s requeued" % (len(names), "" if len(names) == 1 else "s"))
@@ -298,7 +298,7 @@ def cmd_requeue(q, args):
 def requeue_failed(q, name):
     shown = visible(name)
     try:
-        spool.unquarantine(q.fd, q.failed, name)
+        spooldir.unquarantine(q.fd, q.failed, name)
     except FileExistsError:
         raise Failure(os.EX_CANTCREAT, "%s: a message of that name is in the queue"
                       % shown) from None
@@ -319,7 +319,7 @@ class hold:
             st = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
             if st.st_mode & 0o110 != 0o110 or self.name.startswith(b"draft."):
                 raise Failure(os.EX_TEMPFAIL, "%s: being written; not touched" % self.ident)
-            self.f = spool.open_readonly(self.name, dir_fd=self.dir_fd)
+            self.f = spooldir.open_readonly(self.name, dir_fd=self.dir_fd)
         except FileNotFoundError:
             raise Failure(os.EX_NOINPUT, "%s: gone" % self.ident) from None
         except spool.Odd as e:
@@ -360,7 +360,7 @@ def cmd_delete(q, args):
         with hold(d, name) as f:
             if same_file(f, d, name):
                 os.unlink(name, dir_fd=d)
-        spool.drop_deferral(q.path, name)
+        spooldir.drop_deferral(q.path, name)
     spool.fsync_dir(d)
     log.notice("queue: %s deleted from %s by uid %d", ident, where, INVOKER)
     print("%s: deleted" % ident)
@@ -391,7 +391,7 @@ def forwarder(q):
         raise Failure(os.EX_UNAVAILABLE, "smtpfwdd is not running (%s/%s: %s)"
                       % (q.path, LOCKFILE, e.strerror)) from None
     try:
-        pid = spool.lock_holder(fd)
+        pid = spooldir.lock_holder(fd)
     except OSError as e:
         raise Failure(os.EX_UNAVAILABLE, "cannot tell who holds %s: %s" % (LOCKFILE, e))
     finally:
@@ -447,14 +447,14 @@ def become_owner(path):
         raise Failure(os.EX_NOINPUT, "%s: no such spool directory" % path) from None
 
 
-def main(spooldir, args):
-    """smtpfwdd -Q on spooldir: args are the command and its arguments."""
+def main(path, args):
+    """smtpfwdd -Q on the spool at path: args are the command and its arguments."""
     if not args or args[0] not in COMMANDS:
         print(USAGE, file=sys.stderr)
         return os.EX_USAGE
     try:
-        become_owner(spooldir)
-        return COMMANDS[args[0]](Queue(spooldir), args[1:])
+        become_owner(path)
+        return COMMANDS[args[0]](Queue(path), args[1:])
     except getopt.GetoptError as e:
         print("smtpq: %s\n%s" % (e, USAGE), file=sys.stderr)
         return os.EX_USAGE
@@ -462,6 +462,6 @@ def main(spooldir, args):
         print("smtpq: %s" % e, file=sys.stderr)
         return e.status
     except OSError as e:
-        where = os.fsdecode(e.filename) if e.filename is not None else spooldir
+        where = os.fsdecode(e.filename) if e.filename is not None else path
         print("smtpq: %s: %s" % (visible(where), e.strerror), file=sys.stderr)
         return os.EX_IOERR

@@ -1,1 +1,21 @@
-"""the gate side: smtpd"""
+"""gate - smtpd, the gate in front of the MTA
+
+    start       from smtpd.py's options to the first session: inetd or -D
+    config      GateConfig: options and constants, built once, frozen
+    engine      the Engine (rules, resolver, TLS, caches of the moment) and
+                the two phases: pre_jail_init (root), post_jail_init (jail)
+    master      -D: the pool of workers; rules and certificate reloads
+    worker      -D: one jailed worker: accept, admit, serve
+    rulewatch   -D: the jailed process that reads the rules for the master
+    admission   may this client have a session?  concurrency, rate (shared
+                tables the master maps before it forks)
+    client      who is the client: the socket, or a trusted proxy's header
+    proxy       the PROXY protocol (v1, v2), strictly
+    connection  one connection, one session: identify the client, serve
+    session     the SMTP dialogue: verbs, rules at RCPT, DATA, commit
+    channel     the client's I/O: lines, replies, DATA; TLS as a change of
+                transport under the same line discipline
+    tls         the certificate and key, loaded by root before the jail
+    verify      recipient verification: callouts to the MTA, their cache
+    sandbox     the seccomp filter every jailed process enters
+"""
