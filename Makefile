@@ -255,6 +255,10 @@ install: all venv
 	for m in $(PACKAGE_MODULES); do \
 	    install -D -m 644 $(PACKAGE)/$$m.py $(DESTDIR)$(LIBDIR)/$(PACKAGE)/$$m.py || exit 1; \
 	done
+	@# Byte-compiled now, as Debian's packages are: an inetd session then
+	@# starts without compiling a line (and root never writes into LIBDIR).
+	PYTHONDONTWRITEBYTECODE= $(INSTALL_PYTHON) -m compileall -q -d $(LIBDIR) \
+	    $(DESTDIR)$(LIBDIR)/$(PACKAGE) $(DESTDIR)$(LIBDIR)/buildconf.py >/dev/null
 	rm -rf $(DESTDIR)$(LIBDIR)/vendor
 	$(VPY) -m pip install -q --disable-pip-version-check --no-compile \
 	    --target $(DESTDIR)$(LIBDIR)/vendor -r requirements.txt

@@ -67,6 +67,7 @@ def start(src, work, port, flags, makevars):
                         ignore=shutil.ignore_patterns("__pycache__"))
     run.sh("make", "-s", "-C", tree, "buildconf.py", "SMTPD_MAX_PER_IP=200",
            "SMTPD_PREFORK=8", *makevars, stdout=subprocess.DEVNULL)
+    run.compiled(tree)
     jail = os.path.join(work, "jail")
     os.makedirs(os.path.join(jail, "etc"))
     open(os.path.join(jail, "etc", "smtpd_check_rules"), "w").write(run.RULES)

@@ -51,7 +51,10 @@ def first_greeting(tree, jail, pidfile):
 
 
 def measure(tree=TOP, n=5):
-    """(median, max) seconds from exec to the first greeting."""
+    """(median, max) seconds from exec to the first greeting, byte-compiled
+    as make install leaves it."""
+    subprocess.run([PY, "-m", "compileall", "-q", tree], stdout=subprocess.DEVNULL,
+                   env=dict(os.environ, PYTHONDONTWRITEBYTECODE=""))
     work = tempfile.mkdtemp(prefix="smtpd-startup-", dir="/tmp")
     try:
         jail = os.path.join(work, "jail")

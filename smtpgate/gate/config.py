@@ -12,7 +12,7 @@ DESCRIPTION
     A bad value of the configuration stops smtpd with 78 here, saying why.
 """
 
-import dataclasses
+import collections
 import os
 import sys
 
@@ -22,36 +22,42 @@ from smtpgate.gate import sandbox
 from smtpgate.replies import VANILLA
 
 
-@dataclasses.dataclass(frozen=True)
-class GateConfig:
-    """Every field has the default smtpd would have without options, not
-    started as root: GateConfig(spooldir=..., myname=...) is what a session
-    run in the same process (the fuzzers, some tests) needs."""
-    chroot: str = buildconf.SPOOLDIR            # -c: the jail
-    spooldir: str = buildconf.SPOOLSUBDIR       # -d, as the jailed process sees it
-    rules_path: str = buildconf.CHECK_FILE      # as the jailed process sees it
-    rules_shown: str = buildconf.CHECK_FILE     # the rules file as the operator knows it
-    identity: tuple = None      # (pw, gr) to become, when started as root
-    myname: str = "localhost"   # -m
-    maxsize: int = buildconf.MESSAGE_SIZE_LIMIT     # -s: 0 for no limit
-    hostchecks: bool = True     # not -H
-    paranoid: bool = False      # -P
-    daemon: bool = False        # -D
-    foreground: bool = False    # -F
-    log_pid: bool = True        # not -L
-    quiet: bool = False         # -q
-    listen: str = None          # -l
-    port: int = 25              # -p
-    pidfile: str = os.path.join(buildconf.PID_DIR, "smtpd.pid")      # -i
-    maxchildren: int = buildconf.SMTPD_MAXCHILDREN                   # -M
-    tls_cert: str = buildconf.TLS_CERT          # -C
-    tls_key: str = buildconf.TLS_KEY            # -K
-    tls_explicit: bool = False  # -C or -K given: a pair that fails is fatal
-    exempt: tuple = ()          # SMTPD_ADMISSION_EXEMPT networks
-    proxy_from: tuple = ()      # -X, SMTPD_PROXY_FROM networks
-    verify_backend: tuple = None    # -V, SMTPD_VERIFY_BACKEND parsed
-    verify_cache: str = ""      # SMTPD_VERIFY_CACHE as the jailed process sees it
-    sandbox_missing: str = None     # why the seccomp sandbox cannot be had
+# Every field has the default smtpd would have without options, not started
+# as root: GateConfig(spooldir=..., myname=...) is what a session run in the
+# same process (the fuzzers, some tests) needs.  (A named tuple: immutable,
+# and light to import, for inetd mode greets before it loads the rest.)
+FIELDS = (
+    ('chroot', buildconf.SPOOLDIR),                         # -c: the jail
+    ('spooldir', buildconf.SPOOLSUBDIR),                    # -d, as the jailed process sees it
+    ('rules_path', buildconf.CHECK_FILE),                   # as the jailed process sees it
+    ('rules_shown', buildconf.CHECK_FILE),                  # the rules file as the operator knows it
+    ('identity', None),                                     # (pw, gr) to become, when started as root
+    ('myname', "localhost"),                                # -m
+    ('maxsize', buildconf.MESSAGE_SIZE_LIMIT),              # -s: 0 for no limit
+    ('hostchecks', True),                                   # not -H
+    ('paranoid', False),                                    # -P
+    ('daemon', False),                                      # -D
+    ('foreground', False),                                  # -F
+    ('log_pid', True),                                      # not -L
+    ('quiet', False),                                       # -q
+    ('listen', None),                                       # -l
+    ('port', 25),                                           # -p
+    ('pidfile', os.path.join(buildconf.PID_DIR, "smtpd.pid")),  # -i
+    ('maxchildren', buildconf.SMTPD_MAXCHILDREN),           # -M
+    ('tls_cert', buildconf.TLS_CERT),                       # -C
+    ('tls_key', buildconf.TLS_KEY),                         # -K
+    ('tls_explicit', False),                                # -C or -K given: a pair that fails is fatal
+    ('exempt', ()),                                         # SMTPD_ADMISSION_EXEMPT networks
+    ('proxy_from', ()),                                     # -X, SMTPD_PROXY_FROM networks
+    ('verify_backend', None),                               # -V, SMTPD_VERIFY_BACKEND parsed
+    ('verify_cache', ""),                                   # SMTPD_VERIFY_CACHE as the jailed process sees it
+    ('sandbox_missing', None),                              # why the seccomp sandbox cannot be had
+)
+
+
+class GateConfig(collections.namedtuple("GateConfig", [n for n, _ in FIELDS],
+                                        defaults=[d for _, d in FIELDS])):
+    __slots__ = ()
 
     @property
     def root(self):

@@ -31,7 +31,6 @@ SUPPORT
 import ctypes
 import errno
 import os
-import platform
 import struct
 
 from smtpgate import libc
@@ -101,7 +100,7 @@ class _Fprog(ctypes.Structure):
 
 def program(pid, machine=None):
     """The BPF program (bytes) for this process on machine (uname -m)."""
-    arch, x32, numbers = ARCHES[machine or platform.machine()]
+    arch, x32, numbers = ARCHES[machine or os.uname().machine]
     code = []                       # (opcode, jump-if-true label, -if-false label, k)
 
     def op(opcode, k=0, jt=None, jf=None):
@@ -135,8 +134,8 @@ def program(pid, machine=None):
 
 def available():
     """None if enter() can work here, else why not."""
-    if platform.machine() not in ARCHES:
-        return "no seccomp filter for %s machines" % platform.machine()
+    if os.uname().machine not in ARCHES:
+        return "no seccomp filter for %s machines" % os.uname().machine
     try:
         prctl(libc.PR_GET_SECCOMP)
     except OSError as e:
