@@ -129,19 +129,23 @@ def lock(fd, blocking=False):
 
 
 class Draft:
-    """A message being written; invisible to smtpfwdd until commit()."""
+    """A message being written; invisible to smtpfwdd until commit().
+    name: the spool id to commit it as (drawn at random if None); token:
+    another id for the draft's own name, when a draft of name exists (a
+    filter's changes are a second draft of the same message)."""
 
     BUFFER = 65536      # bytes gathered before a writev(2)
 
-    def __init__(self, spooldir, sender, recipients):
+    def __init__(self, spooldir, sender, recipients, name=None, token=None):
         data = envelope(sender, recipients)
         self.spooldir = spooldir
-        self.name = new_name()
-        self.draft = os.path.join(spooldir, DRAFT_PREFIX + self.name)
-        self.fd = os.open(self.draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        self.name = name or new_name()
+        self.draft = os.path.join(spooldir, DRAFT_PREFIX + (token or self.name))
+        self.fd = os.open(self.draft, os.O_RDWR | os.O_CREAT | os.O_EXCL
                           | os.O_CLOEXEC, MODE_DRAFT)
         lock(self.fd, blocking=True)
         self.pending, self.npending = [data], len(data)
+        self.body_offset = len(data)        # where "BODY\n" ends
         self.done = False
 
     def write(self, data):
@@ -161,18 +165,29 @@ class Draft:
             if n:
                 data[i] = data[i][n:]
 
-    def commit(self):
-        """Make the message durable and visible; return its name."""
+    def commit(self, into=None):
+        """Make the message durable and visible; return its name.  into: a
+        subdirectory of the spool (never a link) to commit it to instead,
+        e.g. hold/ for a quarantined message; made if missing."""
         self.flush()
         os.fchmod(self.fd, MODE_COMPLETE)   # before the fsync, so the mode is durable too
         os.fsync(self.fd)
-        while True:
-            path = os.path.join(self.spooldir, self.name)
-            try:
-                rename_noreplace(self.draft, path)
-                break
-            except FileExistsError:
-                self.name = new_name()
+        dir_fd = open_subdir(self.spooldir, into) if into else libc.AT_FDCWD
+        try:
+            while True:
+                try:
+                    if into:
+                        rename_noreplace(self.draft, self.name, dst_dir_fd=dir_fd)
+                    else:
+                        rename_noreplace(self.draft, os.path.join(self.spooldir, self.name))
+                    break
+                except FileExistsError:
+                    self.name = new_name()
+            if into:
+                fsync_dir(dir_fd)
+        finally:
+            if into:
+                os.close(dir_fd)
         fsync_dir(self.spooldir)
         self.done = True
         os.close(self.fd)
@@ -194,6 +209,17 @@ class Draft:
 
     def __exit__(self, *exc):
         self.abort()
+
+
+def open_subdir(spooldir, name):
+    """A descriptor of the spool's subdirectory name, made (0700) if
+    missing; OSError (ELOOP, ENOTDIR) if it is a link or not a directory."""
+    path = os.path.join(spooldir, name)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
 def rename_noreplace(src, dst, src_dir_fd=libc.AT_FDCWD, dst_dir_fd=libc.AT_FDCWD):

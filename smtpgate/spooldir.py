@@ -9,8 +9,10 @@ DESCRIPTION
     left (never a 250 for it); held() and lock_holder() ask the kernel who
     holds a file's lock (/proc/locks: asking never gets in a delivery's
     way); quarantine() and unquarantine() move a message to failed/ and
-    back, with its NAME.reason; note_deferral() keeps why a message waits,
-    in deferred/NAME, for the queue tool.  The files themselves -- their
+    back, with its NAME.reason (unquarantine() also releases a message
+    from hold/, where smtpd commits what a filter quarantined, and
+    note_hold() keeps why); note_deferral() keeps why a message waits, in
+    deferred/NAME, for the queue tool.  The files themselves -- their
     format, drafts, commits, marks -- are spool.py's.
 """
 
@@ -19,11 +21,13 @@ import fcntl
 import os
 import stat
 
+from smtpgate import spool
 from smtpgate.spool import (DRAFT_PREFIX, fsync_dir, lock, MODE_COMPLETE, Odd, OPEN_FLAGS,
                             PREFIX, rename_noreplace)
 
 FAILED_DIR = "failed"
 DEFERRED_DIR = "deferred"
+HOLD_DIR = "hold"           # messages a filter quarantined: smtpq release
 
 
 def open_dir(name, dir_fd=None):
@@ -143,6 +147,21 @@ def quarantine(spooldir, name, reason):
     os.rename(dest + b".reason.tmp", dest + b".reason")     # whole or not at all
     fsync_dir(spooldir)
     return os.fsdecode(dest)
+
+
+def note_hold(spooldir, name, reason):
+    """Write hold/NAME.reason (whole or not at all), from a directory
+    descriptor of hold/, never through a link."""
+    d = spool.open_subdir(spooldir, HOLD_DIR)
+    try:
+        tmp, path = name + ".reason.tmp", name + ".reason"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600, dir_fd=d)
+        with open(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(reason[:4000] + "\n")
+        os.rename(tmp, path, src_dir_fd=d, dst_dir_fd=d)
+    finally:
+        os.close(d)
 
 
 def note_deferral(spooldir, name, reason):

@@ -5,17 +5,19 @@ SYNOPSIS
     smtpfwdd.py [-d spooldir] -Q show ID
     smtpfwdd.py [-d spooldir] -Q requeue ID | all-failed
     smtpfwdd.py [-d spooldir] -Q delete ID
+    smtpfwdd.py [-d spooldir] -Q release ID
     smtpfwdd.py [-d spooldir] -Q flush
     (installed as `smtpq ...`, as `sendmail -bp` is a mode of sendmail)
 DESCRIPTION
-    list: every message in the spool and in failed/ with its id, state
-    (writing, queued, deferred with its next retry, delivering, failed with
-    its reason, malformed), age, size, sender and recipients (pending and
+    list: every message in the spool, in failed/ and in hold/ with its id,
+    state (writing, queued, deferred with its next retry, delivering, failed
+    with its reason, held by a mail filter with its reason, malformed), age, size, sender and recipients (pending and
     sent), oldest first, aligned, with a summary line; -j prints one JSON
     object per message instead.  show: the envelope, state and headers of
     one.  requeue: a failed message back into the queue, or a deferred one
-    due now.  delete: removes one (logged).  flush: asks the running
-    smtpfwdd to scan now (SIGUSR1).
+    due now.  release: a message a filter quarantined (hold/) into the
+    queue.  delete: removes one (logged).  flush: asks the running smtpfwdd
+    to scan now (SIGUSR1).
     It reads through spool.py, obeys its flock protocol (a file being
     written is never read as complete, a file another process holds is
     never changed).
@@ -53,6 +55,7 @@ USAGE = """usage: smtpfwdd.py [-d spooldir] -Q list [-j]
        smtpfwdd.py [-d spooldir] -Q show ID
        smtpfwdd.py [-d spooldir] -Q requeue ID|all-failed
        smtpfwdd.py [-d spooldir] -Q delete ID
+       smtpfwdd.py [-d spooldir] -Q release ID
        smtpfwdd.py [-d spooldir] -Q flush"""
 ID = re.compile(rb"^(draft\.)?smtpd[A-Za-z0-9]{1,64}$")
 FAILED_ID = re.compile(rb"^smtpd[A-Za-z0-9]{1,64}$")
@@ -70,7 +73,8 @@ class Failure(Exception):
 
 class Queue:
     """The spool as the tool sees it: a descriptor of its directory and one
-    of failed/ (None when there is none, or it is not a real directory)."""
+    of failed/ and of hold/ (None when there is none, or it is not a real
+    directory)."""
 
     def __init__(self, path):
         self.path = path
@@ -79,9 +83,10 @@ class Queue:
         except FileNotFoundError:
             raise Failure(os.EX_NOINPUT, "%s: no such spool directory" % path) from None
         self.failed = spooldir.open_dir(spooldir.FAILED_DIR, dir_fd=self.fd)
+        self.hold = spooldir.open_dir(spooldir.HOLD_DIR, dir_fd=self.fd)
 
     def where(self, place):
-        return self.fd if place == "queue" else self.failed
+        return {"queue": self.fd, "failed": self.failed, "hold": self.hold}[place]
 
 
 class Entry:
@@ -89,7 +94,7 @@ class Entry:
 
     def __init__(self, name, where, st):
         self.id = visible(name)
-        self.where = where              # "queue" or "failed"
+        self.where = where              # "queue", "failed" or "hold"
         self.size = st.st_size
         self.state = None
         self.sender = None
@@ -133,8 +138,8 @@ def examine(dir_fd, name, where, now):
     except (spool.Odd, OSError) as x:
         e.state, e.reason = "unreadable", visible(str(x))
         return e
-    if where == "failed":
-        e.state = "failed"
+    if where in ("failed", "hold"):
+        e.state = "failed" if where == "failed" else "held"
         e.reason = failure_reason(dir_fd, name)
     elif e.state is None:
         if st.st_mode & 0o111 == 0o111:
@@ -172,9 +177,11 @@ def everything(q, now):
     out = []
     for prefix in (spool.PREFIX, spool.DRAFT_PREFIX.encode()):
         out += [examine(q.fd, n, "queue", now) for n in spooldir.names(q.fd, prefix)]
-    if q.failed is not None:
-        out += [examine(q.failed, n, "failed", now) for n in spooldir.names(q.failed)
-                if not n.endswith(b".reason") and not n.endswith(b".tmp")]
+    for where in ("failed", "hold"):
+        d = q.where(where)
+        if d is not None:
+            out += [examine(d, n, where, now) for n in spooldir.names(d)
+                    if not n.endswith(b".reason") and not n.endswith(b".tmp")]
     return sorted((e for e in out if e is not None), key=lambda e: -e.age(now))
 
 
@@ -228,7 +235,7 @@ def find(q, ident):
     if not ID.match(name):
         raise Failure(os.EX_NOINPUT, "%s: not a queue id (smtpd followed by letters "
                                      "and digits)" % visible(ident))
-    for where in ("queue", "failed"):
+    for where in ("queue", "failed", "hold"):
         d = q.where(where)
         if d is not None and exists(d, name):
             return d, name, where
@@ -284,6 +291,9 @@ def cmd_requeue(q, args):
         requeue_failed(q, name)
         print("%s: back in the queue" % ident)
         return os.EX_OK
+    if where == "hold":
+        raise Failure(os.EX_NOINPUT, "%s: held by a mail filter; `release` lets it go"
+                      % ident)
     with hold(d, name) as f:
         st = os.fstat(f.fileno())
         if st.st_mode & 0o111 != 0o111:
@@ -295,16 +305,26 @@ def cmd_requeue(q, args):
     return os.EX_OK
 
 
-def requeue_failed(q, name):
+def cmd_release(q, args):
+    (ident,) = one_argument("release", args)
+    d, name, where = find(q, ident)
+    if where != "hold":
+        raise Failure(os.EX_NOINPUT, "%s: not held (it is in the %s)" % (ident, where))
+    requeue_failed(q, name, q.hold, "hold/")
+    print("%s: released into the queue" % ident)
+    return os.EX_OK
+
+
+def requeue_failed(q, name, from_fd=None, place="failed/"):
     shown = visible(name)
     try:
-        spooldir.unquarantine(q.fd, q.failed, name)
+        spooldir.unquarantine(q.fd, q.failed if from_fd is None else from_fd, name)
     except FileExistsError:
         raise Failure(os.EX_CANTCREAT, "%s: a message of that name is in the queue"
                       % shown) from None
     except spool.Odd as e:
         raise Failure(os.EX_NOINPUT, "%s: %s" % (shown, e)) from None
-    log.notice("queue: %s moved back from failed/ by uid %d", shown, INVOKER)
+    log.notice("queue: %s moved back from %s by uid %d", shown, place, INVOKER)
 
 
 class hold:
@@ -349,7 +369,7 @@ def same_file(f, dir_fd, name):
 def cmd_delete(q, args):
     (ident,) = one_argument("delete", args)
     d, name, where = find(q, ident)
-    if where == "failed":
+    if where in ("failed", "hold"):
         os.unlink(name, dir_fd=d)
         for extra in (b".reason", b".reason.tmp"):
             try:
@@ -434,7 +454,7 @@ def one_argument(command, args):
 
 
 COMMANDS = {"list": cmd_list, "show": cmd_show, "requeue": cmd_requeue,
-            "delete": cmd_delete, "flush": cmd_flush}
+            "delete": cmd_delete, "release": cmd_release, "flush": cmd_flush}
 INVOKER = os.getuid()           # for the log: who asked, before any change of user
 
 
