@@ -130,6 +130,18 @@ SMTPD_VERIFY_POSITIVE_TTL = 2678400
 #: int 0..31536000: seconds a user that does not exist is remembered (3 days)
 SMTPD_VERIFY_NEGATIVE_TTL = 259200
 
+# ------------------------------------------------ milters (mail filters) ----
+#: text: filters that judge each message, inet:ADDR:PORT or inet6:[ADDR]:PORT, in order (-f)
+SMTPD_MILTERS =
+#: name: what a filter that is down, silent or broken gives: tempfail, reject or accept
+SMTPD_MILTER_DEFAULT_ACTION = tempfail
+#: int 1..600: seconds to connect to a filter (Postfix's milter_connect_timeout)
+SMTPD_MILTER_CONNECT_TIMEOUT = 30
+#: int 1..3600: seconds a filter may take to answer a command (milter_command_timeout)
+SMTPD_MILTER_COMMAND_TIMEOUT = 30
+#: int 1..3600: seconds a filter may take per part of a message (milter_content_timeout)
+SMTPD_MILTER_CONTENT_TIMEOUT = 300
+
 # ----------------------------------------------------- smtpfwdd tunables ----
 #: int 1..1000: most delivery processes at once (smtpfwdd -M default)
 MAXCHILDREN = 10
@@ -224,7 +236,7 @@ PROGRAMS = smtpd smtpfwdd checkrules
 PACKAGE = smtpgate
 PACKAGE_MODULES = __init__ address libc log net options params privileges process replies spool \
 	spooldir text \
-	gate/__init__ gate/admission gate/channel gate/client gate/config gate/connection gate/engine gate/master gate/proxy gate/rulewatch gate/sandbox gate/session gate/start gate/tls gate/verify gate/worker \
+	gate/__init__ gate/admission gate/channel gate/client gate/config gate/connection gate/engine gate/master gate/milter gate/proxy gate/rewrite gate/rulewatch gate/sandbox gate/session gate/start gate/tls gate/verify gate/worker \
 	forwarder/__init__ forwarder/bounce forwarder/config forwarder/daemon forwarder/delivery forwarder/queuetool forwarder/start \
 	rules/__init__ rules/dnslookup rules/engine rules/ident rules/tester rules/tokens
 EXAMPLES = etc/smtpd_check_rules.example etc/antispam_check_rules.example \

@@ -4,7 +4,7 @@
 SYNOPSIS
     smtpd.py [-DFHLPq] [-c chrootdir] [-d spooldir] [-u user] [-g group]
              [-m myname] [-s maxsize] [-l address] [-p port] [-i pidfile] [-M max]
-             [-C certfile] [-K keyfile] [-X proxies] [-V backend]
+             [-C certfile] [-K keyfile] [-X proxies] [-V backend] [-f milters]
     smtpd.py -n | -N
 DESCRIPTION
     Speaks SMTP on stdin (inetd) or on a listening socket (-D) and writes each
@@ -13,7 +13,9 @@ DESCRIPTION
     certificate -C and key -K (TLS_CERT, TLS_KEY).  Behind a load balancer,
     connections from the networks -X (SMTPD_PROXY_FROM) begin with a PROXY
     header naming the real client.  A "verify" rule asks the backend MTA -V
-    (SMTPD_VERIFY_BACKEND) whether a recipient exists.  -n prints the
+    (SMTPD_VERIFY_BACKEND) whether a recipient exists.  Filters -f
+    (SMTPD_MILTERS: rspamd, OpenDKIM...) judge each message by the milter
+    protocol before the 250.  -n prints the
     Makefile's constants in effect that differ from their defaults (as
     postconf -n), -N all of them with their documentation.  The program is
     its options; smtpgate/gate/ is the rest (smtpgate/__init__.py is the map).
@@ -38,8 +40,16 @@ from smtpgate.gate import config, start
 
 USAGE = """usage: smtpd.py [-DFHLPq] [-c chrootdir] [-d spooldir] [-u user] [-g group]
                 [-m myname] [-s maxsize] [-l address] [-p port] [-i pidfile] [-M max]
-                [-C certfile] [-K keyfile] [-X proxies] [-V backend]
+                [-C certfile] [-K keyfile] [-X proxies] [-V backend] [-f milters]
        smtpd.py -n | -N"""
+
+
+def milters(flag, value):
+    try:
+        net.parse_milters(value)
+    except ValueError as e:
+        raise options.UsageError("%s: %s" % (flag, e)) from None
+    return value
 
 
 def networks(flag, value):
@@ -57,6 +67,7 @@ FLAGS = {"-c": ("chroot", options.absolute), "-d": ("spooldir", options.absolute
          "-i": ("pidfile", options.absolute), "-M": ("maxchildren", options.positive),
          "-C": ("tls_cert", options.absolute), "-K": ("tls_key", options.absolute),
          "-X": ("proxies", networks), "-V": ("verify", options.text),
+         "-f": ("milters", milters),
          "-D": ("daemon", True), "-F": ("foreground", True), "-H": ("hostchecks", False),
          "-L": ("log_pid", False), "-P": ("paranoid", True), "-q": ("quiet", True),
          "-n": ("show", "changed"), "-N": ("show", "all")}

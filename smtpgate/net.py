@@ -5,10 +5,14 @@ DESCRIPTION
     IPv6 as IPv4, so that one client is one address whichever socket it
     came through; parse_networks() reads a CIDR list of the configuration
     (SMTPD_ADMISSION_EXEMPT, SMTPD_PROXY_FROM, -X); member() asks whether an
-    address is in one.
+    address is in one; parse_backend() and parse_milters() read the
+    addresses of the verification backend and of the mail filters.
 """
 
+import collections
 import ipaddress
+import re
+import socket
 
 
 class ConfigError(Exception):
@@ -54,3 +58,31 @@ def parse_backend(text):
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError("no port in %r" % text)
     return lmtp, str(ip), int(port)
+
+
+Endpoint = collections.namedtuple("Endpoint", "text family host port")
+INET = re.compile(r"^inet:(?:(?P<host>[0-9.]+):(?P<port>\d+)|(?P<port2>\d+)@(?P<host2>[0-9.]+))$")
+INET6 = re.compile(r"^inet6:(?:\[(?P<host>[0-9A-Fa-f:.]+)\]:(?P<port>\d+)"
+                   r"|(?P<port2>\d+)@\[?(?P<host2>[0-9A-Fa-f:.]+)\]?)$")
+
+
+def parse_milters(text):
+    """SMTPD_MILTERS, smtpd -f: 'inet:ADDR:PORT' or 'inet6:[ADDR]:PORT' (or
+    Sendmail's 'inet:PORT@ADDR'), separated by spaces or commas -> a tuple
+    of Endpoints, in order; ValueError naming the one that is not.  IP
+    addresses only: the jailed worker resolves no names."""
+    out = []
+    for tok in text.replace(",", " ").split():
+        m = (INET if tok.startswith("inet:") else INET6).match(tok)
+        if m is None:
+            raise ValueError("milter %r: not inet:address:port or inet6:[address]:port" % tok)
+        host, port = m.group("host") or m.group("host2"), int(m.group("port") or m.group("port2"))
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError("milter %r: %r is not an IP address" % (tok, host)) from None
+        if (ip.version == 4) != tok.startswith("inet:") or not 0 < port < 65536:
+            raise ValueError("milter %r: wrong address family or port" % tok)
+        out.append(Endpoint(tok, socket.AF_INET if ip.version == 4 else socket.AF_INET6,
+                            str(ip), port))
+    return tuple(out)

@@ -51,8 +51,13 @@ FIELDS = (
     ('proxy_from', ()),                                     # -X, SMTPD_PROXY_FROM networks
     ('verify_backend', None),                               # -V, SMTPD_VERIFY_BACKEND parsed
     ('verify_cache', ""),                                   # SMTPD_VERIFY_CACHE as the jailed process sees it
+    ('milters', ()),                                        # -f, SMTPD_MILTERS: net.Endpoints
+    ('milter_default', "tempfail"),                         # SMTPD_MILTER_DEFAULT_ACTION
     ('sandbox_missing', None),                              # why the seccomp sandbox cannot be had
 )
+
+
+MILTER_ACTIONS = ("tempfail", "reject", "accept")     # milter.DEFAULTS
 
 
 class GateConfig(collections.namedtuple("GateConfig", [n for n, _ in FIELDS],
@@ -71,7 +76,7 @@ DEFAULTS = dict(
     quiet=False, listen=None, port=25, pidfile=os.path.join(buildconf.PID_DIR, "smtpd.pid"),
     maxchildren=buildconf.SMTPD_MAXCHILDREN, tls_cert=buildconf.TLS_CERT,
     tls_key=buildconf.TLS_KEY, proxies=buildconf.SMTPD_PROXY_FROM,
-    verify=buildconf.SMTPD_VERIFY_BACKEND)
+    verify=buildconf.SMTPD_VERIFY_BACKEND, milters=buildconf.SMTPD_MILTERS)
 
 
 def build(flags):
@@ -81,6 +86,7 @@ def build(flags):
     exempt = networks(buildconf.SMTPD_ADMISSION_EXEMPT, "SMTPD_ADMISSION_EXEMPT", problems)
     proxy_from = networks(o["proxies"], "SMTPD_PROXY_FROM", problems)
     backend = verify_backend(o["verify"], problems)
+    filters = milters(o["milters"], problems)
     if problems:
         config_error(problems, inetd=not o["daemon"])
     identity, spooldir, rules_path, cache = None, o["spooldir"], buildconf.CHECK_FILE, \
@@ -106,6 +112,7 @@ def build(flags):
         maxchildren=o["maxchildren"], tls_cert=o["tls_cert"], tls_key=o["tls_key"],
         tls_explicit="tls_cert" in flags or "tls_key" in flags, exempt=tuple(exempt),
         proxy_from=tuple(proxy_from), verify_backend=backend, verify_cache=cache,
+        milters=filters, milter_default=buildconf.SMTPD_MILTER_DEFAULT_ACTION,
         sandbox_missing=missing)
 
 
@@ -113,6 +120,9 @@ def constants():
     """What is wrong with the Makefile's constants: each against its bounds
     in the Makefile's table (params.py), then how they fit together."""
     problems = params.check(buildconf)
+    if buildconf.SMTPD_MILTER_DEFAULT_ACTION not in MILTER_ACTIONS:
+        problems.append("SMTPD_MILTER_DEFAULT_ACTION = %s: not one of %s"
+                        % (buildconf.SMTPD_MILTER_DEFAULT_ACTION, ", ".join(MILTER_ACTIONS)))
     if buildconf.SMTPD_PREFORK > buildconf.SMTPD_MAXCHILDREN:
         problems.append("SMTPD_PREFORK = %d: more than SMTPD_MAXCHILDREN (%d)"
                         % (buildconf.SMTPD_PREFORK, buildconf.SMTPD_MAXCHILDREN))
@@ -141,6 +151,15 @@ def verify_backend(text, problems):
         problems.append("verification backend %r: not [lmtp:]address:port with an IP "
                         "address" % text)
         return None
+
+
+def milters(text, problems):
+    """-f, SMTPD_MILTERS -> a tuple of net.Endpoints (empty: no filters)."""
+    try:
+        return net.parse_milters(text)
+    except ValueError as e:
+        problems.append(str(e))
+        return ()
 
 
 def config_error(problems, inetd):

@@ -54,6 +54,7 @@ def identify(config, engine, conn, deadline):
     user, ask = ident.of_client(conn.local, conn.peer, lk, behind_proxy=conn.origin is not None)
     c = Client(ip, name, lk, ident=user, ident_fn=ask, name_error=error)
     c.local, c.peer = conn.local, conn.peer
+    c.ptr = lk.ptr
     c.exempt = net.member(ip, config.exempt)
     c.health_check = conn.origin == "health"
     return c

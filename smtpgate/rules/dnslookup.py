@@ -103,6 +103,7 @@ class Lookup:
         self.resolver = resolver
         self.deadline = deadline
         self.memo = {}
+        self.ptr = None             # the client's PTR name, once asked
 
     def time_left(self, limit):
         """limit, or less if the deadline is nearer; TempFail once past it."""
@@ -153,6 +154,8 @@ class Lookup:
         names = [r.target.to_text(omit_final_dot=True) for r in self.query(rev, "PTR")]
         if not names:
             return None, "no reverse mapping for %s" % ip
+        if HOSTNAME.match(names[0]):
+            self.ptr = names[0]         # confirmed or not: milter's {client_ptr}
         for name in names[:10]:
             if not HOSTNAME.match(name):
                 return None, "suspicious characters in PTR %r of %s" % (name, ip)
