@@ -21,9 +21,9 @@ import time
 import traceback
 
 import buildconf
-from smtpgate import log, spool
-from smtpgate.address import AddressError, mail_params, parse_path
-from smtpgate.gate import verify
+from smtpgate import log, spool, spooldir
+from smtpgate.address import AddressError, bare, mail_params, parse_path
+from smtpgate.gate import milter, rewrite, verify
 from smtpgate.gate.channel import Channel, Closed, DataReader, header_oddity
 from smtpgate.replies import VANILLA
 from smtpgate.rules.engine import evaluate, RuleError, Verdict
@@ -41,9 +41,11 @@ OUT_OF_SYNC = "5.5.0 Error: SMTP protocol synchronization"
 # ------------------------------------------------------------- session ----
 
 class Envelope:
-    def __init__(self, sender=None):
+    def __init__(self, sender=None, name=None):
         self.sender = sender        # stored text, e.g. "<a@b>" or "<>"
         self.recipients = []
+        self.name = name            # the spool id, drawn at MAIL for the milters
+        self.discard = None         # the filter that said discard, if one did
 
 
 class Session:
@@ -68,6 +70,9 @@ class Session:
         self.summary = []
         self.where = "%s(%s)" % (client.name or "UNKNOWN", client.ip_text or "")
         self.verifier = None        # verify.Verifier, made at the first verify rule
+        self.milters = None         # milter.Milters, when filters are configured
+        self.deadline = deadline
+        self.received_header = b""
 
     # -- plumbing --
 
@@ -122,6 +127,7 @@ class Session:
         status = os.EX_OK
         try:
             self.greet()
+            self.milter_connect()
             while True:
                 line, problem = self.ch.command()
                 if line is None:
@@ -161,6 +167,8 @@ class Session:
                 self.draft.abort()
             if self.verifier is not None:
                 self.verifier.close()
+            if self.milters is not None:
+                self.milters.close()
             self.flush_summary()
         if status != os.EX_OK or self.ch.unread_input():
             self.ch.linger()
@@ -212,6 +220,10 @@ class Session:
         name = arg.strip()
         if self.config.paranoid and not re.match(r"^[\x21-\x7e]*$", name):
             raise Closed(os.EX_PROTOCOL, "suspicious HELO")
+        if self.milters is not None:
+            self.milter_values.update(self.tls_values())
+            if self.milter_said(self.milters.helo(name), "HELO"):
+                return
         self.helo, self.esmtp = name, esmtp
         self.flush_summary()
         shown = escape(name)
@@ -295,7 +307,14 @@ class Session:
         parsed = self.address(arg, "FROM:", null_ok=True)
         if parsed is None or not self.mail_params(parsed[1]):
             return
-        self.env = Envelope(parsed[0])
+        self.env = Envelope(parsed[0], spool.new_name() if self.milters else None)
+        if self.milters is not None:
+            sender = "" if parsed[0] == "<>" else bare(parsed[0])
+            self.milter_values.update({"i": self.env.name, "{mail_addr}": sender})
+            if self.milter_said(self.milters.mail(["<%s>" % sender] + parsed[1].split()),
+                                "MAIL"):
+                self.env = Envelope()
+                return self.milters.abort()
         self.log("mail from %s" % escape(parsed[0]), " from=%s" % escape(parsed[0]))
         self.reply(250, "sender is %s, sender OK" % parsed[0])
 
@@ -310,7 +329,7 @@ class Session:
             return self.refuse(555)
         if len(self.env.recipients) >= buildconf.MAX_RCPT:
             return self.reply(452, "Too many recipients")
-        if self.check_rules(rcpt):
+        if self.check_rules(rcpt) and not self.milter_refused(rcpt):
             self.env.recipients.append(rcpt)
             self.log("Recipient %s" % escape(rcpt), " to=%s" % escape(rcpt))
             self.reply(250, "recipient %s, recipient OK" % rcpt)
@@ -364,15 +383,129 @@ class Session:
         kind = "noto" if refusal.startswith("5") else "tempfail"
         return Verdict(kind, refusal, v.rule, 0, v.debug, "recipient verification")
 
+    # -- filters (milter.py): they judge after the rules, before our reply --
+
+    def milter_connect(self):
+        """Open the session's filters and report the client to them."""
+        if not self.config.milters:
+            return
+        c, ip = self.client, self.client.ip_text or ""
+        peer, local = getattr(c, "peer", None), getattr(c, "local", None)
+        self.milter_values = {
+            "j": self.config.myname, "{daemon_name}": self.config.myname, "v": "smtpgate",
+            "{daemon_addr}": local and local[0], "{daemon_port}": local and local[1],
+            "_": "%s [%s]" % (c.name or "unknown", ip or "unknown"),
+            "{client_addr}": ip or None, "{client_port}": peer and peer[1],
+            "{client_name}": c.name or "unknown", "{client_ptr}": c.ptr or "unknown"}
+        self.milters = milter.Milters(self.config.milters, self.config.milter_default,
+                                      self.deadline, self.milter_values)
+        family = b"U" if not ip else b"6" if ":" in ip else b"4"
+        self.milter_said(self.milters.connect(c.name or "[%s]" % ip, family,
+                                              peer[1] if peer else 0, ip),
+                         "CONNECT", reply=False)
+
+    def tls_values(self):
+        tls = self.ch.tls_info()
+        return {"{tls_version}": tls and tls[0], "{cipher}": tls and tls[1],
+                "{cipher_bits}": tls and self.ch.tls.cipher()[2]}
+
+    def milter_said(self, a, stage, rcpt=None, reply=True):
+        """Act on a filter's Answer a at stage; True if it refused the
+        command (its reply given, an error counted).  discard marks the
+        envelope; shutdown ends the session.  A refusal at CONNECT is given
+        to every later command instead (milter.py)."""
+        if a.kind == "continue":
+            return False
+        shown = "from=%s to=%s" % (escape(self.env.sender or ""), escape(rcpt) if rcpt else
+                                   ",".join(escape(r) for r in self.env.recipients[:5]))
+        if a.kind == "discard":
+            log.info("milter-discard: %s from %s: %s; %s (milter %s)", stage, self.where,
+                     "the message will be discarded", shown, a.source)
+            self.env.discard = a.source
+            return False
+        log.info("milter-reject: %s from %s: %s; %s (milter %s)", stage, self.where,
+                 a.reply[-1], shown, a.source)      # (a reply milter.py made printable)
+        if a.kind == "shutdown":
+            for line in a.reply:
+                self.ch.raw_reply(line)
+            raise Closed(os.EX_PROTOCOL, "", last_word=False)
+        if reply:
+            for line in a.reply:
+                self.ch.raw_reply(line)
+            self.count_error()
+        return True
+
+    def milter_refused(self, rcpt):
+        """After the rules allowed rcpt: do the filters refuse it?"""
+        if self.milters is None:
+            return False
+        self.milter_values["{rcpt_addr}"] = bare(rcpt)
+        return self.milter_said(self.milters.rcpt(["<%s>" % bare(rcpt)]), "RCPT", rcpt)
+
+    def milter_judge(self, env):
+        """The end of the message: the filters judge the draft; their
+        changes become a new draft (rewrite.py).  None to commit, or after
+        a reply (refused, discarded)."""
+        draft = self.draft
+        if env.discard is None:
+            draft.flush()
+            msg = rewrite.Message(draft.fd, draft.body_offset + len(self.received_header),
+                                  os.fstat(draft.fd).st_size, (env.sender, env.recipients),
+                                  self.admits, self.config.spooldir, self.config.maxsize)
+            try:
+                a = self.milters.message(msg)
+                if a.kind == "continue" and msg.changed:
+                    self.draft = msg.write(draft.name, self.received_header)
+                    draft.abort()
+                    log.info("milter: %s changed by the filters: from=%s, %d recipients",
+                             draft.name, escape(msg.sender), len(msg.recipients))
+            except OSError as e:
+                log.err("writing the filtered message %s: %s", draft.name, e.strerror)
+                return self.reply(452)
+            finally:
+                msg.close()
+            self.env = env      # for milter_said's log line
+            try:
+                if a.kind != "continue" and self.milter_said(a, "END-OF-MESSAGE", reply=False):
+                    for line in a.reply:
+                        self.ch.raw_reply(line)
+                    return True
+            finally:
+                self.env = Envelope()
+        if env.discard is not None:
+            log.info("message %s from %s discarded (milter %s): from=%s, %d recipients",
+                     draft.name, self.where, env.discard, escape(env.sender),
+                     len(env.recipients))
+            self.flush_summary()
+            self.reply(250, "Message accepted for delivery")
+            return True
+        return None
+
+    def admits(self, sender, rcpt):
+        """May a filter's recipient (or new sender) pass the rules?  As RCPT
+        would, without a reply: only allow (or a verified verify) passes."""
+        try:
+            v = evaluate(self.engine.rules.get(), self.client, sender, rcpt)
+        except RuleError:
+            return False
+        if v.action == "verify":
+            v = self.verified(v, rcpt)
+        return v.action == "allow"
+
     def smtp_data(self, arg):
         if not self.env.recipients:
             return self.refuse(503)
         if arg.strip():
             return self.refuse(501)
+        if self.milters is not None and self.milter_said(self.milters.data(), "DATA"):
+            self.env = Envelope()
+            return self.milters.abort()
         try:
             self.draft = spool.Draft(self.config.spooldir, self.env.sender.encode("latin-1"),
-                                     [r.encode("latin-1") for r in self.env.recipients])
-            self.draft.write(self.received())
+                                     [r.encode("latin-1") for r in self.env.recipients],
+                                     name=self.env.name)
+            self.received_header = self.received()
+            self.draft.write(self.received_header)
         except OSError as e:
             log.crit("creating spool file in %s: %s", self.config.spooldir, e.strerror)
             raise Closed(os.EX_CANTCREAT, "cannot create spool file") from None
@@ -383,16 +516,21 @@ class Session:
         self.finish_data(reader)
 
     def finish_data(self, reader):
-        env, draft = self.env, self.draft
-        self.env = Envelope()
+        env, self.env = self.env, Envelope()
+        try:
+            self.finish_message(env, reader)
+        finally:
+            if self.draft is not None:
+                self.draft.abort()
+                self.draft = None
+            if self.milters is not None:
+                self.milters.abort()
+
+    def finish_message(self, env, reader):
         problem = reader.problem
         if not problem and self.config.paranoid and header_oddity(reader.headers):
-            draft.abort()
-            self.draft = None
             raise Closed(os.EX_PROTOCOL, "unprintable characters in headers")
         if problem:
-            draft.abort()
-            self.draft = None
             log.notice("message from %s refused: %s", self.where, problem)
             if problem == "bare":
                 return self.reply(550, "Message refused: bare CR or LF or NUL in message")
@@ -400,18 +538,26 @@ class Session:
                 log.err("message body exceeds maximum size of %d", self.config.maxsize)
                 return self.reply(552)
             return self.reply(452)
+        held = None
+        if self.milters is not None:
+            judged = self.milter_judge(env)
+            if judged is not None:
+                return judged
+            held = self.milters.held
         try:
-            name = draft.commit()
+            name = self.draft.commit(into=spooldir.HOLD_DIR if held else None)
         except OSError as e:
             log.err("committing spool file: %s", e.strerror)
-            draft.abort()
-            self.draft = None
             return self.reply(452)
         self.draft = None
+        if held:
+            spooldir.note_hold(self.config.spooldir, name, held)
         msgid = spool.message_id(bytes(reader.headers))
         self.log("Received %d bytes of message body from %s as %s for %d recipients, "
-                 "message-id=%s" % (reader.size, self.where, name, len(env.recipients), msgid),
-                 " bytes=%d id=%s message-id=%s" % (reader.size, name, msgid))
+                 "message-id=%s%s" % (reader.size, self.where, name, len(env.recipients), msgid,
+                                      " (held: %s)" % held if held else ""),
+                 " bytes=%d id=%s message-id=%s%s" % (reader.size, name, msgid,
+                                                     " held" if held else ""))
         self.flush_summary()
         self.reply(250, "Message accepted for delivery")
 

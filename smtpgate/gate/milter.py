@@ -1,0 +1,561 @@
+"""milter - the milter client: filters judge each message before our 250
+
+DESCRIPTION
+    SMTPD_MILTERS (smtpd -f) names filters -- rspamd's proxy worker,
+    OpenDKIM, OpenDMARC, clamav-milter -- that speak Sendmail's milter
+    protocol, version 6, as Postfix speaks it.  A session opens one TCP
+    connection to each filter (libmilter closes its end when the SMTP
+    client goes) and negotiates (SMFIC_OPTNEG): the changes the filter may
+    ask for, the events it does not want or will not answer, its own macro
+    lists.  Then Milters reports the session's events to the filters, in
+    the order configured: connect, HELO, MAIL, each RCPT the rules allowed,
+    DATA, and at the end of the message its headers (not smtpd's own
+    Received header), the end of the headers, the body in chunks of at
+    most CHUNK octets, CRLF line ends, and the end of the message, where a
+    filter may ask for changes (rewrite.py applies them).  RSET, a new
+    HELO and the end of each transaction send ABORT; the end of the
+    session QUIT.  Macros, as Postfix names and sends them: MACROS.
+VERDICTS
+    continue: the next filter, then smtpd's own reply.  accept: this
+    filter is done with the message (at connect or HELO: with the
+    session).  reject: 550 5.7.1 Command rejected; tempfail: 451 4.7.1
+    Service unavailable - try again later; replycode: the filter's own
+    reply when it is one (4xx or 5xx, the enhanced code of the same class,
+    CRLF between lines of one code), at most REPLY_LINES lines of
+    REPLY_LINE octets, printable ASCII; anything else gives 451 4.3.5.
+    shutdown: 421, end of the session.  discard: accepted, then dropped.
+    quarantine: accepted into hold/ (smtpq release).  A refusal at connect
+    or HELO holds for the whole session, as in Postfix.  The first filter
+    that refuses or discards decides; the later ones are not asked.
+FAILURES
+    A filter that cannot be reached, does not answer within its timeout
+    (SMTPD_MILTER_CONNECT_TIMEOUT, _COMMAND_TIMEOUT, _CONTENT_TIMEOUT, each
+    within the session's deadline), closes, sends a packet over PACKET_MAX
+    octets, a reply that is not one, or a change it did not negotiate, is
+    logged and closed: for the rest of the session it gives
+    SMTPD_MILTER_DEFAULT_ACTION -- tempfail (451 4.7.1), reject (550 5.5.0)
+    or accept (it is skipped).  SMFIR_PROGRESS restarts the wait, within
+    the session's deadline.
+SECURITY
+    Runs in the jailed worker; filters are reached over TCP by address.
+    Every answer is hostile input: bounded, checked, never a way to let in
+    what the rules refused (rewrite.py checks added recipients again).
+"""
+
+import collections
+import re
+import select
+import socket
+import struct
+import time
+
+import buildconf
+from smtpgate import log
+from smtpgate.gate import rewrite
+from smtpgate.text import visible
+
+VERSION = 6
+CHUNK = 65535               # body octets per SMFIC_BODY (Postfix's MILTER_CHUNK_SIZE)
+PACKET_MAX = 1 << 20        # the largest packet a filter may send
+EDITS_MAX = 10000           # changes one filter may ask for at the end of one message
+REPLY_LINES = 10
+REPLY_LINE = 512
+SYMLIST_MAX = 4096
+OUT_MAX = 65536             # octets queued for a filter before they are written
+
+# Commands, MTA to filter.
+ABORT, BODY, CONNECT, MACRO, BODYEOB = b"A", b"B", b"C", b"D", b"E"
+HELO, HEADER, MAIL, EOH, OPTNEG, QUIT, RCPT, DATA = b"H", b"L", b"M", b"N", b"O", b"Q", b"R", b"T"
+STAGE_NAMES = {CONNECT: "CONNECT", HELO: "HELO", MAIL: "MAIL", RCPT: "RCPT", DATA: "DATA",
+               HEADER: "HEADER", EOH: "END-OF-HEADER", BODY: "BODY",
+               BODYEOB: "END-OF-MESSAGE"}
+
+# SMFIP_*: events the filter does not want (NO...), will not answer (NR...).
+P_NOCONNECT, P_NOHELO, P_NOMAIL, P_NORCPT = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+P_NOBODY, P_NOHDRS, P_NOEOH, P_NR_HDR = 1 << 4, 1 << 5, 1 << 6, 1 << 7
+P_NOUNKNOWN, P_NODATA, P_SKIP = 1 << 8, 1 << 9, 1 << 10
+P_NR_CONN, P_NR_HELO, P_NR_MAIL, P_NR_RCPT = 1 << 12, 1 << 13, 1 << 14, 1 << 15
+P_NR_DATA, P_NR_UNKN, P_NR_EOH, P_NR_BODY = 1 << 16, 1 << 17, 1 << 18, 1 << 19
+P_HDR_LEADSPC = 1 << 20
+# What we offer: every event of version 6 may be declined or left
+# unanswered, body chunks skipped; rejected RCPTs are never sent (no RCPT_REJ).
+PROTOCOL = (P_NOCONNECT | P_NOHELO | P_NOMAIL | P_NORCPT | P_NOBODY | P_NOHDRS | P_NOEOH
+            | P_NR_HDR | P_NOUNKNOWN | P_NODATA | P_SKIP | P_NR_CONN | P_NR_HELO | P_NR_MAIL
+            | P_NR_RCPT | P_NR_DATA | P_NR_UNKN | P_NR_EOH | P_NR_BODY | P_HDR_LEADSPC)
+NOT_SENT = {CONNECT: P_NOCONNECT, HELO: P_NOHELO, MAIL: P_NOMAIL, RCPT: P_NORCPT,
+            DATA: P_NODATA, HEADER: P_NOHDRS, EOH: P_NOEOH, BODY: P_NOBODY, BODYEOB: 0}
+NO_REPLY = {CONNECT: P_NR_CONN, HELO: P_NR_HELO, MAIL: P_NR_MAIL, RCPT: P_NR_RCPT,
+            DATA: P_NR_DATA, HEADER: P_NR_HDR, EOH: P_NR_EOH, BODY: P_NR_BODY, BODYEOB: 0}
+
+# SMFIF_*: the changes a filter may ask for; all of them are offered.
+F_ADDHDRS, F_CHGBODY, F_ADDRCPT, F_DELRCPT = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+F_CHGHDRS, F_QUARANTINE, F_CHGFROM, F_ADDRCPT_PAR, F_SETSYMLIST = (
+    1 << 4, 1 << 5, 1 << 6, 1 << 7, 1 << 8)
+ACTIONS = 0x1FF
+# The changes (SMFIR_*) at the end of a message, and the action each needs.
+EDITS = {b"h": F_ADDHDRS, b"i": F_ADDHDRS, b"m": F_CHGHDRS, b"b": F_CHGBODY,
+         b"+": F_ADDRCPT, b"2": F_ADDRCPT_PAR, b"-": F_DELRCPT, b"e": F_CHGFROM}
+
+# Macro stages (SMFIM_*) and the macros sent at each, Postfix's defaults
+# (the client's at connect, as the issue of the sender asks); a filter may
+# ask for others of these by SMFIR_SETSYMLIST.
+STAGE_OF = {CONNECT: 0, HELO: 1, MAIL: 2, RCPT: 3, DATA: 4, BODYEOB: 5, EOH: 6}
+MACROS = {
+    0: ("j", "{daemon_name}", "{daemon_addr}", "{daemon_port}", "v", "_", "{client_addr}",
+        "{client_port}", "{client_name}", "{client_ptr}"),
+    1: ("{tls_version}", "{cipher}", "{cipher_bits}"),
+    2: ("i", "{mail_addr}"),
+    3: ("i", "{rcpt_addr}"),
+    4: ("i",),
+    5: ("i",),
+    6: ("i",),
+}
+
+REJECT = ("550 5.7.1 Command rejected",)
+TEMPFAIL = ("451 4.7.1 Service unavailable - try again later",)
+BAD_REPLY = ("451 4.3.5 Server configuration problem - try again later",)
+SHUTDOWN = ("421 4.7.0 Server closing connection",)
+DEFAULTS = {"tempfail": TEMPFAIL, "reject": ("550 5.5.0 Service unavailable",),
+            "accept": None}
+
+# Filter states.
+READY, ENVELOPE, DONE_MESSAGE, DONE = "ready", "envelope", "done-message", "done"
+
+
+class Broken(Exception):
+    """The filter broke the protocol or the connection; str() says how."""
+
+
+# An answer to the session: kind is "continue", "refuse" (reply: lines),
+# "discard" or "shutdown"; source names the filter.
+Answer = collections.namedtuple("Answer", "kind reply source")
+CONTINUE = Answer("continue", None, None)
+
+
+# ------------------------------------------------------------- packets ----
+
+def packet(cmd, payload=b""):
+    return struct.pack("!I", len(payload) + 1) + cmd + payload
+
+
+def cstrings(*items):
+    """NUL-terminated strings; a NUL inside one would end it early, so none is kept."""
+    return b"".join(s.replace(b"\0", b"") + b"\0" for s in items)
+
+
+def split_strings(data, count, what):
+    """Exactly count NUL-terminated strings, all of data; Broken otherwise."""
+    parts = data.split(b"\0")
+    if len(parts) != count + 1 or parts[-1] != b"":
+        raise Broken("malformed %s packet" % what)
+    return parts[:-1]
+
+
+def smtp_reply(data):
+    """The lines of a filter's SMFIR_REPLYCODE, made safe, or None if it is
+    not a 4xx/5xx SMTP reply (Postfix's test: a space or hyphen after the
+    code, and an enhanced code of the same class).  '%%' is '%', a lone
+    '%' goes (Sendmail's replies are format strings).  The separators are
+    ours; at most REPLY_LINES lines of REPLY_LINE octets, printable ASCII."""
+    text = data[:-1] if data.endswith(b"\0") else data
+    if b"\0" in text:
+        return None
+    text = re.sub(rb"%(.?)", rb"\1", text, flags=re.S)
+    lines = text.split(b"\r\n")
+    if len(lines) > 1 and lines[-1] == b"":
+        lines.pop()
+    first, code = lines[0], lines[0][:3]
+    if (len(first) < 5 or first[:1] not in (b"4", b"5") or not code.isdigit()
+            or first[3:4] not in (b" ", b"-") or first[4:5] != first[:1]):
+        return None
+    if any(line[:3] != code or line[3:4] not in (b" ", b"-") for line in lines):
+        return None
+    lines = lines[:REPLY_LINES]
+    return tuple("%s%s%s" % (code.decode(), " " if i == len(lines) - 1 else "-",
+                             "".join(chr(c) if 32 <= c < 127 else "?"
+                                     for c in line[4:REPLY_LINE]))
+                 for i, line in enumerate(lines))
+
+
+# -------------------------------------------------------------- filter ----
+
+class Filter:
+    """One filter's connection for one session, and where it stands."""
+
+    def __init__(self, endpoint, default_action, deadline):
+        self.endpoint, self.name = endpoint, endpoint.text
+        self.default = DEFAULTS[default_action]
+        self.default_action = default_action
+        self.deadline = deadline
+        self.sock = None
+        self.rbuf = bytearray()
+        self.out, self.nout = [], 0     # queued packets (queue())
+        self.state = READY
+        self.sticky = None          # what every event gets once DONE
+        self.actions = self.events = 0
+        self.lists = {}             # macro stage -> the names the filter asked for
+        self.skip_body = False
+        self.held = None            # its quarantine's reason, this message
+        self.poller = None
+
+    # -- transport --
+
+    def wait(self, kind):
+        """Seconds the next wait may take: its timeout, within the session's."""
+        limit = {"connect": buildconf.SMTPD_MILTER_CONNECT_TIMEOUT,
+                 "command": buildconf.SMTPD_MILTER_COMMAND_TIMEOUT,
+                 "content": buildconf.SMTPD_MILTER_CONTENT_TIMEOUT}[kind]
+        left = self.deadline - time.monotonic() if self.deadline else limit
+        if left <= 0:
+            raise Broken("the session's deadline has passed")
+        return min(limit, left)
+
+    def open(self):
+        e = self.endpoint
+        sock = socket.socket(e.family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.wait("connect"))
+            sock.connect((e.host, e.port))
+        except OSError as x:
+            sock.close()
+            raise Broken("connect: %s" % (x.strerror or x or "timed out")) from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN)
+        self.negotiate()
+
+    def queue(self, data, kind):
+        """Packets that want no answer wait for the next that does (one
+        write, not one per event), or for OUT_MAX octets."""
+        self.out.append(data)
+        self.nout += len(data)
+        if self.nout >= OUT_MAX:
+            self.flush(kind)
+
+    def send(self, data, kind):
+        self.queue(data, kind)
+        self.flush(kind)
+
+    def flush(self, kind):
+        """Write what is queued; a filter that sent what nobody asked for
+        (or closed) is out of step: Broken."""
+        if self.rbuf or self.poller.poll(0):
+            if not self.rbuf and not self.recv(kind):
+                raise Broken("the filter closed the connection")
+            raise Broken("a packet nobody asked for")
+        data, self.out, self.nout = b"".join(self.out), [], 0
+        try:
+            self.sock.settimeout(self.wait(kind))
+            self.sock.sendall(data)
+        except OSError as x:
+            raise Broken("write: %s" % (x.strerror or "timed out")) from None
+
+    def recv(self, kind):
+        if not self.poller.poll(self.wait(kind) * 1000):
+            raise Broken("timed out")
+        try:
+            chunk = self.sock.recv(65536)
+        except OSError as x:
+            raise Broken("read: %s" % x.strerror) from None
+        self.rbuf += chunk
+        return chunk
+
+    def read_exact(self, n, kind):
+        while len(self.rbuf) < n:
+            if not self.recv(kind):
+                raise Broken("the filter closed the connection")
+        data = bytes(self.rbuf[:n])
+        del self.rbuf[:n]
+        return data
+
+    def read_packet(self, kind):
+        (length,) = struct.unpack("!I", self.read_exact(4, kind))
+        if length < 1 or length > PACKET_MAX:
+            raise Broken("packet length %d" % length)
+        data = self.read_exact(length, kind)
+        return data[:1], data[1:]
+
+    def close(self, polite=True):
+        if self.sock is None:
+            return
+        if polite:
+            try:
+                self.sock.settimeout(0.5)
+                self.sock.sendall(b"".join(self.out) + packet(QUIT))
+            except OSError:
+                pass
+        self.out, self.nout = [], 0
+        self.sock.close()
+        self.sock = None
+
+    # -- protocol --
+
+    def negotiate(self):
+        self.send(packet(OPTNEG, struct.pack("!III", VERSION, ACTIONS, PROTOCOL)), "command")
+        cmd, data = self.read_packet("command")
+        if cmd != OPTNEG or len(data) < 12:
+            raise Broken("no option negotiation (%r)" % cmd)
+        version, actions, events = struct.unpack("!III", data[:12])
+        if not 2 <= version <= VERSION:
+            raise Broken("protocol version %d (we speak %d)" % (version, VERSION))
+        if actions & ~ACTIONS:
+            raise Broken("actions 0x%x beyond ours (0x%x)" % (actions, ACTIONS))
+        self.actions, self.events = actions, events & PROTOCOL
+        self.symlists(data[12:])
+        self.state = ENVELOPE
+
+    def symlists(self, data):
+        """SMFIR_SETSYMLIST's lists: (stage, names) pairs after the masks."""
+        if len(data) > SYMLIST_MAX:
+            raise Broken("macro lists of %d octets" % len(data))
+        while data:
+            if len(data) < 5 or b"\0" not in data[4:]:
+                raise Broken("malformed macro list")
+            (stage,) = struct.unpack("!I", data[:4])
+            names, _, data = data[4:].partition(b"\0")
+            if stage in MACROS:
+                self.lists[stage] = names.decode("latin-1").split()
+
+    def macros(self, cmd, values):
+        """The SMFIC_MACRO packet for cmd, or b"" when there is nothing to say."""
+        stage = STAGE_OF.get(cmd)
+        if stage is None:
+            return b""
+        names = self.lists.get(stage, MACROS[stage])
+        pairs = []
+        for name in names[:100]:
+            value = values.get(name) if name in values else values.get("{%s}" % name)
+            if value is not None:
+                pairs += [name.encode("latin-1"), str(value).encode("latin-1", "replace")]
+        return packet(MACRO, cmd + cstrings(*pairs)) if pairs else b""
+
+    def event(self, cmd, payload, values, kind, edits=None):
+        """Report one event; the filter's Answer (CONTINUE if it is not asked
+        or will not answer).  Broken propagates."""
+        if self.state == DONE:
+            return self.refusal(self.sticky)
+        if self.state == DONE_MESSAGE and cmd not in (CONNECT, HELO):
+            return CONTINUE
+        if cmd == BODY and self.skip_body:
+            return CONTINUE
+        data = self.macros(cmd, values)
+        if not self.events & NOT_SENT[cmd]:
+            data += packet(cmd, payload)
+        elif not data:
+            return CONTINUE
+        if self.events & (NOT_SENT[cmd] | NO_REPLY[cmd]):
+            self.queue(data, kind)
+            return CONTINUE
+        self.send(data, kind)
+        return self.answer(cmd, kind, edits)
+
+    def refusal(self, reply):
+        return CONTINUE if reply is None else Answer("refuse", reply, self.name)
+
+    def answer(self, cmd, kind, edits):
+        """Read packets up to the filter's decision on cmd; changes at the
+        end of the message go to edits."""
+        while True:
+            code, data = self.read_packet(kind)
+            if code in EDITS or code == b"q":
+                self.edit(cmd, code, data, edits)
+                continue
+            if code == b"p" and not data:
+                continue                        # progress: wait again
+            if code == b"y":
+                return self.replied(cmd, data)
+            if data:
+                raise Broken("reply %r with %d octets of data" % (code, len(data)))
+            if code == b"c":
+                return CONTINUE
+            if code == b"s":
+                self.skip_body = cmd == BODY
+                return CONTINUE
+            if code == b"a":
+                self.done_with(cmd, None)
+                return CONTINUE
+            if code == b"d":
+                return self.discarded(cmd)
+            if code in (b"r", b"t", b"4"):
+                reply = {b"r": REJECT, b"t": TEMPFAIL, b"4": SHUTDOWN}[code]
+                self.done_with(cmd, reply, accepted=False)
+                return Answer("shutdown" if code == b"4" else "refuse", reply, self.name)
+            raise Broken("unexpected reply %r after %s" % (code, STAGE_NAMES[cmd]))
+
+    def edit(self, cmd, code, data, edits):
+        if code == b"q":                # at any stage, as in Postfix
+            if not self.actions & F_QUARANTINE:
+                raise Broken("quarantine it did not negotiate")
+            self.held = visible(data.rstrip(b"\0"), 200) or "quarantined"
+            return
+        if cmd != BODYEOB or edits is None:
+            raise Broken("change %r before the end of the message" % code)
+        if not self.actions & EDITS[code]:
+            raise Broken("change %r it did not negotiate" % code)
+        if len(edits) >= EDITS_MAX:
+            raise Broken("more than %d changes" % EDITS_MAX)
+        edits.append(parse_edit(code, data))
+
+    def replied(self, cmd, data):
+        reply = smtp_reply(data)
+        if reply is None:
+            log.warn("milter %s: malformed reply at %s: %s", self.name, STAGE_NAMES[cmd],
+                        visible(data, 200))
+            reply = BAD_REPLY
+        self.done_with(cmd, reply, accepted=False)
+        return Answer("refuse", reply, self.name)
+
+    def discarded(self, cmd):
+        if cmd in (CONNECT, HELO):
+            log.warn("milter %s: discard is not a verdict for %s; ignored",
+                        self.name, STAGE_NAMES[cmd])
+            return CONTINUE
+        self.state = DONE_MESSAGE
+        return Answer("discard", None, self.name)
+
+    def done_with(self, cmd, reply, accepted=True):
+        """After accept or a refusal: at connect or HELO it holds for the
+        session (libmilter hangs up); later, accept holds for the message
+        and a refusal for that command."""
+        if cmd in (CONNECT, HELO):
+            self.state, self.sticky = DONE, reply
+            self.close(polite=accepted)
+        elif accepted:
+            self.state = DONE_MESSAGE
+
+    def fail(self, why, stage):
+        """Broken: closed for the session; the default action from now on."""
+        log.warn("milter %s: %s at %s; default action: %s", self.name, why,
+                    STAGE_NAMES.get(stage, stage), self.default_action)
+        self.close(polite=False)
+        self.state, self.sticky = DONE, self.default
+        return self.refusal(self.default)
+
+    def abort(self):
+        self.skip_body, self.held = False, None
+        if self.state in (ENVELOPE, DONE_MESSAGE):
+            try:
+                self.queue(packet(ABORT), "command")
+                self.state = ENVELOPE
+            except Broken as e:
+                self.fail(str(e), "ABORT")
+
+
+def parse_edit(code, data):
+    """One change asked at the end of a message -> a tuple rewrite.py applies."""
+    if code in (b"h", b"i", b"m"):
+        index = None
+        if code != b"h":
+            if len(data) < 4:
+                raise Broken("short header change")
+            (index,), data = struct.unpack("!I", data[:4]), data[4:]
+        name, value = split_strings(data, 2, "header change")
+        return {b"h": ("add", name, value), b"i": ("insert", index, name, value),
+                b"m": ("change", index, name, value)}[code]
+    if code == b"b":
+        return ("body", data)
+    if code == b"-":
+        return ("delrcpt", split_strings(data, 1, "recipient")[0])
+    parts = data.split(b"\0")
+    if len(parts) not in (2, 3) or parts[-1] != b"" or not parts[0]:
+        raise Broken("malformed address change")
+    return ({b"e": "from", b"+": "addrcpt", b"2": "addrcpt"}[code], parts[0],
+            parts[1] if len(parts) == 3 else b"")
+
+
+# ------------------------------------------------------------- filters ----
+
+class Milters:
+    """A session's filters: each method reports one event to them in turn
+    and returns the first Answer that is not CONTINUE (or CONTINUE)."""
+
+    def __init__(self, endpoints, default_action, deadline, values):
+        self.filters = [Filter(e, default_action, deadline) for e in endpoints]
+        self.values = values            # macro name -> value, kept by the session
+        self.in_message = False         # a MAIL was reported, no ABORT since
+
+    def each(self, cmd, payload=b"", kind="command"):
+        for f in self.filters:
+            try:
+                a = f.event(cmd, payload, self.values, kind)
+            except Broken as e:
+                a = f.fail(str(e), cmd)
+            if a.kind != "continue":
+                return a
+        return CONTINUE
+
+    def connect(self, name, family, port, address):
+        """The client: its name (or '[address]'), '4' or '6', port, address."""
+        for f in self.filters:
+            try:
+                f.open()
+            except Broken as e:
+                f.fail(str(e), "connect")
+        return self.each(CONNECT, cstrings(name.encode("latin-1")) + family
+                         + struct.pack("!H", port) + cstrings(address.encode("latin-1")))
+
+    def helo(self, name):
+        return self.each(HELO, cstrings(name.encode("latin-1")))
+
+    def mail(self, args):
+        self.in_message = True
+        return self.each(MAIL, cstrings(*(a.encode("latin-1") for a in args)))
+
+    def rcpt(self, args):
+        return self.each(RCPT, cstrings(*(a.encode("latin-1") for a in args)))
+
+    def data(self):
+        return self.each(DATA)
+
+    def message(self, msg):
+        """The end of the message: each filter in turn sees msg (a
+        rewrite.Message, changed by the filters before it) and may change it.
+        Returns the Answer."""
+        for f in self.filters:
+            try:
+                a = self.one_filter(f, msg)
+            except Broken as e:
+                a = f.fail(str(e), BODYEOB)
+            except rewrite.Invalid as e:        # a change that would spoil the spool file
+                a = f.fail("change refused: %s" % e, BODYEOB)
+            if a.kind != "continue":
+                return a
+        return CONTINUE
+
+    def one_filter(self, f, msg):
+        if f.state != ENVELOPE:
+            return f.event(BODYEOB, b"", self.values, "content")
+        lead = bool(f.events & P_HDR_LEADSPC)
+        if not f.events & P_NOHDRS:
+            for name, value in msg.fields(lead):
+                a = f.event(HEADER, cstrings(name, value), self.values, "content")
+                if a.kind != "continue" or f.state != ENVELOPE:
+                    return a
+        for cmd, payload in [(EOH, b"")] + [(BODY, c) for c in msg.chunks(CHUNK)]:
+            if cmd == BODY and (f.skip_body or f.events & P_NOBODY):
+                break
+            a = f.event(cmd, payload, self.values, "content")
+            if a.kind != "continue" or f.state != ENVELOPE:
+                return a
+        edits = []
+        a = f.event(BODYEOB, b"", self.values, "content", edits)
+        if a.kind == "continue" and edits:
+            msg.apply(edits, lead)
+        return a
+
+    @property
+    def held(self):
+        """Why a filter quarantined this message, or None."""
+        return next((f.held for f in self.filters if f.held), None)
+
+    def abort(self):
+        """The transaction is over (RSET, HELO, its end): ABORT, once."""
+        if self.in_message:
+            self.in_message = False
+            for f in self.filters:
+                f.abort()
+
+    def close(self):
+        for f in self.filters:
+            f.close()
