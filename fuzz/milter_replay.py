@@ -1,0 +1,87 @@
+"""A mail filter's side of a milter session, replayed from bytes: what the
+atheris harness (fuzz_milter.py) and the Hypothesis test (t/test_milter_fuzz.py)
+feed the client.  exercise(data) runs a whole session -- negotiation, every
+event, the end of a message with its changes applied -- against a filter
+that answers with data; only milter.Broken and rewrite.Invalid may come out,
+and whatever the filter says, a reply it makes us give is an SMTP reply."""
+
+import os
+import re
+import tempfile
+
+from smtpgate import net, spool
+from smtpgate.gate import milter, rewrite
+
+REPLY = re.compile(r"^[45][0-9][0-9][ -][\x20-\x7e]*$")
+MESSAGE = b"Subject: x\nX-Fold: a\n\tb\n\nbody\n.line\n"
+
+
+class Replay(milter.Filter):
+    """A Filter whose socket is data: what it sends goes nowhere."""
+
+    def __init__(self, data):
+        super().__init__(net.Endpoint("replay", None, "", 0), "tempfail", None)
+        self.data = data
+        self.sent = 0
+
+    def flush(self, kind):
+        self.sent += self.nout
+        self.out, self.nout = [], 0
+
+    def recv(self, kind):
+        if not self.data:
+            raise milter.Broken("timed out")
+        chunk, self.data = self.data[:4096], self.data[4096:]
+        self.rbuf += chunk
+        return chunk
+
+
+def admit(sender, rcpt):
+    return not rcpt.endswith("refused.example>")
+
+
+def check(answer):
+    if answer.kind not in ("continue", "refuse", "discard", "shutdown"):
+        raise RuntimeError("answer %r" % (answer,))
+    for line in answer.reply or ():
+        if not REPLY.match(line) or len(line) > milter.REPLY_LINE:
+            raise RuntimeError("reply line %r" % line)
+
+
+def exercise(data):
+    """Run the session; True if the filter's changes were applied."""
+    spooldir = tempfile.mkdtemp(prefix="fuzz-milter-")
+    d = spool.Draft(spooldir, b"<a@b.example>", [b"<c@d.example>"])
+    try:
+        d.write(MESSAGE)
+        d.flush()
+        f = Replay(data)
+        msg = rewrite.Message(d.fd, d.body_offset, d.body_offset + len(MESSAGE),
+                              ("<a@b.example>", ["<c@d.example>"]), admit, spooldir, 100000)
+        try:
+            f.negotiate()
+            for cmd, payload in ((milter.CONNECT, b"h\x004\x00\x19127.0.0.1\0"),
+                                 (milter.HELO, b"x\0"), (milter.MAIL, b"<a@b.example>\0"),
+                                 (milter.RCPT, b"<c@d.example>\0"), (milter.DATA, b"")):
+                check(f.event(cmd, payload, {"i": "smtpdX"}, "command"))
+            for name, value in msg.fields(False):
+                check(f.event(milter.HEADER, milter.cstrings(name, value), {}, "content"))
+            check(f.event(milter.EOH, b"", {"i": "smtpdX"}, "content"))
+            for chunk in msg.chunks(milter.CHUNK):
+                check(f.event(milter.BODY, chunk, {}, "content"))
+            edits = []
+            check(f.event(milter.BODYEOB, b"", {"i": "smtpdX"}, "content", edits))
+            msg.apply(edits, False)
+            if msg.changed:
+                new = msg.write("smtpdX", b"")
+                new.abort()
+            return msg.changed
+        except (milter.Broken, rewrite.Invalid):
+            return False
+        finally:
+            msg.close()
+    finally:
+        d.abort()
+        for n in os.listdir(spooldir):
+            os.unlink(os.path.join(spooldir, n))
+        os.rmdir(spooldir)

@@ -1,0 +1,612 @@
+"""The milter client (issue 24): filters judge each message before our 250.
+
+A fake filter of the tests' own (fakemilter.py) answers each verdict at each
+stage, asks for each change, and breaks the protocol in every way it can;
+the gate runs as the programs run, over loopback, in both modes."""
+
+import json
+import os
+import re
+import signal
+import smtplib
+import struct
+import subprocess
+import time
+
+import pytest
+
+import certs
+import rspamd
+from fakemilter import CLOSE, FakeMilter, pkt, reply, STALL, strs
+from harness import (Agent, free_port, Fwd, FWD_CONSTANTS, PYTHON, spool_files, wait_for)
+
+ALLOW = "allow:ALL:ALL:ALL\n"
+MESSAGE = (b"Subject: hello\r\nFrom: Alice <alice@example.org>\r\nTo: bob@my.domain\r\n"
+           b"X-Folded: one\r\n\ttwo\r\n\r\nHi Bob,\r\n.. a dot line\r\nbye\r\n")
+SPOOLED = (b"Subject: hello\nFrom: Alice <alice@example.org>\nTo: bob@my.domain\n"
+           b"X-Folded: one\n\ttwo\n\nHi Bob,\n. a dot line\nbye\n")
+FAST = dict(SMTPD_MILTER_CONNECT_TIMEOUT=2, SMTPD_MILTER_COMMAND_TIMEOUT=2,
+            SMTPD_MILTER_CONTENT_TIMEOUT=2)
+
+
+@pytest.fixture
+def filters():
+    made = []
+
+    def make(*args, **kw):
+        f = FakeMilter(*args, **kw)
+        made.append(f)
+        return f
+    yield make
+    for f in made:
+        f.close()
+
+
+def gate(smtpd, *milters, rules=ALLOW, flags=(), **constants):
+    specs = ",".join(m if isinstance(m, str) else m.spec for m in milters)
+    return smtpd(rules, "-H", "-f", specs, *flags, **constants)
+
+
+def message_of(jail, name):
+    """(envelope lines, the message after smtpd's Received header)."""
+    data = open(os.path.join(jail, name), "rb").read()
+    envelope, _, rest = data.partition(b"BODY\n")
+    m = re.match(rb"Received: .*?\n(?:\t.*\n)*", rest)
+    assert m, rest[:200]
+    return envelope.decode().splitlines(), rest[m.end():]
+
+
+def transaction(c, rcpts=("<bob@my.domain>",), data=MESSAGE, helo="EHLO client.example"):
+    """Replies to each step; stops at the first that is not a go-ahead."""
+    out = {"helo": c.cmd(helo)}
+    if out["helo"][0] != 250:
+        return out
+    out["mail"] = c.cmd("MAIL FROM:<alice@example.org>")
+    if out["mail"][0] != 250:
+        return out
+    out["rcpt"] = [c.cmd("RCPT TO:" + r) for r in rcpts]
+    out["data"] = c.cmd("DATA")
+    if out["data"][0] != 354:
+        return out
+    c.send(data + b".\r\n")
+    out["end"] = c.reply()
+    return out
+
+
+def session(srv, **kw):
+    c = srv.connect()
+    assert c.code() == 220
+    out = transaction(c, **kw)
+    c.cmd("QUIT")
+    c.close()
+    return out
+
+
+# ------------------------------------------------------------ the stages ----
+
+def test_every_stage_with_postfix_macros_and_chunks(smtpd, filters):
+    f = filters()
+    srv = gate(smtpd, f)
+    big = b"Subject: big\r\n\r\n" + b"".join(b"%06d " % i + b"x" * 90 + b"\r\n"
+                                            for i in range(3000))
+    out = session(srv, rcpts=("<bob@my.domain>", "<carol@my.domain>"), data=big)
+    assert out["end"][0] == 250
+    (name,) = spool_files(srv.jail)
+    conn = next(s for s in f.sessions if b"M" in s.commands())
+    assert conn.closed.wait(10)
+    cmds = conn.commands()
+    assert cmds[:7] == [b"O", b"C", b"H", b"M", b"R", b"R", b"T"]
+    assert cmds[7] == b"L" and cmds.count(b"L") == 1 and b"N" in cmds
+    assert cmds[-3:] == [b"E", b"A", b"Q"]
+    assert conn.offer[0] == 6 and conn.offer[1] == 0x1FF
+    events = dict(conn.events)
+    hostname, family, port, addr = re.match(rb"(.*?)\0(.)(..)(.*)\0$", events[b"C"], re.S).groups()
+    assert (hostname, family, addr) == (b"[127.0.0.1]", b"4", b"127.0.0.1")
+    assert events[b"H"] == b"client.example\0"
+    assert events[b"M"] == b"<alice@example.org>\0"
+    assert [p for c, p in conn.events if c == b"R"] == [b"<bob@my.domain>\0",
+                                                        b"<carol@my.domain>\0"]
+    assert conn.headers() == [(b"Subject", b"big")]     # not smtpd's Received header
+    chunks = [p for c, p in conn.events if c == b"B"]
+    assert len(chunks) >= 5 and max(map(len, chunks)) <= 65535
+    assert b"".join(chunks) == big.split(b"\r\n\r\n", 1)[1]
+    m = conn.macros
+    assert m[b"C"][b"j"] == m[b"C"][b"{daemon_name}"] == b"mx.my.domain"
+    assert m[b"C"][b"{client_addr}"] == b"127.0.0.1"
+    assert m[b"C"][b"{client_port}"] == str(struct.unpack("!H", port)[0]).encode()
+    assert m[b"C"][b"_"] == b"unknown [127.0.0.1]"
+    assert m[b"C"][b"{client_name}"] == m[b"C"][b"{client_ptr}"] == b"unknown"
+    assert m[b"M"] == {b"i": name.encode(), b"{mail_addr}": b"alice@example.org"}
+    assert m[b"R"] == {b"i": name.encode(), b"{rcpt_addr}": b"carol@my.domain"}
+    assert m[b"T"][b"i"] == m[b"N"][b"i"] == m[b"E"][b"i"] == name.encode()
+
+
+def test_headers_as_sendmail_sends_them_and_leading_space_on_request(smtpd, filters):
+    plain, lead = filters(), filters(protocol=1 << 20)
+    srv = gate(smtpd, plain, lead)
+    assert session(srv)["end"][0] == 250
+    get = lambda f: next(s for s in f.sessions if b"L" in s.commands()).headers()
+    assert get(plain)[3] == (b"X-Folded", b"one\n\ttwo")
+    assert get(lead)[3] == (b"X-Folded", b" one\n\ttwo")
+    assert get(plain)[0] == (b"Subject", b"hello")
+
+
+def test_tls_macros_at_helo(smtpd, filters):
+    cert, key = certs.make_pair()
+    f = filters()
+    srv = gate(smtpd, f, flags=("-C", cert, "-K", key))
+    with smtplib.SMTP("127.0.0.1", srv.port, timeout=30) as s:
+        s.starttls()
+        s.ehlo("client.example")
+        s.sendmail("alice@example.org", ["bob@my.domain"], MESSAGE)
+    conn = next(s for s in f.sessions if b"M" in s.commands())
+    assert conn.commands().count(b"H") == 2         # again after STARTTLS
+    h = conn.macros[b"H"]
+    assert h[b"{tls_version}"].startswith(b"TLSv1.") and h[b"{cipher}"] and \
+        int(h[b"{cipher_bits}"]) >= 128
+
+
+def test_the_rules_decide_first(smtpd, filters):
+    f = filters()
+    srv = gate(smtpd, f, rules="noto:ALL:ALL:spam@my.domain:550 not here\n" + ALLOW)
+    out = session(srv, rcpts=("<spam@my.domain>", "<bob@my.domain>"))
+    assert out["rcpt"][0] == (550, ["not here"]) and out["end"][0] == 250
+    conn = next(s for s in f.sessions if b"M" in s.commands())
+    assert [p for c, p in conn.events if c == b"R"] == [b"<bob@my.domain>\0"]
+
+
+def test_proxied_client_is_the_one_reported(daemon_, filters):
+    f = filters()
+    d = daemon_(ALLOW, "-X", "127.0.0.0/8", "-f", f.spec).wait_ready()
+    c = d.connect()
+    c.send("PROXY TCP4 192.0.2.7 127.0.0.1 40001 25\r\n")
+    assert c.code() == 220
+    assert transaction(c)["end"][0] == 250
+    conn = next(s for s in f.sessions if b"M" in s.commands())
+    assert dict(conn.events)[b"C"] == b"[192.0.2.7]\x004" + struct.pack("!H", 40001) + \
+        b"192.0.2.7\0"
+    assert conn.macros[b"C"][b"{client_addr}"] == b"192.0.2.7"
+
+
+# ----------------------------------------------------------- the verdicts ----
+
+STAGES = [b"C", b"H", b"M", b"R", b"T", b"L", b"N", b"B", b"E"]
+VERDICTS = {"reject": [pkt(b"r")], "tempfail": [pkt(b"t")],
+            "replycode": [reply(b"554 5.7.1 Go away%%, spammer")],
+            "accept": [pkt(b"a")], "discard": [pkt(b"d")]}
+WHERE = {b"C": "helo", b"H": "helo", b"M": "mail", b"R": "rcpt", b"T": "data"}
+
+
+def expected(stage, verdict):
+    """(step that gets the filter's reply or None, its reply, spooled?)"""
+    said = {"reject": (550, ["5.7.1 Command rejected"]),
+            "tempfail": (451, ["4.7.1 Service unavailable - try again later"]),
+            "replycode": (554, ["5.7.1 Go away%, spammer"])}.get(verdict)
+    if verdict in ("accept",) or (verdict == "discard" and stage in (b"C", b"H")):
+        return None, None, True
+    if verdict == "discard":
+        return "end", (250, ["Message accepted for delivery"]), False
+    return WHERE.get(stage, "end"), said, False
+
+
+def check_verdict(srv, f, stage, verdict):
+    out = session(srv)
+    step, said, spooled = expected(stage, verdict)
+    if step is None:
+        assert out["end"][0] == 250, out
+    else:
+        got = out[step][0] if step == "rcpt" else out[step]
+        assert got == said, (stage, verdict, out)
+    assert bool(spool_files(srv.jail)) == spooled, (stage, verdict)
+    if verdict == "accept":
+        conn = next(s for s in f.sessions if stage in s.commands())
+        later = conn.commands()[conn.commands().index(stage) + 1:]
+        assert b"E" not in later                # nothing more of this message
+    for name in spool_files(srv.jail):
+        os.unlink(os.path.join(srv.jail, name))
+
+
+@pytest.mark.parametrize("verdict", sorted(VERDICTS))
+@pytest.mark.parametrize("stage", STAGES, ids=[s.decode() for s in STAGES])
+def test_each_verdict_at_each_stage_inetd(smtpd, filters, stage, verdict):
+    f = filters({stage: VERDICTS[verdict]})
+    check_verdict(gate(smtpd, f), f, stage, verdict)
+
+
+def test_each_verdict_at_each_stage_daemon(daemon_, filters):
+    f = filters()
+    d = daemon_(ALLOW, "-f", f.spec).wait_ready()
+    for stage in STAGES:
+        for verdict in sorted(VERDICTS):
+            f.script = {stage: VERDICTS[verdict]}
+            f.sessions.clear()
+            check_verdict(d, f, stage, verdict)
+    assert "unexpected error" not in d.log()
+
+
+def test_a_refusal_at_connect_holds_for_the_session(smtpd, filters):
+    f = filters({b"C": [reply(b"554 5.7.1 Not from you")]})
+    srv = gate(smtpd, f)
+    c = srv.connect()
+    assert c.code() == 220
+    assert c.cmd("EHLO a") == (554, ["5.7.1 Not from you"])
+    assert c.cmd("HELO a") == (554, ["5.7.1 Not from you"])
+    assert c.cmd("MAIL FROM:<a@b.example>")[0] == 503
+    assert c.cmd("QUIT")[0] == 221
+
+
+def test_a_rcpt_refusal_refuses_that_recipient_only(smtpd, filters):
+    f = filters({b"R": lambda conn, p: [pkt(b"r")] if p.startswith(b"<bad") else None})
+    srv = gate(smtpd, f)
+    out = session(srv, rcpts=("<bob@my.domain>", "<bad@my.domain>", "<carol@my.domain>"))
+    assert [r[0] for r in out["rcpt"]] == [250, 550, 250] and out["end"][0] == 250
+    (name,) = spool_files(srv.jail)
+    env, _ = message_of(srv.jail, name)
+    assert env == ["FROM <alice@example.org>", "RCPT <bob@my.domain>", "RCPT <carol@my.domain>"]
+
+
+def test_multi_line_replycode_is_bounded_and_printable(smtpd, filters):
+    lines = [b"550-5.7.1 line %d \x1b[2J" % i for i in range(30)] + [b"550 5.7.1 end"]
+    f = filters({b"M": [reply(b"\r\n".join(lines))]})
+    out = session(gate(smtpd, f))
+    code, texts = out["mail"]
+    assert code == 550 and len(texts) == 10
+    assert texts[0] == "5.7.1 line 0 ?[2J"
+
+
+@pytest.mark.parametrize("bad", [b"250 2.0.0 ok", b"550 4.7.1 mixed classes", b"550",
+                                 b"55x 5.7.1 x", b"550 5.7.1 a\r\n451 4.7.1 b",
+                                 b"hello", b"550 5.7.1 a\0b", b""])
+def test_a_replycode_that_is_no_reply_gives_451(smtpd, filters, bad):
+    f = filters({b"M": [pkt(b"y", bad + b"\0")]})
+    out = session(gate(smtpd, f))
+    assert out["mail"] == (451, ["4.3.5 Server configuration problem - try again later"])
+
+
+def test_shutdown_ends_the_session(smtpd, filters):
+    f = filters({b"M": [pkt(b"4")]})
+    srv = gate(smtpd, f)
+    c = srv.connect()
+    assert c.code() == 220
+    c.cmd("EHLO a")
+    assert c.cmd("MAIL FROM:<a@b.example>")[0] == 421
+    assert c.closed()
+
+
+def test_first_refusal_wins_and_later_filters_are_not_asked(smtpd, filters):
+    first, second = filters({b"M": [pkt(b"r")]}), filters()
+    session(gate(smtpd, first, second))
+    assert all(b"M" not in s.commands() for s in second.sessions)
+
+
+def test_progress_keeps_the_client_waiting(smtpd, filters):
+    def slow(conn, payload):
+        for _ in range(3):
+            time.sleep(0.8)
+            conn.sock.sendall(pkt(b"p"))
+        return [pkt(b"c")]
+    f = filters({b"E": slow})
+    out = session(gate(smtpd, f, **FAST))       # 2.4 s > the 2 s timeout
+    assert out["end"][0] == 250
+
+
+# ------------------------------------------------------------ the changes ----
+
+def eom(*packets):
+    return {b"E": list(packets) + [pkt(b"a")]}
+
+
+def accepted(smtpd, *f, **kw):
+    srv = gate(smtpd, *f, **kw)
+    out = session(srv, rcpts=kw.pop("rcpts", ("<bob@my.domain>",)))
+    assert out["end"][0] == 250, out
+    (name,) = spool_files(srv.jail)
+    return srv, name
+
+
+def test_header_changes_land_as_asked(smtpd, filters):
+    f = filters(eom(pkt(b"h", strs(b"X-Added", b"yes")),
+                    pkt(b"i", struct.pack("!I", 0) + strs(b"X-Top", b"first")),
+                    pkt(b"i", struct.pack("!I", 3) + strs(b"X-Third", b"3\n\tfolded")),
+                    pkt(b"m", struct.pack("!I", 1) + strs(b"subject", b"[SPAM] hello")),
+                    pkt(b"m", struct.pack("!I", 1) + strs(b"To", b"")),
+                    pkt(b"m", struct.pack("!I", 2) + strs(b"Subject", b"")),
+                    pkt(b"m", struct.pack("!I", 5) + strs(b"X-New", b"beyond the last"))))
+    srv, name = accepted(smtpd, f)
+    _, msg = message_of(srv.jail, name)
+    # (Postfix counts its Received header as the 0th: index 3 is before From.)
+    assert msg == (b"X-Top: first\nsubject: [SPAM] hello\nX-Third: 3\n\tfolded\n"
+                   b"From: Alice <alice@example.org>\nX-Folded: one\n\ttwo\nX-Added: yes\n"
+                   b"X-New: beyond the last\n\nHi Bob,\n. a dot line\nbye\n")
+
+
+def test_envelope_and_body_changes_land_and_are_delivered(smtpd, filters, tree_factory):
+    f = filters(eom(pkt(b"e", strs(b"<bounces@example.org>", b"SIZE=100")),
+                    pkt(b"+", strs(b"<carol@my.domain>")),
+                    pkt(b"2", strs(b"dave@my.domain", b"NOTIFY=NEVER")),
+                    pkt(b"-", strs(b"<bob@my.domain>")),
+                    pkt(b"b", b"New body\r\nsecond line\r"), pkt(b"b", b"\nend")))
+    srv, name = accepted(smtpd, f)
+    env, msg = message_of(srv.jail, name)
+    assert env == ["FROM <bounces@example.org>", "RCPT <carol@my.domain>",
+                   "RCPT dave@my.domain"]
+    assert msg == SPOOLED.split(b"\n\n")[0] + b"\n\nNew body\nsecond line\nend\n"
+    agent = Agent()
+    fwd = Fwd(tree_factory(**FWD_CONSTANTS), srv.jail, agent.path)
+    try:
+        assert wait_for(lambda: agent.calls())
+    finally:
+        fwd.stop()
+    (call,) = agent.calls()
+    argv = call["argv"]
+    assert argv[argv.index("-f") + 1] == "bounces@example.org"
+    assert argv[-2:] == ["carol@my.domain", "dave@my.domain"]
+    assert call["stdin"].endswith("\n\nNew body\nsecond line\nend\n")
+    assert "subject: hello" in call["stdin"].lower()
+
+
+def test_the_next_filter_sees_the_changes_of_the_one_before(smtpd, filters):
+    first = filters(eom(pkt(b"h", strs(b"X-First", b"1"))))
+    second = filters()
+    srv, name = accepted(smtpd, first, second)
+    conn = next(s for s in second.sessions if b"L" in s.commands())
+    assert conn.headers()[-1] == (b"X-First", b"1")
+
+
+def test_no_changes_no_second_draft(smtpd, filters):
+    srv, name = accepted(smtpd, filters())
+    assert message_of(srv.jail, name)[1] == SPOOLED
+
+
+@pytest.mark.parametrize("change", [
+    pkt(b"h", strs(b"X-Bad", b"one\ntwo")),                 # a break that is no fold
+    pkt(b"h", strs(b"X-Bad", b"one\r\n\r\nbody?")),         # a header ending the header
+    pkt(b"h", strs(b"X-Bad", b"a\rb")),                     # a bare CR
+    pkt(b"h", strs(b"Bad Name", b"x")),                     # a space in the name
+    pkt(b"h", strs(b"Bad:Name", b"x")),
+    pkt(b"h", strs(b"", b"x")),
+    pkt(b"h", strs(b"X-Long", b"y" * 70000)),
+    pkt(b"+", strs(b"<relay@elsewhere.example>")),          # refused by the rules
+    pkt(b"+", strs(b"<bad address>")),
+    pkt(b"+", strs(b"<>")),
+    pkt(b"e", strs(b"<-oQ/etc/passwd@x.example>")),
+    pkt(b"-", strs(b"<bob@my.domain>")),                    # nobody left
+    pkt(b"b", b"bare\rCR\r\n"),
+    pkt(b"b", b"a NUL\0\r\n"),
+], ids=lambda p: repr(p[5:25]))
+def test_a_change_that_spoils_the_spool_file_gives_the_default_action(smtpd, filters, change):
+    f = filters(eom(change))
+    rules = "allow:ALL:ALL:*@my.domain\nnoto:ALL:ALL:ALL:550 no relaying\n"
+    srv = gate(smtpd, f, rules=rules)
+    out = session(srv)
+    assert out["end"] == (451, ["4.7.1 Service unavailable - try again later"])
+    assert spool_files(srv.jail) == [] and not [n for n in os.listdir(srv.jail)
+                                                if n.startswith("draft.")]
+    assert "change refused" in srv.log()
+
+
+def test_a_change_it_did_not_negotiate_is_a_broken_filter(smtpd, filters):
+    f = filters(eom(pkt(b"h", strs(b"X-A", b"b"))), actions=0x02)    # CHGBODY only
+    assert session(gate(smtpd, f))["end"][0] == 451
+
+
+def test_with_default_accept_a_refused_change_leaves_the_message_as_it_was(smtpd, filters):
+    f = filters(eom(pkt(b"h", strs(b"X-Bad", b"one\ntwo"))))
+    srv, name = accepted(smtpd, f, SMTPD_MILTER_DEFAULT_ACTION="accept")
+    assert message_of(srv.jail, name)[1] == SPOOLED
+
+
+def test_size_limit_holds_for_changes(smtpd, filters):
+    f = filters(eom(pkt(b"b", b"x" * 3000 + b"\r\n")))
+    srv = gate(smtpd, f, flags=("-s", "1000"))
+    assert session(srv)["end"][0] == 451
+
+
+# ------------------------------------------------------------ quarantine ----
+
+def test_quarantine_holds_until_released(smtpd, filters, tree_factory):
+    f = filters(eom(pkt(b"q", b"looks like phishing\x1b[2J\0")))
+    srv = gate(smtpd, f)
+    out = session(srv)
+    assert out["end"] == (250, ["Message accepted for delivery"])
+    assert spool_files(srv.jail) == []
+    held = os.listdir(os.path.join(srv.jail, "hold"))
+    name = next(n for n in held if not n.endswith(".reason"))
+    assert "looks like phishing\\x1b[2J" in open(os.path.join(srv.jail, "hold",
+                                                              name + ".reason")).read()
+    tree = tree_factory(**FWD_CONSTANTS)
+    q = lambda *a: subprocess.run([PYTHON, os.path.join(tree, "smtpfwdd.py"), "-d", srv.jail,
+                                   "-Q"] + list(a), capture_output=True, text=True)
+    listed = [json.loads(line) for line in q("list", "-j").stdout.splitlines()]
+    assert [(e["id"], e["state"], e["queue"]) for e in listed] == [(name, "held", "hold")]
+    assert "phishing" in listed[0]["reason"] and "\x1b" not in listed[0]["reason"]
+    assert q("requeue", name).returncode == os.EX_NOINPUT
+    agent = Agent()
+    fwd = Fwd(tree, srv.jail, agent.path)
+    try:
+        time.sleep(2.5)
+        assert agent.calls() == []                      # smtpfwdd leaves hold/ alone
+        r = q("release", name)
+        assert r.returncode == 0, r.stderr
+        assert wait_for(lambda: agent.calls())
+    finally:
+        fwd.stop()
+    assert os.listdir(os.path.join(srv.jail, "hold")) == []
+
+
+# --------------------------------------------------------- broken filters ----
+
+def down_spec():
+    return "inet:127.0.0.1:%d" % free_port()
+
+
+BROKEN = {
+    "garbage": {b"M": [b"\x00\x00\x00\x05zzzzz"]},
+    "length-zero": {b"M": [b"\x00\x00\x00\x00"]},
+    "oversized": {b"M": [b"\x7f\xff\xff\xff" + b"y" * 100]},
+    "unknown-reply": {b"M": [pkt(b"Z")]},
+    "continue-with-data": {b"M": [pkt(b"c", b"extra")]},
+    "change-too-early": {b"M": [pkt(b"h", strs(b"X", b"y"))]},
+    "half-a-packet": {b"M": [b"\x00\x00\x00\x09c", CLOSE]},
+    "closes": {b"M": [CLOSE]},
+    "closes-mid-message": {b"B": [CLOSE]},
+    "stalls": {b"M": [STALL]},
+    "stalls-at-eom": {b"E": [STALL]},
+    "two-replies": {b"M": [pkt(b"c"), pkt(b"c")]},
+}
+
+
+@pytest.mark.parametrize("how", sorted(BROKEN))
+def test_a_broken_filter_gives_the_default_action(smtpd, filters, how):
+    f = filters(BROKEN[how])
+    srv = gate(smtpd, f, **FAST)
+    started = time.time()
+    out = session(srv)
+    assert time.time() - started < 15
+    last = out.get("end") or out.get("data") or out["mail"]
+    if how == "two-replies":            # the stray reply is seen at the next event
+        last = out["rcpt"][0]
+    assert last == (451, ["4.7.1 Service unavailable - try again later"]), out
+    assert spool_files(srv.jail) == []
+    assert "default action: tempfail" in srv.log()
+
+
+@pytest.mark.parametrize("optneg", [
+    pkt(b"O", struct.pack("!III", 7, 0x1FF, 0)),        # a version we do not speak
+    pkt(b"O", struct.pack("!III", 6, 0x3FF, 0)),        # actions we do not offer
+    pkt(b"O", struct.pack("!II", 6, 0)),                # short
+    pkt(b"c"),                                          # no negotiation
+    pkt(b"O", struct.pack("!III", 6, 0x1FF, 0) + struct.pack("!I", 2) + b"i"),  # no NUL
+])
+def test_a_bad_negotiation_gives_the_default_action(smtpd, filters, optneg):
+    f = filters(optneg=optneg)
+    out = session(gate(smtpd, f, **FAST))
+    assert out["helo"] == (451, ["4.7.1 Service unavailable - try again later"])
+
+
+def test_symbol_lists_choose_the_macros(smtpd, filters):
+    lists = struct.pack("!I", 2) + b"{mail_addr} {nonesuch}\0" + struct.pack("!I", 0) + b"j\0"
+    f = filters(symlists=lists)
+    session(gate(smtpd, f))
+    conn = next(s for s in f.sessions if b"M" in s.commands())
+    assert conn.macros[b"M"] == {b"{mail_addr}": b"alice@example.org"}
+    assert conn.macros[b"C"] == {b"j": b"mx.my.domain"}
+
+
+@pytest.mark.parametrize("action,reply", [
+    ("tempfail", (451, ["4.7.1 Service unavailable - try again later"])),
+    ("reject", (550, ["5.5.0 Service unavailable"])),
+    ("accept", (250, ["mx.my.domain pleased to meet you, client.example",
+                      "PIPELINING", "8BITMIME", "SIZE 10240000"]))])
+def test_a_filter_that_is_down(smtpd, action, reply):
+    srv = gate(smtpd, down_spec(), SMTPD_MILTER_DEFAULT_ACTION=action)
+    out = session(srv)
+    assert out["helo"] == reply
+    if action == "accept":
+        assert out["end"][0] == 250 and len(spool_files(srv.jail)) == 1
+
+
+def test_the_worker_serves_the_next_session_after_a_broken_filter(daemon_, filters):
+    f = filters({b"B": [CLOSE]})
+    d = daemon_(ALLOW, "-f", f.spec, SMTPD_PREFORK=1, SMTPD_MAXCHILDREN=1, **FAST).wait_ready()
+    assert session(d)["end"][0] == 451
+    f.script = {}
+    assert session(d)["end"][0] == 250
+    f.script = {b"E": [STALL]}
+    assert session(d)["end"][0] == 451
+    f.script = {}
+    assert session(d)["end"][0] == 250
+    assert len(d.workers()) == 1 and "unexpected error" not in d.log()
+
+
+def test_an_ipv6_filter(smtpd, filters):
+    f = filters({b"M": [reply(b"550 5.7.1 six")]}, addr="::1")
+    assert f.spec.startswith("inet6:[::1]:")
+    assert session(gate(smtpd, f))["mail"] == (550, ["5.7.1 six"])
+
+
+@pytest.mark.parametrize("spec", ["unix:/run/x.sock", "inet:localhost:11332",
+                                  "inet:127.0.0.1", "inet6:::1:11332", "inet:127.0.0.1:0",
+                                  "inet6:[127.0.0.1]:5"])
+def test_a_bad_milter_list_stops_smtpd(tree_factory, spec):
+    from harness import make_jail, smtpd_argv, TEST_CONSTANTS
+    tree = tree_factory(**TEST_CONSTANTS)
+    r = subprocess.run(smtpd_argv(tree, make_jail(), "-f", spec, "-D", "-F", "-p",
+                                  str(free_port()), "-l", "127.0.0.1"),
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == os.EX_USAGE and "milter" in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------- durability ----
+
+def test_sigkill_between_the_verdict_and_250_loses_nothing_acknowledged(daemon_, filters):
+    """Kill the workers at moments around the filter's accept (with changes
+    to apply): a 250 means a complete, changed file; without a 250 there is
+    at most a complete file (the client sends again), never a draft
+    delivered nor a message half written."""
+    f = filters(eom(pkt(b"h", strs(b"X-Checked", b"yes")), pkt(b"+", strs(b"<carol@my.domain>"))))
+    d = daemon_(ALLOW, "-f", f.spec).wait_ready()
+    acked = 0
+    for i in range(24):
+        c = d.connect()
+        assert c.code() == 220
+        for line in ("EHLO a", "MAIL FROM:<alice@example.org>", "RCPT TO:<bob@my.domain>"):
+            assert c.cmd(line)[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        workers = d.workers()
+        c.send(MESSAGE + b".\r\n")
+        time.sleep(0.003 * (i % 12))
+        for p in workers:
+            os.kill(p, signal.SIGKILL)
+        try:
+            code = c.reply()[0]
+        except (EOFError, OSError):
+            code = None
+        c.close()
+        files = spool_files(d.jail)
+        for name in files:
+            env, msg = message_of(d.jail, name)
+            assert env == ["FROM <alice@example.org>", "RCPT <bob@my.domain>",
+                           "RCPT <carol@my.domain>"]
+            assert msg == SPOOLED.replace(b"\n\nHi", b"\nX-Checked: yes\n\nHi")
+            os.unlink(os.path.join(d.jail, name))
+        if code == 250:
+            acked += 1
+            assert files, "a 250 without a committed file"
+        assert wait_for(lambda: d.workers(), timeout=20)
+    assert 0 < acked < 24, acked
+
+
+# ------------------------------------------------------------ a real rspamd ----
+
+GTUBE = (b"Subject: test\r\nFrom: alice@example.org\r\n\r\n"
+         b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X\r\n")
+CLEAN = (b"Subject: lunch\r\nFrom: Alice <alice@example.org>\r\nTo: bob@my.domain\r\n"
+         b"Message-ID: <lunch.1@example.org>\r\nDate: Sun, 06 Dec 2026 12:00:00 +0000\r\n"
+         b"\r\nHi Bob, lunch tomorrow at noon?\r\n")
+
+
+@pytest.fixture(scope="module")
+def spamd(dns_server):
+    if not rspamd.available():
+        pytest.skip("needs root and Debian's rspamd (.ci/run installs it)")
+    with rspamd.instance(dns_port=dns_server.port) as r:
+        yield r
+
+
+@pytest.mark.parametrize("mode", ["inetd", "daemon"])
+def test_rspamd_rejects_gtube_and_marks_clean_mail(smtpd, daemon_, spamd, mode):
+    spec = "inet:127.0.0.1:%d" % spamd.milter
+    srv = gate(smtpd, spec) if mode == "inetd" else \
+        daemon_(ALLOW, "-f", spec).wait_ready()
+    out = session(srv, data=GTUBE)
+    assert out["end"] == (554, ["5.7.1 Gtube pattern"]), spamd.log()
+    assert spool_files(srv.jail) == []
+    out = session(srv, data=CLEAN)
+    assert out["end"][0] == 250
+    (name,) = spool_files(srv.jail)
+    _, msg = message_of(srv.jail, name)
+    head = msg.split(b"\n\n")[0]
+    assert re.search(rb"^X-Spamd-Result: default: False \[", head, re.M), msg
+    assert b"X-Rspamd-Queue-Id: " + name.encode() in head      # our spool id, macro i
+    assert msg.endswith(b"\n\nHi Bob, lunch tomorrow at noon?\n")
