@@ -336,13 +336,15 @@ uninstall:
 
 # run.py: ours vs Postfix vs aiosmtpd (bench/results.md); tls.py: STARTTLS
 # vs Postfix; scaleout.py: the HAProxy hop; verify.py: verification per
-# RCPT (each writes bench/results-*.md).  bench/ab.py compares two trees.
+# RCPT; milter.py: a no-op filter and rspamd, vs Postfix's smtpd_milters
+# (each writes bench/results-*.md).  bench/ab.py compares two trees.
 .PHONY: bench
 bench: venv buildconf.py
 	$(VPY) bench/run.py
 	$(VPY) bench/tls.py
 	$(VPY) bench/scaleout.py
 	$(VPY) bench/verify.py
+	$(VPY) bench/milter.py
 
 # ------------------------------------------------------------- make fuzz ----
 
