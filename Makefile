@@ -103,8 +103,22 @@ SMTPD_FORBID_UNAUTH_PIPELINING = 1
 SMTPD_SOFT_ERRORS = 5
 #: int 0..3600: seconds more each error reply waits past SMTPD_SOFT_ERRORS
 SMTPD_ERROR_SLEEP = 1
-#: nets: networks exempt from the rate limit, the greeting pause and error delays
+#: nets: networks exempt from the rate limit, the greeting pause, error delays and DNS lists
 SMTPD_ADMISSION_EXEMPT =
+
+# ------------------------------------- DNS lists: reputation (dnsbl.py) ----
+#: text: DNS lists scoring each client, zone[=filter][*weight] (postscreen_dnsbl_sites); empty = off
+SMTPD_DNSBL_SITES =
+#: int 1..1000000: a score at or above it refuses the client before the greeting (554 5.7.1)
+SMTPD_DNSBL_THRESHOLD = 1
+#: int -1000000..0: a score at or below it skips the pause, rate limit and error delays (0 = off)
+SMTPD_DNSBL_ALLOWLIST_THRESHOLD = 0
+#: int 1..60: seconds the lists may take to answer; the greeting waits at most this
+SMTPD_DNSBL_TIMEOUT = 5
+#: int 0..86400: seconds a client's score is kept (-D mode; 0 = not kept)
+SMTPD_DNSBL_TTL = 3600
+#: int 8..10000000: most client addresses the score cache keeps
+SMTPD_DNSBL_CACHE = 10000
 
 # ---------------------------------------------- smtpd behind a balancer ----
 #: nets: trusted proxies whose connections begin with a PROXY header (-X); empty = off
@@ -236,7 +250,7 @@ PROGRAMS = smtpd smtpfwdd checkrules
 PACKAGE = smtpgate
 PACKAGE_MODULES = __init__ address libc log net options params privileges process replies spool \
 	spooldir text \
-	gate/__init__ gate/admission gate/channel gate/client gate/config gate/connection gate/engine gate/master gate/milter gate/proxy gate/rewrite gate/rulewatch gate/sandbox gate/session gate/start gate/tls gate/verify gate/worker \
+	gate/__init__ gate/admission gate/channel gate/client gate/config gate/connection gate/dnsbl gate/engine gate/master gate/milter gate/proxy gate/rewrite gate/rulewatch gate/sandbox gate/session gate/start gate/tls gate/verify gate/worker \
 	forwarder/__init__ forwarder/bounce forwarder/config forwarder/daemon forwarder/delivery forwarder/queuetool forwarder/start \
 	rules/__init__ rules/dnslookup rules/engine rules/ident rules/tester rules/tokens
 EXAMPLES = etc/smtpd_check_rules.example etc/antispam_check_rules.example \

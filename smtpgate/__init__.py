@@ -10,14 +10,17 @@ read with root's privileges.
     smtpd -D master      root, never reads the   smtpd.py, gate/start, gate/config,
                          network nor the jail    gate/engine (pre_jail_init),
                                                  gate/master, gate/admission (maps
-                                                 the tables), gate/tls,
+                                                 the tables), gate/dnsbl (maps its
+                                                 cache), gate/tls,
                                                  gate/rulewatch (its end),
                                                  rules/engine (compiles the text)
     smtpd worker         jailed: chroot -c,      gate/worker, gate/client,
                          -u/-g, seccomp          gate/proxy, gate/connection,
                          (gate/engine            gate/session, gate/channel,
                          post_jail_init)         gate/admission (claims),
-                                                 gate/verify, rules/engine,
+                                                 gate/verify, gate/dnsbl,
+                                                 gate/milter, gate/rewrite,
+                                                 rules/engine,
                                                  rules/tokens, rules/dnslookup,
                                                  rules/ident, spool (drafts)
     smtpd rules watcher  jailed, as a worker     gate/rulewatch (watch),
@@ -37,7 +40,8 @@ read with root's privileges.
     smtpq (smtpfwdd -Q)  root -> the spool's     smtpfwdd.py, forwarder/queuetool,
                          owner before reading    spool, spooldir
     checkrules           any; root -> the jail's checkrules.py, rules/tester,
-                         owner for its rules     rules/* , gate/verify (-V)
+                         owner for its rules     rules/* , gate/verify (-V),
+                                                 gate/dnsbl (-a)
 
 What every process shares sits at this package's root: spool (the only
 code that knows the spool file's format) and spooldir (its directory, hostile

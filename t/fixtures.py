@@ -17,12 +17,16 @@ import dns.rrset
 class DNSServer:
     """A UDP DNS server on 127.0.0.1 answering from a dict.
 
-    zone[name][rdtype] = [rdata text, ...] or the string "SERVFAIL" or
-    "TIMEOUT"; zone[name] may itself be "SERVFAIL" or "TIMEOUT".  Names not
-    in the zone are NXDOMAIN unless a longer name ends in them."""
+    zone[name][rdtype] = [rdata text, ...] or the string "SERVFAIL",
+    "TIMEOUT" or "TRUNCATE" (an empty answer with TC); zone[name] may itself
+    be one of those.  A name "*.z." answers for every name below z. that the
+    zone lacks.  Names not in the zone are NXDOMAIN unless a longer name ends
+    in them; an NXDOMAIN carries the SOA of the longest apex (apex()) that
+    ends the name, if any."""
 
     def __init__(self, addr="127.0.0.1"):
         self.zone = {}
+        self.apexes = set()
         self.queries = []
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((addr, 0))
@@ -40,6 +44,9 @@ class DNSServer:
         if isinstance(self.zone[name], dict):
             self.zone[name].setdefault(rdtype, [])
             self.zone[name][rdtype] += list(values)
+
+    def apex(self, name):
+        self.apexes.add(name.lower().rstrip(".") + ".")
 
     def fail(self, name, how="SERVFAIL", rdtype=None):
         name = name.lower().rstrip(".") + "."
@@ -70,14 +77,25 @@ class DNSServer:
         r.flags |= dns.flags.RA
         entry = self.zone.get(name)
         if entry is None:
+            wild = [k for k in self.zone if k.startswith("*.") and name.endswith(k[1:])]
+            entry = self.zone[max(wild, key=len)] if wild else None
+        if entry is None:
             if not any(k.endswith("." + name) for k in self.zone):
                 r.set_rcode(dns.rcode.NXDOMAIN)
+                apex = [a for a in self.apexes if name == a or name.endswith("." + a)]
+                if apex:
+                    r.authority.append(dns.rrset.from_text(
+                        max(apex, key=len), 300, "IN", "SOA",
+                        "ns.test. hostmaster.test. 1 3600 600 86400 300"))
             return r
         how = entry if isinstance(entry, str) else entry.get(rdtype)
         if how == "TIMEOUT":
             return None
         if how == "SERVFAIL":
             r.set_rcode(dns.rcode.SERVFAIL)
+            return r
+        if how == "TRUNCATE":
+            r.flags |= dns.flags.TC
             return r
         if how:
             rrset = dns.rrset.from_text_list(question.name, 300, "IN", rdtype, how)

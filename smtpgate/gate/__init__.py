@@ -17,5 +17,9 @@
                 transport under the same line discipline
     tls         the certificate and key, loaded by root before the jail
     verify      recipient verification: callouts to the MTA, their cache
+    dnsbl       the client's reputation: DNS lists scored before the greeting,
+                their shared cache
+    milter      the mail filters' client (milter protocol 6)
+    rewrite     a message as the filters see it, and their changes to it
     sandbox     the seccomp filter every jailed process enters
 """

@@ -10,7 +10,9 @@ DESCRIPTION
       RateTable   at most SMTPD_MAX_RATE new sessions per network in any
                   SMTPD_RATE_WINDOW seconds (0: no limit).
     Networks in SMTPD_ADMISSION_EXEMPT (CIDRs) skip the rate limit, the
-    greeting pause and the error delays, never the concurrency cap.
+    greeting pause, the error delays and the DNS lists (dnsbl.py), never the
+    concurrency cap; so does a client whose cached DNS lists' score
+    allow-lists it, but for the rate limit only.
 EVICTION
     The rate table holds SMTPD_RATE_TABLE networks in sets of 8: a network
     hashes to one set and takes a free entry there, or the entry of the set

@@ -232,11 +232,19 @@ class Channel:
     def time_left(self):
         return self.deadline - time.monotonic()
 
-    def talks_within(self, seconds):
+    def talks_within(self, seconds, also=None):
         """Before the greeting: does the client send anything within seconds
         (never past the deadline)?  b"" if it closed, its first bytes if it
-        talked, None if it stayed quiet -- an idle poll, nothing more."""
-        if not self.read_poll.poll(max(0.0, min(seconds, self.time_left())) * 1000):
+        talked, None if it stayed quiet -- an idle poll, nothing more; also
+        None as soon as the descriptor also (the DNS lists' answers) is
+        readable."""
+        poll = self.read_poll
+        if also is not None:
+            poll = select.poll()
+            poll.register(self.rfd, select.POLLIN)
+            poll.register(also, select.POLLIN)
+        events = poll.poll(max(0.0, min(seconds, self.time_left())) * 1000)
+        if not any(fd == self.rfd for fd, _ in events):
             return None
         try:
             return os.read(self.rfd, LINE_MAX)

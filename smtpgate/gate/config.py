@@ -52,6 +52,7 @@ FIELDS = (
     ('verify_backend', None),                               # -V, SMTPD_VERIFY_BACKEND parsed
     ('verify_cache', ""),                                   # SMTPD_VERIFY_CACHE as the jailed process sees it
     ('milters', ()),                                        # -f, SMTPD_MILTERS: net.Endpoints
+    ('dnsbl_sites', ()),                                    # SMTPD_DNSBL_SITES: dnsbl.Sites
     ('milter_default', "tempfail"),                         # SMTPD_MILTER_DEFAULT_ACTION
     ('sandbox_missing', None),                              # why the seccomp sandbox cannot be had
 )
@@ -87,6 +88,7 @@ def build(flags):
     proxy_from = networks(o["proxies"], "SMTPD_PROXY_FROM", problems)
     backend = verify_backend(o["verify"], problems)
     filters = milters(o["milters"], problems)
+    sites = dnsbl_sites(buildconf.SMTPD_DNSBL_SITES, problems)
     if problems:
         config_error(problems, inetd=not o["daemon"])
     identity, spooldir, rules_path, cache = None, o["spooldir"], buildconf.CHECK_FILE, \
@@ -113,6 +115,7 @@ def build(flags):
         tls_explicit="tls_cert" in flags or "tls_key" in flags, exempt=tuple(exempt),
         proxy_from=tuple(proxy_from), verify_backend=backend, verify_cache=cache,
         milters=filters, milter_default=buildconf.SMTPD_MILTER_DEFAULT_ACTION,
+        dnsbl_sites=sites,
         sandbox_missing=missing)
 
 
@@ -157,6 +160,18 @@ def milters(text, problems):
     """-f, SMTPD_MILTERS -> a tuple of net.Endpoints (empty: no filters)."""
     try:
         return net.parse_milters(text)
+    except ValueError as e:
+        problems.append(str(e))
+        return ()
+
+
+def dnsbl_sites(text, problems):
+    """SMTPD_DNSBL_SITES -> a tuple of dnsbl.Sites (empty: no scoring)."""
+    if not text.strip():
+        return ()
+    from smtpgate.gate import dnsbl     # noqa: dnspython, loaded after an inetd greeting
+    try:
+        return dnsbl.parse_sites(text)
     except ValueError as e:
         problems.append(str(e))
         return ()

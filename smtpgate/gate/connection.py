@@ -60,17 +60,32 @@ def identify(config, engine, conn, deadline):
     return c
 
 
+def scoring(config, engine, conn, deadline):
+    """The DNS lists' questions about the client, sent now (dnsbl.py), or
+    None: no lists, a health check, an exempt network."""
+    ip = peer_ip(conn.peer)
+    if engine.reputation is None or ip is None or conn.origin == "health" \
+            or net.member(ip, config.exempt):
+        return None
+    return engine.reputation.start(ip, engine.resolver, deadline)
+
+
 def serve(config, engine, conn):
     """The session of conn; its exit status."""
     deadline = time.monotonic() + buildconf.SESSION_TIMEOUT
     if conn.local is None:
         conn.local, conn.peer = socket_ends(conn.rfd)
+    asked = scoring(config, engine, conn, deadline)
     try:
         client = identify(config, engine, conn, deadline)
+        client.scoring = asked
+        return session.Session(config, engine, client, conn, deadline).run()
     except session.Closed as c:
         log.crit("abandoning session with %s: %s", conn.peer and conn.peer[0], c)
         if conn.on_end is not None:
             conn.on_end()
         os.write(conn.wfd, b"421 %s\r\n" % VANILLA[421].encode())
         return c.status
-    return session.Session(config, engine, client, conn, deadline).run()
+    finally:
+        if asked is not None:
+            asked.close()

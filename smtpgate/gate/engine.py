@@ -5,7 +5,7 @@ DESCRIPTION
     Engine: everything a jailed process needs and could not get later --
     the rules (inetd mode reads the file itself when it changes; the -D
     master puts in what its watcher read), the resolver, the verification
-    cache, the TLS certificate and key (read here, from outside the jail,
+    cache, the DNS lists' score cache, the TLS certificate and key (read here, from outside the jail,
     and never again by a jailed process).  An Engine never changes: the -D
     master makes a new one when the rules or the certificate change, and
     each worker keeps the one it was forked with.
@@ -18,7 +18,7 @@ import dataclasses
 import os
 
 from smtpgate import log, privileges
-from smtpgate.gate import sandbox, tls, verify
+from smtpgate.gate import dnsbl, sandbox, tls, verify
 from smtpgate.gate.config import config_error
 from smtpgate.rules import dnslookup
 from smtpgate.rules.engine import RulesFile
@@ -31,6 +31,7 @@ class Engine:
     certificates: object        # tls.Certificates: the files, reloaded by the master
     tls_context: object         # what STARTTLS is offered with, or None
     verify_cache: object        # verify.Cache in the jail, opened at first use
+    reputation: object = None   # dnsbl.Reputation (its cache mapped before the fork), or None
 
 
 class FrozenRules:
@@ -61,7 +62,8 @@ def pre_jail_init(config):
     privileges.prepare_jail()
     return Engine(rules=None if config.daemon else RulesFile(config.rules_path),
                   resolver=dnslookup.make_resolver(), certificates=certificates,
-                  tls_context=context, verify_cache=verify.Cache(config.verify_cache))
+                  tls_context=context, verify_cache=verify.Cache(config.verify_cache),
+                  reputation=dnsbl.Reputation.of(config.dnsbl_sites, shared=config.daemon))
 
 
 def inside(path, directory):

@@ -23,7 +23,7 @@ import traceback
 import buildconf
 from smtpgate import log, spool, spooldir
 from smtpgate.address import AddressError, bare, mail_params, parse_path
-from smtpgate.gate import milter, rewrite, verify
+from smtpgate.gate import dnsbl, milter, rewrite, verify
 from smtpgate.gate.channel import Channel, Closed, DataReader, header_oddity
 from smtpgate.replies import VANILLA
 from smtpgate.rules.engine import evaluate, RuleError, Verdict
@@ -179,12 +179,52 @@ class Session:
             return
         pause = buildconf.SMTPD_GREET_PAUSE
         if pause and not self.client.exempt:
-            said = self.ch.talks_within(pause / 1000.0)
+            said = self.pause(pause / 1000.0)
             if said is not None:
                 raise self.early_talker(said)
+        if self.client.scoring is not None:
+            self.judge_reputation()
         if buildconf.SMTPD_FORBID_UNAUTH_PIPELINING and self.ch.ready():
             raise self.out_of_sync("CONNECT")
         self.ch.reply(220, "%s %s" % (self.config.myname, VANILLA[220]))
+
+    def pause(self, seconds):
+        """The greeting pause, while the DNS lists answer: what the client
+        said in it (None: nothing).  Cut short by a score that allow-lists."""
+        s, end = self.client.scoring, time.monotonic() + seconds
+        while True:
+            now = time.monotonic()
+            if s is not None and s.done and self.engine.reputation.allowlisted(
+                    self.engine.reputation.finish(s)):
+                return None
+            if now >= end:
+                return None
+            due = s is not None and s.waiting()
+            if due:
+                s.maybe_resend(now)
+            said = self.ch.talks_within(min(end, s.resend_at()) - now if due else end - now,
+                                        also=s.fileno() if due else None)
+            if said is not None:
+                return said
+            if due:
+                s.receive()
+
+    def judge_reputation(self):
+        """The DNS lists' score (waiting for what is due): at or above
+        SMTPD_DNSBL_THRESHOLD 554 and closed; at or below a negative
+        SMTPD_DNSBL_ALLOWLIST_THRESHOLD exempt from delays."""
+        rep, s, ip = self.engine.reputation, self.client.scoring, self.client.ip_text
+        score = self.client.score = rep.finish(s)
+        if score >= rep.threshold:
+            log.notice("dnsbl: refused %s: score %d (threshold %d): %s",
+                       self.where, score, rep.threshold, s.detail())
+            self.ch.reply(554, dnsbl.REFUSAL % ip)
+            raise Closed(os.EX_PROTOCOL, "", last_word=False)
+        if score:
+            log.info("dnsbl: %s scores %d: %s%s", self.where, score, s.detail(),
+                     " (allow-listed)" if rep.allowlisted(score) else "")
+        if rep.allowlisted(score):
+            self.client.exempt = True
 
     def ends_group(self, verb):
         """Must the client wait for our reply to verb before it says more

@@ -6,7 +6,8 @@ DESCRIPTION
     or one inetd session on descriptors 0 and 1.
     In inetd mode the greeting goes out first, so the client does not wait
     while the rest of smtpd loads (load()) -- unless something must be read
-    before it (a PROXY header, an early talker): then the process enters the
+    before it (a PROXY header, an early talker, the DNS lists' score): then
+    the process enters the
     jail first, for nothing from the network is read as root, and the
     session greets after its pause, as in -D mode.  This module and what it
     imports are light (client.py, proxy.py): inetd mode greets within ~25 ms.
@@ -39,7 +40,8 @@ def run(config):
 def inetd(config):
     """One session on descriptors 0 and 1."""
     local, peer = client.socket_ends(0)
-    early = client.trusted_proxy(config, peer) or buildconf.SMTPD_GREET_PAUSE
+    early = client.trusted_proxy(config, peer) or buildconf.SMTPD_GREET_PAUSE \
+        or config.dnsbl_sites
     if not early:
         if refused(config, local, peer):
             return os.EX_OK

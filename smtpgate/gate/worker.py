@@ -110,10 +110,13 @@ class Worker:
 
     def admit(self, sock, addr):
         """Claim our slot for this client's network, or refuse it with 421:
-        over SMTPD_MAX_RATE new sessions, or SMTPD_MAX_PER_IP at once."""
+        over SMTPD_MAX_RATE new sessions (unless its cached DNS lists' score
+        allow-lists it), or SMTPD_MAX_PER_IP at once."""
         ip = normalize_ip(addr[0])
         key = admission.network_key(ip)
-        if self.adm.rates is not None and not net.member(ip, self.adm.exempt):
+        rep = self.engine.reputation
+        if self.adm.rates is not None and not net.member(ip, self.adm.exempt) \
+                and not (rep is not None and rep.allowlisted(rep.cached(ip))):
             admitted, tell = self.adm.rates.attempt(key)
             if not admitted:
                 if tell:

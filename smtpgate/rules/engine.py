@@ -213,6 +213,8 @@ class Client(Addr):
     exempt = False          # in SMTPD_ADMISSION_EXEMPT (smtpd sets it)
     health_check = False    # the trusted proxy's own connection (PROXY LOCAL)
     ptr = None              # the PTR name, confirmed or not (for milters)
+    scoring = None          # dnsbl.Scoring of the DNS lists, while they answer
+    score = 0               # the DNS lists' score (DNSBL=), once the greeting is out
 
     def __init__(self, ip=None, name=None, lookup_=None, ident=None,
                  ident_fn=None, name_error=None):

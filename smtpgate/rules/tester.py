@@ -15,6 +15,10 @@ DESCRIPTION
 EXIT STATUS
     0 allow, 1 noto, 2 deny, 3 refused by smtpd's address checks,
     4 verify (not asked), 75 temporary failure, 78 bad file.
+    With -a and SMTPD_DNSBL_SITES, the DNS lists are asked as smtpd asks
+    them: "dnsbl score N: ..." follows the verdict, which DNSBL= tokens see;
+    a score at SMTPD_DNSBL_THRESHOLD is "refused 554 ...", as smtpd refuses
+    such a client before its greeting.
 """
 
 import os
@@ -22,7 +26,7 @@ import os
 import buildconf
 from smtpgate import net, privileges
 from smtpgate.address import AddressError, mail_params, parse_path
-from smtpgate.gate import verify
+from smtpgate.gate import dnsbl, verify
 from smtpgate.net import normalize_ip
 from smtpgate.options import UsageError
 from smtpgate.rules import dnslookup
@@ -47,6 +51,22 @@ def cli_client(address, name, ident, resolver):
         except dnslookup.TempFail as e:
             name_error = str(e)
     return Client(ip, name, lk, ident=ident, name_error=name_error)
+
+
+def reputation(client, resolver):
+    """With -a and SMTPD_DNSBL_SITES: ask the lists as smtpd would, set the
+    client's score, and say it ("dnsbl score N: ..."); else None."""
+    if client.ip is None or not buildconf.SMTPD_DNSBL_SITES.strip():
+        return None
+    try:
+        sites = dnsbl.parse_sites(buildconf.SMTPD_DNSBL_SITES)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    rep = dnsbl.Reputation(sites)
+    s = rep.start(client.ip, resolver, None)
+    client.score = rep.finish(s)
+    return "dnsbl score %d: %s%s" % (client.score, s.detail(),
+                                     " (allow-listed)" if rep.allowlisted(client.score) else "")
 
 
 def callout(backend, v, rcpt):
@@ -153,12 +173,19 @@ def judged(flags, rules, resolver, sender, rcpt):
             say("smtpd refuses this %s address before any rule" % refusal[1])
         return EXIT["refused"]
     client = cli_client(flags.get("address"), flags.get("name"), flags.get("ident"), resolver)
+    scored = reputation(client, resolver)
+    if scored is not None and client.score >= buildconf.SMTPD_DNSBL_THRESHOLD:
+        say("refused 554 %s" % dnsbl.REFUSAL % client.ip)
+        say(scored)
+        return EXIT["refused"]
     v = evaluate(rules, client, *stored)
     said = None
     if v.action == "verify" and "backend" in flags:
         v, said = callout(flags["backend"], v, stored[1])
     written = v.rule.action if v.rule is not None and v.rule.action != "verify" else v.action
     say(written if v.reply is None else "%s %s" % (written, v.reply))
+    if scored is not None:
+        say(scored)
     if verbose:
         if said:
             say("backend: %s" % said)

@@ -3,7 +3,7 @@
 DESCRIPTION
     Compiles the three lists of a rule (spec 4.3-4.5, 4.8) into matchers:
     compile_source() for the client (host patterns, user@host ident,
-    KNOWN/UNKNOWN, NS=, addresses, networks, RBL.), compile_address() for
+    KNOWN/UNKNOWN, NS=, addresses, networks, RBL., DNSBL=), compile_address() for
     MAIL FROM and RCPT TO (globs, /regex/, USER@, NS=), and TokenList for
     a list with EXCEPT.  Every problem is Bad("message"); checkrules.py
     turns it into "file:line: message".  Globs match in linear time and
@@ -159,10 +159,30 @@ def on_name(fn):
 
 # -------------------------------------------------------------- tokens ----
 
+SCORE_RANGE = re.compile(r"^(-?\d{1,7})?(\.\.)?(-?\d{1,7})?$")
+
+
+def score_range(tok):
+    """DNSBL=LOW..HIGH (either side may be left out), DNSBL=N -> (low, high)."""
+    m = SCORE_RANGE.match(tok[6:])
+    low, dots, high = m.groups() if m else (None, None, None)
+    if not m or (low is None and high is None) or (dots is None and high is not None):
+        raise Bad("bad DNSBL token %r: DNSBL=N, DNSBL=LOW..HIGH, DNSBL=LOW.. or "
+                  "DNSBL=..HIGH" % tok)
+    low = int(low) if low is not None else -float("inf")
+    high = (int(high) if high is not None else float("inf")) if dots else low
+    if low > high:
+        raise Bad("DNSBL token %r: %s is above %s" % (tok, low, high))
+    return low, high
+
+
 def compile_host(tok, warnings):
     """A host pattern of a source list -> f(client) -> bool."""
     if tok in ("TRUSTED", "UNTRUSTED"):
         raise Bad("%s is not supported (Juniper firewalls only)" % tok)
+    if tok.startswith("DNSBL="):
+        low, high = score_range(tok)
+        return lambda c: low <= c.score <= high
     if tok == "ALL":
         return lambda c: True
     if tok == "KNOWN":
