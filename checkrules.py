@@ -14,7 +14,8 @@ DESCRIPTION
     user, -V the verification backend to ask; FROM and TO as the client
     typed them.  -t validates the file.  (smtpgate/rules/tester.py)
 EXIT STATUS
-    0 allow, 1 noto, 2 deny, 3 refused by smtpd's address checks,
+    0 allow, 1 noto, 2 deny, 3 refused by smtpd's address checks (or,
+    with -a and SMTPD_DNSBL_SITES, by the DNS lists' score),
     4 verify (not asked), 75 temporary failure, 64 usage, 78 bad file.
 FILES
     SPOOLDIR/CHECK_FILE, normally /var/spool/smtpd/etc/smtpd_check_rules.

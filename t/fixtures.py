@@ -24,12 +24,12 @@ class DNSServer:
     in them; an NXDOMAIN carries the SOA of the longest apex (apex()) that
     ends the name, if any."""
 
-    def __init__(self, addr="127.0.0.1"):
+    def __init__(self, addr="127.0.0.1", port=0):
         self.zone = {}
         self.apexes = set()
         self.queries = []
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((addr, 0))
+        self.sock.bind((addr, port))
         self.addr, self.port = self.sock.getsockname()
         self.thread = threading.Thread(target=self.serve, daemon=True)
         self.thread.start()
