@@ -120,6 +120,16 @@ SMTPD_DNSBL_TTL = 3600
 #: int 8..10000000: most client addresses the score cache keeps
 SMTPD_DNSBL_CACHE = 10000
 
+# ------------------------------------ state shared by several gates (Redis) ----
+#: text: redis://ADDRESS:PORT/DB shared by several gates (rates, caches); empty = each gate its own
+SMTPD_SHARED_STORE =
+#: path?: root-only file: "key SECRET" (signs cache entries), optional "password PW", "user NAME"
+SMTPD_SHARED_STORE_SECRETS = /etc/smtpd/shared-store.secret
+#: text: prefix of every key, so that two sites can share one server
+SMTPD_SHARED_STORE_PREFIX = smtpd:
+#: int 1..5000: milliseconds one call may take before the gate uses its own state
+SMTPD_SHARED_STORE_TIMEOUT = 50
+
 # ---------------------------------------------- smtpd behind a balancer ----
 #: nets: trusted proxies whose connections begin with a PROXY header (-X); empty = off
 SMTPD_PROXY_FROM =
@@ -249,7 +259,7 @@ INSTALL_PYTHON = /usr/bin/python3
 PROGRAMS = smtpd smtpfwdd checkrules
 PACKAGE = smtpgate
 PACKAGE_MODULES = __init__ address libc log net options params privileges process replies spool \
-	spooldir text \
+	spooldir store text \
 	gate/__init__ gate/admission gate/channel gate/client gate/config gate/connection gate/dnsbl gate/engine gate/master gate/milter gate/proxy gate/rewrite gate/rulewatch gate/sandbox gate/session gate/start gate/tls gate/verify gate/worker \
 	forwarder/__init__ forwarder/bounce forwarder/config forwarder/daemon forwarder/delivery forwarder/queuetool forwarder/start \
 	rules/__init__ rules/dnslookup rules/engine rules/ident rules/tester rules/tokens
@@ -258,7 +268,7 @@ EXAMPLES = etc/smtpd_check_rules.example etc/antispam_check_rules.example \
 	etc/init.d/smtpd etc/init.d/smtpfwdd etc/default/smtpd etc/default/smtpfwdd \
 	etc/rc.d/smtpd etc/rc.d/smtpfwdd \
 	etc/inetd.conf.smtpd etc/xinetd.d/smtpd etc/rsyslog-smtpd.conf etc/syslog-ng-smtpd.conf \
-	etc/haproxy.cfg
+	etc/haproxy.cfg etc/shared-store.secret.example
 # Where rsyslog reads snippets; the jail's log socket is added there.
 RSYSLOG_DIR = /etc/rsyslog.d
 
@@ -350,8 +360,9 @@ uninstall:
 
 # run.py: ours vs Postfix vs aiosmtpd (bench/results.md); tls.py: STARTTLS
 # vs Postfix; scaleout.py: the HAProxy hop; verify.py: verification per
-# RCPT; milter.py: a no-op filter and rspamd, vs Postfix's smtpd_milters
-# (each writes bench/results-*.md).  bench/ab.py compares two trees.
+# RCPT; milter.py: a no-op filter and rspamd, vs Postfix's smtpd_milters;
+# dnsbl.py: DNS lists, cached and not, vs postscreen (each writes
+# bench/results-*.md).  bench/ab.py compares two trees.
 .PHONY: bench
 bench: venv buildconf.py
 	$(VPY) bench/run.py
@@ -359,6 +370,7 @@ bench: venv buildconf.py
 	$(VPY) bench/scaleout.py
 	$(VPY) bench/verify.py
 	$(VPY) bench/milter.py
+	$(VPY) bench/dnsbl.py
 
 # ------------------------------------------------------------- make fuzz ----
 

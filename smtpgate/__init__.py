@@ -47,6 +47,8 @@ What every process shares sits at this package's root: spool (the only
 code that knows the spool file's format) and spooldir (its directory, hostile
 input), address (the one address parser),
 replies, log, text (the sanitizers), privileges, process, net, libc,
-options (command lines), params (the Makefile's table of constants).
+options (command lines), params (the Makefile's table of constants),
+store (what several gates share through Redis: rates and caches; its
+secrets read by gate/engine as root, its client used by the workers).
 The gate is gate/, the forwarder forwarder/, the rules rules/.
 """

@@ -199,12 +199,25 @@ class RateTable(Shared):
 
 class Admission:
     """What the -D workers share: the scoreboard, the rate table (None when
-    SMTPD_MAX_RATE is 0) and the exempt networks."""
+    SMTPD_MAX_RATE is 0), the exempt networks, and the gates' shared store
+    (store.Redis, or None)."""
 
-    def __init__(self, slots, exempt):
+    def __init__(self, slots, exempt, shared=None):
         self.board = Scoreboard(slots)
         self.rates = None
         if buildconf.SMTPD_MAX_RATE > 0:
             self.rates = RateTable(buildconf.SMTPD_RATE_TABLE, buildconf.SMTPD_MAX_RATE,
                                    buildconf.SMTPD_RATE_WINDOW)
         self.exempt = exempt
+        self.shared = shared
+
+    def attempt(self, key):
+        """(admitted, log this refusal) for a new session from key: the
+        window all gates share when Redis answers, else this gate's own
+        (which counts every attempt either way, to take over at once)."""
+        local = self.rates.attempt(key)
+        if self.shared is not None:
+            shared = self.shared.rate(key, buildconf.SMTPD_MAX_RATE, buildconf.SMTPD_RATE_WINDOW)
+            if shared is not None:
+                return shared
+        return local

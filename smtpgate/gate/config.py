@@ -53,6 +53,7 @@ FIELDS = (
     ('verify_cache', ""),                                   # SMTPD_VERIFY_CACHE as the jailed process sees it
     ('milters', ()),                                        # -f, SMTPD_MILTERS: net.Endpoints
     ('dnsbl_sites', ()),                                    # SMTPD_DNSBL_SITES: dnsbl.Sites
+    ('shared_store', ""),                                   # SMTPD_SHARED_STORE, checked
     ('milter_default', "tempfail"),                         # SMTPD_MILTER_DEFAULT_ACTION
     ('sandbox_missing', None),                              # why the seccomp sandbox cannot be had
 )
@@ -89,6 +90,7 @@ def build(flags):
     backend = verify_backend(o["verify"], problems)
     filters = milters(o["milters"], problems)
     sites = dnsbl_sites(buildconf.SMTPD_DNSBL_SITES, problems)
+    shared = shared_store(buildconf.SMTPD_SHARED_STORE, problems)
     if problems:
         config_error(problems, inetd=not o["daemon"])
     identity, spooldir, rules_path, cache = None, o["spooldir"], buildconf.CHECK_FILE, \
@@ -115,7 +117,7 @@ def build(flags):
         tls_explicit="tls_cert" in flags or "tls_key" in flags, exempt=tuple(exempt),
         proxy_from=tuple(proxy_from), verify_backend=backend, verify_cache=cache,
         milters=filters, milter_default=buildconf.SMTPD_MILTER_DEFAULT_ACTION,
-        dnsbl_sites=sites,
+        dnsbl_sites=sites, shared_store=shared,
         sandbox_missing=missing)
 
 
@@ -175,6 +177,19 @@ def dnsbl_sites(text, problems):
     except ValueError as e:
         problems.append(str(e))
         return ()
+
+
+def shared_store(text, problems):
+    """SMTPD_SHARED_STORE, its syntax checked (the secrets are read by
+    engine.pre_jail_init, as root)."""
+    if not text.strip():
+        return ""
+    from smtpgate import store         # noqa: only when configured
+    try:
+        store.parse_url(text)
+    except store.ConfigError as e:
+        problems.append(str(e))
+    return text.strip()
 
 
 def config_error(problems, inetd):

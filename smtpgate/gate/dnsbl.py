@@ -388,13 +388,18 @@ class Reputation:
         self.allow = buildconf.SMTPD_DNSBL_ALLOWLIST_THRESHOLD
 
     @classmethod
-    def of(cls, sites, shared):
-        """The gate's Reputation, None without sites; shared: with a ScoreCache
-        (made now, before the -D master forks)."""
+    def of(cls, sites, daemon, redis=None):
+        """The gate's Reputation, None without sites: with a ScoreCache in
+        -D mode (made now, before the master forks), and over Redis
+        (store.py) when several gates share one."""
         if not sites:
             return None
-        cache = ScoreCache(buildconf.SMTPD_DNSBL_CACHE) if shared and \
-            buildconf.SMTPD_DNSBL_TTL > 0 else None
+        cache = None
+        if buildconf.SMTPD_DNSBL_TTL > 0:
+            cache = ScoreCache(buildconf.SMTPD_DNSBL_CACHE) if daemon else None
+            if redis is not None:
+                from smtpgate import store      # noqa: store imports nothing of ours but log
+                cache = store.ScoreCache(cache, redis)
         return cls(sites, cache)
 
     def allowlisted(self, score):

@@ -17,7 +17,8 @@ DESCRIPTION
 import dataclasses
 import os
 
-from smtpgate import log, privileges
+import buildconf
+from smtpgate import log, privileges, store
 from smtpgate.gate import dnsbl, sandbox, tls, verify
 from smtpgate.gate.config import config_error
 from smtpgate.rules import dnslookup
@@ -32,6 +33,7 @@ class Engine:
     tls_context: object         # what STARTTLS is offered with, or None
     verify_cache: object        # verify.Cache in the jail, opened at first use
     reputation: object = None   # dnsbl.Reputation (its cache mapped before the fork), or None
+    shared: object = None       # store.Redis shared by several gates, or None
 
 
 class FrozenRules:
@@ -59,11 +61,20 @@ def pre_jail_init(config):
     except tls.CertError as e:
         config_error(["cannot load the TLS certificate and key: %s" % e],
                      inetd=not config.daemon)
+    try:
+        shared = store.from_config(config.shared_store, buildconf.SMTPD_SHARED_STORE_SECRETS,
+                                   buildconf.SMTPD_SHARED_STORE_PREFIX,
+                                   buildconf.SMTPD_SHARED_STORE_TIMEOUT)
+    except store.ConfigError as e:
+        config_error([str(e)], inetd=not config.daemon)
     privileges.prepare_jail()
+    cache = verify.Cache(config.verify_cache)
     return Engine(rules=None if config.daemon else RulesFile(config.rules_path),
                   resolver=dnslookup.make_resolver(), certificates=certificates,
-                  tls_context=context, verify_cache=verify.Cache(config.verify_cache),
-                  reputation=dnsbl.Reputation.of(config.dnsbl_sites, shared=config.daemon))
+                  tls_context=context,
+                  verify_cache=store.VerifyCache(cache, shared) if shared else cache,
+                  reputation=dnsbl.Reputation.of(config.dnsbl_sites, config.daemon, shared),
+                  shared=shared)
 
 
 def inside(path, directory):

@@ -203,7 +203,7 @@ class Master:
         self.next_watcher = 0
         self.reload_reason = None
         self.workers = {}           # pid -> WorkerHandle
-        self.admission = admission.Admission(config.maxchildren, config.exempt)
+        self.admission = admission.Admission(config.maxchildren, config.exempt, engine.shared)
         self.board = self.admission.board
         self.free_slots = list(range(config.maxchildren - 1, -1, -1))
         self.stopping = self.hup = False

@@ -117,7 +117,7 @@ class Worker:
         rep = self.engine.reputation
         if self.adm.rates is not None and not net.member(ip, self.adm.exempt) \
                 and not (rep is not None and rep.allowlisted(rep.cached(ip))):
-            admitted, tell = self.adm.rates.attempt(key)
+            admitted, tell = self.adm.attempt(key)
             if not admitted:
                 if tell:
                     log.notice("refused %s: more than %d new sessions from %s in %d seconds",

@@ -1,0 +1,282 @@
+"""Several gates, one memory (issue 26): rates and caches shared through a
+private redis-server; Redis down, back, stalling or answering garbage."""
+
+import hashlib
+import hmac
+import os
+import re
+import socketserver
+import threading
+import time
+
+import pytest
+
+import redisd
+from harness import wait_for
+
+pytestmark = pytest.mark.skipif(not redisd.available() or os.geteuid() != 0,
+                                reason="needs root and Debian's redis-server")
+KEY = "0123456789abcdef-signing-key"
+RULES = "verify:ALL:ALL:*@localhost\nallow:ALL:ALL:ALL\n"
+
+
+@pytest.fixture
+def redis():
+    r = redisd.RedisServer().start()
+    yield r
+    r.close()
+
+
+def secrets(tmp_path, key=KEY, password=redisd.PASSWORD, mode=0o600):
+    path = tmp_path / "shared-store.secret"
+    path.write_text("# the gates' secrets\nkey %s\npassword %s\n" % (key, password))
+    os.chmod(path, mode)
+    return str(path)
+
+
+class Backend(socketserver.ThreadingTCPServer):
+    """An MTA to verify against: known@localhost exists; counts RCPTs."""
+
+    allow_reuse_address = True
+    daemon_threads = True
+
+    def __init__(self):
+        self.rcpts = []
+        super().__init__(("127.0.0.1", 0), BackendSession)
+        self.port = self.server_address[1]
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+class BackendSession(socketserver.StreamRequestHandler):
+    def handle(self):
+        self.wfile.write(b"220 backend\r\n")
+        for line in self.rfile:
+            verb = line[:4].upper()
+            if verb == b"RCPT":
+                self.server.rcpts.append(line.strip())
+                self.wfile.write(b"250 ok\r\n" if b"<known@localhost>" in line
+                                 else b"550 5.1.1 no such user\r\n")
+            elif verb == b"QUIT":
+                self.wfile.write(b"221 bye\r\n")
+                return
+            else:
+                self.wfile.write(b"250 ok\r\n")
+
+
+@pytest.fixture
+def backend():
+    b = Backend()
+    yield b
+    b.shutdown()
+    b.server_close()
+
+
+def gates(daemon_, port, tmp_path, n=2, rules="allow:ALL:ALL:ALL\n", flags=(), **constants):
+    constants.setdefault("SMTPD_SHARED_STORE", "redis://127.0.0.1:%d/3" % port)
+    if "SMTPD_SHARED_STORE_SECRETS" not in constants:
+        constants["SMTPD_SHARED_STORE_SECRETS"] = secrets(tmp_path)
+    return [daemon_(rules, *flags, **constants).wait_ready() for _ in range(n)]
+
+
+def greet(d, source):
+    c = d.connect(source)
+    code = c.code()
+    if code == 220:
+        c.cmd("QUIT")
+    c.close()
+    return code
+
+
+def rcpt(d, address, source="127.0.0.1"):
+    c = d.connect(source)
+    assert c.code() == 220
+    c.cmd("HELO client.example")
+    c.cmd("MAIL FROM:<a@example.org>")
+    code = c.cmd("RCPT TO:<%s>" % address)[0]
+    c.cmd("QUIT")
+    c.close()
+    return code
+
+
+def test_the_rate_limit_holds_across_gates(daemon_, redis, tmp_path):
+    g1, g2 = gates(daemon_, redis.port, tmp_path, SMTPD_MAX_RATE=4)
+    assert [greet(g1, "127.0.0.9"), greet(g2, "127.0.0.9"), greet(g1, "127.0.0.9"),
+            greet(g2, "127.0.0.9")] == [220] * 4
+    assert greet(g1, "127.0.0.9") == 421
+    assert greet(g2, "127.0.0.9") == 421
+    assert greet(g2, "127.0.0.10") == 220       # another network
+    keys = redis.keys("smtpd:rate:*")
+    assert b"smtpd:rate:00000000000000000000ffff7f000009" in keys, keys
+
+
+def test_a_second_site_under_another_prefix_counts_alone(daemon_, redis, tmp_path):
+    g1, = gates(daemon_, redis.port, tmp_path, n=1, SMTPD_MAX_RATE=2)
+    g2, = gates(daemon_, redis.port, tmp_path, n=1, SMTPD_MAX_RATE=2,
+                SMTPD_SHARED_STORE_PREFIX="othersite:")
+    assert [greet(g1, "127.0.0.9"), greet(g1, "127.0.0.9")] == [220, 220]
+    assert greet(g2, "127.0.0.9") == 220
+    assert greet(g1, "127.0.0.9") == 421
+
+
+def test_a_recipient_verified_at_one_gate_is_known_at_the_other(daemon_, redis, backend,
+                                                                tmp_path):
+    g1, g2 = gates(daemon_, redis.port, tmp_path, rules=RULES,
+                   flags=("-V", "127.0.0.1:%d" % backend.port),
+                   SMTPD_VERIFY_CACHE="")       # no sqlite: only Redis can remember
+    assert rcpt(g1, "known@localhost") == 250
+    assert rcpt(g1, "nosuch@localhost") == 550
+    assert len(backend.rcpts) == 2
+    assert rcpt(g2, "known@localhost") == 250
+    assert rcpt(g2, "nosuch@localhost") == 550
+    assert len(backend.rcpts) == 2              # answered from Redis
+    assert rcpt(g2, "known@LocalHost") == 250   # the local cache's keys: domain folded
+    assert len(backend.rcpts) == 2
+
+
+def test_a_forged_entry_lets_no_unknown_user_in(daemon_, redis, backend, tmp_path):
+    from smtpgate.gate import verify
+    g1, = gates(daemon_, redis.port, tmp_path, n=1, rules=RULES,
+                flags=("-V", "127.0.0.1:%d" % backend.port), SMTPD_VERIFY_CACHE="")
+    key = b"smtpd:verify:" + verify.Cache.key("intruder@localhost").hex().encode()
+    payload = b"250 %d" % (time.time() + 3600)
+    redis.command("SET", key, payload + b" " + b"0" * 32)                  # no signature
+    wrong = hmac.new(b"another site's key!", key + b"\0" + payload,
+                     hashlib.sha256).hexdigest()[:32].encode()
+    key2 = b"smtpd:verify:" + verify.Cache.key("stranger@localhost").hex().encode()
+    redis.command("SET", key2, payload + b" " + wrong)
+    assert rcpt(g1, "intruder@localhost") == 550
+    assert rcpt(g1, "stranger@localhost") == 550
+    assert len(backend.rcpts) == 2              # both asked of the backend
+    assert "is not signed with this gate's key; ignored" in g1.log()
+
+
+def test_redis_killed_under_load_then_back(daemon_, redis, tmp_path):
+    g1, g2 = gates(daemon_, redis.port, tmp_path, SMTPD_MAX_RATE=3)
+    assert greet(g1, "127.0.0.9") == 220
+    redis.kill()
+    t0 = time.monotonic()
+    codes = [greet(g, "127.0.0.20") for g in (g1, g2) for _ in range(4)]
+    took = time.monotonic() - t0
+    # each gate alone: three sessions, then its own limit; none waited on Redis
+    assert codes == [220, 220, 220, 421, 220, 220, 220, 421], codes
+    assert took < 4, took
+    for g in (g1, g2):
+        log = g.log()
+        assert log.count("using this gate's own state until it answers") == 1, log
+    redis.start()
+    time.sleep(1.2)                             # the next try comes within a second
+    assert greet(g1, "127.0.0.40") == 220       # each gate finds Redis back
+    assert greet(g2, "127.0.0.40") == 220
+    shared = [greet(g1, "127.0.0.50"), greet(g2, "127.0.0.50"), greet(g1, "127.0.0.50"),
+              greet(g2, "127.0.0.50")]
+    assert shared == [220, 220, 220, 421], shared
+    assert wait_for(lambda: all("answers again: sharing state" in g.log() for g in (g1, g2)))
+
+
+class Hostile(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+    def __init__(self, how):
+        self.how = how
+        super().__init__(("127.0.0.1", 0), HostileSession)
+        self.port = self.server_address[1]
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+class HostileSession(socketserver.BaseRequestHandler):
+    def handle(self):
+        how = self.server.how
+        self.request.settimeout(30)
+        try:
+            while True:
+                data = self.request.recv(65536)
+                if not data:
+                    return
+                if how == "garbage":
+                    self.request.sendall(b"\x16\x03\x01 this is not RESP\r\n")
+                elif how == "huge":
+                    self.request.sendall(b"$99999999999\r\n")
+                elif how == "error":
+                    self.request.sendall(b"-OOM command not allowed when used memory > "
+                                         b"'maxmemory'.\r\n" * 3)
+                # "stall": read, never answer
+        except OSError:
+            return
+
+
+@pytest.mark.parametrize("how,said", [("garbage", "garbage"), ("stall", "timed out after 50 ms"),
+                                      ("huge", "a reply of 99999999999 octets"),
+                                      ("error", "OOM command not allowed")])
+def test_redis_answering_garbage_or_stalling_is_bounded_and_logged(daemon_, tmp_path, how,
+                                                                   said):
+    h = Hostile(how)
+    try:
+        g, = gates(daemon_, h.port, tmp_path, n=1, SMTPD_MAX_RATE=3)
+        t0 = time.monotonic()
+        codes = [greet(g, "127.0.0.9") for _ in range(4)]
+        assert codes == [220, 220, 220, 421]        # the gate's own limit
+        assert time.monotonic() - t0 < 2
+        log = g.log()
+        assert re.search(r"shared store redis://127\.0\.0\.1:\d+/3: (AUTH|EVALSHA): .*%s"
+                         % re.escape(said), log), log
+        assert log.count("using this gate's own state") == 1
+    finally:
+        h.shutdown()
+        h.server_close()
+
+
+def test_the_dnsbl_score_is_shared(daemon_, redis, dnsz, tmp_path):
+    dnsz.add("9.0.0.127.bl.test", "A", "127.0.0.2")
+    g1, g2 = gates(daemon_, redis.port, tmp_path, SMTPD_DNSBL_SITES="bl.test")
+    assert greet(g1, "127.0.0.9") == 554
+    assert greet(g2, "127.0.0.9") == 554
+    assert len([q for q in dnsz.queries if q[0] == "9.0.0.127.bl.test."]) == 1
+    # a forged "clean" score in Redis is ignored
+    key = b"smtpd:dnsbl:" + bytes([127, 0, 0, 8]).hex().encode()
+    redis.command("SET", key, b"-100 %d " % (time.time() + 3600) + b"f" * 32)
+    dnsz.add("8.0.0.127.bl.test", "A", "127.0.0.2")
+    assert greet(g2, "127.0.0.8") == 554
+
+
+@pytest.mark.parametrize("problem", ["missing", "world-readable", "no key", "bad url"])
+def test_bad_shared_store_configuration_stops_smtpd(daemon_, tmp_path, problem):
+    path = secrets(tmp_path, mode=0o644 if problem == "world-readable" else 0o600,
+                   key="short" if problem == "no key" else KEY)
+    if problem == "missing":
+        path = str(tmp_path / "nonexistent")
+    url = "redis://localhost:6379/0" if problem == "bad url" else "redis://127.0.0.1:1/0"
+    d = daemon_("allow:ALL:ALL:ALL\n", SMTPD_SHARED_STORE=url, SMTPD_SHARED_STORE_SECRETS=path)
+    assert d.proc.wait(20) == 78
+    log = d.log()
+    assert {"missing": "No such file", "world-readable": "readable by root only",
+            "no key": "no 'key SECRET' of at least 16", "bad url": "with an IP address"}[
+        problem] in log, log
+
+
+def test_a_wrong_password_is_logged_and_the_gate_serves(daemon_, redis, tmp_path):
+    g, = gates(daemon_, redis.port, tmp_path, n=1, SMTPD_MAX_RATE=5,
+               SMTPD_SHARED_STORE_SECRETS=secrets(tmp_path, password="wrong"))
+    assert greet(g, "127.0.0.9") == 220
+    assert re.search(r"AUTH: (WRONGPASS|ERR).*using this gate's own state", g.log()), g.log()
+
+
+def test_redis_killed_under_load_loses_no_session(daemon_, redis, tmp_path):
+    g1, g2 = gates(daemon_, redis.port, tmp_path, SMTPD_MAX_RATE=1000, SMTPD_PREFORK=4)
+    results, slow = [], []
+
+    def client(n):
+        for i in range(40):
+            t0 = time.monotonic()
+            results.append(greet((g1, g2)[i % 2], "127.0.%d.%d" % (n + 1, i + 1)))
+            slow.append(time.monotonic() - t0)
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    assert wait_for(lambda: len(results) >= 40, timeout=30)
+    redis.kill()                                # with 120 sessions to go
+    for t in threads:
+        t.join()
+    assert results == [220] * 160
+    assert max(slow) < 1.0, max(slow)
+    assert all("using this gate's own state" in g.log() for g in (g1, g2))
