@@ -361,8 +361,8 @@ uninstall:
 # run.py: ours vs Postfix vs aiosmtpd (bench/results.md); tls.py: STARTTLS
 # vs Postfix; scaleout.py: the HAProxy hop; verify.py: verification per
 # RCPT; milter.py: a no-op filter and rspamd, vs Postfix's smtpd_milters;
-# dnsbl.py: DNS lists, cached and not, vs postscreen (each writes
-# bench/results-*.md).  bench/ab.py compares two trees.
+# dnsbl.py: DNS lists, cached and not, vs postscreen; store.py: rates and
+# verification through Redis vs local (each writes bench/results-*.md).  bench/ab.py compares two trees.
 .PHONY: bench
 bench: venv buildconf.py
 	$(VPY) bench/run.py
@@ -371,6 +371,7 @@ bench: venv buildconf.py
 	$(VPY) bench/verify.py
 	$(VPY) bench/milter.py
 	$(VPY) bench/dnsbl.py
+	$(VPY) bench/store.py
 
 # ------------------------------------------------------------- make fuzz ----
 

@@ -228,6 +228,8 @@ class Redis:
             raise Unavailable("connect: %s" % os.strerror(err))
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock, self.buf, self.pid = s, bytearray(), os.getpid()
+        self.readable = select.poll()
+        self.readable.register(s, select.POLLIN)
         hello = []
         if self.auth:
             hello.append([b"AUTH"] + self.auth)
@@ -241,23 +243,26 @@ class Redis:
                 raise Unavailable("%s: %s" % (args[0].decode(), r))
 
     def send(self, args, end):
+        """The command, written at once when the socket takes it (it nearly
+        always does: one small packet), else as it drains, within end."""
         data = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
-        p = select.poll()
-        p.register(self.sock, select.POLLOUT)
+        p = None
         while data:
-            if not p.poll(max(0, int((end - time.monotonic()) * 1000))):
-                raise Unavailable("write: timed out")
             try:
-                n = self.sock.send(data)
-            except BlockingIOError:
+                data = data[self.sock.send(data):]
                 continue
+            except BlockingIOError:
+                pass
             except OSError as e:
                 raise Unavailable("write: %s" % e.strerror) from None
-            data = data[n:]
+            if p is None:
+                p = select.poll()
+                p.register(self.sock, select.POLLOUT)
+            if not p.poll(max(0, int((end - time.monotonic()) * 1000))):
+                raise Unavailable("write: timed out")
 
     def fill(self, end):
-        p = select.poll()
-        p.register(self.sock, select.POLLIN)
+        p = self.readable
         if not p.poll(max(0, int((end - time.monotonic()) * 1000))):
             raise Unavailable("timed out after %d ms" % (self.timeout * 1000))
         try:

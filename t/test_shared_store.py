@@ -35,13 +35,13 @@ def secrets(tmp_path, key=KEY, password=redisd.PASSWORD, mode=0o600):
 
 
 class Backend(socketserver.ThreadingTCPServer):
-    """An MTA to verify against: known@localhost exists; counts RCPTs."""
+    """An MTA to verify against: known (known@localhost) exists; counts RCPTs."""
 
     allow_reuse_address = True
     daemon_threads = True
 
-    def __init__(self):
-        self.rcpts = []
+    def __init__(self, known="known@localhost"):
+        self.rcpts, self.known = [], b"<%s>" % known.encode()
         super().__init__(("127.0.0.1", 0), BackendSession)
         self.port = self.server_address[1]
         threading.Thread(target=self.serve_forever, daemon=True).start()
@@ -54,7 +54,7 @@ class BackendSession(socketserver.StreamRequestHandler):
             verb = line[:4].upper()
             if verb == b"RCPT":
                 self.server.rcpts.append(line.strip())
-                self.wfile.write(b"250 ok\r\n" if b"<known@localhost>" in line
+                self.wfile.write(b"250 ok\r\n" if self.server.known in line
                                  else b"550 5.1.1 no such user\r\n")
             elif verb == b"QUIT":
                 self.wfile.write(b"221 bye\r\n")
