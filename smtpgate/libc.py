@@ -2,6 +2,7 @@
 
 DESCRIPTION
     renameat2(): rename without replacing (RENAME_NOREPLACE) or swapping;
+    link_open_file(): name an O_TMPFILE (linkat AT_EMPTY_PATH);
     birth_time(): a file's creation time (statx(2) stx_btime);
     prctl(): process controls, for the sandbox (no new privileges, seccomp,
     not dumpable) and the workers' parent-death signal.
@@ -55,6 +56,21 @@ def renameat2(src, dst, flags, src_dir_fd=AT_FDCWD, dst_dir_fd=AT_FDCWD):
     if RENAMEAT2 is None:
         raise OSError(errno.ENOSYS, "no renameat2(2) here", dst)
     if RENAMEAT2(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), flags) != 0:
+        raise failure(dst)
+
+
+LINKAT = _function("linkat", [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                              ctypes.c_int])
+
+
+def link_open_file(fd, dst, dst_dir_fd=AT_FDCWD):
+    """Give the open file fd (an O_TMPFILE) the name dst: linkat(2) with
+    AT_EMPTY_PATH, never replacing dst (FileExistsError).  OSError: ENOSYS
+    where libc has none; ENOENT where the kernel wants CAP_DAC_READ_SEARCH
+    for it (before Linux 6.10)."""
+    if LINKAT is None:
+        raise OSError(errno.ENOSYS, "no linkat(2) here", dst)
+    if LINKAT(fd, b"", dst_dir_fd, os.fsencode(dst), AT_EMPTY_PATH) != 0:
         raise failure(dst)
 
 

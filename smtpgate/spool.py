@@ -33,7 +33,13 @@ PROTOCOL
     We write a draft under a name starting with DRAFT_PREFIX (never
     "smtpd"), mode 0600, O_EXCL, flock held; commit() flushes, chmods 0750,
     fsyncs (data and mode), renames it to its smtpd name (never replacing
-    one) and fsyncs the directory -- only then may smtpd answer 250.  The original C smtpd
+    one) and fsyncs the directory -- only then may smtpd answer 250.
+    smtpd's sessions write anonymous drafts instead (O_TMPFILE: no name, so
+    nothing to remove after a crash, and no directory lock while the inode
+    is allocated): commit() names the complete, fsync-ed file with
+    linkat(2), never replacing a name; where the kernel refuses that to an
+    unprivileged process (before Linux 6.10) the draft is copied once to a
+    named one and the process writes named drafts from then on.  The original C smtpd
     writes in place under the smtpd name at 0600 and chmods 0750 at the end;
     such files are simply not eligible until complete.  Locks are flock(2),
     never lockf/fcntl record locks, so the C programs see them.
@@ -135,15 +141,26 @@ class Draft:
     filter's changes are a second draft of the same message)."""
 
     BUFFER = 65536      # bytes gathered before a writev(2)
+    anonymous_ok = True     # O_TMPFILE drafts work here (until shown otherwise)
 
-    def __init__(self, spooldir, sender, recipients, name=None, token=None):
+    def __init__(self, spooldir, sender, recipients, name=None, token=None, anonymous=False):
         data = envelope(sender, recipients)
         self.spooldir = spooldir
         self.name = name or new_name()
         self.draft = os.path.join(spooldir, DRAFT_PREFIX + (token or self.name))
-        self.fd = os.open(self.draft, os.O_RDWR | os.O_CREAT | os.O_EXCL
-                          | os.O_CLOEXEC, MODE_DRAFT)
-        lock(self.fd, blocking=True)
+        self.fd = None
+        if anonymous and Draft.anonymous_ok:
+            try:
+                self.fd = os.open(spooldir, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, MODE_DRAFT)
+                self.draft = None
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+                Draft.anonymous_ok = False      # a file system without O_TMPFILE
+        if self.fd is None:
+            self.fd = os.open(self.draft, os.O_RDWR | os.O_CREAT | os.O_EXCL
+                              | os.O_CLOEXEC, MODE_DRAFT)
+            lock(self.fd, blocking=True)
         self.pending, self.npending = [data], len(data)
         self.body_offset = len(data)        # where "BODY\n" ends
         self.done = False
@@ -165,21 +182,24 @@ class Draft:
             if n:
                 data[i] = data[i][n:]
 
-    def commit(self, into=None):
+    def commit(self, into=None, sync=None):
         """Make the message durable and visible; return its name.  into: a
         subdirectory of the spool (never a link) to commit it to instead,
-        e.g. hold/ for a quarantined message; made if missing."""
+        e.g. hold/ for a quarantined message; made if missing.  sync: what
+        fsyncs the spool directory after the rename (fsync_dir; a -D gate's
+        workers share theirs, spooldir.GroupSync)."""
         self.flush()
         os.fchmod(self.fd, MODE_COMPLETE)   # before the fsync, so the mode is durable too
         os.fsync(self.fd)
         dir_fd = open_subdir(self.spooldir, into) if into else libc.AT_FDCWD
         try:
             while True:
+                dst = self.name if into else os.path.join(self.spooldir, self.name)
                 try:
-                    if into:
-                        rename_noreplace(self.draft, self.name, dst_dir_fd=dir_fd)
+                    if self.draft is None:
+                        self.link(dst, dir_fd)
                     else:
-                        rename_noreplace(self.draft, os.path.join(self.spooldir, self.name))
+                        rename_noreplace(self.draft, dst, dst_dir_fd=dir_fd)
                     break
                 except FileExistsError:
                     self.name = new_name()
@@ -188,20 +208,53 @@ class Draft:
         finally:
             if into:
                 os.close(dir_fd)
-        fsync_dir(self.spooldir)
+        if into or sync is None:
+            fsync_dir(self.spooldir)
+        else:
+            sync(self.spooldir)
         self.done = True
         os.close(self.fd)
         return self.name
+
+    def link(self, dst, dir_fd):
+        """Name the anonymous draft dst; where the kernel will not let us,
+        through a named copy (and named drafts from now on)."""
+        try:
+            return libc.link_open_file(self.fd, dst, dir_fd)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+        Draft.anonymous_ok = False
+        self.draft = os.path.join(self.spooldir, DRAFT_PREFIX + new_name())
+        fd = os.open(self.draft, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, MODE_DRAFT)
+        try:
+            lock(fd, blocking=True)
+            size, off = os.fstat(self.fd).st_size, 0
+            while off < size:
+                n = os.copy_file_range(self.fd, fd, size - off, off, off)
+                if n <= 0:
+                    raise OSError(errno.EIO, "short copy of a draft", self.draft)
+                off += n
+            os.fchmod(fd, MODE_COMPLETE)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(self.draft)
+            raise
+        os.close(self.fd)
+        self.fd = fd
+        rename_noreplace(self.draft, dst, dst_dir_fd=dir_fd)
 
     def abort(self):
         """Remove the draft; safe to call more than once."""
         if self.done:
             return
         self.done = True
-        try:
-            os.unlink(self.draft)
-        except FileNotFoundError:
-            pass
+        if self.draft is not None:
+            try:
+                os.unlink(self.draft)
+            except FileNotFoundError:
+                pass
         os.close(self.fd)
 
     def __enter__(self):

@@ -12,18 +12,79 @@ DESCRIPTION
     back, with its NAME.reason (unquarantine() also releases a message
     from hold/, where smtpd commits what a filter quarantined, and
     note_hold() keeps why); note_deferral() keeps why a message waits, in
-    deferred/NAME, for the queue tool.  The files themselves -- their
-    format, drafts, commits, marks -- are spool.py's.
+    deferred/NAME, for the queue tool.  GroupSync lets the -D workers
+    share the directory fsync of their commits.  The files themselves --
+    their format, drafts, commits, marks -- are spool.py's.
 """
 
 import errno
 import fcntl
+import mmap
 import os
 import stat
 
 from smtpgate import spool
 from smtpgate.spool import (DRAFT_PREFIX, fsync_dir, lock, MODE_COMPLETE, Odd, OPEN_FLAGS,
                             PREFIX, rename_noreplace)
+
+class GroupSync:
+    """Group commit: one fsync of the spool directory for the renames of
+    several workers.  A worker that renamed its file calls sync(path) and
+    returns once an fsync of the directory that began after its rename has
+    ended -- its own, or the one another worker began in the meantime -- so
+    its 250 still follows a directory fsync that covers its file.
+
+    Memory the -D master maps before it forks: 64-bit words counting the
+    renames, the count the last completed fsync covers, the fsyncs done.
+    fcntl record locks on it (released by the kernel if a worker dies):
+    byte 0 guards the words, byte 1 is held by the worker fsyncing; a
+    worker that finds it held waits for that fsync, then looks again."""
+
+    RENAMED, COVERED, FSYNCS = 0, 1, 2
+
+    def __init__(self):
+        self.fd = os.memfd_create("smtpd-groupsync", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, 64)
+        self.mm = mmap.mmap(self.fd, 64)
+        self.w = memoryview(self.mm).cast("Q")
+
+    def __call__(self, path):
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 0)
+        self.w[self.RENAMED] += 1
+        mine = self.w[self.RENAMED]
+        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 0)
+        while True:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 0)
+            try:
+                if self.w[self.COVERED] >= mine:
+                    return
+                try:
+                    fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 1)
+                    cover = self.w[self.RENAMED]    # every rename done before our fsync
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    cover = None
+            finally:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 0)
+            if cover is None:                       # wait for the fsync under way
+                fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 1)
+                fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 1)
+                continue
+            try:
+                fsync_dir(path)
+                fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 0)
+                self.w[self.COVERED] = max(self.w[self.COVERED], cover)
+                self.w[self.FSYNCS] += 1
+                fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 0)
+            finally:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 1)
+            return
+
+    def counts(self):
+        """(messages committed, directory fsyncs) since the start."""
+        return self.w[self.RENAMED], self.w[self.FSYNCS]
+
 
 FAILED_DIR = "failed"
 DEFERRED_DIR = "deferred"

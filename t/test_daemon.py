@@ -1,6 +1,7 @@
 """smtpd -D: the pre-fork daemon, its jail, pid file, pool and signals (issue 5)."""
 
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -232,3 +233,31 @@ def test_master_killed_mid_session_frees_the_port_and_the_session_ends_well(daem
     assert c.cmd("Subject: still here\r\n\r\nbody\r\n.")[0] == 250
     assert c.cmd("QUIT")[0] == 221
     assert len(spool_files(d.jail)) == 1
+
+
+def test_the_workers_share_directory_fsyncs_under_load(daemon_):
+    """Group commit (issue 27): ten clients at once, 200 messages; the
+    master's last line counts the commits and the directory fsyncs; every
+    message is there, and fewer fsyncs did it."""
+    d = daemon_("allow:ALL:ALL:ALL\n", SMTPD_PREFORK=10).wait_ready()
+    errors = []
+
+    def client():
+        try:
+            for _ in range(20):
+                send(d.port)
+        except Exception as e:          # noqa: the assertion below shows it
+            errors.append(e)
+    threads = [threading.Thread(target=client) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(spool_files(d.jail)) == 200
+    assert d.stop() == 0
+    m = re.search(r"stopped: (\d+) messages committed with (\d+) fsyncs of the spool directory",
+                  d.log())
+    assert m, d.log()
+    committed, fsyncs = int(m.group(1)), int(m.group(2))
+    assert committed == 200 and 1 <= fsyncs < 200, (committed, fsyncs)

@@ -233,3 +233,109 @@ def test_rename_noreplace_falls_back_to_link(tmp_path, monkeypatch):
         spool.rename_noreplace(str(tmp_path / "a"), str(tmp_path / "b"))
     spool.rename_noreplace(str(tmp_path / "a"), str(tmp_path / "c"))
     assert sorted(os.listdir(tmp_path)) == ["b", "c"]
+
+
+# -- anonymous drafts (O_TMPFILE) and group commit (issue 27) --
+
+def test_an_anonymous_draft_has_no_name_until_commit(tmp_path):
+    d = spool.Draft(str(tmp_path), b"<a@b>", [b"<c@d>"], anonymous=True)
+    assert d.draft is None
+    d.write(RECEIVED_C + b"Subject: t\n\nbody\n")
+    d.flush()
+    assert os.listdir(tmp_path) == []               # nothing to see, nothing to clean up
+    name = d.commit()
+    assert os.listdir(tmp_path) == [name]
+    st = os.stat(tmp_path / name)
+    assert stat.S_IMODE(st.st_mode) == spool.MODE_COMPLETE and st.st_nlink == 1
+    assert (tmp_path / name).read_bytes() == (b"FROM <a@b>\nRCPT <c@d>\nBODY\n" + RECEIVED_C
+                                              + b"Subject: t\n\nbody\n")
+
+
+def test_an_aborted_anonymous_draft_leaves_nothing(tmp_path):
+    d = spool.Draft(str(tmp_path), b"<a@b>", [b"<c@d>"], anonymous=True)
+    d.write(b"x" * 100000)
+    d.abort()
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_anonymous_commit_never_replaces_a_message(tmp_path):
+    d = spool.Draft(str(tmp_path), b"<a@b>", [b"<c@d>"], anonymous=True)
+    d.write(b"new\n")
+    taken = tmp_path / d.name
+    taken.write_bytes(b"older\n")
+    name = d.commit()
+    assert name != taken.name and taken.read_bytes() == b"older\n"
+    assert (tmp_path / name).read_bytes().endswith(b"BODY\nnew\n")
+
+
+def test_where_the_kernel_refuses_linkat_a_named_copy_is_committed(tmp_path, monkeypatch):
+    """Before Linux 6.10 an unprivileged linkat(AT_EMPTY_PATH) is ENOENT:
+    the draft is copied to a named one, renamed, and named drafts follow."""
+    def refused(fd, dst, dir_fd=libc.AT_FDCWD):
+        raise OSError(2, "No such file or directory", dst)
+    monkeypatch.setattr(libc, "link_open_file", refused)
+    monkeypatch.setattr(spool.Draft, "anonymous_ok", True)
+    d = spool.Draft(str(tmp_path), b"<a@b>", [b"<c@d>"], anonymous=True)
+    body = b"".join(b"%06d\n" % i for i in range(50000))
+    d.write(body)
+    name = d.commit()
+    assert os.listdir(tmp_path) == [name]
+    assert (tmp_path / name).read_bytes() == b"FROM <a@b>\nRCPT <c@d>\nBODY\n" + body
+    assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == spool.MODE_COMPLETE
+    assert spool.Draft.anonymous_ok is False
+    d2 = spool.Draft(str(tmp_path), b"<a@b>", [b"<c@d>"], anonymous=True)
+    assert d2.draft is not None and os.path.exists(d2.draft)
+    d2.abort()
+
+
+def test_group_sync_covers_every_rename_with_fewer_fsyncs(tmp_path):
+    """Eight processes commit 40 messages each through one GroupSync whose
+    directory fsync is slow: every commit returns after an fsync that began
+    after its rename, and they share fsyncs."""
+    script = textwrap.dedent('''
+        import os, sys, time
+        sys.path.insert(0, %r)
+        from smtpgate import spool, spooldir
+        sync = spooldir.GroupSync()
+        real = spooldir.fsync_dir
+        log = os.open(sys.argv[2], os.O_WRONLY | os.O_APPEND)
+        def slow(path):
+            start = time.monotonic_ns()
+            time.sleep(0.005)
+            real(path)
+            os.write(log, b"F %%d %%d\\n" %% (start, time.monotonic_ns()))
+        spooldir.fsync_dir = slow
+        kids = []
+        for k in range(8):
+            pid = os.fork()
+            if pid == 0:
+                for i in range(40):
+                    d = spool.Draft(sys.argv[1], b"<a@b>", [b"<c@d>"], anonymous=True)
+                    d.write(b"%%d %%d\\n" %% (k, i))
+                    d.flush()
+                    def timed(p):
+                        renamed = time.monotonic_ns()       # the rename is done
+                        sync(p)
+                        os.write(log, b"C %%d %%d\\n" %% (renamed, time.monotonic_ns()))
+                    d.commit(sync=timed)
+                os._exit(0)
+            kids.append(pid)
+        for pid in kids:
+            os.waitpid(pid, 0)
+        print("%%d %%d" %% sync.counts())
+    ''' % ROOT)
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    events = tmp_path / "events"
+    events.write_bytes(b"")
+    out = subprocess.run([PYTHON, "-c", script, str(spool_dir), str(events)], check=True,
+                         capture_output=True, text=True).stdout.split()
+    committed, fsyncs = int(out[0]), int(out[1])
+    assert committed == 320 and len(os.listdir(spool_dir)) == 320
+    assert 1 <= fsyncs < committed / 2, fsyncs
+    lines = events.read_text().splitlines()
+    fs = [tuple(map(int, l.split()[1:])) for l in lines if l.startswith("F")]
+    cs = [tuple(map(int, l.split()[1:])) for l in lines if l.startswith("C")]
+    assert len(fs) == fsyncs and len(cs) == committed
+    for renamed, returned in cs:        # an fsync began after the rename, ended before
+        assert any(renamed <= start and end <= returned for start, end in fs)

@@ -18,7 +18,7 @@ import dataclasses
 import os
 
 import buildconf
-from smtpgate import log, privileges, store
+from smtpgate import log, privileges, spooldir, store
 from smtpgate.gate import dnsbl, sandbox, tls, verify
 from smtpgate.gate.config import config_error
 from smtpgate.rules import dnslookup
@@ -34,6 +34,7 @@ class Engine:
     verify_cache: object        # verify.Cache in the jail, opened at first use
     reputation: object = None   # dnsbl.Reputation (its cache mapped before the fork), or None
     shared: object = None       # store.Redis shared by several gates, or None
+    dir_sync: object = None     # spooldir.GroupSync of the -D workers, or None (inetd)
 
 
 class FrozenRules:
@@ -74,7 +75,7 @@ def pre_jail_init(config):
                   tls_context=context,
                   verify_cache=store.VerifyCache(cache, shared) if shared else cache,
                   reputation=dnsbl.Reputation.of(config.dnsbl_sites, config.daemon, shared),
-                  shared=shared)
+                  shared=shared, dir_sync=spooldir.GroupSync() if config.daemon else None)
 
 
 def inside(path, directory):

@@ -452,7 +452,12 @@ class Master:
             except ProcessLookupError:
                 pass
         process.ignore_stop_signals()
-        log.info("stopped")
+        if self.engine.dir_sync is not None:
+            committed, fsyncs = self.engine.dir_sync.counts()
+            log.info("stopped: %d messages committed with %d fsyncs of the spool directory",
+                     committed, fsyncs)
+        else:
+            log.info("stopped")
         return os.EX_OK
 
     # -- in the child --

@@ -225,7 +225,7 @@ class Message:
         """A new draft of the changed message, to be committed as name."""
         d = spool.Draft(self.spooldir, self.sender.encode("latin-1"),
                         [r.encode("latin-1") for r in self.recipients], name=name,
-                        token=spool.new_name())
+                        token=spool.new_name(), anonymous=True)
         try:
             d.write(received)
             for n, lines in self.headers:

@@ -543,7 +543,7 @@ class Session:
         try:
             self.draft = spool.Draft(self.config.spooldir, self.env.sender.encode("latin-1"),
                                      [r.encode("latin-1") for r in self.env.recipients],
-                                     name=self.env.name)
+                                     name=self.env.name, anonymous=True)
             self.received_header = self.received()
             self.draft.write(self.received_header)
         except OSError as e:
@@ -585,7 +585,8 @@ class Session:
                 return judged
             held = self.milters.held
         try:
-            name = self.draft.commit(into=spooldir.HOLD_DIR if held else None)
+            name = self.draft.commit(into=spooldir.HOLD_DIR if held else None,
+                                     sync=self.engine.dir_sync)
         except OSError as e:
             log.err("committing spool file: %s", e.strerror)
             return self.reply(452)
