@@ -74,7 +74,7 @@ SMTPD_MAXCHILDREN = 64
 #: int 1..10000: most sessions at once from one client network; more get 421
 SMTPD_MAX_PER_IP = 10
 #: int 1..1000000: sessions a worker serves before it exits and is replaced
-SMTPD_MAX_USE = 100
+SMTPD_MAX_USE = 1000
 #: int 1..86400: seconds a spare worker beyond the needed ones stays idle
 SMTPD_IDLE_TIME = 10
 #: int 0..3600: seconds running sessions (or deliveries) may take to end after SIGTERM

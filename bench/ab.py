@@ -123,7 +123,7 @@ def main(argv):
         for p, _, _ in servers:
             p.terminate()
             p.wait()
-        shutil.rmtree(work, ignore_errors=True)
+        run.discard(work)
 
 
 if __name__ == "__main__":

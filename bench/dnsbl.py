@@ -21,7 +21,6 @@ DESCRIPTION
 
 import getopt
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -180,7 +179,7 @@ def main(argv):
         if pf is not None:
             pf.stop()
         dns.close()
-        shutil.rmtree(work, ignore_errors=True)
+        run.discard(work)
     report(rates, cpu, rounds, count)
 
 

@@ -20,7 +20,6 @@ DESCRIPTION
 
 import getopt
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -94,7 +93,7 @@ def main(argv):
             p.wait()
         if pf is not None:
             pf.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        run.discard(work)
     report(rates, cpu, rounds, count)
 
 

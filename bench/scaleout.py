@@ -15,7 +15,6 @@ DESCRIPTION
 
 import getopt
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -90,7 +89,7 @@ def main(argv):
         for p in procs:
             p.terminate()
             p.wait()
-        shutil.rmtree(work, ignore_errors=True)
+        run.discard(work)
     lines = []
     for name, rows in results.items():
         rates, cpus = [x[0] for x in rows], [x[1] for x in rows]

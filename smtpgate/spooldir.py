@@ -29,38 +29,51 @@ from smtpgate.spool import (DRAFT_PREFIX, fsync_dir, lock, MODE_COMPLETE, Odd, O
 
 class GroupSync:
     """Group commit: one fsync of the spool directory for the renames of
-    several workers.  A worker that renamed its file calls sync(path) and
-    returns once an fsync of the directory that began after its rename has
-    ended -- its own, or the one another worker began in the meantime -- so
-    its 250 still follows a directory fsync that covers its file.
+    several workers.  A worker that named its file calls sync(path) and
+    returns once an fsync of the directory that began after that has ended
+    -- its own, or the one another worker began in the meantime -- so its
+    250 still follows a directory fsync that covers its file.
 
     Memory the -D master maps before it forks: 64-bit words counting the
-    renames, the count the last completed fsync covers, the fsyncs done.
+    files named, the count the last completed fsync covers, the fsyncs done.
     fcntl record locks on it (released by the kernel if a worker dies):
-    byte 0 guards the words, byte 1 is held by the worker fsyncing; a
-    worker that finds it held waits for that fsync, then looks again."""
+    byte 0 guards the count of files named; byte 1 is held by the worker
+    fsyncing, which alone writes the other two words (aligned 64-bit words,
+    read by the others as they are: an old value only makes one wait or
+    fsync once more).  A worker that finds byte 1 held waits for that
+    fsync, then looks again.  Four fcntl calls and one fsync for a worker
+    alone; each process keeps the directory open."""
 
-    RENAMED, COVERED, FSYNCS = 0, 1, 2
+    NAMED, COVERED, FSYNCS = 0, 1, 2
 
     def __init__(self):
         self.fd = os.memfd_create("smtpd-groupsync", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, 64)
         self.mm = mmap.mmap(self.fd, 64)
         self.w = memoryview(self.mm).cast("Q")
+        self.dir_fd, self.dir_path, self.pid = None, None, None
+        self.fsync = os.fsync
+
+    def directory(self, path):
+        if self.pid != os.getpid() or self.dir_path != path:
+            self.dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self.dir_path, self.pid = path, os.getpid()
+        return self.dir_fd
 
     def __call__(self, path):
-        fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 0)
-        self.w[self.RENAMED] += 1
-        mine = self.w[self.RENAMED]
-        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 0)
+        dir_fd = self.directory(path)
+        mine = None
         while True:
             fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 0)
             try:
-                if self.w[self.COVERED] >= mine:
+                if mine is None:
+                    self.w[self.NAMED] += 1
+                    mine = self.w[self.NAMED]
+                elif self.w[self.COVERED] >= mine:
                     return
                 try:
                     fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 1)
-                    cover = self.w[self.RENAMED]    # every rename done before our fsync
+                    cover = self.w[self.NAMED]      # every file named before our fsync
                 except OSError as e:
                     if e.errno not in (errno.EAGAIN, errno.EACCES):
                         raise
@@ -72,18 +85,17 @@ class GroupSync:
                 fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 1)
                 continue
             try:
-                fsync_dir(path)
-                fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 0)
-                self.w[self.COVERED] = max(self.w[self.COVERED], cover)
+                self.fsync(dir_fd)
+                if cover > self.w[self.COVERED]:
+                    self.w[self.COVERED] = cover
                 self.w[self.FSYNCS] += 1
-                fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 0)
             finally:
                 fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 1)
             return
 
     def counts(self):
         """(messages committed, directory fsyncs) since the start."""
-        return self.w[self.RENAMED], self.w[self.FSYNCS]
+        return self.w[self.NAMED], self.w[self.FSYNCS]
 
 
 FAILED_DIR = "failed"
