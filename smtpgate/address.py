@@ -24,6 +24,7 @@ class AddressError(Exception):
 
 LABEL = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 LITERAL = re.compile(r"^\[(?:IPv6:[0-9A-Fa-f:.]+|[0-9.]+)\]$")
+PRINTABLE = re.compile(r"[\x20-\x7e]*")      # no control, DEL or 8-bit character
 ATEXT_BAD = set('()<>[]:;@\\," ')
 
 
@@ -80,7 +81,7 @@ def parse_path(arg, null_ok):
     The stored text is the address as typed (with its brackets, if any)."""
     if not arg:
         raise AddressError(501, "Address missing")
-    if any(ord(c) < 0x20 or ord(c) >= 0x7f for c in arg):
+    if not PRINTABLE.fullmatch(arg):
         raise AddressError(501, "Control or 8-bit character in address")
     path, params = split_path(arg)
     bracketed = path.startswith("<")

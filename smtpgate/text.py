@@ -19,13 +19,19 @@ DESCRIPTION
 import re
 import unicodedata
 
+PLAIN = re.compile(r'[!#-\[\]-~]*')      # printable ASCII but space, quote, backslash
+
 
 def escape(text, limit=255):
     """Client text for a log line: printable ASCII stays, anything else and
     space, quote and backslash become \\xHH, so it cannot forge a field; at
     most limit characters (then "...")."""
-    out = "".join(c if "!" <= c <= "~" and c not in '"\\' else "\\x%02x" % ord(c)
-                  for c in text[:limit])
+    head = text[:limit]
+    if PLAIN.fullmatch(head):                   # the usual case, in C
+        out = head
+    else:
+        out = "".join(c if "!" <= c <= "~" and c not in '"\\' else "\\x%02x" % ord(c)
+                      for c in head)
     return out + "..." if len(text) > limit else out
 
 
