@@ -362,7 +362,9 @@ uninstall:
 # vs Postfix; scaleout.py: the HAProxy hop; verify.py: verification per
 # RCPT; milter.py: a no-op filter and rspamd, vs Postfix's smtpd_milters;
 # dnsbl.py: DNS lists, cached and not, vs postscreen; store.py: rates and
-# verification through Redis vs local (each writes bench/results-*.md).  bench/ab.py compares two trees.
+# verification through Redis vs local; maxuse.py: one worker's memory over
+# 10000 sessions (each writes bench/results-*.md).  profile_session.py
+# profiles a session's path in process.  bench/ab.py compares two trees.
 .PHONY: bench
 bench: venv buildconf.py
 	$(VPY) bench/run.py
@@ -372,6 +374,7 @@ bench: venv buildconf.py
 	$(VPY) bench/milter.py
 	$(VPY) bench/dnsbl.py
 	$(VPY) bench/store.py
+	$(VPY) bench/maxuse.py
 
 # ------------------------------------------------------------- make fuzz ----
 
