@@ -298,7 +298,16 @@ class Channel:
         """Input we have not consumed, buffered or waiting (or EOF)?  A
         close with unread data resets the connection, which can destroy
         our last reply before the client reads it; nothing else can."""
-        return bool(self.buf) or self.tls_buffered() or bool(self.read_poll.poll(0))
+        if self.buf or self.tls_buffered():
+            return True
+        if self.sock is None:
+            return bool(self.read_poll.poll(0))
+        try:        # a peek tells EOF (nothing unread: no linger) from data
+            return bool(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return False        # reset: nobody is left to read our reply
 
     def unread(self, data):
         self.buf[0:0] = data
