@@ -19,7 +19,8 @@ read with root's privileges.
                          (gate/engine            gate/session, gate/channel,
                          post_jail_init)         gate/admission (claims),
                                                  gate/verify, gate/dnsbl,
-                                                 gate/milter, gate/rewrite,
+                                                 gate/filtering, gate/milter,
+                                                 gate/rewrite,
                                                  rules/engine,
                                                  rules/tokens, rules/dnslookup,
                                                  rules/ident, spool (drafts)

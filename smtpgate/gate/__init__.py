@@ -19,6 +19,7 @@
     verify      recipient verification: callouts to the MTA, their cache
     dnsbl       the client's reputation: DNS lists scored before the greeting,
                 their shared cache
+    filtering   the session's filter stages: macros, answers, the new draft
     milter      the mail filters' client (milter protocol 6)
     rewrite     a message as the filters see it, and their changes to it
     sandbox     the seccomp filter every jailed process enters
