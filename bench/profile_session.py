@@ -2,13 +2,15 @@
 """bench/profile_session.py - where one session's CPU goes (cProfile)
 
 SYNOPSIS
-    bench/profile_session.py [-n sessions] [-o stats-file]
+    bench/profile_session.py [-n sessions] [-o stats-file] [-f milters]
 DESCRIPTION
     Runs n sessions of the target cell's kind (a new TCP connection on
     loopback, EHLO, MAIL, RCPT, 10 KB of DATA, QUIT) through the worker's
     own path -- connection.serve: identify (-H), the session, the spool
     commit with its fsyncs -- in this process, under cProfile; a client
-    thread plays smtp-source.  Prints the functions by own time and by
+    thread plays smtp-source.  -f names mail filters as smtpd -f does
+    (bench/noop_milter.py is one), to see what the milter client costs.
+    Prints the functions by own time and by
     cumulative time, and the CPU per session.  No jail, no sandbox: a
     measurement of the Python path, never a test.
 """
@@ -26,7 +28,7 @@ import time
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, TOP)
-from smtpgate import log  # noqa: E402
+from smtpgate import log, net  # noqa: E402
 from smtpgate.gate import connection, engine as gate_engine  # noqa: E402
 from smtpgate.gate.config import GateConfig  # noqa: E402
 from smtpgate.rules import engine  # noqa: E402
@@ -62,12 +64,13 @@ def client(port, n):
 
 
 def main(argv):
-    opts, _ = getopt.getopt(argv, "n:o:")
+    opts, _ = getopt.getopt(argv, "f:n:o:")
     o = dict(opts)
     n = int(o.get("-n", 2000))
     spool = tempfile.mkdtemp(prefix="smtpd-profile-", dir="/var/tmp")
     log.log.open("smtpd", path="/nonexistent/log")
-    cfg = GateConfig(myname="bench.example", spooldir=spool, hostchecks=False, quiet=True)
+    cfg = GateConfig(myname="bench.example", spooldir=spool, hostchecks=False, quiet=True,
+                    milters=net.parse_milters(o.get("-f", "")))
     eng = gate_engine.in_process(engine.parse(RULES)[0])
     lst = socket.create_server(("127.0.0.1", 0))
     port = lst.getsockname()[1]

@@ -1,7 +1,8 @@
 """A mail filter's side of a milter session, replayed from bytes: what the
 atheris harness (fuzz_milter.py) and the Hypothesis test (t/test_milter_fuzz.py)
 feed the client.  exercise(data) runs a whole session -- negotiation, every
-event, the end of a message with its changes applied -- against a filter
+event, the end of a message with its changes applied, written both ways
+(a second draft, and over the first) -- against a filter
 that answers with data; only milter.Broken and rewrite.Invalid may come out,
 and whatever the filter says, a reply it makes us give is an SMTP reply."""
 
@@ -48,6 +49,24 @@ def check(answer):
             raise RuntimeError("reply line %r" % line)
 
 
+def contents(fd):
+    return os.pread(fd, os.fstat(fd).st_size, 0)
+
+
+def same_either_way(msg, draft):
+    """The changed message written as a second draft (write) and over the
+    first (rewrite) must be the same file."""
+    new = msg.write("smtpdX", b"Received: x\n")
+    try:
+        copied = contents(new.fd)
+    finally:
+        new.abort()
+    if not msg.rewrite(draft, b"Received: x\n"):
+        raise RuntimeError("not rewritten in place")
+    if contents(draft.fd) != copied:
+        raise RuntimeError("in place %r, copied %r" % (contents(draft.fd), copied))
+
+
 def exercise(data):
     """Run the session; True if the filter's changes were applied."""
     spooldir = tempfile.mkdtemp(prefix="fuzz-milter-")
@@ -73,8 +92,7 @@ def exercise(data):
             check(f.event(milter.BODYEOB, b"", {"i": "smtpdX"}, "content", edits))
             msg.apply(edits, False)
             if msg.changed:
-                new = msg.write("smtpdX", b"")
-                new.abort()
+                same_either_way(msg, d)
             return msg.changed
         except (milter.Broken, rewrite.Invalid):
             return False

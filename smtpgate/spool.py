@@ -182,6 +182,17 @@ class Draft:
             if n:
                 data[i] = data[i][n:]
 
+    def overwrite(self, parts, body_offset):
+        """Replace what was written with parts (a list of bytes), envelope
+        first, body_offset octets long; before commit() only."""
+        data, self.pending, self.npending = b"".join(parts), [], 0
+        view, off = memoryview(data), 0
+        while off < len(data):
+            off += os.pwrite(self.fd, view[off:], off)
+        os.ftruncate(self.fd, len(data))
+        os.lseek(self.fd, len(data), os.SEEK_SET)
+        self.body_offset = body_offset
+
     def commit(self, into=None, sync=None):
         """Make the message durable and visible; return its name.  into: a
         subdirectory of the spool (never a link) to commit it to instead,

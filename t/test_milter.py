@@ -7,10 +7,13 @@ the gate runs as the programs run, over loopback, in both modes."""
 import json
 import os
 import re
+import select
 import signal
 import smtplib
+import socket
 import struct
 import subprocess
+import threading
 import time
 
 import pytest
@@ -19,6 +22,8 @@ import certs
 import rspamd
 from fakemilter import CLOSE, FakeMilter, pkt, reply, STALL, strs
 from harness import (Agent, free_port, Fwd, FWD_CONSTANTS, PYTHON, spool_files, wait_for)
+from smtpgate import net, spool
+from smtpgate.gate import milter, rewrite
 
 ALLOW = "allow:ALL:ALL:ALL\n"
 MESSAGE = (b"Subject: hello\r\nFrom: Alice <alice@example.org>\r\nTo: bob@my.domain\r\n"
@@ -318,6 +323,27 @@ def test_header_changes_land_as_asked(smtpd, filters):
     assert msg == (b"X-Top: first\nsubject: [SPAM] hello\nX-Third: 3\n\tfolded\n"
                    b"From: Alice <alice@example.org>\nX-Folded: one\n\ttwo\nX-Added: yes\n"
                    b"X-New: beyond the last\n\nHi Bob,\n. a dot line\nbye\n")
+    assert "changed by the filters" not in srv.log()      # headers only: not logged
+    assert "replaced by the filters" not in srv.log()
+
+
+def test_changes_to_a_message_too_big_to_rewrite_in_place(smtpd, filters):
+    """A body over rewrite.IN_PLACE goes to a second draft by copy, not
+    through memory; the result is the same as for a small one."""
+    lines = [b"%06d " % i + b"y" * 90 for i in range((rewrite.IN_PLACE // 97) + 1000)]
+    body = b"\r\n".join(lines) + b"\r\n"
+    f = filters(eom(pkt(b"h", strs(b"X-Added", b"yes")),
+                    pkt(b"e", strs(b"<bounces@example.org>"))))
+    srv = gate(smtpd, f)
+    out = session(srv, data=b"Subject: big\r\n\r\n" + body)
+    assert out["end"][0] == 250, out
+    (name,) = spool_files(srv.jail)
+    env, msg = message_of(srv.jail, name)
+    assert env == ["FROM <bounces@example.org>", "RCPT <bob@my.domain>"]
+    assert msg == b"Subject: big\nX-Added: yes\n\n" + body.replace(b"\r\n", b"\n")
+    assert len(body) > rewrite.IN_PLACE
+    assert os.listdir(srv.jail).count(name) == 1 and not [
+        n for n in os.listdir(srv.jail) if n.startswith(spool.DRAFT_PREFIX)]
 
 
 def test_envelope_and_body_changes_land_and_are_delivered(smtpd, filters, tree_factory):
@@ -331,6 +357,9 @@ def test_envelope_and_body_changes_land_and_are_delivered(smtpd, filters, tree_f
     assert env == ["FROM <bounces@example.org>", "RCPT <carol@my.domain>",
                    "RCPT dave@my.domain"]
     assert msg == SPOOLED.split(b"\n\n")[0] + b"\n\nNew body\nsecond line\nend\n"
+    assert re.search(r"milter: %s envelope changed by the filters: "
+                     r"from=<bounces@example.org>, 2 recipients" % name, srv.log())
+    assert "milter: %s body replaced by the filters" % name in srv.log()
     agent = Agent()
     fwd = Fwd(tree_factory(**FWD_CONSTANTS), srv.jail, agent.path)
     try:
@@ -610,3 +639,49 @@ def test_rspamd_rejects_gtube_and_marks_clean_mail(smtpd, daemon_, spamd, mode):
     assert re.search(rb"^X-Spamd-Result: default: False \[", head, re.M), msg
     assert b"X-Rspamd-Queue-Id: " + name.encode() in head      # our spool id, macro i
     assert msg.endswith(b"\n\nHi Bob, lunch tomorrow at noon?\n")
+
+
+def test_a_filter_that_stops_reading_times_out_the_write():
+    """The filter's socket is non-blocking: a write it does not take waits in
+    our poll, within the session's deadline, and the filter is then Broken;
+    the worker is never stuck in send()."""
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    f = milter.Filter(net.Endpoint("pair", socket.AF_UNIX, "", 0), "tempfail",
+                      time.monotonic() + 1.0)
+    ours.setblocking(False)
+    f.sock, f.poller = ours, select.poll()
+    f.poller.register(ours, select.POLLIN)
+    started = time.monotonic()
+    with pytest.raises(milter.Broken, match="write: timed out"):
+        f.send(milter.packet(milter.BODY, b"x" * 1000000), "content")
+    assert 0.9 < time.monotonic() - started < 5
+    ours.close()
+    theirs.close()
+
+
+def test_an_answer_in_pieces_is_one_packet():
+    """A filter may write its packets an octet at a time, or several at once."""
+    ours, theirs = socket.socketpair()
+    f = milter.Filter(net.Endpoint("pair", socket.AF_UNIX, "", 0), "tempfail",
+                      time.monotonic() + 10)
+    ours.setblocking(False)
+    f.sock, f.poller = ours, select.poll()
+    f.poller.register(ours, select.POLLIN)
+    f.actions = milter.F_ADDHDRS
+    answer = pkt(b"h", strs(b"X-A", b"b")) + pkt(b"c")
+
+    def drip():
+        theirs.recv(100)
+        for i in range(len(answer)):
+            theirs.send(answer[i:i + 1])
+            time.sleep(0.002)
+    t = threading.Thread(target=drip)
+    t.start()
+    edits = []
+    assert f.event(milter.BODYEOB, b"", {}, "content", edits) == milter.CONTINUE
+    t.join()
+    assert edits == [("add", b"X-A", b"b")]
+    ours.close()
+    theirs.close()

@@ -60,3 +60,10 @@ def test_the_replay_reaches_the_changes():
               + packet(ord("h"), b"X-A\0b\0") + packet(ord("a"), b""))
     assert milter_replay.exercise(stream)
     assert not milter_replay.exercise(stream.replace(b"X-A\0b", b"X-A\0\rb"))
+    # and a change of everything at once: milter_replay writes it both ways
+    # (a second draft, and over the first) and compares the two files
+    stream = (packet(ord("O"), struct.pack("!III", 6, 0x1FF, 0)) + packet(ord("c"), b"") * 9
+              + packet(ord("e"), b"<n@my.domain>\0") + packet(ord("+"), b"<x@y.example>\0")
+              + packet(ord("i"), struct.pack("!I", 1) + b"X-B\0c\0")
+              + packet(ord("b"), b"new\r\nbody\r\n") + packet(ord("a"), b""))
+    assert milter_replay.exercise(stream)

@@ -83,8 +83,10 @@ class Filtering:
 
     def milter_judge(self, env):
         """The end of the message: the filters judge the draft; their
-        changes become a new draft (rewrite.py).  None to commit, or after
-        a reply (refused, discarded)."""
+        changes are written over it, or to a new draft (rewrite.py).  A
+        change of the envelope or the body is logged; added headers, every
+        message's with rspamd, are not (nor are they by Postfix).  None to
+        commit, or after a reply (refused, discarded)."""
         draft = self.draft
         if env.discard is None:
             draft.flush()
@@ -94,10 +96,15 @@ class Filtering:
             try:
                 a = self.milters.message(msg)
                 if a.kind == "continue" and msg.changed:
-                    self.draft = msg.write(draft.name, self.received_header)
-                    draft.abort()
-                    log.info("milter: %s changed by the filters: from=%s, %d recipients",
-                             draft.name, escape(msg.sender), len(msg.recipients))
+                    if not msg.rewrite(draft, self.received_header):
+                        self.draft = msg.write(draft.name, self.received_header)
+                        draft.abort()
+                    if (msg.sender, msg.recipients) != (env.sender, list(env.recipients)):
+                        log.info("milter: %s envelope changed by the filters: from=%s, "
+                                 "%d recipients", draft.name, escape(msg.sender),
+                                 len(msg.recipients))
+                    if msg.replaced is not None:
+                        log.info("milter: %s body replaced by the filters", draft.name)
             except OSError as e:
                 log.err("writing the filtered message %s: %s", draft.name, e.strerror)
                 return self.reply(452)

@@ -43,6 +43,8 @@ SECURITY
 """
 
 import collections
+import errno
+import os
 import re
 import select
 import socket
@@ -115,6 +117,9 @@ REJECT = ("550 5.7.1 Command rejected",)
 TEMPFAIL = ("451 4.7.1 Service unavailable - try again later",)
 BAD_REPLY = ("451 4.3.5 Server configuration problem - try again later",)
 SHUTDOWN = ("421 4.7.0 Server closing connection",)
+TIMEOUTS = {"connect": buildconf.SMTPD_MILTER_CONNECT_TIMEOUT,
+            "command": buildconf.SMTPD_MILTER_COMMAND_TIMEOUT,
+            "content": buildconf.SMTPD_MILTER_CONTENT_TIMEOUT}
 DEFAULTS = {"tempfail": TEMPFAIL, "reject": ("550 5.5.0 Service unavailable",),
             "accept": None}
 
@@ -134,8 +139,11 @@ CONTINUE = Answer("continue", None, None)
 
 # ------------------------------------------------------------- packets ----
 
+LENGTH = struct.Struct("!I")
+
+
 def packet(cmd, payload=b""):
-    return struct.pack("!I", len(payload) + 1) + cmd + payload
+    return LENGTH.pack(len(payload) + 1) + cmd + payload
 
 
 def cstrings(*items):
@@ -202,9 +210,7 @@ class Filter:
 
     def wait(self, kind):
         """Seconds the next wait may take: its timeout, within the session's."""
-        limit = {"connect": buildconf.SMTPD_MILTER_CONNECT_TIMEOUT,
-                 "command": buildconf.SMTPD_MILTER_COMMAND_TIMEOUT,
-                 "content": buildconf.SMTPD_MILTER_CONTENT_TIMEOUT}[kind]
+        limit = TIMEOUTS[kind]
         left = self.deadline - time.monotonic() if self.deadline else limit
         if left <= 0:
             raise Broken("the session's deadline has passed")
@@ -212,13 +218,21 @@ class Filter:
 
     def open(self):
         e = self.endpoint
-        sock = socket.socket(e.family, socket.SOCK_STREAM)
+        # non-blocking from the start: every wait is our poll's, bounded by wait()
+        sock = socket.socket(e.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
-            sock.settimeout(self.wait("connect"))
-            sock.connect((e.host, e.port))
-        except OSError as x:
+            err = sock.connect_ex((e.host, e.port))
+            if err == errno.EINPROGRESS:
+                p = select.poll()
+                p.register(sock, select.POLLOUT)
+                if not p.poll(self.wait("connect") * 1000):
+                    raise Broken("connect: timed out")
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise Broken("connect: %s" % os.strerror(err))
+        except BaseException:
             sock.close()
-            raise Broken("connect: %s" % (x.strerror or x or "timed out")) from None
+            raise
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         self.poller = select.poll()
@@ -239,50 +253,66 @@ class Filter:
 
     def flush(self, kind):
         """Write what is queued; a filter that sent what nobody asked for
-        (or closed) is out of step: Broken."""
+        (or closed) is out of step: Broken.  A round trip is this poll, a
+        send, then recv()'s poll and read: no more system calls."""
         if self.rbuf or self.poller.poll(0):
             if not self.rbuf and not self.recv(kind):
                 raise Broken("the filter closed the connection")
             raise Broken("a packet nobody asked for")
         data, self.out, self.nout = b"".join(self.out), [], 0
-        try:
-            self.sock.settimeout(self.wait(kind))
-            self.sock.sendall(data)
-        except OSError as x:
-            raise Broken("write: %s" % (x.strerror or "timed out")) from None
+        while data:
+            try:
+                n = self.sock.send(data)
+            except BlockingIOError:
+                n = 0
+            except OSError as x:
+                raise Broken("write: %s" % x.strerror) from None
+            data = data[n:]
+            if data:
+                self.writable(kind)
+
+    def writable(self, kind):
+        """Wait until the filter takes more (its window was full)."""
+        p = select.poll()
+        p.register(self.sock, select.POLLOUT)
+        if not p.poll(self.wait(kind) * 1000):
+            raise Broken("write: timed out")
 
     def recv(self, kind):
-        if not self.poller.poll(self.wait(kind) * 1000):
-            raise Broken("timed out")
-        try:
-            chunk = self.sock.recv(65536)
-        except OSError as x:
-            raise Broken("read: %s" % x.strerror) from None
-        self.rbuf += chunk
-        return chunk
-
-    def read_exact(self, n, kind):
-        while len(self.rbuf) < n:
-            if not self.recv(kind):
-                raise Broken("the filter closed the connection")
-        data = bytes(self.rbuf[:n])
-        del self.rbuf[:n]
-        return data
+        while True:
+            if not self.poller.poll(self.wait(kind) * 1000):
+                raise Broken("timed out")
+            try:
+                chunk = self.sock.recv(65536)
+            except BlockingIOError:
+                continue        # a wake-up with nothing to read; wait again
+            except OSError as x:
+                raise Broken("read: %s" % x.strerror) from None
+            self.rbuf += chunk
+            return chunk
 
     def read_packet(self, kind):
-        (length,) = struct.unpack("!I", self.read_exact(4, kind))
+        """The next packet: (command octet, data)."""
+        buf = self.rbuf
+        while len(buf) < 4:
+            if not self.recv(kind):
+                raise Broken("the filter closed the connection")
+        (length,) = LENGTH.unpack_from(buf)
         if length < 1 or length > PACKET_MAX:
             raise Broken("packet length %d" % length)
-        data = self.read_exact(length, kind)
-        return data[:1], data[1:]
+        while len(buf) < length + 4:
+            if not self.recv(kind):
+                raise Broken("the filter closed the connection")
+        cmd, data = bytes(buf[4:5]), bytes(buf[5:length + 4])
+        del buf[:length + 4]
+        return cmd, data
 
     def close(self, polite=True):
         if self.sock is None:
             return
         if polite:
-            try:
-                self.sock.settimeout(0.5)
-                self.sock.sendall(b"".join(self.out) + packet(QUIT))
+            try:       # a few octets, never waited for: the filter may be gone
+                self.sock.send(b"".join(self.out) + packet(QUIT))
             except OSError:
                 pass
         self.out, self.nout = [], 0

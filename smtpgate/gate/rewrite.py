@@ -28,6 +28,7 @@ REFUSED
     with a NUL or a bare CR; a message over the size limit.
 """
 
+import errno
 import os
 import re
 import tempfile
@@ -42,6 +43,7 @@ NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]{1,998}")
 UNFOLDED = re.compile(rb"\n(?![ \t])")
 HEADER_MAX = 65536
 READ = 65536
+IN_PLACE = 1 << 20          # a changed message whose body is at most this is rewritten in place
 
 
 class Invalid(Exception):
@@ -221,17 +223,37 @@ class Message:
 
     # -- the new draft --
 
+    def head(self, received):
+        """The changed message's lines up to its body, after the envelope."""
+        out = [received] + [n + b":" + b"\n".join(lines) + b"\n" for n, lines in self.headers]
+        if self.blank or self.reformed:
+            out.append(b"\n")
+        return out
+
+    def rewrite(self, draft, received):
+        """Write the changed message over draft, which holds the original
+        (not committed: nothing acknowledged is at stake), when its body
+        (the draft's, or a filter's new one) is at most IN_PLACE octets: one
+        file, not a second draft and a copy.  False when it is larger; OSError."""
+        fd, pos, end = self.body
+        if end - pos > IN_PLACE:
+            return False
+        body = os.pread(fd, end - pos, pos)
+        if len(body) != end - pos:
+            raise OSError(errno.EIO, "the message ended early while it was read")
+        env = spool.envelope(self.sender.encode("latin-1"),
+                             [r.encode("latin-1") for r in self.recipients])
+        draft.overwrite([env] + self.head(received) + [body], len(env))
+        return True
+
     def write(self, name, received):
         """A new draft of the changed message, to be committed as name."""
         d = spool.Draft(self.spooldir, self.sender.encode("latin-1"),
                         [r.encode("latin-1") for r in self.recipients], name=name,
                         token=spool.new_name(), anonymous=True)
         try:
-            d.write(received)
-            for n, lines in self.headers:
-                d.write(n + b":" + b"\n".join(lines) + b"\n")
-            if self.blank or self.reformed:
-                d.write(b"\n")
+            for data in self.head(received):
+                d.write(data)
             d.flush()
             copy(self.body, d.fd)
         except BaseException:
