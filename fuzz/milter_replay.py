@@ -25,9 +25,8 @@ class Replay(milter.Filter):
         self.data = data
         self.sent = 0
 
-    def flush(self, kind):
-        self.sent += self.nout
-        self.out, self.nout = [], 0
+    def write(self, data, kind):
+        self.sent += len(data)
 
     def recv(self, kind):
         if not self.data:

@@ -148,7 +148,12 @@ def packet(cmd, payload=b""):
 
 def cstrings(*items):
     """NUL-terminated strings; a NUL inside one would end it early, so none is kept."""
-    return b"".join(s.replace(b"\0", b"") + b"\0" for s in items)
+    if not items:
+        return b""
+    data = b"\0".join(items)
+    if data.count(b"\0") != len(items) - 1:
+        data = b"\0".join([s.replace(b"\0", b"") for s in items])
+    return data + b"\0"
 
 
 def split_strings(data, count, what):
@@ -202,6 +207,7 @@ class Filter:
         self.sticky = None          # what every event gets once DONE
         self.actions = self.events = 0
         self.lists = {}             # macro stage -> the names the filter asked for
+        self.wanted = {}            # command -> [(name, its octets, "{name}")] to send
         self.skip_body = False
         self.held = None            # its quarantine's reason, this message
         self.poller = None
@@ -248,18 +254,24 @@ class Filter:
             self.flush(kind)
 
     def send(self, data, kind):
-        self.queue(data, kind)
-        self.flush(kind)
+        """Write what is queued and data (a packet that wants its answer)."""
+        if self.out:
+            self.out.append(data)
+            data, self.out, self.nout = b"".join(self.out), [], 0
+        self.write(data, kind)
 
     def flush(self, kind):
-        """Write what is queued; a filter that sent what nobody asked for
-        (or closed) is out of step: Broken.  A round trip is this poll, a
-        send, then recv()'s poll and read: no more system calls."""
+        data, self.out, self.nout = b"".join(self.out), [], 0
+        self.write(data, kind)
+
+    def write(self, data, kind):
+        """A filter that sent what nobody asked for (or closed) is out of
+        step: Broken.  A round trip is this poll, a send, then recv()'s poll
+        and read: no more system calls."""
         if self.rbuf or self.poller.poll(0):
             if not self.rbuf and not self.recv(kind):
                 raise Broken("the filter closed the connection")
             raise Broken("a packet nobody asked for")
-        data, self.out, self.nout = b"".join(self.out), [], 0
         while data:
             try:
                 n = self.sock.send(data)
@@ -280,7 +292,14 @@ class Filter:
 
     def recv(self, kind):
         while True:
-            if not self.poller.poll(self.wait(kind) * 1000):
+            wait = TIMEOUTS[kind]                       # self.wait(kind), inline
+            if self.deadline:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise Broken("the session's deadline has passed")
+                if left < wait:
+                    wait = left
+            if not self.poller.poll(wait * 1000):
                 raise Broken("timed out")
             try:
                 chunk = self.sock.recv(65536)
@@ -300,11 +319,15 @@ class Filter:
         (length,) = LENGTH.unpack_from(buf)
         if length < 1 or length > PACKET_MAX:
             raise Broken("packet length %d" % length)
-        while len(buf) < length + 4:
+        end = length + 4
+        while len(buf) < end:
             if not self.recv(kind):
                 raise Broken("the filter closed the connection")
-        cmd, data = bytes(buf[4:5]), bytes(buf[5:length + 4])
-        del buf[:length + 4]
+        cmd, data = bytes(buf[4:5]), bytes(buf[5:end])
+        if len(buf) == end:                 # the usual case: all of it, no more
+            self.rbuf = bytearray()
+        else:
+            del buf[:end]
         return cmd, data
 
     def close(self, polite=True):
@@ -333,6 +356,9 @@ class Filter:
             raise Broken("actions 0x%x beyond ours (0x%x)" % (actions, ACTIONS))
         self.actions, self.events = actions, events & PROTOCOL
         self.symlists(data[12:])
+        self.wanted = {cmd: [(n, n.encode("latin-1"), "{%s}" % n)
+                             for n in self.lists.get(stage, MACROS[stage])[:100]]
+                       for cmd, stage in STAGE_OF.items()}
         self.state = ENVELOPE
 
     def symlists(self, data):
@@ -348,33 +374,36 @@ class Filter:
                 self.lists[stage] = names.decode("latin-1").split()
 
     def macros(self, cmd, values):
-        """The SMFIC_MACRO packet for cmd, or b"" when there is nothing to say."""
-        stage = STAGE_OF.get(cmd)
-        if stage is None:
+        """The SMFIC_MACRO packet for cmd, or b"" when there is nothing to say.
+        (On every event: the names' octets are made once, at negotiation.)"""
+        wanted = self.wanted.get(cmd)
+        if not wanted:
             return b""
-        names = self.lists.get(stage, MACROS[stage])
         pairs = []
-        for name in names[:100]:
-            value = values.get(name) if name in values else values.get("{%s}" % name)
+        for name, octets, braced in wanted:
+            value = values[name] if name in values else values.get(braced)
             if value is not None:
-                pairs += [name.encode("latin-1"), str(value).encode("latin-1", "replace")]
+                pairs += (octets, (value if value.__class__ is str else str(value))
+                          .encode("latin-1", "replace"))
         return packet(MACRO, cmd + cstrings(*pairs)) if pairs else b""
 
     def event(self, cmd, payload, values, kind, edits=None):
         """Report one event; the filter's Answer (CONTINUE if it is not asked
         or will not answer).  Broken propagates."""
-        if self.state == DONE:
-            return self.refusal(self.sticky)
-        if self.state == DONE_MESSAGE and cmd not in (CONNECT, HELO):
-            return CONTINUE
+        if self.state != ENVELOPE:
+            if self.state == DONE:
+                return self.refusal(self.sticky)
+            if self.state == DONE_MESSAGE and cmd not in (CONNECT, HELO):
+                return CONTINUE
         if cmd == BODY and self.skip_body:
             return CONTINUE
-        data = self.macros(cmd, values)
-        if not self.events & NOT_SENT[cmd]:
-            data += packet(cmd, payload)
+        data = self.macros(cmd, values) if cmd in self.wanted else b""
+        events = self.events
+        if not events & NOT_SENT[cmd]:
+            data += LENGTH.pack(len(payload) + 1) + cmd + payload
         elif not data:
             return CONTINUE
-        if self.events & (NOT_SENT[cmd] | NO_REPLY[cmd]):
+        if events & (NOT_SENT[cmd] | NO_REPLY[cmd]):
             self.queue(data, kind)
             return CONTINUE
         self.send(data, kind)
@@ -388,6 +417,8 @@ class Filter:
         end of the message go to edits."""
         while True:
             code, data = self.read_packet(kind)
+            if code == b"c" and not data:
+                return CONTINUE
             if code in EDITS or code == b"q":
                 self.edit(cmd, code, data, edits)
                 continue
