@@ -12,7 +12,7 @@ import pytest
 
 from fixtures import DNSServer, IdentServer
 from harness import (Agent, build_tree, FWD_CONSTANTS, Fwd, IDENT_PORT, Inetd, is_root, make_jail,
-                     SmtpdDaemon, smtpd_argv, TEST_CONSTANTS)
+                     SmtpdDaemon, smtpd_argv, TEST_CONSTANTS, wait_for)
 
 
 
@@ -98,6 +98,15 @@ def daemon_(tree_factory):
         except (OSError, ValueError):
             pass
         d.stop()
+        # the jail, its log and pid file: /tmp as it was (a master that
+        # outlived SIGTERM keeps its files, for whoever looks into it)
+        if wait_for(lambda: not os.path.exists(d.pidfile), 5):
+            shutil.rmtree(d.jail, ignore_errors=True)
+            for leftover in (d.logpath,):
+                try:
+                    os.unlink(leftover)
+                except OSError:
+                    pass
 
 
 @pytest.fixture

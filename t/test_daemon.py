@@ -62,6 +62,41 @@ def test_detached_daemon_pid_file_and_sigterm(daemon_):
     assert not os.path.exists(d.pidfile)
 
 
+def pid_as_soon_as_written(pidfile, timeout=20):
+    """The pid in pidfile the moment it can be read."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return int(open(pidfile).read().split()[0])
+        except (OSError, ValueError, IndexError):
+            time.sleep(0.0002)
+    raise AssertionError("no pid in %s" % pidfile)
+
+
+def gone(pid):
+    try:
+        return open("/proc/%d/stat" % pid).read().split()[2] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_sigterm_the_moment_the_pid_file_appears_stops_the_master(daemon_, attempt):
+    """An init script's start then stop: SIGTERM sent as soon as the pid
+    file names the master, before it has set up its own handlers, must
+    still stop it (python-daemon's signal map ignored it once)."""
+    d = daemon_(detach=True)
+    pid = pid_as_soon_as_written(d.pidfile)
+    if attempt == 0:        # watch the window itself: SIGTERM never ignored
+        until = time.monotonic() + 1
+        while time.monotonic() < until:
+            ignored = int(status_field(pid, "SigIgn")[0], 16)
+            assert not ignored & 1 << (signal.SIGTERM - 1), "SIGTERM ignored"
+    os.kill(pid, signal.SIGTERM)
+    assert d.proc.wait(20) == 0
+    assert wait_for(lambda: gone(pid), 20), "the master ignored SIGTERM"
+
+
 def test_stale_pid_file_is_replaced_and_second_instance_refused(daemon_, tree_factory):
     jail = make_jail()
     pidfile = jail + ".pid"

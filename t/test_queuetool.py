@@ -4,6 +4,7 @@ holding a message in every state, show, requeue, delete, flush."""
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 
@@ -429,3 +430,41 @@ def test_show_and_list_say_why_a_message_is_deferred(fwd_env, tree):
 def test_no_spool_is_66_with_a_readable_message(tree):
     status, out, err = smtpq(tree, "/nonexistent-spool", "list")
     assert status == 66 and err == "smtpq: /nonexistent-spool: no such spool directory\n"
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_sigterm_the_moment_the_pid_file_appears_stops_smtpfwdd(fwd_env, tree, attempt):
+    """As for smtpd (test_daemon.py): a SIGTERM in the instant between the
+    pid file and smtpfwdd's own handlers is not ignored."""
+    pidfile = fwd_env.spool + ".pid"
+    argv = [PYTHON, os.path.join(tree, "smtpfwdd.py"), "-d", fwd_env.spool, "-s",
+            fwd_env.agent.path, "-P", "1000", "-i", pidfile]
+    if is_root:
+        argv += ["-u", "nobody", "-g", "nogroup"]
+    parent = subprocess.Popen(argv)
+    pid = None
+    deadline = time.monotonic() + 20
+    while pid is None and time.monotonic() < deadline:
+        try:
+            pid = int(open(pidfile).read().split()[0])
+        except (OSError, ValueError, IndexError):
+            time.sleep(0.0002)
+    assert pid, "no pid file"
+    if attempt == 0:        # watch the window itself: SIGTERM never ignored
+        until = time.monotonic() + 1
+        while time.monotonic() < until:
+            with open("/proc/%d/status" % pid) as f:
+                ignored = next(int(line.split()[1], 16) for line in f
+                               if line.startswith("SigIgn:"))
+            assert not ignored & 1 << (signal.SIGTERM - 1), "SIGTERM ignored"
+    os.kill(pid, signal.SIGTERM)
+    assert parent.wait(30) == 0
+    try:
+        assert wait_for(lambda: not os.path.exists("/proc/%d" % pid)
+                        or open("/proc/%d/stat" % pid).read().split()[2] == "Z", 20), \
+            "smtpfwdd ignored SIGTERM"
+    finally:
+        if os.path.exists("/proc/%d" % pid):
+            os.kill(pid, signal.SIGKILL)
+        if os.path.exists(pidfile):
+            os.unlink(pidfile)

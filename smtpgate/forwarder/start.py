@@ -41,7 +41,7 @@ def run(config):
     kept = [lock] + ([pid_fd] if pid_fd is not None else [])
     with daemon.DaemonContext(files_preserve=kept, working_directory=config.spooldir,
                               umask=0o077, signal_map={signal.SIGHUP: None,
-                                                       signal.SIGTERM: None}):
+                                                       signal.SIGTERM: "terminate"}):
         log.log.open("smtpfwdd", buildconf.LOG_FACILITY, pid=True, path=buildconf.LOG_SOCKET)
         relock(lock)
         write_pid(lock, pid_fd)

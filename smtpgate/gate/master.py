@@ -497,9 +497,13 @@ def run(config, engine):
     pidfile = daemon.pidfile.TimeoutPIDLockFile(config.pidfile, acquire_timeout=0)
     if config.foreground:
         return serve(config, engine, listener, rules, text, pidfile)
+    # SIGTERM from the moment the pid file names us until Master takes it
+    # over ends us (DaemonContext.terminate): never ignored, or an init
+    # script's quick start-then-stop would leave a master running.
     ctx = daemon.DaemonContext(
         files_preserve=[listener.fileno()], umask=0o077, pidfile=pidfile,
-        signal_map={signal.SIGTERM: None, signal.SIGHUP: None, signal.SIGINT: None})
+        signal_map={signal.SIGTERM: "terminate", signal.SIGINT: "terminate",
+                    signal.SIGHUP: None})
     log.log.close()          # DaemonContext closes every descriptor
     try:
         ctx.open()
