@@ -381,6 +381,25 @@ def children(ppid):
     return out
 
 
+def pid_as_soon_as_written(pidfile, timeout=20):
+    """The pid in pidfile the moment it can be read."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return int(open(pidfile).read().split()[0])
+        except (OSError, ValueError, IndexError):
+            time.sleep(0.0002)
+    raise AssertionError("no pid in %s" % pidfile)
+
+
+def gone(pid):
+    """pid has exited (or is a zombie nobody reaped yet)."""
+    try:
+        return open("/proc/%d/stat" % pid).read().split()[2] == "Z"
+    except OSError:
+        return True
+
+
 def status_field(pid, name):
     for line in open("/proc/%d/status" % pid):
         if line.startswith(name + ":"):

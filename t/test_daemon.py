@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from harness import (comm, free_port, make_jail, needs_root, NOBODY, send, SmtpdDaemon as Daemon,
+from harness import (comm, free_port, gone, make_jail, pid_as_soon_as_written, needs_root, NOBODY, send, SmtpdDaemon as Daemon,
                      spool_files, status_field, TEST_CONSTANTS, wait_for, write_rules)
 
 
@@ -60,24 +60,6 @@ def test_detached_daemon_pid_file_and_sigterm(daemon_):
     assert wait_for(lambda: not os.path.exists("/proc/%d" % pid) or
                     open("/proc/%d/stat" % pid).read().split()[2] == "Z", 20)
     assert not os.path.exists(d.pidfile)
-
-
-def pid_as_soon_as_written(pidfile, timeout=20):
-    """The pid in pidfile the moment it can be read."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            return int(open(pidfile).read().split()[0])
-        except (OSError, ValueError, IndexError):
-            time.sleep(0.0002)
-    raise AssertionError("no pid in %s" % pidfile)
-
-
-def gone(pid):
-    try:
-        return open("/proc/%d/stat" % pid).read().split()[2] == "Z"
-    except OSError:
-        return True
 
 
 @pytest.mark.parametrize("attempt", range(3))

@@ -11,9 +11,8 @@ import time
 import pytest
 
 from smtpgate import libc, spool, spooldir
-from harness import (FWD_CONSTANTS, give_to_nobody, is_root, needs_root, nobody_tree, put, PYTHON,
-                     ROOT,
-                     wait_for)
+from harness import (FWD_CONSTANTS, give_to_nobody, gone, is_root, needs_root, nobody_tree,
+                     pid_as_soon_as_written, put, PYTHON, ROOT, status_field, wait_for)
 
 
 def smtpq(tree, spooldir, *args, prefix=(PYTHON,), env=None):
@@ -442,27 +441,16 @@ def test_sigterm_the_moment_the_pid_file_appears_stops_smtpfwdd(fwd_env, tree, a
     if is_root:
         argv += ["-u", "nobody", "-g", "nogroup"]
     parent = subprocess.Popen(argv)
-    pid = None
-    deadline = time.monotonic() + 20
-    while pid is None and time.monotonic() < deadline:
-        try:
-            pid = int(open(pidfile).read().split()[0])
-        except (OSError, ValueError, IndexError):
-            time.sleep(0.0002)
-    assert pid, "no pid file"
+    pid = pid_as_soon_as_written(pidfile)
     if attempt == 0:        # watch the window itself: SIGTERM never ignored
         until = time.monotonic() + 1
         while time.monotonic() < until:
-            with open("/proc/%d/status" % pid) as f:
-                ignored = next(int(line.split()[1], 16) for line in f
-                               if line.startswith("SigIgn:"))
+            ignored = int(status_field(pid, "SigIgn")[0], 16)
             assert not ignored & 1 << (signal.SIGTERM - 1), "SIGTERM ignored"
     os.kill(pid, signal.SIGTERM)
     assert parent.wait(30) == 0
     try:
-        assert wait_for(lambda: not os.path.exists("/proc/%d" % pid)
-                        or open("/proc/%d/stat" % pid).read().split()[2] == "Z", 20), \
-            "smtpfwdd ignored SIGTERM"
+        assert wait_for(lambda: gone(pid), 20), "smtpfwdd ignored SIGTERM"
     finally:
         if os.path.exists("/proc/%d" % pid):
             os.kill(pid, signal.SIGKILL)

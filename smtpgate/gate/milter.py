@@ -292,14 +292,7 @@ class Filter:
 
     def recv(self, kind):
         while True:
-            wait = TIMEOUTS[kind]                       # self.wait(kind), inline
-            if self.deadline:
-                left = self.deadline - time.monotonic()
-                if left <= 0:
-                    raise Broken("the session's deadline has passed")
-                if left < wait:
-                    wait = left
-            if not self.poller.poll(wait * 1000):
+            if not self.poller.poll(self.wait(kind) * 1000):
                 raise Broken("timed out")
             try:
                 chunk = self.sock.recv(65536)
@@ -324,10 +317,7 @@ class Filter:
             if not self.recv(kind):
                 raise Broken("the filter closed the connection")
         cmd, data = bytes(buf[4:5]), bytes(buf[5:end])
-        if len(buf) == end:                 # the usual case: all of it, no more
-            self.rbuf = bytearray()
-        else:
-            del buf[:end]
+        del buf[:end]
         return cmd, data
 
     def close(self, polite=True):
@@ -397,10 +387,10 @@ class Filter:
                 return CONTINUE
         if cmd == BODY and self.skip_body:
             return CONTINUE
-        data = self.macros(cmd, values) if cmd in self.wanted else b""
+        data = self.macros(cmd, values)
         events = self.events
         if not events & NOT_SENT[cmd]:
-            data += LENGTH.pack(len(payload) + 1) + cmd + payload
+            data += packet(cmd, payload)
         elif not data:
             return CONTINUE
         if events & (NOT_SENT[cmd] | NO_REPLY[cmd]):
