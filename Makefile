@@ -165,6 +165,8 @@ SMTPD_MILTER_CONNECT_TIMEOUT = 30
 SMTPD_MILTER_COMMAND_TIMEOUT = 30
 #: int 1..3600: seconds a filter may take per part of a message (milter_content_timeout)
 SMTPD_MILTER_CONTENT_TIMEOUT = 300
+#: int 0..3600: seconds a worker keeps a filter's connection for its next session; 0 = never
+SMTPD_MILTER_KEEP_IDLE = 10
 
 # ----------------------------------------------------- smtpfwdd tunables ----
 #: int 1..1000: most delivery processes at once (smtpfwdd -M default)

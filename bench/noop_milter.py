@@ -3,7 +3,7 @@
 
 It negotiates protocol 6 wanting every event and answering each (no
 SMFIP_NO* or SMFIP_NR_* flags), asks for no changes, and answers
-SMFIR_CONTINUE to everything but macros, ABORT and QUIT: the most a filter
+SMFIR_CONTINUE to all but macros, ABORT, QUIT_NC and QUIT: the most a filter
 costs the MTA in round trips, and almost nothing in the filter itself.
 One thread per connection.  For bench/milter.py; never a test."""
 
@@ -14,7 +14,7 @@ import threading
 
 OPTNEG = struct.pack("!IcIII", 13, b"O", 6, 0, 0)
 CONTINUE = struct.pack("!Ic", 1, b"c")
-SILENT = frozenset(b"DA")
+SILENT = frozenset(b"DAK")     # macros, ABORT, QUIT_NC: no answer
 
 
 def serve(conn):

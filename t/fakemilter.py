@@ -64,8 +64,9 @@ class Conn:
 
 class FakeMilter:
     def __init__(self, script=None, version=6, actions=0x1FF, protocol=0, symlists=b"",
-                 optneg=None, addr="127.0.0.1"):
+                 optneg=None, addr="127.0.0.1", quit_nc=True):
         self.script = dict(script or {})
+        self.quit_nc = quit_nc          # False: hang up at QUIT_NC, as a filter that lacks it
         self.version, self.actions, self.protocol = version, actions, protocol
         self.symlists, self.optneg = symlists, optneg
         self.lsock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
@@ -140,6 +141,8 @@ class FakeMilter:
             return True
         if cmd == b"Q":
             return False
+        if cmd == b"K":                 # QUIT_NC: a CONNECT follows (or a close)
+            return self.quit_nc
         if cmd == b"A":
             return True
         todo = self.script.get(cmd)
@@ -161,3 +164,51 @@ class FakeMilter:
                 return False
             c.sock.sendall(item)
         return True
+
+
+class Relay:
+    """A TCP relay on loopback in front of a real filter, counting the
+    connections the client opens: Relay(port).spec, .accepted."""
+
+    def __init__(self, port):
+        self.target = ("127.0.0.1", port)
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.spec = "inet:127.0.0.1:%d" % self.lsock.getsockname()[1]
+        self.accepted = 0
+        self.open = 0           # directions of connections not yet closed
+        self.lock = threading.Lock()
+        threading.Thread(target=self.accept_loop, daemon=True).start()
+
+    def accept_loop(self):
+        while True:
+            try:
+                s, _ = self.lsock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.accepted += 1
+                self.open += 2
+            t = socket.create_connection(self.target)
+            for a, b in ((s, t), (t, s)):
+                threading.Thread(target=self.pipe, args=(a, b), daemon=True).start()
+
+    def pipe(self, a, b):
+        try:
+            while True:
+                data = a.recv(65536)
+                if not data:
+                    break
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            with self.lock:
+                self.open -= 1
+
+    def close(self):
+        self.lsock.close()

@@ -20,7 +20,7 @@ import pytest
 
 import certs
 import rspamd
-from fakemilter import CLOSE, FakeMilter, pkt, reply, STALL, strs
+from fakemilter import CLOSE, FakeMilter, pkt, Relay, reply, STALL, strs
 from harness import (Agent, free_port, Fwd, FWD_CONSTANTS, PYTHON, spool_files, wait_for)
 from smtpgate import net, spool
 from smtpgate.gate import milter, rewrite
@@ -548,6 +548,227 @@ def test_the_worker_serves_the_next_session_after_a_broken_filter(daemon_, filte
     assert len(d.workers()) == 1 and "unexpected error" not in d.log()
 
 
+# ------------------------------------------------- kept connections ----
+
+def one_worker(daemon_, f, **constants):
+    """smtpd -D with one worker and filter f (a FakeMilter or a Relay), which
+    then forgets the connection of the readiness check."""
+    d = daemon_(ALLOW, "-f", f.spec, SMTPD_PREFORK=1, SMTPD_MAXCHILDREN=1,
+                **dict(FAST, **constants)).wait_ready()
+    c = d.connect()         # served after every readiness check before it
+    assert c.code() == 220 and c.cmd("QUIT")[0] == 221
+    c.close()
+    if isinstance(f, Relay):
+        assert wait_for(lambda: f.accepted >= 2 and not f.open)
+        f.accepted = 0
+    else:
+        assert wait_for(lambda: len(f.sessions) >= 2 and all(
+            s.closed.is_set() for s in f.sessions))
+        f.sessions.clear()
+    return d
+
+
+def spool_ids(conn):
+    """The spool id (macro i) of each MAIL the filter saw on conn."""
+    return [p[1:].split(b"\0")[1].decode() for c, p in conn.events
+            if c == b"D" and p[:1] == b"M"]
+
+
+def test_a_worker_keeps_the_connection_for_its_next_session(daemon_, filters):
+    f = filters()
+    d = one_worker(daemon_, f)
+    assert session(d)["end"][0] == 250
+    c = d.connect()
+    assert c.code() == 220 and transaction(c)["end"][0] == 250
+    assert c.cmd("RSET")[0] == 250 and c.cmd("NOOP")[0] == 250     # nothing for the filter
+    c.cmd("QUIT")
+    c.close()
+    assert session(d)["end"][0] == 250
+    assert len(f.sessions) == 1
+    assert wait_for(lambda: f.sessions[0].commands()[-1:] == [b"K"])
+    cmds = f.sessions[0].commands()
+    one = [b"C", b"H", b"M", b"R", b"T"] + [b"L"] * 4 + [b"N", b"B", b"E", b"K"]
+    assert cmds == [b"O"] + one * 3, cmds              # negotiated once; no ABORT, no QUIT
+    assert sorted(spool_ids(f.sessions[0])) == sorted(spool_files(d.jail))
+    conns = [p for c, p in f.sessions[0].events if c == b"C"]
+    assert len(set(conns)) == 3                         # each its client's port
+    assert "milter" not in d.log()
+
+
+@pytest.mark.parametrize("how", ["reject", "discard", "rset", "mid-transaction",
+                                 "second-transaction"])
+def test_a_connection_is_kept_only_after_a_message_let_through(daemon_, filters, how):
+    """libmilter takes QUIT_NC only right after an end of message it let
+    through: otherwise QUIT, and the next session a new connection."""
+    f = filters({b"E": [pkt({"reject": b"r", "discard": b"d"}[how])]}
+                if how in ("reject", "discard") else {})
+    d = one_worker(daemon_, f)
+    c = d.connect()
+    assert c.code() == 220
+    assert transaction(c)["end"][0] in (250, 550)
+    if how == "rset":
+        assert c.cmd("MAIL FROM:<alice@example.org>")[0] == 250
+        assert c.cmd("RSET")[0] == 250
+    elif how == "mid-transaction":
+        assert c.cmd("MAIL FROM:<alice@example.org>")[0] == 250
+    elif how == "second-transaction":
+        assert transaction(c, helo="RSET")["end"][0] == 250
+        assert c.cmd("MAIL FROM:<alice@example.org>")[0] == 250
+    c.cmd("QUIT")
+    c.close()
+    assert wait_for(lambda: f.sessions[0].closed.is_set(), timeout=10)
+    assert f.sessions[0].commands()[-1] == b"Q" and b"K" not in f.sessions[0].commands()
+    f.script = {}
+    assert session(d)["end"][0] == 250
+    assert len(f.sessions) == 2 and f.sessions[1].commands()[0] == b"O"
+
+
+def test_a_kept_connection_the_filter_closed_is_not_used(daemon_, filters):
+    f = filters()
+    d = one_worker(daemon_, f)
+    assert session(d)["end"][0] == 250
+    f.sessions[0].sock.shutdown(socket.SHUT_RDWR)       # an idle timeout, a restart
+    assert session(d)["end"][0] == 250
+    assert len(f.sessions) == 2 and f.sessions[1].commands()[0] == b"O"
+    assert "milter" not in d.log()
+
+
+def test_a_filter_that_lacks_quit_nc(daemon_, filters):
+    """It hangs up at QUIT_NC, as libmilter before 8.14 would: every session
+    then opens a new connection, and nothing else changes."""
+    f = filters(quit_nc=False)
+    d = one_worker(daemon_, f)
+    for _ in range(3):
+        assert session(d)["end"][0] == 250
+    assert [c.commands()[0] for c in f.sessions] == [b"O"] * 3
+    assert "milter" not in d.log()
+
+
+def test_a_kept_connection_that_fails_at_connect_is_replaced(daemon_, filters):
+    """Closed between our look and our CONNECT: a new connection, at once."""
+    def close_when_reused(conn, payload):
+        return [CLOSE] if conn.commands().count(b"C") > 1 else None
+    f = filters({b"C": close_when_reused})
+    d = one_worker(daemon_, f)
+    for _ in range(3):
+        assert session(d)["end"][0] == 250
+    assert [c.commands().count(b"C") for c in f.sessions] == [2, 2, 1]
+    assert "milter" not in d.log()
+
+
+def test_a_filter_that_ignores_quit_nc_is_not_kept_again(daemon_, filters):
+    """One that then stalls at CONNECT costs one command timeout: a new
+    connection, a warning, and that worker keeps no more connections to it."""
+    def stall_when_reused(conn, payload):
+        return [STALL] if conn.commands().count(b"C") > 1 else None
+    f = filters({b"C": stall_when_reused})
+    d = one_worker(daemon_, f)
+    assert session(d)["end"][0] == 250
+    started = time.monotonic()
+    assert session(d)["end"][0] == 250
+    assert 0.9 < time.monotonic() - started < 10        # KEPT_WAIT
+    assert session(d)["end"][0] == 250
+    assert [c.commands().count(b"C") for c in f.sessions] == [2, 1, 1]
+    assert b"K" not in f.sessions[1].commands()
+    assert re.search(r"milter inet:127.0.0.1:\d+: a connection kept after continue: timed out "
+                     r"at CONNECT; none kept after any message again", d.log())
+
+
+def test_a_filter_that_ignores_quit_nc_after_an_accept(daemon_, filters):
+    """libmilter after it accepted a message: it ignores QUIT_NC and CONNECT.
+    A second's wait (KEPT_WAIT), a new connection; then no connection is
+    kept after an accept, but still after a continue."""
+    ended = []
+
+    def eom(conn, payload):
+        conn.last = ended.pop(0)
+        return [pkt(conn.last)]
+
+    def connect(conn, payload):
+        return [STALL] if getattr(conn, "last", None) == b"a" else None
+    f = filters({b"E": eom, b"C": connect})
+    d = one_worker(daemon_, f)
+    took = []
+    for how in (b"a", b"a", b"a", b"c", b"c"):
+        ended.append(how)
+        started = time.monotonic()
+        assert session(d)["end"][0] == 250
+        took.append(time.monotonic() - started)
+    assert took[1] > 0.9, took
+    # 1: accept, kept; 2: the kept one stalls, a new one, accept, not kept;
+    # 3: a new one, accept, not kept; 4: a new one, continue, kept; 5: on it
+    assert [c.commands().count(b"C") for c in f.sessions] == [2, 1, 1, 2]
+    assert [c.commands()[-1] for c in f.sessions[1:3]] == [b"Q", b"Q"]
+    assert "none kept after an accept again" in d.log()
+
+
+def test_a_kept_connection_the_filter_spoke_on_is_not_used(daemon_, filters):
+    f = filters()
+    d = one_worker(daemon_, f)
+    assert session(d)["end"][0] == 250
+    f.sessions[0].sock.sendall(pkt(b"c"))               # nobody asked
+    assert session(d)["end"][0] == 250
+    assert len(f.sessions) == 2
+
+
+@pytest.mark.parametrize("idle", [0, 1])
+def test_kept_no_longer_than_smtpd_milter_keep_idle(daemon_, filters, idle):
+    f = filters()
+    d = one_worker(daemon_, f, SMTPD_MILTER_KEEP_IDLE=idle)
+    assert session(d)["end"][0] == 250
+    time.sleep(1.5)
+    assert session(d)["end"][0] == 250
+    assert len(f.sessions) == 2
+    assert (b"K" in f.sessions[0].commands()) == (idle > 0)
+
+
+@pytest.fixture
+def libmilter_filter():
+    if subprocess.run(["/usr/bin/python3", "-c", "import Milter"],
+                      capture_output=True).returncode:
+        pytest.skip("needs Debian's python3-milter (.ci/run installs it)")
+    port = free_port()
+    p = subprocess.Popen(["/usr/bin/python3", os.path.join(os.path.dirname(__file__),
+                                                           "libmilter_filter.py"), str(port)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert p.stdout.readline() == b"ready\n"
+    assert wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0)
+    relay = Relay(port)
+    yield relay
+    relay.close()
+    p.kill()
+    p.wait()
+
+
+def test_libmilter_takes_a_kept_connection(daemon_, libmilter_filter):
+    """Sendmail's libmilter: QUIT_NC after a message it let through, then
+    CONNECT; each session is judged, with its own client, on one connection.
+    After a message it accepted, libmilter ignores both: one second, a new
+    connection, and none kept after an accept again."""
+    d = one_worker(daemon_, libmilter_filter)
+    bodies = [MESSAGE, b"Subject: x\r\n\r\nACCEPTME\r\n", b"Subject: x\r\n\r\nREJECTME\r\n",
+              MESSAGE, MESSAGE]
+    codes = []
+    for n, body in enumerate(bodies):
+        c = d.connect(source="127.0.0.%d" % (n + 2))
+        assert c.code() == 220
+        codes.append(transaction(c, data=body)["end"])
+        c.cmd("QUIT")
+        c.close()
+    assert codes[2] == (550, ["5.7.1 rejected by libmilter"])
+    assert [c[0] for n, c in enumerate(codes) if n != 2] == [250] * 4
+    # sessions 1-2 on one connection; 3 on a second, after the kept one was
+    # ignored (and a third, as the reject ends the keeping), 4-5 on a third
+    assert libmilter_filter.accepted == 3, d.log()
+    seen = sorted(re.search(rb"^X-Libmilter: .*", message_of(d.jail, name)[1], re.M)[0]
+                  for name in spool_files(d.jail))
+    assert seen == [b"X-Libmilter: 1 127.0.0.2", b"X-Libmilter: 2 127.0.0.3",
+                    b"X-Libmilter: 4 127.0.0.5", b"X-Libmilter: 5 127.0.0.6"]
+    log = d.log()
+    assert "a connection kept after accept: timed out at CONNECT" in log
+    assert "default action" not in log
+
+
 def test_an_ipv6_filter(smtpd, filters):
     f = filters({b"M": [reply(b"550 5.7.1 six")]}, addr="::1")
     assert f.spec.startswith("inet6:[::1]:")
@@ -639,6 +860,26 @@ def test_rspamd_rejects_gtube_and_marks_clean_mail(smtpd, daemon_, spamd, mode):
     assert re.search(rb"^X-Spamd-Result: default: False \[", head, re.M), msg
     assert b"X-Rspamd-Queue-Id: " + name.encode() in head      # our spool id, macro i
     assert msg.endswith(b"\n\nHi Bob, lunch tomorrow at noon?\n")
+
+
+def test_rspamd_on_a_kept_connection(daemon_, spamd):
+    """rspamd takes QUIT_NC and judges the next session's message afresh."""
+    relay = Relay(spamd.milter)
+    try:
+        d = one_worker(daemon_, relay)
+        assert session(d, data=CLEAN)["end"][0] == 250
+        assert session(d, data=GTUBE)["end"] == (554, ["5.7.1 Gtube pattern"])
+        assert session(d, data=CLEAN.replace(b"lunch.1", b"lunch.2"))["end"][0] == 250
+        assert relay.accepted == 2          # kept for the second; a reject ends the keeping
+        names = spool_files(d.jail)
+        assert len(names) == 2
+        for name in names:
+            head = message_of(d.jail, name)[1].split(b"\n\n")[0]
+            assert re.search(rb"^X-Spamd-Result: default: False \[", head, re.M), head
+            assert b"X-Rspamd-Queue-Id: " + name.encode() in head
+        assert "kept" not in d.log() and "default action" not in d.log()
+    finally:
+        relay.close()
 
 
 def test_a_filter_that_stops_reading_times_out_the_write():

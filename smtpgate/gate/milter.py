@@ -4,17 +4,29 @@ DESCRIPTION
     SMTPD_MILTERS (smtpd -f) names filters -- rspamd's proxy worker,
     OpenDKIM, OpenDMARC, clamav-milter -- that speak Sendmail's milter
     protocol, version 6, as Postfix speaks it.  A session opens one TCP
-    connection to each filter (libmilter closes its end when the SMTP
-    client goes) and negotiates (SMFIC_OPTNEG): the changes the filter may
-    ask for, the events it does not want or will not answer, its own macro
-    lists.  Then Milters reports the session's events to the filters, in
-    the order configured: connect, HELO, MAIL, each RCPT the rules allowed,
-    DATA, and at the end of the message its headers (not smtpd's own
-    Received header), the end of the headers, the body in chunks of at
-    most CHUNK octets, CRLF line ends, and the end of the message, where a
-    filter may ask for changes (rewrite.py applies them).  RSET, a new
-    HELO and the end of each transaction send ABORT; the end of the
-    session QUIT.  Macros, as Postfix names and sends them: MACROS.
+    connection to each filter and negotiates (SMFIC_OPTNEG): the changes
+    the filter may ask for, the events it does not want or will not
+    answer, its own macro lists.  A pre-fork worker keeps that connection
+    for its next session (keep()) when the session ended straight after a
+    message the filter let through: SMFIC_QUIT_NC instead of SMFIC_QUIT,
+    the one point where libmilter takes it; the next session starts at
+    SMFIC_CONNECT, without a new negotiation.  A kept connection the
+    filter closed or spoke on while idle, or older than
+    SMTPD_MILTER_KEEP_IDLE seconds, is not used.  One that fails at
+    CONNECT, or does not answer it within KEPT_WAIT seconds, is replaced
+    by a new one at once.  Unless the filter merely closed it, this process
+    then keeps no more of that filter's connections after a message it
+    accepted (libmilter takes QUIT_NC only after a continue; rspamd
+    accepts every clean message, and takes it), or none at all if the
+    message was continued.  Then Milters reports the session's events to
+    the filters, in the order configured: connect, HELO, MAIL, each RCPT
+    the rules allowed, DATA, and at the end of the message its headers
+    (not smtpd's own Received header), the end of the headers, the body in
+    chunks of at most CHUNK octets, CRLF line ends, and the end of the
+    message, where a filter may ask for changes (rewrite.py applies them).
+    RSET, a new HELO and the end of each transaction send ABORT; the end
+    of the session QUIT (or QUIT_NC).  Macros, as Postfix names and sends
+    them: MACROS.
 VERDICTS
     continue: the next filter, then smtpd's own reply.  accept: this
     filter is done with the message (at connect or HELO: with the
@@ -68,6 +80,7 @@ OUT_MAX = 65536             # octets queued for a filter before they are written
 # Commands, MTA to filter.
 ABORT, BODY, CONNECT, MACRO, BODYEOB = b"A", b"B", b"C", b"D", b"E"
 HELO, HEADER, MAIL, EOH, OPTNEG, QUIT, RCPT, DATA = b"H", b"L", b"M", b"N", b"O", b"Q", b"R", b"T"
+QUIT_NC = b"K"              # the end of a session; the connection serves the next
 STAGE_NAMES = {CONNECT: "CONNECT", HELO: "HELO", MAIL: "MAIL", RCPT: "RCPT", DATA: "DATA",
                HEADER: "HEADER", EOH: "END-OF-HEADER", BODY: "BODY",
                BODYEOB: "END-OF-MESSAGE"}
@@ -129,6 +142,27 @@ READY, ENVELOPE, DONE_MESSAGE, DONE = "ready", "envelope", "done-message", "done
 
 class Broken(Exception):
     """The filter broke the protocol or the connection; str() says how."""
+
+
+class Gone(Broken):
+    """The filter closed the connection (or reset it)."""
+
+
+# Kept connections (keep()): endpoint text -> (socket, its poller, the
+# negotiated actions, events, macro lists and names, how the last message
+# ended ("continue" or "accept"), time.monotonic() when kept).  One per
+# filter: a worker serves one session at a time.
+KEPT = {}
+KEEPING = False
+KEPT_WAIT = 1.0             # seconds a kept connection has to answer CONNECT
+UNKEPT = {"continue": set(), "accept": set()}   # endpoints where keeping failed, after what
+
+
+def keep():
+    """A pre-fork worker's sessions keep their filters' connections for the
+    next session (not an inetd session's: its process ends with it)."""
+    global KEEPING
+    KEEPING = buildconf.SMTPD_MILTER_KEEP_IDLE > 0
 
 
 # An answer to the session: kind is "continue", "refuse" (reply: lines),
@@ -211,18 +245,36 @@ class Filter:
         self.skip_body = False
         self.held = None            # its quarantine's reason, this message
         self.poller = None
+        self.reused = None          # kept from an earlier session: after "continue" or "accept"
+        self.reusable = None        # after a message let through, nothing sent since: the same
 
     # -- transport --
 
     def wait(self, kind):
         """Seconds the next wait may take: its timeout, within the session's."""
-        limit = TIMEOUTS[kind]
+        limit = TIMEOUTS[kind] if kind != "kept" else min(KEPT_WAIT, TIMEOUTS["command"])
         left = self.deadline - time.monotonic() if self.deadline else limit
         if left <= 0:
             raise Broken("the session's deadline has passed")
         return min(limit, left)
 
     def open(self):
+        """Connect and negotiate, or take the connection an earlier session
+        kept.  True if it was kept."""
+        kept = KEPT.pop(self.endpoint.text, None)
+        if kept is not None:
+            sock, poller, *negotiated, how, since = kept
+            if time.monotonic() - since <= buildconf.SMTPD_MILTER_KEEP_IDLE \
+                    and not poller.poll(0):
+                self.sock, self.poller = sock, poller
+                self.actions, self.events, self.lists, self.wanted = negotiated
+                self.state, self.reused = ENVELOPE, how
+                return True
+            sock.close()    # closed, spoken on or stale while it waited
+        self.connect()
+        return False
+
+    def connect(self):
         e = self.endpoint
         # non-blocking from the start: every wait is our poll's, bounded by wait()
         sock = socket.socket(e.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
@@ -268,9 +320,10 @@ class Filter:
         """A filter that sent what nobody asked for (or closed) is out of
         step: Broken.  A round trip is this poll, a send, then recv()'s poll
         and read: no more system calls."""
+        self.reusable = None
         if self.rbuf or self.poller.poll(0):
             if not self.rbuf and not self.recv(kind):
-                raise Broken("the filter closed the connection")
+                raise Gone("the filter closed the connection")
             raise Broken("a packet nobody asked for")
         while data:
             try:
@@ -278,7 +331,7 @@ class Filter:
             except BlockingIOError:
                 n = 0
             except OSError as x:
-                raise Broken("write: %s" % x.strerror) from None
+                raise lost("write", x) from None
             data = data[n:]
             if data:
                 self.writable(kind)
@@ -299,7 +352,7 @@ class Filter:
             except BlockingIOError:
                 continue        # a wake-up with nothing to read; wait again
             except OSError as x:
-                raise Broken("read: %s" % x.strerror) from None
+                raise lost("read", x) from None
             self.rbuf += chunk
             return chunk
 
@@ -308,14 +361,14 @@ class Filter:
         buf = self.rbuf
         while len(buf) < 4:
             if not self.recv(kind):
-                raise Broken("the filter closed the connection")
+                raise Gone("the filter closed the connection")
         (length,) = LENGTH.unpack_from(buf)
         if length < 1 or length > PACKET_MAX:
             raise Broken("packet length %d" % length)
         end = length + 4
         while len(buf) < end:
             if not self.recv(kind):
-                raise Broken("the filter closed the connection")
+                raise Gone("the filter closed the connection")
         cmd, data = bytes(buf[4:5]), bytes(buf[5:end])
         del buf[:end]
         return cmd, data
@@ -323,12 +376,26 @@ class Filter:
     def close(self, polite=True):
         if self.sock is None:
             return
+        how = self.reusable
+        if polite and how and KEEPING and self.name not in UNKEPT[how] \
+                and self.name not in UNKEPT["continue"]:
+            try:        # what is queued (an ABORT) is moot after QUIT_NC
+                self.sock.send(packet(QUIT_NC))
+            except OSError:
+                pass
+            else:
+                KEPT.setdefault(self.name, (self.sock, self.poller, self.actions,
+                                            self.events, self.lists, self.wanted, how,
+                                            time.monotonic()))
+                self.out, self.nout, self.sock = [], 0, None
+                return
         if polite:
             try:       # a few octets, never waited for: the filter may be gone
                 self.sock.send(b"".join(self.out) + packet(QUIT))
             except OSError:
                 pass
         self.out, self.nout = [], 0
+        self.rbuf.clear()
         self.sock.close()
         self.sock = None
 
@@ -493,6 +560,12 @@ class Filter:
                 self.fail(str(e), "ABORT")
 
 
+def lost(what, x):
+    """Broken (Gone if the filter reset the connection) for OSError x."""
+    cls = Gone if x.errno in (errno.ECONNRESET, errno.EPIPE) else Broken
+    return cls("%s: %s" % (what, x.strerror))
+
+
 def parse_edit(code, data):
     """One change asked at the end of a message -> a tuple rewrite.py applies."""
     if code in (b"h", b"i", b"m"):
@@ -529,9 +602,9 @@ class Milters:
     def each(self, cmd, payload=b"", kind="command"):
         for f in self.filters:
             try:
-                a = f.event(cmd, payload, self.values, kind)
+                a = f.event(cmd, payload, self.values, "kept" if f.reused else kind)
             except Broken as e:
-                a = f.fail(str(e), cmd)
+                a = self.again(f, e, cmd, payload, kind) if f.reused else f.fail(str(e), cmd)
             if a.kind != "continue":
                 return a
         return CONTINUE
@@ -543,8 +616,31 @@ class Milters:
                 f.open()
             except Broken as e:
                 f.fail(str(e), "connect")
-        return self.each(CONNECT, cstrings(name.encode("latin-1")) + family
-                         + struct.pack("!H", port) + cstrings(address.encode("latin-1")))
+        a = self.each(CONNECT, cstrings(name.encode("latin-1")) + family
+                      + struct.pack("!H", port) + cstrings(address.encode("latin-1")))
+        for f in self.filters:
+            f.reused = None
+        return a
+
+    def again(self, f, e, cmd, payload, kind):
+        """A kept connection failed at its first event: a new connection is
+        asked in its place.  If it failed other than by a close (a filter
+        that ignored QUIT_NC, then CONNECT, as libmilter does after it
+        accepted a message), that filter's connections are not kept again
+        after what ended the last message (f.reused), or at all after a
+        continue."""
+        if not isinstance(e, Gone):
+            UNKEPT[f.reused].add(f.name)
+            log.info("milter %s: a connection kept after %s: %s at %s; none kept after %s again",
+                     f.name, f.reused, e, STAGE_NAMES[cmd],
+                     "an accept" if f.reused == "accept" else "any message")
+        f.close(polite=False)
+        f.reused = None
+        try:
+            f.connect()
+            return f.event(cmd, payload, self.values, kind)
+        except Broken as e:
+            return f.fail(str(e), cmd)
 
     def helo(self, name):
         return self.each(HELO, cstrings(name.encode("latin-1")))
@@ -591,6 +687,8 @@ class Milters:
                 return a
         edits = []
         a = f.event(BODYEOB, b"", self.values, "content", edits)
+        if a.kind == "continue":        # let through: continue, or accept (DONE_MESSAGE)
+            f.reusable = "continue" if f.state == ENVELOPE else "accept"
         if a.kind == "continue" and edits:
             msg.apply(edits, lead)
         return a

@@ -22,7 +22,7 @@ import time
 
 import buildconf
 from smtpgate import libc, log, net
-from smtpgate.gate import admission, client
+from smtpgate.gate import admission, client, milter
 from smtpgate.gate.admission import Scoreboard
 from smtpgate.gate.connection import Connection, serve
 from smtpgate.net import normalize_ip
@@ -51,6 +51,7 @@ class Worker:
         # EPOLLEXCLUSIVE: one connection wakes one idle worker, not all.
         self.poller.register(listener.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
         self.poller.register(ctrl.fileno(), select.EPOLLIN)
+        milter.keep()       # its filters' connections serve session after session
 
     def on_master_death(self, *a):
         self.orphaned = True
