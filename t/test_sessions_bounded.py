@@ -160,9 +160,17 @@ def test_clients_reconnecting_at_the_per_ip_cap_are_never_refused(daemon_):
 @pytest.mark.parametrize("n", [5])
 def test_the_cap_still_holds_for_live_sessions(daemon_, n):
     d = daemon_("allow:ALL:ALL:ALL\n", "-M", "16", SMTPD_MAX_PER_IP=n - 1).wait_ready()
-    held = [d.connect() for _ in range(n - 1)]
-    for c in held:
-        assert c.reply()[0] == 220
+
+    def hold():
+        """n - 1 sessions, once the readiness checks' sessions have ended."""
+        held = [d.connect() for _ in range(n - 1)]
+        if all(c.reply()[0] == 220 for c in held):
+            return held
+        for c in held:
+            c.close()
+    got = []
+    assert wait_for(lambda: got.append(hold()) or got[-1])
+    held = got[-1]
     extra = d.connect()
     assert extra.reply()[0] == 421
     for c in held:
