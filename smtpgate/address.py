@@ -30,6 +30,15 @@ ATEXT_BAD = set('()<>[]:;@\\," ')
 
 def split_path(arg):
     """Split 'path [params]' -> (path, params); brackets or quotes group."""
+    if '"' not in arg and arg.startswith("<"):    # the usual '<a@b> PARAMS': no scan
+        j = arg.find(">")
+        if j > 0 and "<" not in arg[1:j] and arg[j + 1:j + 2] in ("", " "):
+            return arg[:j + 1], arg[j + 1:].strip()
+    return scan_path(arg)
+
+
+def scan_path(arg):
+    """split_path, a character at a time."""
     depth, quoted, i = 0, False, 0
     while i < len(arg):
         ch = arg[i]

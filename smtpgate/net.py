@@ -19,11 +19,27 @@ class ConfigError(Exception):
     """A bad address list in the configuration; str() says which."""
 
 
+PARSED = {}                 # address text -> normalize_ip's answer (immutable objects)
+PARSED_MAX = 1024
+
+
 def normalize_ip(addr):
-    """An ipaddress object; IPv4-mapped IPv6 becomes IPv4; None/"" -> None."""
+    """An ipaddress object; IPv4-mapped IPv6 becomes IPv4; None/"" -> None.
+    (Each session asks for its client's a few times: the text's answer is
+    kept, at most PARSED_MAX of them.)"""
     if addr is None or addr == "":
         return None
-    ip = ipaddress.ip_address(addr) if isinstance(addr, str) else addr
+    if isinstance(addr, str):
+        ip = PARSED.get(addr)
+        if ip is None:
+            ip = ipaddress.ip_address(addr)
+            if ip.version == 6 and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            if len(PARSED) >= PARSED_MAX:
+                PARSED.clear()
+            PARSED[addr] = ip
+        return ip
+    ip = addr
     if ip.version == 6 and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip

@@ -59,6 +59,9 @@ class Channel:
 
     def reply(self, code, text=None, more=()):
         text = VANILLA[code] if text is None else text
+        if not more:
+            self.out.append(b"%d %s\r\n" % (code, text.encode("latin-1")))
+            return
         lines = [text] + list(more)
         for i, line in enumerate(lines):
             sep = "-" if i < len(lines) - 1 else " "
