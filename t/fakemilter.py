@@ -66,7 +66,9 @@ class FakeMilter:
     def __init__(self, script=None, version=6, actions=0x1FF, protocol=0, symlists=b"",
                  optneg=None, addr="127.0.0.1", quit_nc=True):
         self.script = dict(script or {})
-        self.quit_nc = quit_nc          # False: hang up at QUIT_NC, as a filter that lacks it
+        self.quit_nc = quit_nc          # False: hang up at QUIT_NC (a filter that lacks it);
+                                        # "answer": answer it, against the protocol;
+                                        # "late": answer it 0.3 seconds later
         self.version, self.actions, self.protocol = version, actions, protocol
         self.symlists, self.optneg = symlists, optneg
         self.lsock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
@@ -142,6 +144,10 @@ class FakeMilter:
         if cmd == b"Q":
             return False
         if cmd == b"K":                 # QUIT_NC: a CONNECT follows (or a close)
+            if self.quit_nc in ("answer", "late"):      # against the protocol
+                if self.quit_nc == "late":
+                    time.sleep(0.3)
+                return self.send(c, [pkt(b"c")])
             return self.quit_nc
         if cmd == b"A":
             return True

@@ -644,6 +644,50 @@ def test_a_filter_that_lacks_quit_nc(daemon_, filters):
     assert "milter" not in d.log()
 
 
+def test_a_filter_that_answers_quit_nc(daemon_, filters):
+    """QUIT_NC wants no answer: one that comes anyway spoils the kept
+    connection (it is seen while the connection waits, or as a packet
+    nobody asked for before the first MAIL), and no session suffers."""
+    f = filters(quit_nc="answer")
+    d = one_worker(daemon_, f)
+    for _ in range(4):
+        assert session(d)["end"][0] == 250
+    assert all(c.commands()[:2] == [b"O", b"C"] and c.commands().count(b"M") <= 1
+               for c in f.sessions)
+    assert "default action" not in d.log()
+
+
+def test_a_late_answer_to_quit_nc_is_caught_and_the_session_asked_again(daemon_, filters):
+    """The answer comes after the next session's CONNECT went out, so it is
+    read as CONNECT's, and the real one is a packet nobody asked for at
+    HELO: a new connection is asked CONNECT and HELO again, and what it
+    says holds (here a reject at CONNECT, which HELO then gets)."""
+    def connect(conn, payload):
+        return [pkt(b"r")] if len(f.sessions) > 1 and conn is f.sessions[1] else None
+    f = filters({b"C": connect}, quit_nc="late")
+    d = one_worker(daemon_, f)
+    assert session(d)["end"][0] == 250
+    assert session(d)["helo"] == (550, ["5.7.1 Command rejected"])
+    assert [c.commands()[:3] for c in f.sessions] == [[b"O", b"C", b"H"], [b"O", b"C"]]
+    assert f.sessions[0].commands()[-2:] == [b"K", b"C"]      # HELO never went out on it
+    assert re.search(r"a connection kept after continue: a packet nobody asked for at HELO; "
+                     r"none kept after any message again", d.log())
+    f.script = {}
+    assert session(d)["end"][0] == 250
+    assert len(f.sessions) == 3 and b"K" not in f.sessions[2].commands()
+
+
+def test_a_session_on_a_kept_connection_that_fails_later_stops_the_keeping(daemon_, filters):
+    """Past the first MAIL nothing is asked again: the default action, as
+    with any broken filter, and that worker keeps no more connections."""
+    def body(conn, payload):
+        return [CLOSE] if conn.commands().count(b"C") > 1 else None
+    f = filters({b"B": body})
+    d = one_worker(daemon_, f)
+    assert [session(d)["end"][0] for _ in range(4)] == [250, 451, 250, 250]
+    assert [c.commands().count(b"M") for c in f.sessions] == [2, 1, 1]
+
+
 def test_a_kept_connection_that_fails_at_connect_is_replaced(daemon_, filters):
     """Closed between our look and our CONNECT: a new connection, at once."""
     def close_when_reused(conn, payload):

@@ -12,13 +12,15 @@ DESCRIPTION
     the one point where libmilter takes it; the next session starts at
     SMFIC_CONNECT, without a new negotiation.  A kept connection the
     filter closed or spoke on while idle, or older than
-    SMTPD_MILTER_KEEP_IDLE seconds, is not used.  One that fails at
-    CONNECT, or does not answer it within KEPT_WAIT seconds, is replaced
-    by a new one at once.  Unless the filter merely closed it, this process
-    then keeps no more of that filter's connections after a message it
-    accepted (libmilter takes QUIT_NC only after a continue; rspamd
-    accepts every clean message, and takes it), or none at all if the
-    message was continued.  Then Milters reports the session's events to
+    SMTPD_MILTER_KEEP_IDLE seconds, is not used.  One that fails before
+    the session's first MAIL (at CONNECT, also one that does not answer
+    within KEPT_WAIT seconds) is replaced by a new one at once, and the
+    session's events so far are reported again on it.  Unless the filter
+    merely closed it, this process then keeps no more of that filter's
+    connections after a message it accepted (libmilter takes QUIT_NC only
+    after a continue; rspamd accepts every clean message, and takes it),
+    or none at all if the message was continued, or if a session begun on
+    a kept connection fails later.  Then Milters reports the session's events to
     the filters, in the order configured: connect, HELO, MAIL, each RCPT
     the rules allowed, DATA, and at the end of the message its headers
     (not smtpd's own Received header), the end of the headers, the body in
@@ -245,7 +247,8 @@ class Filter:
         self.skip_body = False
         self.held = None            # its quarantine's reason, this message
         self.poller = None
-        self.reused = None          # kept from an earlier session: after "continue" or "accept"
+        self.kept = None            # kept from an earlier session: after "continue" or "accept"
+        self.replay = None          # on a kept connection, before MAIL: the events answered
         self.reusable = None        # after a message let through, nothing sent since: the same
 
     # -- transport --
@@ -268,7 +271,7 @@ class Filter:
                     and not poller.poll(0):
                 self.sock, self.poller = sock, poller
                 self.actions, self.events, self.lists, self.wanted = negotiated
-                self.state, self.reused = ENVELOPE, how
+                self.state, self.kept, self.replay = ENVELOPE, how, []
                 return True
             sock.close()    # closed, spoken on or stale while it waited
         self.connect()
@@ -543,9 +546,12 @@ class Filter:
             self.state = DONE_MESSAGE
 
     def fail(self, why, stage):
-        """Broken: closed for the session; the default action from now on."""
+        """Broken: closed for the session; the default action from now on.
+        (A session begun on a kept connection: none is kept again.)"""
         log.warn("milter %s: %s at %s; default action: %s", self.name, why,
                     STAGE_NAMES.get(stage, stage), self.default_action)
+        if self.kept:
+            UNKEPT["continue"].add(self.name)
         self.close(polite=False)
         self.state, self.sticky = DONE, self.default
         return self.refusal(self.default)
@@ -601,10 +607,15 @@ class Milters:
 
     def each(self, cmd, payload=b"", kind="command"):
         for f in self.filters:
+            replay = f.replay
             try:
-                a = f.event(cmd, payload, self.values, "kept" if f.reused else kind)
+                a = f.event(cmd, payload, self.values, "kept" if replay == [] else kind)
             except Broken as e:
-                a = self.again(f, e, cmd, payload, kind) if f.reused else f.fail(str(e), cmd)
+                a = self.again(f, e, cmd, payload, kind) if replay is not None \
+                    else f.fail(str(e), cmd)
+            else:
+                if replay is not None:
+                    replay.append((cmd, payload))
             if a.kind != "continue":
                 return a
         return CONTINUE
@@ -616,28 +627,29 @@ class Milters:
                 f.open()
             except Broken as e:
                 f.fail(str(e), "connect")
-        a = self.each(CONNECT, cstrings(name.encode("latin-1")) + family
-                      + struct.pack("!H", port) + cstrings(address.encode("latin-1")))
-        for f in self.filters:
-            f.reused = None
-        return a
+        return self.each(CONNECT, cstrings(name.encode("latin-1")) + family
+                         + struct.pack("!H", port) + cstrings(address.encode("latin-1")))
 
     def again(self, f, e, cmd, payload, kind):
-        """A kept connection failed at its first event: a new connection is
-        asked in its place.  If it failed other than by a close (a filter
-        that ignored QUIT_NC, then CONNECT, as libmilter does after it
-        accepted a message), that filter's connections are not kept again
-        after what ended the last message (f.reused), or at all after a
-        continue."""
+        """A kept connection failed before the session's first MAIL: a new
+        connection is asked the session's events again (a refusal among
+        them holds for the session, as ever), then cmd.  Unless the filter
+        merely closed it (an idle timeout, a restart), keeping stops for
+        that filter: after an accept if it failed at CONNECT after one
+        (libmilter ignores QUIT_NC, then CONNECT, there), else at all (a
+        stray packet: an answer to QUIT_NC, which wants none)."""
+        replay, f.replay = f.replay, None
         if not isinstance(e, Gone):
-            UNKEPT[f.reused].add(f.name)
+            how = f.kept if cmd == CONNECT and not replay else "continue"
+            UNKEPT[how].add(f.name)
             log.info("milter %s: a connection kept after %s: %s at %s; none kept after %s again",
-                     f.name, f.reused, e, STAGE_NAMES[cmd],
-                     "an accept" if f.reused == "accept" else "any message")
+                     f.name, f.kept, e, STAGE_NAMES[cmd],
+                     "an accept" if how == "accept" else "any message")
         f.close(polite=False)
-        f.reused = None
         try:
             f.connect()
+            for c, p in replay:
+                f.event(c, p, self.values, "command")
             return f.event(cmd, payload, self.values, kind)
         except Broken as e:
             return f.fail(str(e), cmd)
@@ -647,6 +659,8 @@ class Milters:
 
     def mail(self, args):
         self.in_message = True
+        for f in self.filters:
+            f.replay = None         # what was answered so far stands
         return self.each(MAIL, cstrings(*(a.encode("latin-1") for a in args)))
 
     def rcpt(self, args):
