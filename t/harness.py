@@ -407,6 +407,14 @@ def status_field(pid, name):
     return None
 
 
+def never_ignores_sigterm(pid, seconds=1.0):
+    """Watch pid for seconds: its SIGTERM is never set to SIG_IGN."""
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        ignored = int(status_field(pid, "SigIgn")[0], 16)
+        assert not ignored & 1 << (signal.SIGTERM - 1), "SIGTERM ignored"
+
+
 # ------------------------------------------------------------ smtpfwdd ----
 
 FWD_CONSTANTS = dict(RETRY_DELAY_TIME=1, SESSION_TIMEOUT=2, SHUTDOWN_TIMEOUT=20)

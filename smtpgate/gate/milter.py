@@ -4,31 +4,30 @@ DESCRIPTION
     SMTPD_MILTERS (smtpd -f) names filters -- rspamd's proxy worker,
     OpenDKIM, OpenDMARC, clamav-milter -- that speak Sendmail's milter
     protocol, version 6, as Postfix speaks it.  A session opens one TCP
-    connection to each filter and negotiates (SMFIC_OPTNEG): the changes
-    the filter may ask for, the events it does not want or will not
-    answer, its own macro lists.  A pre-fork worker keeps that connection
-    for its next session (keep()) when the session ended straight after a
-    message the filter let through: SMFIC_QUIT_NC instead of SMFIC_QUIT,
-    the one point where libmilter takes it; the next session starts at
-    SMFIC_CONNECT, without a new negotiation.  A kept connection the
-    filter closed or spoke on while idle, or older than
-    SMTPD_MILTER_KEEP_IDLE seconds, is not used.  One that fails before
-    the session's first MAIL (at CONNECT, also one that does not answer
-    within KEPT_WAIT seconds) is replaced by a new one at once, and the
-    session's events so far are reported again on it.  Unless the filter
-    merely closed it, this process then keeps no more of that filter's
-    connections after a message it accepted (libmilter takes QUIT_NC only
-    after a continue; rspamd accepts every clean message, and takes it),
-    or none at all if the message was continued, or if a session begun on
-    a kept connection fails later.  Then Milters reports the session's events to
-    the filters, in the order configured: connect, HELO, MAIL, each RCPT
-    the rules allowed, DATA, and at the end of the message its headers
-    (not smtpd's own Received header), the end of the headers, the body in
-    chunks of at most CHUNK octets, CRLF line ends, and the end of the
-    message, where a filter may ask for changes (rewrite.py applies them).
-    RSET, a new HELO and the end of each transaction send ABORT; the end
-    of the session QUIT (or QUIT_NC).  Macros, as Postfix names and sends
-    them: MACROS.
+    connection to each filter and negotiates (SMFIC_OPTNEG): the changes the
+    filter may ask for, the events it does not want or will not answer, its
+    own macro lists.  A pre-fork worker keeps that connection for its next
+    session (keep()) when the session ended straight after a message the
+    filter let through: SMFIC_QUIT_NC instead of SMFIC_QUIT, the one point
+    where libmilter takes it; the next session starts at SMFIC_CONNECT,
+    without a new negotiation.  A kept connection the filter closed or spoke
+    on while idle, or older than SMTPD_MILTER_KEEP_IDLE seconds, is not
+    used.  One that fails before the session's first MAIL (at CONNECT, also
+    one that does not answer within KEPT_WAIT seconds) is replaced by a new
+    one at once, and the session's events so far are reported again on it.
+    Unless the filter merely closed it, this process then keeps no more of
+    that filter's connections after a message it accepted (libmilter takes
+    QUIT_NC only after a continue; rspamd accepts every clean message, and
+    takes it), or none at all if the message was continued, or if a session
+    begun on a kept connection fails later.  Then Milters reports the
+    session's events to the filters, in the order configured: connect, HELO,
+    MAIL, each RCPT the rules allowed, DATA, and at the end of the message
+    its headers (not smtpd's own Received header), the end of the headers,
+    the body in chunks of at most CHUNK octets, CRLF line ends, and the end
+    of the message, where a filter may ask for changes (rewrite.py applies
+    them).  RSET, a new HELO and the end of each transaction send ABORT; the
+    end of the session QUIT (or QUIT_NC).  Macros, as Postfix names and
+    sends them: MACROS.
 VERDICTS
     continue: the next filter, then smtpd's own reply.  accept: this
     filter is done with the message (at connect or HELO: with the
@@ -157,6 +156,7 @@ class Gone(Broken):
 KEPT = {}
 KEEPING = False
 KEPT_WAIT = 1.0             # seconds a kept connection has to answer CONNECT
+TIMEOUTS["kept"] = min(KEPT_WAIT, TIMEOUTS["command"])
 UNKEPT = {"continue": set(), "accept": set()}   # endpoints where keeping failed, after what
 
 
@@ -255,7 +255,7 @@ class Filter:
 
     def wait(self, kind):
         """Seconds the next wait may take: its timeout, within the session's."""
-        limit = TIMEOUTS[kind] if kind != "kept" else min(KEPT_WAIT, TIMEOUTS["command"])
+        limit = TIMEOUTS[kind]
         left = self.deadline - time.monotonic() if self.deadline else limit
         if left <= 0:
             raise Broken("the session's deadline has passed")
@@ -263,7 +263,7 @@ class Filter:
 
     def open(self):
         """Connect and negotiate, or take the connection an earlier session
-        kept.  True if it was kept."""
+        kept."""
         kept = KEPT.pop(self.endpoint.text, None)
         if kept is not None:
             sock, poller, *negotiated, how, since = kept
@@ -272,10 +272,9 @@ class Filter:
                 self.sock, self.poller = sock, poller
                 self.actions, self.events, self.lists, self.wanted = negotiated
                 self.state, self.kept, self.replay = ENVELOPE, how, []
-                return True
+                return
             sock.close()    # closed, spoken on or stale while it waited
         self.connect()
-        return False
 
     def connect(self):
         e = self.endpoint
