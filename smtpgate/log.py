@@ -97,6 +97,8 @@ class Log:
                 os.write(2, ("%s[%d]: %s%s\n" % (self.ident, os.getpid(),
                                                   "(debug) " if level == syslog.LOG_DEBUG else "",
                                                   msg)).encode("utf-8", "backslashreplace"))
+            except BlockingIOError:
+                pass            # the master's relay is full: drop, never stall a session
             except OSError:
                 self.stderr = False
 
@@ -113,6 +115,58 @@ class Log:
 
 
 log = Log()
+
+
+class Relay:
+    """With -F, when standard error may reach a terminal (wanted()), the
+    jailed processes' standard error: a pipe (they hold no terminal
+    descriptor, so none can type into an operator's shell), whose lines the
+    master copies to its own standard error -- every control character
+    shown as \\xHH, whatever wrote it, and a line longer than LINE_MAX cut
+    there.  Writers never block: a full pipe drops a line."""
+
+    LINE_MAX = 4096
+
+    def __init__(self):
+        self.r, self.w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.partial = b""
+
+    @staticmethod
+    def wanted():
+        """May fd 2 reach a terminal: a tty, or a pipe (tee, less, make)?
+        A regular file, a socket (journald) or /dev/null cannot: the jailed
+        processes keep writing there themselves."""
+        try:
+            return os.isatty(2) or stat.S_ISFIFO(os.fstat(2).st_mode)
+        except OSError:
+            return False
+
+    def fileno(self):
+        return self.r
+
+    def pump(self):
+        """Copy the complete lines waiting (a long partial one too)."""
+        data = self.partial
+        try:
+            while True:
+                chunk = os.read(self.r, 65536)
+                if not chunk:
+                    break
+                data += chunk
+        except BlockingIOError:
+            pass
+        lines = data.split(b"\n")
+        self.partial = lines.pop()
+        if len(self.partial) >= self.LINE_MAX:
+            lines.append(self.partial)
+            self.partial = b""
+        out = b"".join(line[:self.LINE_MAX].decode("utf-8", "backslashreplace")
+                       .translate(LOG_CONTROLS).encode("utf-8", "backslashreplace") + b"\n"
+                       for line in lines)
+        try:
+            os.write(2, out)
+        except OSError:
+            pass
 
 
 def debug(fmt, *args):

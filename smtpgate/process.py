@@ -3,7 +3,8 @@ titles, and the stamp by which it sees that a file changed
 
 DESCRIPTION
     child_signals() and ignore_stop_signals() are the signal dispositions
-    of a forked child and of a process on its way out; reaped() and drain()
+    of a forked child and of a process on its way out; leave_terminal()
+    takes a child bound for the jail away from the operator's terminal; reaped() and drain()
     serve a parent's loop; set_title() names the process for ps and for
     tools that look for it (smtpq finds "smtpfwdd" so); stamp() is the one
     way a file is watched (the rules, the certificate, a spool entry).
@@ -22,6 +23,25 @@ def child_signals(*defaults):
     for sig in defaults:
         signal.signal(sig, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
+
+
+def leave_terminal(stderr=None):
+    """In a forked child bound for the jail: a session of its own, so no
+    controlling terminal, and no terminal descriptor -- /dev/null on 0 and
+    1; on 2 stderr if given (the master's log.Relay), else /dev/null if 2
+    is a terminal (a regular file or a socket stays: -F's log)."""
+    try:
+        os.setsid()
+    except OSError:
+        pass            # a group leader already: it has none of the parent's
+    null = os.open(os.devnull, os.O_RDWR)
+    if stderr is None and os.isatty(2):
+        stderr = null
+    for fd, src in ((0, null), (1, null), (2, stderr)):
+        if src is not None and fd != src:
+            os.dup2(src, fd)
+    if null > 2:
+        os.close(null)
 
 
 def ignore_stop_signals():

@@ -84,10 +84,11 @@ def daemon_(tree_factory):
     """daemon_(rules, *flags, **constants) -> SmtpdDaemon: smtpd -D."""
     started = []
 
-    def start(rules="allow:ALL:ALL:ALL\n", *flags, detach=False, port=None, **constants):
+    def start(rules="allow:ALL:ALL:ALL\n", *flags, detach=False, port=None, tty=None,
+              **constants):
         tree = tree_factory(**dict(TEST_CONSTANTS, **constants))
         jail = make_jail(rules)
-        d = SmtpdDaemon(tree, jail, *flags, detach=detach, port=port)
+        d = SmtpdDaemon(tree, jail, *flags, detach=detach, port=port, tty=tty)
         started.append(d)
         return d
     yield start

@@ -2,6 +2,7 @@
 
 import ast
 import email.utils
+import fcntl
 import glob
 import grp
 import json
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 
@@ -314,7 +316,7 @@ class SmtpdDaemon(Daemon):
     wrap: a command to run it under (e.g. ip netns exec NS)."""
 
     def __init__(self, tree, jail, *flags, port=None, pidfile=None, env=None, detach=False,
-                 listen="127.0.0.1", wrap=()):
+                 listen="127.0.0.1", wrap=(), tty=None):
         self.jail = jail
         self.port = port or free_port()
         self.pidfile = pidfile or jail + ".pid"
@@ -325,6 +327,10 @@ class SmtpdDaemon(Daemon):
         if is_root:
             argv += ["-u", NOBODY, "-g", "nogroup"]
         self.log_file = open(self.logpath, "wb")
+        if tty is not None:         # an operator's terminal: standard I/O and controlling tty
+            self.proc = subprocess.Popen(argv, stdin=tty, stdout=tty, stderr=tty, env=env,
+                                         preexec_fn=own_terminal)
+            return
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log_file,
                                      stderr=self.log_file, env=env)
 
@@ -358,6 +364,62 @@ class SmtpdDaemon(Daemon):
     def watcher(self):
         """The jailed process that reads the rules for the master."""
         return [p for p in children(self.master_pid()) if comm(p) == "smtpd: rules"]
+
+
+def own_terminal():
+    """In a child about to run a program: standard input, a terminal,
+    becomes its controlling terminal, as a login shell's child has it."""
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+class Terminal:
+    """A pseudo-terminal, as an operator's shell has: .slave for the program,
+    text() what it has shown so far (a thread reads it as it comes)."""
+
+    def __init__(self):
+        self.master, self.slave = os.openpty()
+        self.out = bytearray()
+        threading.Thread(target=self.read, daemon=True).start()
+
+    def read(self):
+        while True:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            self.out += data
+
+    def text(self):
+        return bytes(self.out)
+
+    def close(self):
+        for fd in (self.slave, self.master):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def tty_and_session(pid):
+    """(tty_nr, session id) of pid: tty_nr 0 is no controlling terminal."""
+    fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
+    return int(fields[4]), int(fields[3])
+
+
+def terminal_fds(pid):
+    """The descriptors of pid that are terminals: [(fd, path)]."""
+    out = []
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            path = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:
+            continue
+        if path.startswith(("/dev/pts/", "/dev/tty", "/dev/console", "/dev/ptmx")):
+            out.append((int(fd), path))
+    return out
 
 
 def comm(pid):

@@ -15,11 +15,12 @@ import struct
 import pytest
 
 from smtpgate.gate import sandbox
-from harness import (Agent, children, comm, FWD_CONSTANTS, Fwd, needs_gdb, put, run_inside,
-                     status_field, wait_for)
+from harness import (Agent, children, comm, FWD_CONSTANTS, Fwd, gone, needs_gdb, put,
+                     run_inside, status_field, Terminal, terminal_fds, tty_and_session,
+                     wait_for)
 
-NUMBERS = {"x86_64": dict(pidfd_open=434, unshare=272),
-           "aarch64": dict(pidfd_open=434, unshare=97)}
+NUMBERS = {"x86_64": dict(pidfd_open=434, unshare=272, ioprio_set=251),
+           "aarch64": dict(pidfd_open=434, unshare=97, ioprio_set=30)}
 
 PROBE = """
 import ctypes, errno
@@ -52,10 +53,44 @@ def fork():
         os._exit(0)
 found["fork"] = call(fork)
 found["unshare"] = res(libc.syscall(UNSHARE, 0x10000000, 0))       # CLONE_NEWUSER
+# Signals without kill(): an owner for O_ASYNC (issue 34, item 2).
+import socket
+s = socket.socket()
+fd = s.fileno()
+owner = ctypes.c_int(FWD)
+found["F_SETOWN smtpfwdd"] = res(libc.fcntl(fd, 8, ctypes.c_long(FWD)))
+found["F_SETOWN its group"] = res(libc.fcntl(fd, 8, ctypes.c_long(-FWD)))
+found["F_SETOWN self"] = res(libc.fcntl(fd, 8, ctypes.c_long(os.getpid())))
+found["F_SETOWN_EX"] = res(libc.fcntl(fd, 15, ctypes.byref((ctypes.c_int * 2)(1, FWD))))
+found["F_SETSIG"] = res(libc.fcntl(fd, 10, ctypes.c_long(9)))
+found["FIOSETOWN"] = res(libc.ioctl(fd, 0x8901, ctypes.byref(owner)))
+found["SIOCSPGRP"] = res(libc.ioctl(fd, 0x8902, ctypes.byref(owner)))
+# Other reach (item 3).
+limits = (ctypes.c_ulong * 2)(12, 12)
+found["prlimit64 smtpfwdd"] = res(libc.prlimit(FWD, 7, ctypes.byref(limits), None))
+found["prlimit64 self"] = res(libc.prlimit(0, 7, None, ctypes.byref(limits)))
+found["setpriority smtpfwdd"] = res(libc.setpriority(0, FWD, 19))
+found["ioprio_set smtpfwdd"] = res(libc.syscall(IOPRIO_SET, 1, FWD, 7 | 3 << 13))
+found["sched_setaffinity smtpfwdd"] = res(libc.sched_setaffinity(
+    FWD, 8, ctypes.byref(ctypes.c_ulong(1))))
+found["PR_SET_DUMPABLE"] = res(libc.prctl(4, 1, 0, 0, 0))
+found["AF_NETLINK"] = res(libc.socket(16, 3, 4))            # NETLINK_SOCK_DIAG
+found["AF_VSOCK"] = res(libc.socket(40, 1, 0))
+found["AF_INET"] = res(libc.socket(2, 1, 0))
+found["AF_UNIX"] = res(libc.socket(1, 2, 0))
+# A terminal's input (item 1): refused whatever the descriptor is.
+c = ctypes.c_char(b"x")
+for name, request in (("TIOCSTI", 0x5412), ("TIOCLINUX", 0x541C), ("TIOCSETD", 0x5423)):
+    found[name] = res(libc.ioctl(2, request, ctypes.byref(c)))
 """
 
 BLOCKED = ("ptrace", "process_vm_readv", "pidfd_open", "kill agent", "kill smtpfwdd",
-           "kill delivery", "kill group", "execve", "fork", "unshare")
+           "kill delivery", "kill group", "execve", "fork", "unshare",
+           "F_SETOWN smtpfwdd", "F_SETOWN its group", "F_SETOWN_EX", "F_SETSIG", "FIOSETOWN",
+           "SIOCSPGRP", "prlimit64 smtpfwdd", "setpriority smtpfwdd", "ioprio_set smtpfwdd",
+           "sched_setaffinity smtpfwdd", "PR_SET_DUMPABLE", "AF_NETLINK", "AF_VSOCK",
+           "TIOCSTI", "TIOCLINUX", "TIOCSETD")
+ALLOWED = ("kill self", "F_SETOWN self", "prlimit64 self", "AF_INET", "AF_UNIX")
 
 
 @pytest.fixture
@@ -95,16 +130,21 @@ def delivering(tree_factory):
 
 def probe(pid, jail, pids):
     nums = NUMBERS[platform.machine()]
-    code = ("AGENT, FWD, DELIVERY = %d, %d, %d\nPIDFD_OPEN, UNSHARE = %d, %d\n"
+    code = ("AGENT, FWD, DELIVERY = %d, %d, %d\nPIDFD_OPEN, UNSHARE, IOPRIO_SET = %d, %d, %d\n"
             "signal_number = 0\n" % (pids["agent"], pids["smtpfwdd"], pids["delivery"],
-                                     nums["pidfd_open"], nums["unshare"])) + PROBE
+                                     nums["pidfd_open"], nums["unshare"], nums["ioprio_set"])
+            ) + PROBE
     return run_inside(pid, jail, code)
 
 
-def assert_contained(found):
+def assert_contained(found, pids=None):
     assert "error" not in found, found
     assert {k: found[k] for k in BLOCKED} == {k: "EPERM" for k in BLOCKED}, found
-    assert found["kill self"] == "ok"
+    assert {k: found[k] for k in ALLOWED} == {k: "ok" for k in ALLOWED}, found
+    if pids:        # nothing reached them: all there, none stopped, none cut to 12 files
+        for pid in pids.values():
+            assert not gone(pid) and status_field(pid, "State")[0] not in "TZ", pid
+        assert open("/proc/%d/limits" % pids["smtpfwdd"]).read().count(" 12 ") == 0
 
 
 def jailed(pid):
@@ -117,10 +157,45 @@ def test_a_jailed_worker_reaches_no_process_outside(daemon_, delivering):
     pids = delivering(d.jail)
     assert wait_for(lambda: any(jailed(p) for p in d.workers()))
     worker = next(p for p in d.workers() if jailed(p))
-    assert_contained(probe(worker, d.jail, pids))
+    assert_contained(probe(worker, d.jail, pids), pids)
     assert comm(worker) == "smtpd: worker"      # and it still serves
     assert status_field(worker, "NoNewPrivs") == ["1"]
     assert status_field(worker, "Seccomp") == ["2"]
+
+
+@needs_gdb
+def test_foreground_jailed_processes_hold_no_terminal(daemon_, delivering):
+    """smtpd -D -F from root's shell (issue 34, item 1): no worker and no
+    rules watcher has the terminal as its controlling tty or as a
+    descriptor, so none can type into the shell; their log lines reach the
+    terminal through the master, with every control shown, even what a
+    compromised worker writes itself."""
+    term = Terminal()
+    try:
+        d = daemon_(tty=term.slave).wait_ready()
+        pids = delivering(d.jail)
+        master_tty, master_session = tty_and_session(d.master_pid())
+        assert master_tty != 0                  # the master's own: the operator's terminal
+        assert wait_for(lambda: d.watcher() and all(jailed(p) for p in d.workers()))
+        jailed_ones = d.workers() + d.watcher()
+        for pid in jailed_ones:
+            tty, session = tty_and_session(pid)
+            assert (tty, terminal_fds(pid)) == (0, []), (comm(pid), terminal_fds(pid))
+            assert session != master_session
+        c = d.connect()
+        assert c.code() == 220
+        assert c.cmd("EHLO client.example")[0] == 250
+        c.cmd("QUIT")
+        assert wait_for(lambda: b"worker: EHLO from" in term.text()), term.text()
+        worker = d.workers()[0]
+        found = run_inside(worker, d.jail, 'os.write(2, b"\\x1b]0;owned\\x07 typed\\n")\n'
+                                            'found["wrote"] = 1')
+        assert found == {"wrote": 1}
+        assert wait_for(lambda: b"\\x1b]0;owned\\x07 typed" in term.text()), term.text()
+        assert b"\x1b]0;owned" not in term.text()
+        assert_contained(probe(worker, d.jail, pids), pids)
+    finally:
+        term.close()
 
 
 @needs_gdb

@@ -66,10 +66,10 @@ def compile_rules(config, frame):
     return parse(data, config.rules_shown)
 
 
-def load_rules(config):
+def load_rules(config, relay):
     """The rules at start, read in the jail by a one-shot watcher; an
     unreadable or invalid file stops smtpd with 78.  (rules, text)."""
-    w = rulewatch.Watcher(config).start()
+    w = rulewatch.Watcher(config, stderr=relay).start()
     frame = None
     try:
         frame = w.first()
@@ -82,6 +82,8 @@ def load_rules(config):
     finally:
         w.stop()
         os.waitpid(w.pid, 0)
+        if relay is not None:
+            relay.pump()
     if problems:
         for p in problems:
             log.err("%s", p)
@@ -195,8 +197,9 @@ def is_smtpd_master(pid):
 
 
 class Master:
-    def __init__(self, config, engine, listener, rules, rules_text):
+    def __init__(self, config, engine, listener, rules, rules_text, relay):
         self.config, self.listener = config, listener
+        self.relay = relay          # -F: the jailed processes' stderr (log.Relay), or None
         self.engine = replace(engine, rules=FrozenRules(rules))   # what a new worker gets
         self.rules_text = rules_text
         self.watcher = None
@@ -220,6 +223,8 @@ class Master:
         self.child_exited = False
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.wake_r, selectors.EVENT_READ, None)
+        if relay is not None:
+            self.sel.register(relay, selectors.EVENT_READ, relay)
 
     def on_stop(self, *a):
         self.stopping = True
@@ -333,9 +338,10 @@ class Master:
         """The jailed process that reads the rules file for us."""
         def inherited():
             return ([self.listener, self.wake_r, self.wake_w, self.sel]
-                    + [w.ctrl for w in self.workers.values()])
+                    + [w.ctrl for w in self.workers.values()]
+                    + ([self.relay.r] if self.relay else []))
         try:
-            self.watcher = rulewatch.Watcher(self.config, inherited).start()
+            self.watcher = rulewatch.Watcher(self.config, inherited, self.relay).start()
         except OSError as e:
             log.err("fork of the rules watcher: %s", e.strerror)
             self.next_watcher = time.monotonic() + 1
@@ -420,6 +426,8 @@ class Master:
         for key, _ in self.sel.select(timeout):
             if key.data is None:
                 process.drain(self.wake_r)
+            elif key.data is self.relay:
+                self.relay.pump()
             elif key.data == "rules":
                 if self.watcher is not None:
                     self.from_watcher()
@@ -452,6 +460,8 @@ class Master:
             except ProcessLookupError:
                 pass
         process.ignore_stop_signals()
+        if self.relay is not None:
+            self.relay.pump()
         if self.engine.dir_sync is not None:
             committed, fsyncs = self.engine.dir_sync.counts()
             log.info("stopped: %d messages committed with %d fsyncs of the spool directory",
@@ -465,12 +475,15 @@ class Master:
     def become_worker(self, ctrl, slot):
         try:
             process.child_signals(signal.SIGTERM, signal.SIGCHLD)   # the master ends sessions
+            process.leave_terminal(self.relay and self.relay.w)
             for w in self.workers.values():
                 w.ctrl.close()
             if self.watcher is not None:
                 self.watcher.sock.close()
             os.close(self.wake_r)
             os.close(self.wake_w)
+            if self.relay is not None:
+                os.close(self.relay.r)
             self.sel.close()
             process.set_title("smtpd: worker")
             log.log.role = "worker: "
@@ -490,13 +503,14 @@ def run(config, engine):
     """smtpd -D, after the pre-jail phase (engine): the rules, the socket
     and the pid file as root, then detach and serve."""
     process.set_title("smtpd: master")
-    rules, text = load_rules(config)
+    relay = log.Relay() if config.foreground and log.Relay.wanted() else None
+    rules, text = load_rules(config, relay)
     check_jail_log_socket(config)
     listener = bind(config)
     check_pidfile(config.pidfile)
     pidfile = daemon.pidfile.TimeoutPIDLockFile(config.pidfile, acquire_timeout=0)
     if config.foreground:
-        return serve(config, engine, listener, rules, text, pidfile)
+        return serve(config, engine, listener, rules, text, pidfile, relay)
     # SIGTERM from the moment the pid file names us until Master takes it
     # over ends us (DaemonContext.terminate): never ignored, or an init
     # script's quick start-then-stop would leave a master running.
@@ -511,19 +525,19 @@ def run(config, engine):
         log.die(1, "already running (pid file %s)", config.pidfile)
     log.log.open("smtpd", buildconf.LOG_FACILITY, pid=config.log_pid, path=buildconf.LOG_SOCKET)
     try:
-        return serve(config, engine, listener, rules, text, None)
+        return serve(config, engine, listener, rules, text, None, None)
     finally:
         ctx.close()
 
 
-def serve(config, engine, listener, rules, text, pidfile):
+def serve(config, engine, listener, rules, text, pidfile, relay):
     if pidfile is not None:
         try:
             pidfile.acquire()
         except lockfile.AlreadyLocked:
             log.die(1, "already running (pid file %s)", config.pidfile)
     try:
-        return Master(config, engine, listener, rules, text).run()
+        return Master(config, engine, listener, rules, text, relay).run()
     finally:
         if pidfile is not None:
             pidfile.release()

@@ -41,9 +41,10 @@ class Watcher:
     """The master's end: start() forks the watcher, then frames() yields
     what it sent, as ("T", bytes) or ("E", message)."""
 
-    def __init__(self, config, close_in_child=list):
+    def __init__(self, config, close_in_child=list, stderr=None):
         self.config = config
         self.close_in_child = close_in_child
+        self.stderr = stderr        # the master's log.Relay (-F), or None
         self.pid = None
         self.sock = None
         self.buf = bytearray()
@@ -72,6 +73,7 @@ class Watcher:
 
     def child(self, sock):
         process.child_signals(signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR2)
+        process.leave_terminal(self.stderr and self.stderr.w)
         process.set_title("smtpd: rules")
         log.log.role = "rules: "
         post_jail_init(self.config)
