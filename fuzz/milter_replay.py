@@ -87,9 +87,12 @@ def exercise(data):
             check(f.event(milter.EOH, b"", {"i": "smtpdX"}, "content"))
             for chunk in msg.chunks(milter.CHUNK):
                 check(f.event(milter.BODY, chunk, {}, "content"))
-            edits = []
-            check(f.event(milter.BODYEOB, b"", {"i": "smtpdX"}, "content", edits))
-            msg.apply(edits, False)
+            edits = msg.changes()
+            try:
+                check(f.event(milter.BODYEOB, b"", {"i": "smtpdX"}, "content", edits))
+                msg.apply(edits, False)
+            finally:
+                edits.close()
             if msg.changed:
                 same_either_way(msg, d)
             return msg.changed

@@ -223,6 +223,35 @@ def test_a_list_that_did_not_answer_is_not_cached_for_long(daemon_, dnsz):
     assert len([q for q in dnsz.queries if q[0] == "2.0.0.127.slow.test."]) == 2  # sent + resent
 
 
+def test_an_error_answer_is_cached_no_longer_than_silence():
+    """Issue 34, item 8: a list that answers its error code (it refused our
+    resolver) scores 0, as a silent one does, and is kept no longer than
+    one: UNANSWERED_TTL, not SMTPD_DNSBL_TTL."""
+    import buildconf
+    from smtpgate.gate import dnsbl
+
+    class Cache:
+        def __init__(self):
+            self.kept = []
+
+        def get(self, ip):
+            return None
+
+        def put(self, ip, score, ttl):
+            self.kept.append((score, ttl))
+    cache = Cache()
+    rep = dnsbl.Reputation(dnsbl.parse_sites("bl.test wl.test*-2"), cache)
+    for answers in ({"bl.test": ["127.255.255.254"], "wl.test": []},
+                    {"bl.test": [], "wl.test": ["192.0.2.99"]},
+                    {"bl.test": ["127.0.0.2", "127.255.255.252"], "wl.test": []},
+                    {"bl.test": [], "wl.test": []}):
+        s = dnsbl.Scoring(rep.sites, ipaddress.ip_address("192.0.2.1"), None, 5)
+        s.answers, s.pending = dict(answers), {}
+        rep.finish(s)
+    ttl = min(buildconf.SMTPD_DNSBL_TTL, dnsbl.UNANSWERED_TTL)
+    assert cache.kept == [(0, ttl), (0, ttl), (0, ttl), (0, buildconf.SMTPD_DNSBL_TTL)]
+
+
 def test_inetd_sessions_ask_every_time(smtpd, lists):
     srv = smtpd(ALLOW, "-H", SMTPD_DNSBL_SITES="bl.test")
     for _ in range(2):

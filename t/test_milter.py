@@ -431,6 +431,33 @@ def test_size_limit_holds_for_changes(smtpd, filters):
     assert session(srv)["end"][0] == 451
 
 
+def peak_kb(pid):
+    return int(open("/proc/%d/status" % pid).read().split("VmHWM:")[1].split()[0])
+
+
+@pytest.mark.parametrize("what", ["body", "headers"])
+def test_a_filters_changes_are_checked_as_they_arrive(daemon_, filters, what):
+    """Issue 34, item 5: a new body is written as its packets come, held to
+    the size limit; header changes are bounded in all (CHANGES_MAX): 40
+    packets of about 1 MiB cost a worker a few MiB, not 40, and the default
+    action comes the moment the bound is passed (the filter is cut off)."""
+    big = (1 << 20) - 200
+    packets = ([pkt(b"b", b"y" * (big - 2) + b"\r\n")] * 40 if what == "body" else
+               [pkt(b"h", strs(b"X-Big-%d" % i, b"z" * 60000)) for i in range(40)])
+    f = filters(eom(*packets))
+    d = daemon_(ALLOW, "-H", "-f", f.spec, "-s", "2000000", SMTPD_PREFORK=1,
+                SMTPD_MAXCHILDREN=1, **FAST).wait_ready()
+    c = d.connect()                         # the readiness checks are served
+    assert c.code() == 220 and c.cmd("QUIT")[0] == 221
+    (worker,) = d.workers()
+    before = peak_kb(worker)
+    assert session(d)["end"] == (451, ["4.7.1 Service unavailable - try again later"])
+    assert peak_kb(worker) - before < 12 * 1024, (before, peak_kb(worker))
+    assert spool_files(d.jail) == []
+    assert re.search(r"change refused: (the new body exceeds 2000000 octets|header and "
+                     r"envelope changes of more than 1048576 octets)", d.log()), d.log()
+
+
 # ------------------------------------------------------------ quarantine ----
 
 def test_quarantine_holds_until_released(smtpd, filters, tree_factory):
@@ -964,9 +991,9 @@ def test_an_answer_in_pieces_is_one_packet():
             time.sleep(0.002)
     t = threading.Thread(target=drip)
     t.start()
-    edits = []
+    edits = rewrite.Changes("/tmp", 0)
     assert f.event(milter.BODYEOB, b"", {}, "content", edits) == milter.CONTINUE
     t.join()
-    assert edits == [("add", b"X-A", b"b")]
+    assert edits.edits == [("add", b"X-A", b"b")]
     ours.close()
     theirs.close()

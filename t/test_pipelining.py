@@ -159,3 +159,99 @@ def test_off_the_original_reads_it_all(smtpd):
     c.send("HELO client.example\r\n" + ENVELOPE + "DATA\r\n" + TEXT + "QUIT\r\n")
     assert [c.code() for _ in range(6)] == [250, 250, 250, 354, 250, 221]
     assert len(spool_files(srv.jail)) == 1
+
+
+def test_text_sent_while_a_filter_answers_data(smtpd):
+    """Issue 34, item 7: the check is made again right before the 354, so a
+    client that did not wait -- its text arrives while a filter takes its
+    time over DATA -- is refused, not spooled."""
+    from fakemilter import FakeMilter, pkt
+
+    def slow(conn, payload):
+        time.sleep(0.6)
+        return [pkt(b"c")]
+    f = FakeMilter({b"T": slow})
+    try:
+        srv = smtpd("allow:ALL:ALL:ALL\n", "-f", f.spec)
+        c = srv.connect()
+        assert c.code() == 220
+        assert c.cmd("EHLO client.example")[0] == 250
+        c.send(ENVELOPE)
+        assert [c.code(), c.code()] == [250, 250]
+        c.send("DATA\r\n")
+        time.sleep(0.2)                 # the filter is still thinking
+        c.send(TEXT)
+        refused(c)
+        one_log_line(srv, "DATA")
+        assert spool_files(srv.jail) == []
+    finally:
+        f.close()
+
+
+class RecordClient:
+    """A TLS client over memory BIOs: which records go out in which
+    segment is the test's to choose."""
+
+    def __init__(self, sock):
+        import ssl
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        self.ssl = ssl
+        self.sock, self.inc, self.out = sock, ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self.inc, self.out)
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self.out.read())
+                self.inc.write(self.sock.recv(65536))
+        self.sock.sendall(self.out.read())
+        self.buf = b""
+
+    def records(self, text):
+        """The TLS records of text, not sent."""
+        self.tls.write(text.encode())
+        return self.out.read()
+
+    def reply(self):
+        while b"\r\n" not in self.buf:
+            try:
+                self.buf += self.tls.read(65536)
+            except self.ssl.SSLWantReadError:
+                data = self.sock.recv(65536)
+                if not data:
+                    return None
+                self.inc.write(data)
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line.decode()
+
+
+def test_a_record_in_the_segment_of_data_inside_tls(smtpd, tmp_path):
+    """Issue 34, item 7: inside TLS the check counts the octets still
+    encrypted: the first octets of the record after DATA's, in DATA's
+    segment, are text sent before our 354."""
+    import subprocess
+    cert, key = str(tmp_path / "c.pem"), str(tmp_path / "k.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=mx",
+                    "-keyout", key, "-out", cert], check=True, capture_output=True)
+    os.chmod(key, 0o644)
+    os.chmod(str(tmp_path), 0o755)
+    srv = smtpd("allow:ALL:ALL:ALL\n", "-C", cert, "-K", key)
+    c = srv.connect()
+    assert c.code() == 220
+    assert c.cmd("EHLO client.example")[0] == 250
+    assert c.cmd("STARTTLS")[0] == 220
+    t = RecordClient(c.sock)
+    c.sock.sendall(t.records("EHLO client.example\r\n"))
+    while not t.reply().startswith("250 "):
+        pass
+    c.sock.sendall(t.records(ENVELOPE))
+    assert [t.reply()[:3], t.reply()[:3]] == ["250", "250"]
+    data, text = t.records("DATA\r\n"), t.records(TEXT)
+    c.sock.sendall(data + text[:3])
+    time.sleep(0.2)
+    c.sock.sendall(text[3:])
+    assert t.reply() == "554 5.5.0 Error: SMTP protocol synchronization"
+    assert spool_files(srv.jail) == []

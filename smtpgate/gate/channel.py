@@ -278,24 +278,27 @@ class Channel:
 
     def ready(self):
         """Has the client sent command input we have not read yet?  Reads
-        what is there without waiting (TLS records included); a client
-        that has only closed its side has not."""
+        what is there without waiting; under TLS the octets of a record not
+        yet whole count too (they share a segment with what came before).
+        A client that has only closed its side has not."""
         if self.buf:
             return True
         if not self.tls_buffered() and not self.read_poll.poll(0):
             return False
+        encrypted = 0
         try:
             if self.tls is None:
                 self.buf += os.read(self.rfd, CHUNK)
             else:
                 if self.read_poll.poll(0):
                     self.tls_in.write(os.read(self.rfd, CHUNK))
+                encrypted = self.tls_in.pending     # OpenSSL takes a partial record in
                 self.buf += self.tls.read(CHUNK)
         except (BlockingIOError, ssl.SSLWantReadError):
             pass
         except (OSError, ssl.SSLError):
             return False            # the next read says what went wrong
-        return bool(self.buf)
+        return bool(self.buf) or encrypted > 0
 
     def unread_input(self):
         """Input we have not consumed, buffered or waiting (or EOF)?  A

@@ -20,7 +20,7 @@ DESCRIPTION
 CACHE
     ScoreCache, in memory the -D master maps before it forks: a score per
     client address for SMTPD_DNSBL_TTL seconds (60 at most when a list did
-    not answer), SMTPD_DNSBL_CACHE addresses in sets of 8 placed by a keyed
+    not answer or answered its error code), SMTPD_DNSBL_CACHE addresses in sets of 8 placed by a keyed
     hash, the least recently used of a set evicted, as admission's RateTable.
     inetd sessions score without a cache.
 """
@@ -297,8 +297,12 @@ class Scoring:
 
     @property
     def complete(self):
-        """Did every list answer (the score may be kept long)?"""
-        return self.cached or all(isinstance(self.answers.get(s.zone), list) for s in self.sites)
+        """Did every list answer, and none with its error code (the score
+        may be kept long)?  A list that refused us (127.255.255.x, an
+        answer outside 127/8) is as good as silent: kept UNANSWERED_TTL."""
+        return self.cached or all(
+            isinstance(a, list) and all(dnslookup.is_listing(x) for x in a)
+            for a in (self.answers.get(s.zone) for s in self.sites))
 
     def detail(self):
         """For the log: each list that counted, its answer and weight."""

@@ -72,7 +72,6 @@ from smtpgate.text import visible
 VERSION = 6
 CHUNK = 65535               # body octets per SMFIC_BODY (Postfix's MILTER_CHUNK_SIZE)
 PACKET_MAX = 1 << 20        # the largest packet a filter may send
-EDITS_MAX = 10000           # changes one filter may ask for at the end of one message
 REPLY_LINES = 10
 REPLY_LINE = 512
 SYMLIST_MAX = 4096
@@ -513,9 +512,7 @@ class Filter:
             raise Broken("change %r before the end of the message" % code)
         if not self.actions & EDITS[code]:
             raise Broken("change %r it did not negotiate" % code)
-        if len(edits) >= EDITS_MAX:
-            raise Broken("more than %d changes" % EDITS_MAX)
-        edits.append(parse_edit(code, data))
+        edits.add(parse_edit(code, data))       # checked now: rewrite.Invalid
 
     def replied(self, cmd, data):
         reply = smtp_reply(data)
@@ -698,13 +695,16 @@ class Milters:
             a = f.event(cmd, payload, self.values, "content")
             if a.kind != "continue" or f.state != ENVELOPE:
                 return a
-        edits = []
-        a = f.event(BODYEOB, b"", self.values, "content", edits)
-        if a.kind == "continue":        # let through: continue, or accept (DONE_MESSAGE)
-            f.reusable = "continue" if f.state == ENVELOPE else "accept"
-        if a.kind == "continue" and edits:
-            msg.apply(edits, lead)
-        return a
+        edits = msg.changes()
+        try:
+            a = f.event(BODYEOB, b"", self.values, "content", edits)
+            if a.kind == "continue":        # let through: continue, or accept (DONE_MESSAGE)
+                f.reusable = "continue" if f.state == ENVELOPE else "accept"
+            if a.kind == "continue" and edits:
+                msg.apply(edits, lead)
+            return a
+        finally:
+            edits.close()
 
     @property
     def held(self):

@@ -5,6 +5,9 @@ DESCRIPTION
     header of the message in a draft (descriptor fd, from start -- after
     smtpd's own Received header, which no filter sees, changes or moves --
     to end).  fields() and chunks() are what a filter is sent (milter.py);
+    changes() collects one filter's changes as their packets arrive,
+    checked at once (Invalid the moment one is too many or too large: a new
+    body goes to a file as it comes, held to the size limit);
     apply() takes one filter's changes, all of them or none (Invalid);
     write() makes the changed message a new draft, which the session
     commits as it would have the first: fsync, rename, directory fsync,
@@ -22,7 +25,9 @@ REFUSED
     Any of these makes the filter's changes Invalid, and the default
     action applies: a header name that is not printable ASCII without ':';
     a value with a NUL, a CR not before LF, a line break not followed by a
-    space or tab (only folds), or over HEADER_MAX octets; an address smtpd
+    space or tab (only folds), or over HEADER_MAX octets; more than
+    EDITS_MAX changes, or header and envelope changes of more than
+    CHANGES_MAX octets in all; an address smtpd
     would refuse -- its syntax, or the rules, asked with the sender the
     message will have; no recipient left, or more than MAX_RCPT; a body
     with a NUL or a bare CR; a message over the size limit.
@@ -42,6 +47,8 @@ FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]{1,998}")
 UNFOLDED = re.compile(rb"\n(?![ \t])")
 HEADER_MAX = 65536
+CHANGES_MAX = 1 << 20       # octets of one filter's header and envelope changes in all
+EDITS_MAX = 10000           # changes one filter may ask for at the end of one message
 READ = 65536
 IN_PLACE = 1 << 20          # a changed message whose body is at most this is rewritten in place
 
@@ -112,6 +119,44 @@ class Replacement:
         return self.f.fileno(), 0, self.length
 
 
+class Changes:
+    """One filter's changes at the end of one message, taken as they arrive
+    (milter.py): each checked at once against the bounds, a new body
+    written to its file as it comes (Replacement), so that a filter's
+    answer never costs more memory than CHANGES_MAX and a packet."""
+
+    def __init__(self, spooldir, maxsize):
+        self.spooldir, self.maxsize = spooldir, maxsize
+        self.edits = []             # header and envelope changes, in order
+        self.octets = 0
+        self.count = 0
+        self.replacement = None     # Replacement, at the first body change
+
+    def add(self, edit):
+        self.count += 1
+        if self.count > EDITS_MAX:
+            raise Invalid("more than %d changes" % EDITS_MAX)
+        if edit[0] == "body":
+            if self.replacement is None:
+                self.replacement = Replacement(self.spooldir, self.maxsize)
+            self.replacement.write(edit[1])
+            return
+        if edit[0] in ("add", "insert", "change") and len(edit[-1]) > HEADER_MAX:
+            raise Invalid("header %r of %d octets" % (edit[-2][:40], len(edit[-1])))
+        self.octets += sum(len(x) for x in edit[1:] if isinstance(x, bytes))
+        if self.octets > CHANGES_MAX:
+            raise Invalid("header and envelope changes of more than %d octets" % CHANGES_MAX)
+        self.edits.append(edit)
+
+    def __bool__(self):
+        return bool(self.edits) or self.replacement is not None
+
+    def close(self):
+        if self.replacement is not None:
+            self.replacement.f.close()
+            self.replacement = None
+
+
 class Message:
     """The message the filters judge: envelope, header, where its body is."""
 
@@ -146,29 +191,31 @@ class Message:
 
     # -- changes --
 
-    def apply(self, edits, leading_space):
-        """One filter's changes, all or none; Invalid."""
+    def changes(self):
+        """An empty Changes for the next filter's answer."""
+        return Changes(self.spooldir, self.maxsize)
+
+    def apply(self, changes, leading_space):
+        """One filter's Changes, all or none; Invalid (the Changes are
+        closed either way: a new body is the Message's from here)."""
         headers, sender, rcpts = list(self.headers), self.sender, list(self.recipients)
-        replacement, reformed = None, False
-        for edit in edits:
-            kind = edit[0]
-            if kind in ("add", "insert", "change"):
-                reformed = True
-                self.header_edit(headers, edit, leading_space)
-            elif kind == "from":
-                sender = self.address(edit[1], null_ok=True)
-            elif kind == "addrcpt":
-                rcpt = self.address(edit[1], null_ok=False)
-                if exact(rcpt) not in map(exact, rcpts):
-                    rcpts.append(rcpt)
-            elif kind == "delrcpt":
-                gone = exact(edit[1].decode("latin-1"))
-                rcpts = [r for r in rcpts if exact(r) != gone]
-            elif kind == "body":
-                if replacement is None:
-                    replacement = Replacement(self.spooldir, self.maxsize)
-                replacement.write(edit[1])
+        replacement, changes.replacement = changes.replacement, None
         try:
+            reformed = False
+            for edit in changes.edits:
+                kind = edit[0]
+                if kind in ("add", "insert", "change"):
+                    reformed = True
+                    self.header_edit(headers, edit, leading_space)
+                elif kind == "from":
+                    sender = self.address(edit[1], null_ok=True)
+                elif kind == "addrcpt":
+                    rcpt = self.address(edit[1], null_ok=False)
+                    if exact(rcpt) not in map(exact, rcpts):
+                        rcpts.append(rcpt)
+                elif kind == "delrcpt":
+                    gone = exact(edit[1].decode("latin-1"))
+                    rcpts = [r for r in rcpts if exact(r) != gone]
             body = replacement.finish() if replacement is not None else self.body
             self.check(sender, rcpts, headers, body)
         except BaseException:

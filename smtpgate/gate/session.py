@@ -445,6 +445,8 @@ class Session(Filtering):
         except OSError as e:
             log.crit("creating spool file in %s: %s", self.config.spooldir, e.strerror)
             raise Closed(os.EX_CANTCREAT, "cannot create spool file") from None
+        if self.ends_group("DATA") and self.ch.ready():
+            raise self.out_of_sync("DATA")  # again: text sent while a filter answered
         self.ch.reply(354)
         self.ch.flush()
         reader = DataReader(self.ch, self.draft.write, self.config.maxsize)
