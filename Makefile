@@ -121,7 +121,7 @@ SMTPD_DNSBL_TTL = 3600
 SMTPD_DNSBL_CACHE = 10000
 
 # ------------------------------------ state shared by several gates (Redis) ----
-#: text: redis://ADDRESS:PORT/DB shared by several gates (rates, caches); empty = each gate its own
+#: text: redis://[USER@]ADDRESS:PORT/DB shared by several gates (rates, caches); empty = each its own
 SMTPD_SHARED_STORE =
 #: path?: root-only file: "key SECRET" (signs cache entries), optional "password PW", "user NAME"
 SMTPD_SHARED_STORE_SECRETS = /etc/smtpd/shared-store.secret
@@ -270,7 +270,7 @@ EXAMPLES = etc/smtpd_check_rules.example etc/antispam_check_rules.example \
 	etc/init.d/smtpd etc/init.d/smtpfwdd etc/default/smtpd etc/default/smtpfwdd \
 	etc/rc.d/smtpd etc/rc.d/smtpfwdd \
 	etc/inetd.conf.smtpd etc/xinetd.d/smtpd etc/rsyslog-smtpd.conf etc/syslog-ng-smtpd.conf \
-	etc/haproxy.cfg etc/shared-store.secret.example
+	etc/haproxy.cfg etc/shared-store.secret.example etc/redis-acl.conf
 # Where rsyslog reads snippets; the jail's log socket is added there.
 RSYSLOG_DIR = /etc/rsyslog.d
 

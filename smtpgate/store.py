@@ -4,7 +4,7 @@ DESCRIPTION
     One interface, two backends.  Local, the default: the rate table and
     the DNS lists' score cache in memory the -D master maps (admission.py,
     dnsbl.py), the verification cache in sqlite inside the jail (verify.py).
-    Redis (SMTPD_SHARED_STORE=redis://ADDRESS:PORT/DB, Valkey alike): the
+    Redis (SMTPD_SHARED_STORE=redis://[USER@]ADDRESS:PORT/DB, Valkey alike): the
     same three, shared by every gate that names the same server, under the
     keys PREFIX + "rate:" / "verify:" / "dnsbl:" + hex of the local key.
       Rates       the local table's sliding window (16 buckets), counted by
@@ -28,7 +28,15 @@ SECRETS
     SMTPD_SHARED_STORE_SECRETS, read as root before the jail, only from a
     file no one but root may read: "key SECRET" (the signing key, the same
     on every gate, at least 16 characters), optionally "password PW" and
-    "user NAME" (Redis AUTH).
+    "user NAME" (Redis AUTH; the user may be named in the URL instead).
+    A Redis ACL user (etc/redis-acl.conf) limits what the gates -- and so a
+    compromised worker, which holds both -- may do there: the commands
+    below, on keys under the prefix.  A forged entry signed with the key is
+    believed for at most its own TTL constant (an expiry further away is
+    forged), a forged rate count for one window.
+COMMANDS
+    AUTH, SELECT, GET, SET (EX), EVALSHA and EVAL (RATE_SCRIPT: HGETALL,
+    HDEL, HINCRBY, EXPIRE, SET NX EX), PING.
 """
 
 import fcntl
@@ -46,10 +54,13 @@ import time
 import buildconf
 from smtpgate import log
 
-URL = re.compile(r"^redis://(\[[0-9A-Fa-f:.]+\]|[0-9.]+):(\d{1,5})(?:/(\d{1,2}))?$")
-REPLY_MAX = 1 << 20             # octets of one reply
-ARRAY_MAX = 1024                # elements of one array
+URL = re.compile(r"^redis://(?:([A-Za-z0-9_.-]{1,64})@)?(\[[0-9A-Fa-f:.]+\]|[0-9.]+):(\d{1,5})"
+                 r"(?:/(\d{1,2}))?$")
+REPLY_MAX = 1 << 20             # octets of one reply, everything in it
+ARRAY_MAX = 1024                # elements of one reply, at every depth
+DEPTH_MAX = 2                   # arrays within arrays (ours: EVALSHA's answer is flat)
 RETRY = 1.0                     # seconds between two tries while Redis is down
+CLOCK_SLACK = 60                # seconds a gate's clock may be ahead of another's
 
 RATE_SCRIPT = b"""
 local bucket, nb, rate, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -84,12 +95,16 @@ class ReplyError(Exception):
 
 
 def parse_url(text):
-    """redis://ADDRESS:PORT/DB -> (address, port, db); ConfigError."""
+    """redis://[USER@]ADDRESS:PORT/DB -> (user or None, address, port, db);
+    ConfigError.  (The password is never in the URL: the secrets file
+    holds it.)"""
     m = URL.match(text.strip())
     if not m:
-        raise ConfigError("SMTPD_SHARED_STORE = %s: not redis://ADDRESS:PORT/DB with an IP "
-                          "address (the jailed workers resolve no names)" % text)
-    addr, port, db = m.group(1).strip("[]"), int(m.group(2)), int(m.group(3) or 0)
+        raise ConfigError("SMTPD_SHARED_STORE = %s: not redis://[USER@]ADDRESS:PORT/DB with "
+                          "an IP address (the jailed workers resolve no names; the password "
+                          "goes in the secrets file)" % text)
+    user, addr, port, db = m.group(1), m.group(2).strip("[]"), int(m.group(3)), \
+        int(m.group(4) or 0)
     try:
         socket.inet_pton(socket.AF_INET6 if ":" in addr else socket.AF_INET, addr)
     except OSError:
@@ -97,7 +112,7 @@ def parse_url(text):
             from None
     if not 0 < port < 65536:
         raise ConfigError("SMTPD_SHARED_STORE = %s: bad port" % text)
-    return addr, port, db
+    return user, addr, port, db
 
 
 def read_secrets(path):
@@ -189,14 +204,15 @@ class Redis:
 
     def __init__(self, url, secrets, prefix, timeout_ms):
         self.url = url
-        self.addr, self.port, self.db = parse_url(url)
+        user, self.addr, self.port, self.db = parse_url(url)
         self.key = secrets["key"].encode("utf-8")
-        self.auth = [a.encode("utf-8") for a in (secrets.get("user"), secrets.get("password"))
-                     if a]
+        user = user or secrets.get("user")
+        self.auth = [a.encode("utf-8") for a in (user, secrets.get("password")) if a]
         self.prefix = prefix.encode("utf-8")
         self.timeout = timeout_ms / 1000.0
         self.health = Health()
         self.sock, self.buf = None, bytearray()
+        self.got = self.elements = 0        # of the reply being read
         self.pid = None
 
     # -- the connection --
@@ -262,8 +278,10 @@ class Redis:
                 raise Unavailable("write: timed out")
 
     def fill(self, end):
-        p = self.readable
-        if not p.poll(max(0, int((end - time.monotonic()) * 1000))):
+        """More of the reply; the deadline holds even while data keeps
+        coming, and the octets read count against REPLY_MAX."""
+        left = end - time.monotonic()
+        if left <= 0 or not self.readable.poll(int(left * 1000)):
             raise Unavailable("timed out after %d ms" % (self.timeout * 1000))
         try:
             chunk = self.sock.recv(65536)
@@ -274,7 +292,8 @@ class Redis:
         if not chunk:
             raise Unavailable("connection closed")
         self.buf += chunk
-        if len(self.buf) > REPLY_MAX + 64:
+        self.got += len(chunk)
+        if self.got > REPLY_MAX + 64:
             raise Unavailable("reply over %d octets" % REPLY_MAX)
 
     def line(self, end):
@@ -288,8 +307,14 @@ class Redis:
                 raise Unavailable("garbage: a line over 4096 octets")
             self.fill(end)
 
-    def reply(self, end, depth=0):
-        """One reply: bytes, int, None, a list, or a ReplyError (returned)."""
+    def reply(self, end):
+        """One reply: bytes, int, None, a list, or a ReplyError (returned);
+        Unavailable past REPLY_MAX octets, ARRAY_MAX elements in all or
+        DEPTH_MAX nested arrays, or the deadline end."""
+        self.got, self.elements = len(self.buf), 0
+        return self.value(end, 0)
+
+    def value(self, end, depth):
         line = self.line(end)
         kind, rest = line[:1], line[1:]
         if kind == b"+":
@@ -315,9 +340,12 @@ class Redis:
                     raise Unavailable("garbage after a bulk string")
                 del self.buf[:n + 2]
                 return data
-            if n > ARRAY_MAX or depth > 3:
-                raise Unavailable("an array of %d elements" % n)
-            return [self.reply(end, depth + 1) for _ in range(n)]
+            self.elements += n
+            if self.elements > ARRAY_MAX:
+                raise Unavailable("a reply of more than %d elements" % ARRAY_MAX)
+            if depth >= DEPTH_MAX:
+                raise Unavailable("arrays nested more than %d deep" % DEPTH_MAX)
+            return [self.value(end, depth + 1) for _ in range(n)]
         raise Unavailable("garbage: %r" % line[:40])
 
     # -- calls --
@@ -432,7 +460,9 @@ class VerifyCache:
             code, expires = [int(x) for x in payload.split()] if payload else (None, 0)
         except ValueError:
             return None
-        if code not in (250, 550) or expires < now:
+        ttl = (buildconf.SMTPD_VERIFY_POSITIVE_TTL if code == 250
+               else buildconf.SMTPD_VERIFY_NEGATIVE_TTL)
+        if code not in (250, 550) or not now <= expires <= now + ttl + CLOCK_SLACK:
             return None
         self.local.put(address, code, now)
         return code
@@ -460,10 +490,12 @@ class ScoreCache:
             score, expires = [int(x) for x in payload.split()] if payload else (None, 0)
         except ValueError:
             return None
-        if score is None or expires < time.time():
+        now = time.time()
+        longest = now + buildconf.SMTPD_DNSBL_TTL + CLOCK_SLACK
+        if score is None or not now <= expires <= longest:
             return None
         if self.local is not None:
-            self.local.put(ip, score, expires - time.time())
+            self.local.put(ip, score, expires - now)
         return score
 
     def put(self, ip, score, ttl):
@@ -478,5 +510,11 @@ def from_config(url, secrets_path, prefix, timeout_ms):
     now (as root); ConfigError."""
     if not url.strip():
         return None
-    parse_url(url)
-    return Redis(url.strip(), read_secrets(secrets_path), prefix, timeout_ms)
+    user = parse_url(url)[0]
+    secrets = read_secrets(secrets_path)
+    if user and secrets.get("user", user) != user:
+        raise ConfigError("%s: user %s, but SMTPD_SHARED_STORE names %s: name the ACL user "
+                          "in one place" % (secrets_path, secrets["user"], user))
+    if user and not secrets.get("password"):
+        raise ConfigError("%s: no 'password PW' for the Redis user %s" % (secrets_path, user))
+    return Redis(url.strip(), secrets, prefix, timeout_ms)

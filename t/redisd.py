@@ -19,18 +19,28 @@ def available():
 
 
 class RedisServer:
-    def __init__(self, port=None, password=PASSWORD):
+    """acl: more ACL lines (user NAME ...) beside the default user, who
+    has the password."""
+
+    def __init__(self, port=None, password=PASSWORD, acl=()):
         self.port = port or free_port()
         self.password = password
         self.dir = tempfile.mkdtemp(prefix="redis-", dir="/tmp")
         self.proc = None
+        self.auth = ["--requirepass", password]
+        if acl:
+            path = os.path.join(self.dir, "users.acl")
+            with open(path, "w") as f:
+                f.write("user default on >%s ~* &* +@all\n" % password)
+                f.write("".join(line + "\n" for line in acl))
+            self.auth = ["--aclfile", path]
 
     def start(self):
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
              "--dir", self.dir, "--save", "", "--appendonly", "no",
-             "--requirepass", self.password, "--logfile", os.path.join(self.dir, "log"),
-             "--daemonize", "no", "--protected-mode", "yes"],
+             "--logfile", os.path.join(self.dir, "log"),
+             "--daemonize", "no", "--protected-mode", "yes"] + self.auth,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 10
         while time.time() < deadline:
@@ -51,12 +61,14 @@ class RedisServer:
         self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def command(self, *args, db=3):
-        """One command in db (the tests' gates use 3): its reply (bytes,
-        int, a list or None; an error reply as bytes starting with b"-")."""
+    def command(self, *args, db=3, auth=None):
+        """One command in db (the tests' gates use 3), as the default user
+        or auth (user, password): its reply (bytes, int, a list or None; an
+        error reply as bytes starting with b"-")."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
             data = b""
-            for cmd in (("AUTH", self.password), ("SELECT", db), args, ("QUIT",)):
+            login = ("AUTH",) + tuple(auth or (self.password,))
+            for cmd in (login, ("SELECT", db), args, ("QUIT",)):
                 parts = [a if isinstance(a, bytes) else str(a).encode() for a in cmd]
                 data += b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a)
                                                           for a in parts)

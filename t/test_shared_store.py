@@ -12,7 +12,7 @@ import time
 import pytest
 
 import redisd
-from harness import wait_for
+from harness import ROOT, wait_for
 
 pytestmark = pytest.mark.skipif(not redisd.available() or os.geteuid() != 0,
                                 reason="needs root and Debian's redis-server")
@@ -200,6 +200,14 @@ class HostileSession(socketserver.BaseRequestHandler):
                 elif how == "error":
                     self.request.sendall(b"-OOM command not allowed when used memory > "
                                          b"'maxmemory'.\r\n" * 3)
+                elif how == "huge-array":       # 200 strings of 896 KiB: 175 MB
+                    self.request.sendall(b"*200\r\n")
+                    for _ in range(200):
+                        self.request.sendall(b"$917504\r\n" + b"x" * 917504 + b"\r\n")
+                elif how == "nested":
+                    self.request.sendall(b"*1\r\n" * 100 + b":1\r\n")
+                elif how == "many":             # arrays of arrays of 1000 each
+                    self.request.sendall(b"*1000\r\n" * 3 + b":1\r\n" * 1000000)
                 # "stall": read, never answer
         except OSError:
             return
@@ -207,7 +215,10 @@ class HostileSession(socketserver.BaseRequestHandler):
 
 @pytest.mark.parametrize("how,said", [("garbage", "garbage"), ("stall", "timed out after 50 ms"),
                                       ("huge", "a reply of 99999999999 octets"),
-                                      ("error", "OOM command not allowed")])
+                                      ("error", "OOM command not allowed"),
+                                      ("huge-array", "reply over 1048576 octets"),
+                                      ("nested", "arrays nested more than 2 deep"),
+                                      ("many", "a reply of more than 1024 elements")])
 def test_redis_answering_garbage_or_stalling_is_bounded_and_logged(daemon_, tmp_path, how,
                                                                    said):
     h = Hostile(how)
@@ -226,6 +237,54 @@ def test_redis_answering_garbage_or_stalling_is_bounded_and_logged(daemon_, tmp_
         h.server_close()
 
 
+def test_a_signed_entry_that_claims_too_long_a_life_is_ignored(daemon_, redis, backend,
+                                                               tmp_path):
+    """Issue 34, item 4: an entry signed with the gates' key (a compromised
+    worker holds it) is believed only within the TTL the gate itself would
+    give: a "user exists" valid for ten years is a forgery."""
+    from smtpgate.gate import verify
+    g1, = gates(daemon_, redis.port, tmp_path, n=1, rules=RULES,
+                flags=("-V", "127.0.0.1:%d" % backend.port), SMTPD_VERIFY_CACHE="",
+                SMTPD_VERIFY_POSITIVE_TTL=3600)
+    for who, life in (("intruder", 10 * 365 * 86400), ("recent", 1800)):
+        key = b"smtpd:verify:" + verify.Cache.key(who + "@localhost").hex().encode()
+        payload = b"250 %d" % (time.time() + life)
+        mac = hmac.new(KEY.encode(), key + b"\0" + payload, hashlib.sha256).hexdigest()[:32]
+        redis.command("SET", key, payload + b" " + mac.encode())
+    assert rcpt(g1, "intruder@localhost") == 550        # asked of the backend
+    assert rcpt(g1, "recent@localhost") == 250          # within the TTL: believed
+    assert backend.rcpts == [b"RCPT TO:<intruder@localhost>"]
+
+
+def test_an_acl_user_that_reaches_only_our_keys_and_commands(daemon_, tmp_path):
+    """Issue 34, item 4: the gates log in as the ACL user etc/redis-acl.conf
+    ships (named in the URL, its password in the secrets file) and work as
+    with the default user; what a compromised worker holds -- that user and
+    password -- can neither reconfigure Redis nor touch other keys."""
+    line = next(l for l in open(os.path.join(ROOT, "etc", "redis-acl.conf"))
+                if l.startswith("user "))
+    acl = line.strip().replace(">CHANGE-THIS-PASSWORD", ">gate-password-1")
+    r = redisd.RedisServer(acl=[acl]).start()
+    try:
+        url = "redis://smtpd-gate@127.0.0.1:%d/3" % r.port
+        g1, g2 = gates(daemon_, r.port, tmp_path, SMTPD_MAX_RATE=2, SMTPD_SHARED_STORE=url,
+                       SMTPD_SHARED_STORE_SECRETS=secrets(tmp_path, password="gate-password-1"))
+        assert [greet(g1, "127.0.0.9"), greet(g2, "127.0.0.9"), greet(g1, "127.0.0.9")] \
+            == [220, 220, 421]
+        assert "using this gate's own state" not in g1.log() + g2.log()
+        assert r.keys("smtpd:rate:*")
+        worker = ("smtpd-gate", "gate-password-1")
+        for cmd in (("CONFIG", "SET", "maxmemory", "1"), ("FLUSHALL",), ("KEYS", "*"),
+                    ("GET", "otherapp:secret"), ("SET", "otherapp:x", "1"),
+                    ("EVAL", "return redis.call('CONFIG', 'GET', 'dir')", "0")):
+            answer = r.command(*cmd, auth=worker)
+            assert isinstance(answer, bytes) and answer.startswith((b"-NOPERM", b"-ERR")), \
+                (cmd, answer)
+        assert r.command("CONFIG", "GET", "maxmemory") == [b"maxmemory", b"0"]
+    finally:
+        r.close()
+
+
 def test_the_dnsbl_score_is_shared(daemon_, redis, dnsz, tmp_path):
     dnsz.add("9.0.0.127.bl.test", "A", "127.0.0.2")
     g1, g2 = gates(daemon_, redis.port, tmp_path, SMTPD_DNSBL_SITES="bl.test")
@@ -239,18 +298,29 @@ def test_the_dnsbl_score_is_shared(daemon_, redis, dnsz, tmp_path):
     assert greet(g2, "127.0.0.8") == 554
 
 
-@pytest.mark.parametrize("problem", ["missing", "world-readable", "no key", "bad url"])
+@pytest.mark.parametrize("problem", ["missing", "world-readable", "no key", "bad url",
+                                     "user twice", "user without password"])
 def test_bad_shared_store_configuration_stops_smtpd(daemon_, tmp_path, problem):
     path = secrets(tmp_path, mode=0o644 if problem == "world-readable" else 0o600,
                    key="short" if problem == "no key" else KEY)
     if problem == "missing":
         path = str(tmp_path / "nonexistent")
     url = "redis://localhost:6379/0" if problem == "bad url" else "redis://127.0.0.1:1/0"
+    if problem == "user twice":
+        with open(path, "a") as f:
+            f.write("user someone\n")
+        url = "redis://smtpd-gate@127.0.0.1:1/0"
+    if problem == "user without password":
+        with open(path, "w") as f:
+            f.write("key %s\n" % KEY)
+        url = "redis://smtpd-gate@127.0.0.1:1/0"
     d = daemon_("allow:ALL:ALL:ALL\n", SMTPD_SHARED_STORE=url, SMTPD_SHARED_STORE_SECRETS=path)
     assert d.proc.wait(20) == 78
     log = d.log()
     assert {"missing": "No such file", "world-readable": "readable by root only",
-            "no key": "no 'key SECRET' of at least 16", "bad url": "with an IP address"}[
+            "no key": "no 'key SECRET' of at least 16", "bad url": "with an IP address",
+            "user twice": "name the ACL user in one place",
+            "user without password": "no 'password PW' for the Redis user smtpd-gate"}[
         problem] in log, log
 
 
