@@ -2,7 +2,9 @@
 #
 # Every tunable of the programs lives here, in the table below.  `make`
 # writes buildconf.py from it; `make NOTO_DELAY=5` changes a value, and it
-# stays changed (config.mk) until `make defaults`.
+# stays changed (config.mk) until `make defaults`.  These are the compiled-in
+# defaults: an installed gate is tuned in SETTINGS_FILE
+# (/etc/smtpd/smtpd.conf, "NAME = value"), which make install never touches.
 
 # ============================================================ constants ====
 # One table: every tunable constant, its bounds and one line of doc, as
@@ -12,9 +14,11 @@
 # nets (CIDRs).  smtpgate/params.py reads it: `make` writes buildconf.py
 # from it; smtpd and smtpfwdd check every value at start (78 if one is out
 # of bounds); `smtpd -n` prints those that differ from these defaults and
-# `smtpd -N` all of them.  `make NAME=value` writes the value in config.mk,
-# which this file includes, so it stays until changed; `make defaults`
-# removes config.mk.  The man pages (CONFIGURATION) say more of each.
+# where each was set, `smtpd -N` all of them.  `make NAME=value` refuses a
+# value out of bounds, else writes it in config.mk, which this file
+# includes, so it stays until changed; `make defaults` removes config.mk.
+# The settings file takes any NAME of the table but PREFIX and
+# SETTINGS_FILE.  The man pages (CONFIGURATION) say more of each.
 
 # ---------------------------------------------------------------- paths ----
 #: path: the smtpd home, where smtpd chroots (-c default; a real path)
@@ -33,6 +37,8 @@ TLS_CERT = /etc/smtpd/cert.pem
 TLS_KEY = /etc/smtpd/key.pem
 #: path: where make install puts the programs (PREFIX/sbin, PREFIX/lib/smtpd)
 PREFIX = /usr/local
+#: path?: the operator's settings, NAME = value over these defaults (read at start and SIGHUP)
+SETTINGS_FILE = /etc/smtpd/smtpd.conf
 
 # ------------------------------------------------------------- identity ----
 #: name: the user both daemons run as (-u default); never root
@@ -270,7 +276,7 @@ EXAMPLES = etc/smtpd_check_rules.example etc/antispam_check_rules.example \
 	etc/init.d/smtpd etc/init.d/smtpfwdd etc/default/smtpd etc/default/smtpfwdd \
 	etc/rc.d/smtpd etc/rc.d/smtpfwdd \
 	etc/inetd.conf.smtpd etc/xinetd.d/smtpd etc/rsyslog-smtpd.conf etc/syslog-ng-smtpd.conf \
-	etc/haproxy.cfg etc/shared-store.secret.example etc/redis-acl.conf
+	etc/haproxy.cfg etc/shared-store.secret.example etc/redis-acl.conf etc/smtpd.conf
 # Where rsyslog reads snippets; the jail's log socket is added there.
 RSYSLOG_DIR = /etc/rsyslog.d
 
@@ -309,7 +315,8 @@ install: all venv
 	printf '#!/bin/sh\n# smtpq: the queue tool (smtpfwdd -Q), installed by make install\nset -- -Q "$$@"\nif [ "$$2" = -d ] && [ $$# -ge 3 ]; then d=$$(readlink -f -- "$$3"); shift 3; set -- -d "$$d" -Q "$$@"; fi\nPYTHONPATH=%s/vendor exec %s -s %s/smtpfwdd.py "$$@"\n' \
 	    $(LIBDIR) $(INSTALL_PYTHON) $(LIBDIR) > $(DESTDIR)$(SBINDIR)/smtpq
 	chmod 755 $(DESTDIR)$(SBINDIR)/smtpq
-	install -m 644 man/smtpd.8 man/smtpfwdd.8 man/checkrules.8 $(DESTDIR)$(MANDIR)/man8/
+	install -m 644 man/smtpd.8 man/smtpfwdd.8 man/smtpq.8 man/checkrules.8 \
+	    $(DESTDIR)$(MANDIR)/man8/
 	install -m 644 man/smtpd_check_rules.5 $(DESTDIR)$(MANDIR)/man5/
 	for f in $(EXAMPLES); do \
 	    d=$(DESTDIR)$(DOCDIR)/$${f#etc/}; install -d -m 755 $$(dirname $$d); \
@@ -317,6 +324,16 @@ install: all venv
 	        -e 's|@PYTHON@|$(INSTALL_PYTHON)|g' $$f > $$d; \
 	    if [ -x $$f ]; then chmod 755 $$d; else chmod 644 $$d; fi; \
 	done
+	@# The operator's settings: made once, never overwritten (an upgrade keeps them).
+	@if [ -n "$(SETTINGS_FILE)" ]; then \
+	    if [ -e $(DESTDIR)$(SETTINGS_FILE) ] || [ -L $(DESTDIR)$(SETTINGS_FILE) ]; then \
+	        echo "$(SETTINGS_FILE): kept as it is (smtpd -n shows what it sets)"; \
+	    else \
+	        install -d -m 755 $$(dirname $(DESTDIR)$(SETTINGS_FILE)); \
+	        install -m 644 etc/smtpd.conf $(DESTDIR)$(SETTINGS_FILE); \
+	        echo "$(SETTINGS_FILE): installed (all commented: the built-in defaults)"; \
+	    fi; \
+	fi
 	install -d -m 700 $(DESTDIR)$(SPOOLDIR)
 	@# The smtpd user owns the spool and may have put links in it: root
 	@# makes etc/ and dev/ there only where nothing has that name, and never
@@ -326,11 +343,17 @@ install: all venv
 	        echo "$$p is not a directory: left alone" >&2; \
 	    elif [ ! -e $$p ]; then mkdir -m 755 $$p; fi; \
 	done
-	if [ -d $(DESTDIR)$(RSYSLOG_DIR) ]; then \
-	    sed -e 's|@SPOOLDIR@|$(SPOOLDIR)|g' etc/rsyslog-smtpd.conf \
-	        > $(DESTDIR)$(RSYSLOG_DIR)/smtpd.conf; \
-	    chmod 644 $(DESTDIR)$(RSYSLOG_DIR)/smtpd.conf; \
-	    echo "$(RSYSLOG_DIR)/smtpd.conf: restart rsyslog for the jail's log socket"; \
+	@# rsyslog must be restarted to listen on a new socket: said when it is new.
+	@if [ -d $(DESTDIR)$(RSYSLOG_DIR) ]; then \
+	    sed -e 's|@SPOOLDIR@|$(SPOOLDIR)|g' etc/rsyslog-smtpd.conf > .rsyslog-smtpd.conf; \
+	    if cmp -s .rsyslog-smtpd.conf $(DESTDIR)$(RSYSLOG_DIR)/smtpd.conf; then \
+	        rm -f .rsyslog-smtpd.conf; \
+	    else \
+	        install -m 644 .rsyslog-smtpd.conf $(DESTDIR)$(RSYSLOG_DIR)/smtpd.conf; \
+	        rm -f .rsyslog-smtpd.conf; \
+	        echo "$(RSYSLOG_DIR)/smtpd.conf: new; restart rsyslog once for the jail's log" \
+	            "socket (systemctl restart rsyslog, or: service rsyslog restart)"; \
+	    fi; \
 	fi
 	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" = 0 ]; then \
 	    getent group $(SMTP_GROUP) >/dev/null || groupadd --system $(SMTP_GROUP); \
@@ -346,6 +369,7 @@ uninstall:
 	rm -f $(DESTDIR)$(RSYSLOG_DIR)/smtpd.conf
 	for p in $(PROGRAMS) smtpq; do rm -f $(DESTDIR)$(SBINDIR)/$$p; done
 	rm -f $(DESTDIR)$(MANDIR)/man8/smtpd.8 $(DESTDIR)$(MANDIR)/man8/smtpfwdd.8 \
+	    $(DESTDIR)$(MANDIR)/man8/smtpq.8 \
 	    $(DESTDIR)$(MANDIR)/man8/checkrules.8 $(DESTDIR)$(MANDIR)/man5/smtpd_check_rules.5
 	rm -rf $(DESTDIR)$(DOCDIR)
 	@# The verification cache is a cache: it goes, with sqlite's side files.
@@ -356,7 +380,8 @@ uninstall:
 	@sort -r .installed-dirs | while read -r d; do \
 	    rmdir "$(DESTDIR)$$d" 2>/dev/null && echo "rmdir $(DESTDIR)$$d"; done; \
 	    rm -f .installed-dirs
-	@echo "left alone: $(SPOOLDIR) (the spool and rules) and the $(SMTP_USER) account"
+	@echo "left alone: $(SPOOLDIR) (the spool and rules), $(SETTINGS_FILE) and the" \
+	    "$(SMTP_USER) account"
 
 # ------------------------------------------------------------ make bench ----
 

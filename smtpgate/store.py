@@ -380,8 +380,8 @@ class Redis:
 
     def went_down(self, verb, why):
         if self.health.change(True):
-            log.err("shared store %s: %s: %s; using this gate's own state until it answers",
-                    self.url, verb.decode("latin-1"), why)
+            log.err("shared store %s: %s: %s; using this gate's own state until it answers "
+                    "(rates count per gate meanwhile)", self.url, verb.decode("latin-1"), why)
 
     def sign(self, key, payload):
         return hmac.new(self.key, key + b"\0" + payload, hashlib.sha256).hexdigest()[:32].encode()

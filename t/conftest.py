@@ -41,6 +41,7 @@ def dns_server():
 def dnsz(dns_server, monkeypatch):
     """The DNS fixture with an empty zone; SMTPD_NAMESERVER points at it."""
     dns_server.zone.clear()
+    dns_server.apexes.clear()
     dns_server.queries.clear()
     monkeypatch.setenv("SMTPD_NAMESERVER", dns_server.spec)
     return dns_server

@@ -53,12 +53,13 @@ TEST_CONSTANTS = dict(IDENT_PORT=IDENT_PORT, DNS_TIMEOUT=2, NOTO_DELAY=1,
 
 
 # What a tree of the tests never takes from the host it runs on: the
-# certificate and key an installed gate has in /etc/smtpd, the host's syslog
+# certificate, key and settings an installed gate has in /etc/smtpd, the host's syslog
 # socket (its rsyslogd would get our lines), its pid directory, spool and
 # mail agent.  A test that wants one of these names its own.
 NOWHERE = "/nonexistent-smtpd-test"
 HOST_NEUTRAL = dict(TLS_CERT="", TLS_KEY="", LOG_SOCKET=NOWHERE + "/log", PID_DIR=NOWHERE,
-                    SPOOLDIR=NOWHERE + "/spool", MAIL_AGENT=NOWHERE + "/sendmail")
+                    SPOOLDIR=NOWHERE + "/spool", MAIL_AGENT=NOWHERE + "/sendmail",
+                    SETTINGS_FILE=NOWHERE + "/smtpd.conf")
 
 
 def build_tree(dest, **constants):

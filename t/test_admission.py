@@ -211,11 +211,28 @@ def test_inetd_mode_pauses_too(smtpd):
     assert c.closed()
 
 
-def test_bad_admission_constants_exit_78(tree_factory):
-    tree = tree_factory(**dict(TEST_CONSTANTS, SMTPD_ADMISSION_EXEMPT="10/8"))
+def test_with_the_dns_down_the_greeting_waits_the_longest_bound_not_the_sum(smtpd, dnsz):
+    """Issue 35, item 13: the PTR lookup's time counts towards the greeting
+    pause: with the DNS silent for DNS_TIMEOUT (3 s) and a 3 s pause, the
+    greeting comes after about 3 s, not 6."""
+    dnsz.fail("1.0.0.127.in-addr.arpa", "TIMEOUT")
+    srv = smtpd("allow:ALL:ALL:ALL\n", SMTPD_GREET_PAUSE=3000, DNS_TIMEOUT=3)
+    t0 = time.monotonic()
+    c = srv.connect()
+    assert c.code() == 220
+    took = time.monotonic() - t0
+    assert 2.9 <= took < 5.0, took
+    assert c.cmd("QUIT")[0] == 221
+
+
+def test_bad_admission_constants_exit_78(tree_factory, tmp_path):
+    settings = tmp_path / "smtpd.conf"
+    settings.write_text("SMTPD_ADMISSION_EXEMPT = 10/8\n")      # make refuses it
+    tree = tree_factory(**dict(TEST_CONSTANTS, SETTINGS_FILE=str(settings)))
     d = SmtpdDaemon(tree, make_jail())
     assert d.proc.wait(20) == 78
-    assert "SMTPD_ADMISSION_EXEMPT: '10/8' is not an address or network" in d.log()
+    assert "smtpd.conf:1: SMTPD_ADMISSION_EXEMPT = 10/8: '10/8' is not an address or " \
+           "network" in d.log()
 
 
 # -- errors cost the client --

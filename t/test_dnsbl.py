@@ -340,6 +340,64 @@ def test_checkrules_shows_the_score(tree_factory, lists):
     assert p.returncode == 78 and "DNSBL token 'DNSBL=3..1': 3 is above 1" in p.stdout
 
 
+def test_checkrules_names_the_lists_that_could_not_say(tree_factory, dnsz):
+    """Issue 35, item 6: an error code or an error is not "no listing"."""
+    dnsz.add("*.broken.test", "A", "127.255.255.254")
+    dnsz.fail("*.down.test", "SERVFAIL")
+    listed(dnsz, "127.0.0.3", "bl.test", "127.0.0.4")
+    tree = tree_factory(**dict(TEST_CONSTANTS, SMTPD_DNSBL_SITES="bl.test broken.test "
+                               "down.test*2 clean.test", SMTPD_DNSBL_THRESHOLD=5))
+    env = dict(os.environ, SMTPD_NAMESERVER=dnsz.spec)
+    p = checkrules(tree, ALLOW, "-v", "-a", "127.0.0.3", "-n", "UNKNOWN", "a@example.org",
+                   "bob@my.domain", env=env)
+    lines = p.stdout.splitlines()
+    assert lines[1] == ("dnsbl score 1: bl.test 127.0.0.4 *1; broken.test 127.255.255.254, "
+                        "the list's error code: counted 0; down.test: SERVFAIL"), lines
+    assert lines[2:6] == ["dnsbl bl.test: 127.0.0.4: listed, *1",
+                          "dnsbl broken.test: 127.255.255.254, the list's error code: counted 0",
+                          "dnsbl down.test*2: SERVFAIL", "dnsbl clean.test: not listed"]
+    env = dict(os.environ, SMTPD_NAMESERVER="")
+    env.pop("SMTPD_NAMESERVER")
+    env["SMTPD_RESOLV_CONF"] = "/nonexistent-resolv.conf"
+    p = checkrules(tree, ALLOW, "-a", "127.0.0.3", "-n", "UNKNOWN", "a@example.org",
+                   "bob@my.domain", env=env)
+    assert "dnsbl score 0: no listing; bl.test: no nameserver configured" in p.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a DNS server on port 53 needs root")
+def test_the_lists_ask_the_servers_of_resolv_conf(daemon_, monkeypatch, tmp_path,
+                                                 tree_factory):
+    """Issue 35, item 1: without SMTPD_NAMESERVER the lists use resolv.conf's
+    servers, exactly as the PTR lookups do (resolv.conf has no ports: the
+    server is on 53, at an address of its own)."""
+    from fixtures import DNSServer
+    try:
+        server = DNSServer("127.53.0.1", 53)
+    except OSError as e:
+        pytest.skip("cannot listen on 127.53.0.1:53: %s" % e)
+    try:
+        listed(server, "127.0.0.2", "bl.test", "127.0.0.2")
+        conf = tmp_path / "resolv.conf"
+        conf.write_text("nameserver 127.53.0.1\n")
+        monkeypatch.delenv("SMTPD_NAMESERVER", raising=False)
+        monkeypatch.setenv("SMTPD_RESOLV_CONF", str(conf))
+        d = daemon_(ALLOW, SMTPD_DNSBL_SITES="bl.test").wait_ready()
+        c, code, _ = greeting(d, "127.0.0.2")
+        assert code == 554, d.log()
+        c, code, _ = greeting(d, "127.0.0.6")
+        assert code == 220
+        c.cmd("QUIT")
+        assert ("2.0.0.127.bl.test.", "A") in server.queries
+        assert "no nameserver configured" not in d.log()
+        tree = tree_factory(**dict(TEST_CONSTANTS, SMTPD_DNSBL_SITES="bl.test"))
+        p = checkrules(tree, ALLOW, "-a", "127.0.0.2", "a@example.org", "bob@my.domain",
+                       env=dict(os.environ))
+        assert "dnsbl score 1: bl.test 127.0.0.2 *1" in p.stdout, p.stdout
+        assert ("2.0.0.127.in-addr.arpa.", "PTR") in server.queries     # the same server
+    finally:
+        server.sock.close()
+
+
 @pytest.mark.parametrize("sites,why", [
     ("zen=127.0.0.2", "'zen' is not a DNS zone"),
     ("bl.test=127.0.0.[3..2]", "octet '[3..2]'"),
@@ -361,14 +419,12 @@ def test_a_client_that_talks_during_the_lookups_is_an_early_talker(gate, dnsz):
     assert "pregreet" in log_of(srv)
 
 
-class Nameserver:
-    def __init__(self, sock):
-        self.address, self.port = sock.getsockname()
-
-
 class Resolver:
+    """A resolver's server list (plain DNS, as make_resolver's): the sockets'."""
+
     def __init__(self, *socks):
-        self.nameservers = [Nameserver(s) for s in socks]
+        import dns.nameserver
+        self.nameservers = [dns.nameserver.Do53Nameserver(*s.getsockname()) for s in socks]
 
 
 def test_forged_garbage_and_stray_answers_are_ignored():

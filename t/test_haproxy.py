@@ -272,3 +272,25 @@ def test_the_example_loses_no_client_to_a_dead_gate_and_checks_log_at_debug(tree
             g.stop()
         shutil.rmtree(piddir, ignore_errors=True)
         shutil.rmtree(agent.dir, ignore_errors=True)
+
+
+def test_health_checks_are_never_counted_scored_or_logged(scaled_out, dnsz):
+    """Issue 35, item 2: with a rate limit below the check rate, the
+    balancer's health checks (PROXY LOCAL) never count against it -- nor
+    against the cap, the DNS lists or mail.info -- and the gates stay up."""
+    dnsz.add("*.bl.test", "A", "127.0.0.2")             # every client listed: none may be
+    gates, proxy, agent = scaled_out("send-proxy-v2", SMTPD_MAX_RATE=2, SMTPD_MAX_PER_IP=1,
+                                     SMTPD_DNSBL_SITES="nothing.test")
+    time.sleep(2.5)                                     # about eight checks a gate
+    assert "no server available" not in proxy.text() and " is DOWN" not in proxy.text()
+    assert send(proxy.port, "127.0.0.21", "after-checks") == {}
+    assert wait_for(lambda: delivered(agent).get("after-checks") == 1, 30)
+    for g in gates:
+        lines = g.smtpd.log().splitlines()
+        checks = [l for l in lines if "haproxy.test" in l]
+        assert len(checks) >= 4, lines
+        loud = [l for l in lines if l.startswith("smtpd[") and "(debug)" not in l
+                and "127.0.0.21" not in l and "ready to accept connections" not in l]
+        assert loud == [], loud
+    assert not [q for q in dnsz.queries if q[0].endswith("nothing.test.")
+                and q[0].startswith("1.0.0.127.")]

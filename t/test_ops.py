@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from harness import PYTHON, ROOT, wait_for
+from harness import PYTHON, ROOT, wait_for, write_rules
 
 EXAMPLE_RULES = ["etc/smtpd_check_rules.example", "etc/antispam_check_rules.example",
                  "etc/run-local.rules"]
@@ -179,7 +179,7 @@ def test_make_install_tree_and_modes(installed):
     assert "PREFIX = '/usr'" in open(os.path.join(d, "usr/lib/smtpd/buildconf.py")).read()
     for pkg in ("daemon", "lockfile", "dns"):
         assert os.path.isdir(os.path.join(d, "usr/lib/smtpd/vendor", pkg))
-    for page in ("man8/smtpd.8", "man8/smtpfwdd.8", "man8/checkrules.8",
+    for page in ("man8/smtpd.8", "man8/smtpfwdd.8", "man8/smtpq.8", "man8/checkrules.8",
                  "man5/smtpd_check_rules.5"):
         assert mode(os.path.join(d, "usr/share/man", page)) == 0o644
     doc = os.path.join(d, "usr/share/doc/smtpd")
@@ -212,16 +212,45 @@ def test_make_uninstall(installed):
                    cwd=src, check=True, capture_output=True)
     shutil.rmtree(top)
     left = [os.path.relpath(os.path.join(p, f), d) for p, _, fs in os.walk(d) for f in fs]
-    assert left == []
+    assert left == ["etc/smtpd/smtpd.conf"]                         # the operator's settings
     dirs = sorted(os.path.relpath(p, d) for p, _, _ in os.walk(d))
-    assert dirs == [".", "usr", "usr/share", "usr/share/doc", "usr/share/doc/other",
-                    "var", "var/spool", "var/spool/smtpd", "var/spool/smtpd/dev",
-                    "var/spool/smtpd/etc"]                          # the spool stays
+    assert dirs == [".", "etc", "etc/smtpd", "usr", "usr/share", "usr/share/doc",
+                    "usr/share/doc/other", "var", "var/spool", "var/spool/smtpd",
+                    "var/spool/smtpd/dev", "var/spool/smtpd/etc"]   # the spool stays
     shutil.rmtree(d)
 
 
+def test_an_upgrade_keeps_the_settings_file(tmp_path):
+    """Issue 35, item 4: make install from a fresh copy installs the settings
+    file once, then never touches it; the rsyslog snippet is announced
+    only when it is new."""
+    destdir = str(tmp_path / "root")
+    os.makedirs(os.path.join(destdir, "etc/rsyslog.d"))
+    top, src = copy_tree()
+    try:
+        def install():
+            p = subprocess.run(["make", "-s", "install", "DESTDIR=" + destdir, "PREFIX=/usr"],
+                               cwd=src, capture_output=True, text=True, timeout=600)
+            assert p.returncode == 0, p.stderr
+            return p.stdout + p.stderr
+        out = install()
+        conf = os.path.join(destdir, "etc/smtpd/smtpd.conf")
+        assert "/etc/smtpd/smtpd.conf: installed" in out and "restart rsyslog once" in out
+        assert mode(conf) == 0o644 and open(conf).read() == open(
+            os.path.join(ROOT, "etc/smtpd.conf")).read()
+        with open(conf, "a") as f:
+            f.write("SMTPD_MILTERS = inet:127.0.0.1:11332\nSMTPD_MAX_RATE = 30\n")
+        mine = open(conf).read()
+        out = install()                 # the upgrade
+        assert open(conf).read() == mine
+        assert "/etc/smtpd/smtpd.conf: kept as it is" in out
+        assert "restart rsyslog" not in out
+    finally:
+        shutil.rmtree(top)
+
+
 @pytest.mark.skipif(not shutil.which("mandoc"), reason="mandoc not installed")
-@pytest.mark.parametrize("page", ["smtpd.8", "smtpfwdd.8", "checkrules.8",
+@pytest.mark.parametrize("page", ["smtpd.8", "smtpfwdd.8", "smtpq.8", "checkrules.8",
                                   "smtpd_check_rules.5"])
 def test_man_page_is_mandoc_lint_clean(page):
     p = subprocess.run(["mandoc", "-Tlint", "-W", "warning", os.path.join(ROOT, "man", page)],
@@ -231,10 +260,10 @@ def test_man_page_is_mandoc_lint_clean(page):
 
 def test_every_flag_is_in_the_man_pages():
     smtpd8 = open(os.path.join(ROOT, "man/smtpd.8")).read()
-    for flag in "cdugmslpiMDFHLPq":
+    for flag in "cdugmslpiMDFHLPqt":
         assert ".It Fl %s" % flag in smtpd8, flag
     fwd8 = open(os.path.join(ROOT, "man/smtpfwdd.8")).read()
-    for flag in "dugsMPqF":
+    for flag in "dugsMPqFt":
         assert ".It Fl %s" % flag in fwd8, flag
     makefile = open(os.path.join(ROOT, "Makefile")).read()
     pages = smtpd8 + fwd8
@@ -299,7 +328,7 @@ def init_script(tmp_path, name, daemon_argv, args):
     wrapper.write_text("#!/bin/sh\nexec %s \"$@\"\n" % " ".join(daemon_argv))
     wrapper.chmod(0o755)
     defaults = tmp_path / ("default-" + name)
-    defaults.write_text('DAEMON=%s\n%s_ARGS="%s"\nPIDFILE=%s\n' % (
+    defaults.write_text('DAEMON=%s\n%s_ARGS="%s"\nPIDFILE=%s\nSMTPD_TEST_PLAIN=plain-line\n' % (
         wrapper, name.upper(), args, tmp_path / (name + ".pid")))
     script = tmp_path / ("init-" + name)
     text = open(os.path.join(ROOT, "etc", "init.d", name)).read()
@@ -329,8 +358,26 @@ def test_init_script_smtpd_reports_failure_and_success(tree_factory, tmp_path):
     assert status == 0 and "Starting smtpd: smtpd (pid " in out, out
     assert run("status")[0] == 0
     assert run("start")[0] == 0                 # already running: fine
+    master = int(open(tmp_path / "smtpd.pid").read())
+    # what /etc/default/smtpd sets reaches smtpd, export or not (issue 35, item 5)
+    assert b"SMTPD_TEST_PLAIN=plain-line\0" in open("/proc/%d/environ" % master, "rb").read()
+    # a configuration that would not start never stops the gate (issue 35, item 3)
+    with open(rules, "a") as f:
+        f.write("bogus:ALL\n")
+    for action in ("restart", "reload", "force-reload"):
+        status, out = run(action)
+        assert status == 6, (action, status, out)
+        assert "%s:2: bad field count" % rules in out, out
+        assert "smtpd: the configuration does not pass (smtpd -t exited 78" in out
+        assert run("status")[0] == 0 and int(open(tmp_path / "smtpd.pid").read()) == master
+    write_rules(jail, "allow:ALL:ALL:ALL\n")
+    assert run("reload")[0] == 0
+    status, out = run("restart")
+    assert status == 0 and "Starting smtpd: smtpd (pid " in out, out
+    assert int(open(tmp_path / "smtpd.pid").read()) != master
     assert run("stop")[0] == 0
-    assert run("status")[0] in (1, 3)           # the unprivileged master leaves its pid file
+    assert run("status")[0] == 3                # stopped, its pid file gone
+    assert not os.path.exists(tmp_path / "smtpd.pid")
     shutil.rmtree(jail)
 
 
@@ -347,6 +394,22 @@ def test_init_script_smtpfwdd_reports_failure_and_success(tree_factory, tmp_path
     status, out = run("start")
     assert status == 0 and "Starting smtpfwdd: smtpfwdd (pid " in out, out
     assert run("status")[0] == 0
+    pid = int(open(tmp_path / "smtpfwdd.pid").read())
+    assert open(tmp_path / "smtpfwdd.pid").read() == "%d\n" % pid      # a plain pid
+    assert run("reload")[0] == 0 and run("status")[0] == 0
     assert run("stop")[0] == 0
-    assert run("status")[0] in (1, 3)
+    assert run("status")[0] == 3                # issue 35, item 9: no pid file left
+    assert not os.path.exists(tmp_path / "smtpfwdd.pid")
     shutil.rmtree(spool_dir)
+
+
+def test_a_stopped_smtpfwdd_leaves_its_pid_file_empty(fwd_env, tmp_path):
+    """Without an init script to remove it, the pid file says nobody."""
+    import signal
+    from harness import wait_for
+    pidfile = tmp_path / "smtpfwdd.pid"
+    f = fwd_env.start("-i", str(pidfile))
+    assert wait_for(lambda: pidfile.exists() and pidfile.read_text() == "%d\n" % f.proc.pid)
+    f.proc.send_signal(signal.SIGTERM)
+    assert f.proc.wait(30) == 0
+    assert pidfile.read_text() == ""

@@ -150,6 +150,25 @@ def test_p18_bare_lf_end_of_data_is_not_the_end_changed(smtpd):
     assert c.cmd("NOOP")[0] == 250
 
 
+@pytest.mark.parametrize("body,what,line", [
+    ("Subject: lf\nfrom curl\n", "bare LF", 1),
+    ("Subject: ok\r\n\r\nfine\r\nbad\rline\r\n", "bare CR", 4),
+    ("Subject: ok\r\n\r\nnul\0here\r\n", "NUL", 3)])
+def test_a_bare_line_end_is_named_with_its_line(smtpd, body, what, line):
+    """Issue 35, item 8: the refusal stays (smuggling), but says what to
+    fix, where, with an enhanced code; the log says it too."""
+    srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H")
+    helo(c)
+    envelope(c)
+    assert c.cmd("DATA")[0] == 354
+    c.send(body + (".\r\n" if body.endswith("\r\n") else "\r\n.\r\n"))   # as curl ends
+    assert c.reply() == (550, ["5.5.2 Message refused: %s in line %d; every line must end "
+                               "with CR LF, and no NUL (RFC 5321 2.3.8)" % (what, line)])
+    assert spool_files(srv.jail) == []
+    assert c.cmd("QUIT")[0] == 221
+    assert "refused: %s in line %d" % (what, line) in srv.log()
+
+
 def test_p19_oversize_message_drained_before_552_changed(smtpd):
     srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H", "-s", "10")
     helo(c)

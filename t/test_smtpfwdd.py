@@ -3,6 +3,7 @@
 import fcntl
 import os
 import pwd
+import shutil
 import signal
 import stat
 import subprocess
@@ -315,3 +316,34 @@ def test_killed_delivery_worker_is_replaced_and_file_delivered_later(fwd_env):
     assert wait_for(lambda: not os.path.exists(path), 20)
     assert f.proc.poll() is None
     assert f.stop() == 0
+
+
+def test_sighup_rereads_the_settings(fwd_env):
+    """Issue 35, item 4: new deliveries see what changed in the settings
+    file; one with a mistake changes nothing; the spool waits for a
+    restart.  (smtpfwdd reads it as its own user then: mode 644, in a
+    directory all may enter, as make install leaves it.)"""
+    import pathlib
+    import tempfile
+    where = tempfile.mkdtemp(prefix="smtpd-etc-", dir="/tmp")
+    os.chmod(where, 0o755)
+    settings = pathlib.Path(where) / "smtpd.conf"
+    settings.write_text("")
+    f = fwd_env.start(SETTINGS_FILE=str(settings))
+    rcpts = [b"<r%d@my.domain>" % i for i in range(10)]
+    put(fwd_env.spool, rcpts=rcpts)
+    assert wait_for(lambda: len(fwd_env.agent.calls()) == 1)
+    settings.write_text("MAXARGS = 8\nSPOOLDIR = /elsewhere\n")
+    f.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: "settings re-read from %s: MAXARGS = 8" % settings in f.log()), \
+        f.log()
+    assert "these settings take effect at the next start: SPOOLDIR = /elsewhere" in f.log()
+    put(fwd_env.spool, rcpts=rcpts)
+    assert wait_for(lambda: len(fwd_env.agent.calls()) == 1 + 4)     # 3 + 3 + 3 + 1
+    assert max(len(c["argv"]) for c in fwd_env.agent.calls()[1:]) <= 8
+    settings.write_text("MAXARGS = 7\nMAXARGS = 9\n")
+    f.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: "%s:2: MAXARGS set again" % settings in f.log()), f.log()
+    assert "SIGHUP: the settings in effect stay" in f.log()
+    assert f.stop() == 0
+    shutil.rmtree(where)

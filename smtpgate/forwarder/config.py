@@ -16,6 +16,9 @@ import buildconf
 from smtpgate import log, params, privileges
 
 SPOOL = os.path.normpath(os.path.join(buildconf.SPOOLDIR, buildconf.SPOOLSUBDIR))
+# What a SIGHUP cannot change: the spool and identity it runs in, its log.
+RESTART_ONLY = frozenset(("SPOOLDIR", "SPOOLSUBDIR", "SMTP_USER", "SMTP_GROUP", "PID_DIR",
+                          "LOG_FACILITY", "LOG_SOCKET"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,16 +33,25 @@ class ForwarderConfig:
     foreground: bool = False                    # -F
     pidfile: str = None                         # -i: a pid file outside the spool
     myname: str = "localhost"                   # this host, for notifications
+    check: bool = False                         # -t: check, start nothing
+    flags: tuple = ()                           # the command line's fields, for a reload
 
 
-def build(flags):
+def build(flags, reloading=False):
     """The ForwarderConfig for the command line's fields (options.parse);
-    a constant of the Makefile out of its bounds stops smtpfwdd with 78."""
+    a constant of the Makefile out of its bounds stops smtpfwdd with 78 (a
+    reload gets the problems as a list: the daemon keeps what it has)."""
     problems = params.check(buildconf)
+    if problems and reloading:
+        return problems
     for p in problems:
         log.err("%s", p)
         if not log.log.stderr:
             print("smtpfwdd.py: %s" % p, file=sys.stderr)
     if problems:
         sys.exit(os.EX_CONFIG)
-    return ForwarderConfig(**dict(flags, myname=privileges.own_name()))
+    made = dict(user=buildconf.SMTP_USER, group=buildconf.SMTP_GROUP,
+                agent=buildconf.MAIL_AGENT, maxchildren=buildconf.MAXCHILDREN,
+                poll=buildconf.POLL_TIME)
+    return ForwarderConfig(**dict(made, **flags, myname=privileges.own_name(),
+                                  flags=tuple(sorted(flags.items()))))

@@ -12,7 +12,9 @@ DESCRIPTION
     by its title, TITLE, and the lock it holds, LOCKFILE.
 SIGNALS
     SIGTERM, SIGINT: stop scanning, wait up to SHUTDOWN_TIMEOUT seconds for
-    running deliveries, exit 0.  SIGUSR1, SIGHUP: scan now.
+    running deliveries, exit 0.  SIGUSR1: scan now.  SIGHUP: read the
+    settings file again (a file with a mistake changes nothing; what the
+    spool and identity are waits for a restart), then scan now.
 """
 
 import os
@@ -23,8 +25,8 @@ import stat
 import time
 
 import buildconf
-from smtpgate import log, process, spool, spooldir
-from smtpgate.forwarder import queuetool
+from smtpgate import log, params, process, spool, spooldir
+from smtpgate.forwarder import config as forwarder_config, queuetool
 from smtpgate.forwarder.delivery import Delivery
 from smtpgate.text import visible
 
@@ -75,7 +77,7 @@ class Forwarder:
     def __init__(self, config, lock_fd, pid_fd):
         self.config, self.lock_fd, self.pid_fd = config, lock_fd, pid_fd
         self.workers = {}           # pid -> DeliveryHandle
-        self.stopping = self.scan_now = False
+        self.stopping = self.scan_now = self.hup = False
         self.warned = {}            # name -> when we last warned about it
         self.skipped = {}           # name -> why it was skipped (logged once)
         self.unopened = {}          # name -> its stamp when a worker could not open it
@@ -86,7 +88,7 @@ class Forwarder:
         signal.signal(signal.SIGTERM, self.on_stop)
         signal.signal(signal.SIGINT, self.on_stop)
         signal.signal(signal.SIGUSR1, self.on_scan)
-        signal.signal(signal.SIGHUP, self.on_scan)
+        signal.signal(signal.SIGHUP, self.on_hup)
         signal.signal(signal.SIGCHLD, lambda *a: None)
 
     def on_stop(self, *a):
@@ -94,6 +96,39 @@ class Forwarder:
 
     def on_scan(self, *a):
         self.scan_now = True
+
+    def on_hup(self, *a):
+        self.hup = self.scan_now = True
+
+    def reload_settings(self):
+        """SIGHUP: the settings file again; new deliveries see what changed
+        (-s, -M and -P on the command line still win)."""
+        self.hup = False
+        settings, changes = params.reread(buildconf)
+        if settings.problems:
+            log.err("SIGHUP: the settings in effect stay: %s", "; ".join(settings.problems))
+            return
+        restart = forwarder_config.RESTART_ONLY
+        later = {n: v for n, v in changes.items() if n in restart}
+        now = {n: v for n, v in changes.items() if n not in restart}
+        if later:
+            log.warn("SIGHUP: these settings take effect at the next start: %s",
+                     params.text(later))
+        if not now:
+            return
+        undo = params.apply(buildconf, settings, now)
+        new = forwarder_config.build(dict(self.config.flags), reloading=True)
+        if isinstance(new, list):
+            params.apply(buildconf, *undo)
+            log.err("SIGHUP: the settings in effect stay: %s", "; ".join(new))
+            return
+        log.info("SIGHUP: settings re-read from %s: %s", buildconf.SETTINGS_FILE,
+                 params.text(now))
+        self.config = new
+        for w in self.workers.values():
+            if w.name is None and not w.dead:
+                w.dead = True       # an idle delivery process leaves; new ones fork anew
+                w.sock.close()
 
     def running(self):
         return {w.name for w in self.workers.values() if w.name is not None}
@@ -142,6 +177,8 @@ class Forwarder:
         log.info("scanning %s every %d seconds with %s", self.config.spooldir,
                 self.config.poll, self.config.agent)
         while not self.stopping:
+            if self.hup:
+                self.reload_settings()
             self.scan()
             deadline = time.monotonic() + self.config.poll
             while not (self.stopping or self.scan_now) and time.monotonic() < deadline:
@@ -269,5 +306,7 @@ class Forwarder:
                 log.warn("delivery of %s still running; left to finish alone", w.name)
             w.sock.close()          # idle workers see EOF and exit
         process.ignore_stop_signals()
+        if self.pid_fd is not None:
+            os.ftruncate(self.pid_fd, 0)    # stopped; root's init script removes it
         log.info("stopped")
         return os.EX_OK

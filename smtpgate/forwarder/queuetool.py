@@ -32,7 +32,9 @@ SECURITY
     .smtpfwdd.lock (/proc/locks), and only if it is an smtpfwdd of the
     spool's owner -- never a pid read from a file.
 EXIT STATUS
-    0 done; 64 usage; 66 no such message, or no spool; 69 smtpfwdd is not
+    0 done; 64 usage; 65 the message is not where the command acts (requeue
+    of a held one: release it; release of one not held); 66 no such
+    message, or no spool; 69 smtpfwdd is not
     running (flush); 73 the name is taken in the queue (requeue); 74 the
     spool cannot be read; 75 the message is being written or delivered.
 """
@@ -292,7 +294,7 @@ def cmd_requeue(q, args):
         print("%s: back in the queue" % ident)
         return os.EX_OK
     if where == "hold":
-        raise Failure(os.EX_NOINPUT, "%s: held by a mail filter; `release` lets it go"
+        raise Failure(os.EX_DATAERR, "%s: held by a mail filter; `release` lets it go"
                       % ident)
     with hold(d, name) as f:
         st = os.fstat(f.fileno())
@@ -309,7 +311,7 @@ def cmd_release(q, args):
     (ident,) = one_argument("release", args)
     d, name, where = find(q, ident)
     if where != "hold":
-        raise Failure(os.EX_NOINPUT, "%s: not held (it is in the %s)" % (ident, where))
+        raise Failure(os.EX_DATAERR, "%s: not held (it is in the %s)" % (ident, where))
     requeue_failed(q, name, q.hold, "hold/")
     print("%s: released into the queue" % ident)
     return os.EX_OK

@@ -1,7 +1,8 @@
 """start - smtpfwdd from its command line to its scanning loop
 
 DESCRIPTION
-    run(config) is all the daemon does after its options: pre_jail_init()
+    run(config) is all the daemon does after its options (with -t: check()
+    what a start would, and no more): pre_jail_init()
     as root (the -i pid file, in root's directory, and who to become), then
     post_jail_init() (become -u/-g for good, supplementary groups cleared;
     there is no chroot: the agent must run), then the spool lock
@@ -30,6 +31,8 @@ RELOCK_TIME = 10
 
 def run(config):
     """smtpfwdd after its options: the exit status."""
+    if config.check:
+        return check(config)
     process.set_title(TITLE)
     pid_fd, identity = pre_jail_init(config)
     post_jail_init(config, identity)
@@ -46,6 +49,39 @@ def run(config):
         relock(lock)
         write_pid(lock, pid_fd)
         return Forwarder(config, lock, pid_fd).run()
+
+
+def check(config):
+    """-t: what a start checks, and no more: the constants and settings
+    (config.build did), who to become, and -- as that user, in a child --
+    the spool it must enter and write and the mail agent it must run.
+    0, or 78 with each problem on standard error."""
+    identity = privileges.resolve_identity(config.user, config.group) \
+        if os.geteuid() == 0 else None
+    pid = os.fork()
+    if pid == 0:
+        status = os.EX_SOFTWARE
+        try:
+            if identity is not None:
+                privileges.become(identity[0].pw_uid, identity[1].gr_gid)
+            problems = []
+            who = identity[0].pw_name if identity else "uid %d" % os.getuid()
+            if not os.path.isdir(config.spooldir) or \
+                    not os.access(config.spooldir, os.R_OK | os.W_OK | os.X_OK):
+                problems.append("the spool %s cannot be entered and written by %s"
+                                % (config.spooldir, who))
+            if not os.path.isfile(config.agent) or not os.access(config.agent, os.X_OK):
+                problems.append("the mail agent %s is not a program %s may run"
+                                % (config.agent, who))
+            for p in problems:
+                print("smtpfwdd.py: %s" % p, file=sys.stderr)
+            if not problems:
+                print("smtpfwdd.py: configuration OK: spool %s, mail agent %s"
+                      % (config.spooldir, config.agent))
+            status = os.EX_CONFIG if problems else os.EX_OK
+        finally:
+            os._exit(status)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def pre_jail_init(config):
@@ -116,8 +152,10 @@ def open_pidfile(path):
         log.die(os.EX_CONFIG, "pid file %s: %s", path, e.strerror)
 
 
-def write_pid(*fds):
-    for fd in fds:
+def write_pid(lock, pid_fd):
+    """Our pid: in the spool's lock as the original wrote it (%7d), in the
+    -i pid file plain, as init scripts and pidof read them."""
+    for fd, form in ((lock, b"%7d\n"), (pid_fd, b"%d\n")):
         if fd is not None:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, b"%7d\n" % os.getpid(), 0)
+            os.pwrite(fd, form % os.getpid(), 0)

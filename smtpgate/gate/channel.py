@@ -14,6 +14,7 @@ DESCRIPTION
 """
 
 import os
+import re
 import select
 import socket
 import ssl
@@ -25,6 +26,7 @@ from smtpgate.replies import VANILLA
 
 LINE_MAX = 512
 CHUNK = 65536
+BARE = re.compile(rb"\0|(?<!\r)\n|\r(?!\n)")     # what makes a message unsafe to relay
 
 
 class Closed(Exception):
@@ -361,6 +363,8 @@ class DataReader:
         self.ch, self.sink, self.maxsize = channel, sink, maxsize
         self.size = 0
         self.problem = None      # None, "bare", "size" or "write"
+        self.bare = None         # ("bare LF" | "bare CR" | "NUL", its line), the first
+        self.lines = 0           # lines stored (or judged) so far
         self.headers = bytearray()
         self.in_headers = True
 
@@ -389,8 +393,12 @@ class DataReader:
         """Lines ending CRLF (or, if partial, a piece of one long line)."""
         crlf = 0 if partial else data.count(b"\r\n")
         if (b"\0" in data or data.count(b"\r") != crlf
-                or data.count(b"\n") != crlf):
+                or data.count(b"\n") != crlf) and self.bare is None:
+            m = BARE.search(data)
+            self.bare = ({b"\0": "NUL", b"\n": "bare LF"}.get(m.group(), "bare CR"),
+                         self.lines + data.count(b"\r\n", 0, m.start()) + 1)
             self.problem = self.problem or "bare"
+        self.lines += crlf
         if self.problem:
             return
         if not mid_line and data.startswith(b"."):

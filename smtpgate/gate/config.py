@@ -56,7 +56,20 @@ FIELDS = (
     ('shared_store', ""),                                   # SMTPD_SHARED_STORE, checked
     ('milter_default', "tempfail"),                         # SMTPD_MILTER_DEFAULT_ACTION
     ('sandbox_missing', None),                              # why the seccomp sandbox cannot be had
+    ('check', False),                                       # -t: check the configuration, no more
+    ('flags', ()),                                          # the command line's fields, for a reload
 )
+
+# What a SIGHUP cannot change (master.py): what the master made of these at
+# start -- the jail, the listener's identity, tables sized or made at start,
+# the resolver, the shared store -- stays until the next start.
+RESTART_ONLY = frozenset((
+    "SPOOLDIR", "SPOOLSUBDIR", "CHECK_FILE", "PID_DIR", "TLS_CERT", "TLS_KEY", "SMTP_USER",
+    "SMTP_GROUP", "LOG_FACILITY", "LOG_SOCKET", "DNS_TIMEOUT", "SMTPD_MAXCHILDREN",
+    "SMTPD_MAX_RATE", "SMTPD_RATE_WINDOW", "SMTPD_RATE_TABLE", "SMTPD_DNSBL_CACHE",
+    "SMTPD_DNSBL_TTL", "SMTPD_SHARED_STORE", "SMTPD_SHARED_STORE_SECRETS",
+    "SMTPD_SHARED_STORE_PREFIX", "SMTPD_SHARED_STORE_TIMEOUT", "SMTPD_VERIFY_CACHE",
+    "SMTPD_VERIFY_CACHE_SIZE"))
 
 
 MILTER_ACTIONS = ("tempfail", "reject", "accept")     # milter.DEFAULTS
@@ -71,19 +84,24 @@ class GateConfig(collections.namedtuple("GateConfig", [n for n, _ in FIELDS],
         return self.identity is not None
 
 
-DEFAULTS = dict(
-    chroot=buildconf.SPOOLDIR, spooldir=buildconf.SPOOLSUBDIR, user=buildconf.SMTP_USER,
-    group=buildconf.SMTP_GROUP, myname=None, maxsize=buildconf.MESSAGE_SIZE_LIMIT,
-    hostchecks=True, paranoid=False, daemon=False, foreground=False, log_pid=True,
-    quiet=False, listen=None, port=25, pidfile=os.path.join(buildconf.PID_DIR, "smtpd.pid"),
-    maxchildren=buildconf.SMTPD_MAXCHILDREN, tls_cert=buildconf.TLS_CERT,
-    tls_key=buildconf.TLS_KEY, proxies=buildconf.SMTPD_PROXY_FROM,
-    verify=buildconf.SMTPD_VERIFY_BACKEND, milters=buildconf.SMTPD_MILTERS)
+def defaults():
+    """What the command line's fields are without flags (the settings as
+    they are now: a reload may have changed them)."""
+    return dict(
+        chroot=buildconf.SPOOLDIR, spooldir=buildconf.SPOOLSUBDIR, user=buildconf.SMTP_USER,
+        group=buildconf.SMTP_GROUP, myname=None, maxsize=buildconf.MESSAGE_SIZE_LIMIT,
+        hostchecks=True, paranoid=False, daemon=False, foreground=False, log_pid=True,
+        quiet=False, listen=None, port=25, pidfile=os.path.join(buildconf.PID_DIR, "smtpd.pid"),
+        maxchildren=buildconf.SMTPD_MAXCHILDREN, tls_cert=buildconf.TLS_CERT,
+        tls_key=buildconf.TLS_KEY, proxies=buildconf.SMTPD_PROXY_FROM,
+        verify=buildconf.SMTPD_VERIFY_BACKEND, milters=buildconf.SMTPD_MILTERS, check=False)
 
 
-def build(flags):
-    """The GateConfig for the command line's fields (options.parse)."""
-    o = dict(DEFAULTS, **flags)
+def build(flags, reloading=False):
+    """The GateConfig for the command line's fields (options.parse).  A
+    reload builds it again: then a problem is returned as a list (the
+    master keeps what it has), and nothing is said twice."""
+    o = dict(defaults(), **flags)
     problems = constants()
     exempt = networks(buildconf.SMTPD_ADMISSION_EXEMPT, "SMTPD_ADMISSION_EXEMPT", problems)
     proxy_from = networks(o["proxies"], "SMTPD_PROXY_FROM", problems)
@@ -91,19 +109,22 @@ def build(flags):
     filters = milters(o["milters"], problems)
     sites = dnsbl_sites(buildconf.SMTPD_DNSBL_SITES, problems)
     shared = shared_store(buildconf.SMTPD_SHARED_STORE, problems)
+    if problems and reloading:
+        return problems
     if problems:
-        config_error(problems, inetd=not o["daemon"])
+        config_error(problems, inetd=not o["daemon"] and not o["check"])
     identity, spooldir, rules_path, cache = None, o["spooldir"], buildconf.CHECK_FILE, \
         buildconf.SMTPD_VERIFY_CACHE
     if os.geteuid() == 0:
         identity = privileges.resolve_identity(o["user"], o["group"])
     else:
-        log.warn("not started as root: no chroot to %s, no change of user; "
-                 "jail paths are taken under it", o["chroot"])
+        if not reloading:
+            log.warn("not started as root: no chroot to %s, no change of user; "
+                     "jail paths are taken under it", o["chroot"])
         spooldir, rules_path = under(o["chroot"], spooldir), under(o["chroot"], rules_path)
         cache = under(o["chroot"], cache) if cache else cache
     missing = sandbox.available()
-    if missing:                 # once here, not in every jailed process
+    if missing and not reloading:       # once here, not in every jailed process
         (log.warn if o["daemon"] else log.debug)(
             "no seccomp sandbox for the jailed processes: %s", missing)
     return GateConfig(
@@ -118,7 +139,7 @@ def build(flags):
         proxy_from=tuple(proxy_from), verify_backend=backend, verify_cache=cache,
         milters=filters, milter_default=buildconf.SMTPD_MILTER_DEFAULT_ACTION,
         dnsbl_sites=sites, shared_store=shared,
-        sandbox_missing=missing)
+        sandbox_missing=missing, check=o["check"], flags=tuple(sorted(flags.items())))
 
 
 def constants():

@@ -6,7 +6,10 @@ DESCRIPTION
     identify() has made the rules' Client of it: the forward-confirmed
     host name (unless -H), ident on demand (never behind a proxy: it cannot
     reach the client), the exemptions.  No lookup outlasts the session's
-    deadline, SESSION_TIMEOUT from here.
+    deadline, SESSION_TIMEOUT from here; the time the lookups take counts
+    towards the greeting pause (session.py), so the greeting comes at most
+    max(DNS_TIMEOUT, SMTPD_GREET_PAUSE, SMTPD_DNSBL_TIMEOUT) after the
+    connection.
 """
 
 import dataclasses
@@ -33,6 +36,7 @@ class Connection:
     origin: str = None          # None, "proxy" or "health" (client.who)
     greeted: bool = False       # inetd mode has sent the 220 already
     on_end: object = None       # called once when the session is over
+    accepted: float = None      # time.monotonic() when its session began
 
 
 def identify(config, engine, conn, deadline):
@@ -41,7 +45,8 @@ def identify(config, engine, conn, deadline):
     lk = dnslookup.Lookup(engine.resolver, deadline)
     ip = peer_ip(conn.peer)
     name, error = None, None
-    if config.hostchecks and ip is not None:
+    health = conn.origin == "health"        # the balancer itself: no DNS, no ident
+    if config.hostchecks and ip is not None and not health:
         try:
             name, why = lk.confirmed_name(ip)
             if why:
@@ -56,7 +61,7 @@ def identify(config, engine, conn, deadline):
     c.local, c.peer = conn.local, conn.peer
     c.ptr = lk.ptr
     c.exempt = net.member(ip, config.exempt)
-    c.health_check = conn.origin == "health"
+    c.health_check = health
     return c
 
 
@@ -72,7 +77,8 @@ def scoring(config, engine, conn, deadline):
 
 def serve(config, engine, conn):
     """The session of conn; its exit status."""
-    deadline = time.monotonic() + buildconf.SESSION_TIMEOUT
+    conn.accepted = time.monotonic()
+    deadline = conn.accepted + buildconf.SESSION_TIMEOUT
     if conn.local is None:
         conn.local, conn.peer = socket_ends(conn.rfd)
     asked = scoring(config, engine, conn, deadline)

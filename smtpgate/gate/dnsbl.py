@@ -142,8 +142,7 @@ class Scoring:
         self.answers = {}           # zone -> [addresses] or an error text
         self.pending = {}           # (query id, qname) -> zone
         self.sock, self.score, self.cached = None, cached, cached is not None
-        self.servers = [(ns.address, ns.port) for ns in getattr(resolver, "nameservers", ())
-                        if hasattr(ns, "address")]
+        self.servers = dnslookup.servers(resolver)
         self.resent = False
         if self.cached:
             return
@@ -304,18 +303,43 @@ class Scoring:
             isinstance(a, list) and all(dnslookup.is_listing(x) for x in a)
             for a in (self.answers.get(s.zone) for s in self.sites))
 
-    def detail(self):
-        """For the log: each list that counted, its answer and weight."""
+    def detail(self, trouble=False):
+        """For the log: each list that counted, its answer and weight (and
+        with trouble, for checkrules, each list that could not say and why:
+        smtpd logs that on its own line, once a minute)."""
         if self.cached:
             return "cached"
-        out = []
+        out, problems = [], []
         for s in self.sites:
             a = self.answers.get(s.zone)
             if isinstance(a, list):
                 hits = [x for x in a if s.counts(x)]
                 if hits and not [x for x in a if not dnslookup.is_listing(x)]:
                     out.append("%s %s *%d" % (s.zone, hits[0], s.weight))
-        return ", ".join(out) or "no listing"
+                elif trouble and any(not dnslookup.is_listing(x) for x in a):
+                    problems.append("%s %s" % (s.zone, self.said(s)))
+            elif trouble and a is not None:
+                problems.append("%s: %s" % (s.zone, a))
+        return (", ".join(out) or "no listing") + "".join("; " + t for t in problems)
+
+    def said(self, site):
+        """What one list answered, in words (checkrules -v)."""
+        a = self.answers.get(site.zone)
+        if self.cached:
+            return "a cached score"
+        if a is None:
+            return "not asked"
+        if not isinstance(a, list):
+            return a
+        if not a:
+            return "not listed"
+        wrong = [x for x in a if not dnslookup.is_listing(x)]
+        if wrong:
+            return "%s, the list's error code: counted 0" % wrong[0]
+        hits = [x for x in a if site.counts(x)]
+        if hits:
+            return "%s: listed, *%d" % (hits[0], site.weight)
+        return "%s: a listing its filter does not count" % a[0]
 
 
 class ScoreCache(admission.Shared):

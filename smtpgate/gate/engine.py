@@ -78,6 +78,21 @@ def pre_jail_init(config):
                   shared=shared, dir_sync=spooldir.GroupSync() if config.daemon else None)
 
 
+def reloaded(engine, config):
+    """The Engine after the settings were read again (master.py): the DNS
+    lists of config, their thresholds of the moment, over the score cache
+    made at start (a new one, mapped now before the next forks, if there
+    was none)."""
+    rep = engine.reputation
+    if not config.dnsbl_sites:
+        rep = None
+    elif rep is not None:
+        rep = dnsbl.Reputation(config.dnsbl_sites, rep.cache)
+    else:
+        rep = dnsbl.Reputation.of(config.dnsbl_sites, config.daemon, engine.shared)
+    return dataclasses.replace(engine, reputation=rep)
+
+
 def inside(path, directory):
     """Is path (links resolved) inside directory?"""
     path, directory = os.path.realpath(path), os.path.realpath(directory)

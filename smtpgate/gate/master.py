@@ -41,10 +41,11 @@ import daemon.pidfile
 import lockfile
 
 import buildconf
-from smtpgate import log, process
+from smtpgate import log, params, process
 from smtpgate.gate import admission, rulewatch
 from smtpgate.gate.admission import Scoreboard
-from smtpgate.gate.engine import FrozenRules, post_jail_init
+from smtpgate.gate.config import build as build_config, RESTART_ONLY
+from smtpgate.gate.engine import FrozenRules, post_jail_init, reloaded
 from smtpgate.gate.worker import Worker
 from smtpgate.rules.engine import parse, RuleError
 
@@ -389,9 +390,39 @@ class Master:
 
     def on_sighup(self):
         self.reload_reason = "SIGHUP"
+        self.reload_settings()
         if self.watcher is not None:
             self.watcher.ask()
         self.reload_tls("SIGHUP")
+
+    def reload_settings(self):
+        """SIGHUP: the settings file again.  Mistakes in it change nothing
+        (logged as file:line: message).  What changed takes effect for the
+        workers forked from now on (all are replaced), but what was made of
+        it at start (RESTART_ONLY), which waits for a restart."""
+        settings, changes = params.reread(buildconf)
+        if settings.problems:
+            log.err("SIGHUP: the settings in effect stay: %s", "; ".join(settings.problems))
+            return
+        later = {n: v for n, v in changes.items() if n in RESTART_ONLY}
+        now = {n: v for n, v in changes.items() if n not in RESTART_ONLY}
+        if later:
+            log.warn("SIGHUP: these settings take effect at the next start: %s",
+                     params.text(later))
+        if not now:
+            return
+        undo = params.apply(buildconf, settings, now)
+        new = build_config(dict(self.config.flags), reloading=True)
+        if isinstance(new, list):
+            params.apply(buildconf, *undo)
+            log.err("SIGHUP: the settings in effect stay: %s", "; ".join(new))
+            return
+        log.info("SIGHUP: settings re-read from %s: %s; recycling workers",
+                 buildconf.SETTINGS_FILE, params.text(now))
+        self.config, self.engine = new, reloaded(self.engine, new)
+        self.admission.exempt = new.exempt
+        for w in list(self.workers.values()):
+            self.retire(w)
 
     def reload_tls(self, why):
         """New sessions get a new certificate; running ones keep theirs."""
@@ -404,8 +435,11 @@ class Master:
     # -- the loop --
 
     def run(self):
-        log.info("ready to accept connections on port %d (master pid %d)",
-                self.config.port, os.getpid())
+        c = self.config
+        spool = os.path.normpath(os.path.join(c.chroot, c.spooldir.lstrip("/")) if c.root
+                                 else c.spooldir)
+        log.info("ready to accept connections on %s port %d, spool %s (master pid %d)",
+                 c.listen or "every address", c.port, spool, os.getpid())
         next_check = time.monotonic() + 1
         while not self.stopping:
             self.reap()

@@ -130,9 +130,18 @@ REJECT = ("550 5.7.1 Command rejected",)
 TEMPFAIL = ("451 4.7.1 Service unavailable - try again later",)
 BAD_REPLY = ("451 4.3.5 Server configuration problem - try again later",)
 SHUTDOWN = ("421 4.7.0 Server closing connection",)
-TIMEOUTS = {"connect": buildconf.SMTPD_MILTER_CONNECT_TIMEOUT,
+
+
+def timeout(kind):
+    """Seconds a wait of kind may take (the constants of the moment: a
+    reload may change them for the next workers)."""
+    if kind == "kept":
+        return min(KEPT_WAIT, buildconf.SMTPD_MILTER_COMMAND_TIMEOUT)
+    return {"connect": buildconf.SMTPD_MILTER_CONNECT_TIMEOUT,
             "command": buildconf.SMTPD_MILTER_COMMAND_TIMEOUT,
-            "content": buildconf.SMTPD_MILTER_CONTENT_TIMEOUT}
+            "content": buildconf.SMTPD_MILTER_CONTENT_TIMEOUT}[kind]
+
+
 DEFAULTS = {"tempfail": TEMPFAIL, "reject": ("550 5.5.0 Service unavailable",),
             "accept": None}
 
@@ -155,7 +164,6 @@ class Gone(Broken):
 KEPT = {}
 KEEPING = False
 KEPT_WAIT = 1.0             # seconds a kept connection has to answer CONNECT
-TIMEOUTS["kept"] = min(KEPT_WAIT, TIMEOUTS["command"])
 UNKEPT = {"continue": set(), "accept": set()}   # endpoints where keeping failed, after what
 
 
@@ -254,7 +262,7 @@ class Filter:
 
     def wait(self, kind):
         """Seconds the next wait may take: its timeout, within the session's."""
-        limit = TIMEOUTS[kind]
+        limit = timeout(kind)
         left = self.deadline - time.monotonic() if self.deadline else limit
         if left <= 0:
             raise Broken("the session's deadline has passed")

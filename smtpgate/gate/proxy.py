@@ -11,7 +11,9 @@ DESCRIPTION
     v2 LOCAL or v1 UNKNOWN connection (a health check, or one the proxy
     made itself), which keeps the socket's own addresses.  Anything else --
     a missing, late, truncated, oversized or malformed header -- raises
-    ProxyError, and the connection is closed.
+    ProxyError, and the connection is closed.  A connection the proxy
+    closes without a word (Closed) is a TCP health check: logged at
+    LOG_DEBUG, as the PROXY LOCAL ones are.
 FORMAT
     v1: "PROXY TCP4|TCP6 src dst sport dport\\r\\n" or "PROXY UNKNOWN...\\r\\n",
         at most 107 octets, single spaces, addresses of the named family,
@@ -39,6 +41,11 @@ PORT = re.compile(r"^(0|[1-9][0-9]{0,4})$")
 
 class ProxyError(Exception):
     """No acceptable PROXY header; str() says why (for the log)."""
+
+
+class Closed(ProxyError):
+    """The proxy closed without a word: a TCP health check (cloud balancers
+    connect and close), logged at LOG_DEBUG only."""
 
 
 def parse_v1(line):
@@ -128,7 +135,7 @@ def ends(sock, local, peer, timeout):
     try:
         names = read(sock, timeout)
     except (ProxyError, OSError) as e:
-        log.notice("refused %s: %s", peer[0], e)
+        (log.debug if isinstance(e, Closed) else log.notice)("refused %s: %s", peer[0], e)
         return local, None, False
     return (local, peer, True) if names is None else (names[1], names[0], False)
 
@@ -165,7 +172,7 @@ def peek(sock, n, deadline, timeout, enough):
         wait(sock, deadline, timeout)
         data = sock.recv(n, socket.MSG_PEEK)
         if not data:
-            raise ProxyError("connection closed before the PROXY header")
+            raise Closed("connection closed before the PROXY header")
         if len(data) >= n or enough(data):
             return data
         if time.monotonic() >= deadline:

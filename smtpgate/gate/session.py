@@ -60,6 +60,7 @@ class Session(Filtering):
     def __init__(self, config, engine, client, conn, deadline=None):
         self.config, self.engine, self.client = config, engine, client
         self.greeted = conn.greeted     # inetd mode sends the 220 before loading
+        self.accepted = conn.accepted or time.monotonic()
         if deadline is None:
             deadline = time.monotonic() + buildconf.SESSION_TIMEOUT
         self.ch = Channel(conn.rfd, conn.wfd, buildconf.READ_TIMEOUT, deadline, conn.sock)
@@ -115,6 +116,11 @@ class Session(Filtering):
             self.summary.append(fragment)
         else:
             self.routine("%s", verbose)
+
+    def whose(self):
+        """What a verbose transaction line adds to the original's text, so
+        that it can be followed: the client and the queue id."""
+        return " client=%s id=%s" % (self.where, self.env.name)
 
     def flush_summary(self):
         if self.summary:
@@ -181,7 +187,7 @@ class Session(Filtering):
             return
         pause = buildconf.SMTPD_GREET_PAUSE
         if pause and not self.client.exempt:
-            said = self.pause(pause / 1000.0)
+            said = self.pause(self.accepted + pause / 1000.0)
             if said is not None:
                 raise self.early_talker(said)
         if self.client.scoring is not None:
@@ -190,10 +196,12 @@ class Session(Filtering):
             raise self.out_of_sync("CONNECT")
         self.ch.reply(220, "%s %s" % (self.config.myname, VANILLA[220]))
 
-    def pause(self, seconds):
-        """The greeting pause, while the DNS lists answer: what the client
-        said in it (None: nothing).  Cut short by a score that allow-lists."""
-        s, end = self.client.scoring, time.monotonic() + seconds
+    def pause(self, end):
+        """The greeting pause until end (counted from the connection: the
+        lookups before it count too), while the DNS lists answer: what the
+        client said in it (None: nothing).  Cut short by a score that
+        allow-lists."""
+        s = self.client.scoring
         while True:
             now = time.monotonic()
             if s is not None and s.done and self.engine.reputation.allowlisted(
@@ -349,7 +357,7 @@ class Session(Filtering):
         parsed = self.address(arg, "FROM:", null_ok=True)
         if parsed is None or not self.mail_params(parsed[1]):
             return
-        self.env = Envelope(parsed[0], spool.new_name() if self.milters else None)
+        self.env = Envelope(parsed[0], spool.new_name())    # its queue id, from now on
         if self.milters is not None:
             sender = "" if parsed[0] == "<>" else bare(parsed[0])
             self.milter_values.update({"i": self.env.name, "{mail_addr}": sender})
@@ -357,7 +365,8 @@ class Session(Filtering):
                                 "MAIL"):
                 self.env = Envelope()
                 return self.milters.abort()
-        self.log("mail from %s" % escape(parsed[0]), " from=%s" % escape(parsed[0]))
+        self.log("mail from %s%s" % (escape(parsed[0]), self.whose()),
+                 " from=%s" % escape(parsed[0]))
         self.reply(250, "sender is %s, sender OK" % parsed[0])
 
     def smtp_rcpt(self, arg):
@@ -373,7 +382,7 @@ class Session(Filtering):
             return self.reply(452, "Too many recipients")
         if self.check_rules(rcpt) and not self.milter_refused(rcpt):
             self.env.recipients.append(rcpt)
-            self.log("Recipient %s" % escape(rcpt), " to=%s" % escape(rcpt))
+            self.log("Recipient %s%s" % (escape(rcpt), self.whose()), " to=%s" % escape(rcpt))
             self.reply(250, "recipient %s, recipient OK" % rcpt)
 
     def check_rules(self, rcpt):
@@ -409,7 +418,7 @@ class Session(Filtering):
                      " forbidden FROM or RCPT")
             raise Closed(os.EX_PROTOCOL, "denied")
         if v.action == "noto":
-            self.log("Discarded bad recipient %s" % shown[1],
+            self.log("Discarded bad recipient %s%s" % (shown[1], self.whose()),
                      " discarded bad recipient=%s" % shown[1])
         self.count_error()
         return False
@@ -468,10 +477,13 @@ class Session(Filtering):
         problem = reader.problem
         if not problem and self.config.paranoid and header_oddity(reader.headers):
             raise Closed(os.EX_PROTOCOL, "unprintable characters in headers")
+        if problem == "bare":
+            what, line = reader.bare
+            log.notice("message from %s refused: %s in line %d", self.where, what, line)
+            return self.reply(550, "5.5.2 Message refused: %s in line %d; every line must "
+                                   "end with CR LF, and no NUL (RFC 5321 2.3.8)" % (what, line))
         if problem:
             log.notice("message from %s refused: %s", self.where, problem)
-            if problem == "bare":
-                return self.reply(550, "Message refused: bare CR or LF or NUL in message")
             if problem == "size":
                 log.err("message body exceeds maximum size of %d", self.config.maxsize)
                 return self.reply(552)

@@ -3,7 +3,8 @@
 DESCRIPTION
     run(config) is all smtpd does after its options: the pre-jail phase
     (engine.pre_jail_init, as root), then either the -D master (master.py)
-    or one inetd session on descriptors 0 and 1.
+    or one inetd session on descriptors 0 and 1 -- or, with -t, the checks
+    of a start and nothing more (check()).
     In inetd mode the greeting goes out first, so the client does not wait
     while the rest of smtpd loads (load()) -- unless something must be read
     before it (a PROXY header, an early talker, the DNS lists' score): then
@@ -31,10 +32,27 @@ def load():
 
 def run(config):
     """smtpd after its options: the exit status."""
+    if config.check:
+        return check(config)
     if config.daemon:
         _, engine, master = load()
         return master.run(config, engine.pre_jail_init(config))
     return inetd(config)
+
+
+def check(config):
+    """-t: what a start checks, and no more.  The flags, constants and
+    settings, filters' and store's syntax were checked by config.build;
+    here the certificate and key and the store's secrets (pre_jail_init, as
+    root) and the rules, read in the jail by a one-shot watcher as at
+    start.  Each of these says what is wrong and exits 78."""
+    _, engine, master = load()
+    engine.pre_jail_init(config)
+    master.load_rules(config, None)
+    settings = buildconf.SETTINGS_FILE
+    print("smtpd.py: configuration OK: rules %s, settings %s" % (
+        config.rules_shown, settings if settings and os.path.exists(settings) else "(none)"))
+    return os.EX_OK
 
 
 def inetd(config):

@@ -73,7 +73,7 @@ class Worker:
             if addr is None:
                 sock.close()
                 continue
-            if not self.admit(sock, addr):
+            if not self.admit(sock, addr, origin == "health"):
                 continue
             used += 1
             status = serve(self.config, self.engine, Connection(
@@ -109,10 +109,16 @@ class Worker:
         client that reconnects at once is not refused."""
         self.board.set(self.slot, Scoreboard.ENDING)
 
-    def admit(self, sock, addr):
+    def admit(self, sock, addr, health_check=False):
         """Claim our slot for this client's network, or refuse it with 421:
         over SMTPD_MAX_RATE new sessions (unless its cached DNS lists' score
-        allow-lists it), or SMTPD_MAX_PER_IP at once."""
+        allow-lists it), or SMTPD_MAX_PER_IP at once.  A balancer's health
+        check (PROXY LOCAL, or no client in its header) is no client: never
+        counted against the rate or the cap, whatever its number."""
+        if health_check:
+            self.board.set(self.slot, Scoreboard.BUSY)
+            self.want_spares()
+            return True
         ip = normalize_ip(addr[0])
         key = admission.network_key(ip)
         rep = self.engine.reputation
@@ -130,12 +136,16 @@ class Worker:
             log.notice("refused %s: %d sessions from %s already", ip, n,
                       admission.network_text(key))
             return refuse(sock, REFUSAL)
+        self.want_spares()
+        return True
+
+    def want_spares(self):
+        """Tell the master when spare workers run low (it forks more)."""
         if self.board.count(Scoreboard.IDLE) < buildconf.SMTPD_PREFORK:
             try:
                 self.ctrl.send(b"N", socket.MSG_DONTWAIT)
             except OSError:
                 pass
-        return True
 
 
 def refuse(sock, reply):

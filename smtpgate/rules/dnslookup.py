@@ -69,6 +69,20 @@ def make_resolver(timeout=None):
     return r
 
 
+def servers(resolver):
+    """(address, port) of each plain DNS server resolver asks, in its order
+    -- from resolv.conf (addresses, the resolver's port) or SMTPD_NAMESERVER
+    -- for the DNS lists' own stub (dnsbl.py), which must ask exactly the
+    servers the other lookups ask."""
+    out = []
+    for ns in getattr(resolver, "nameservers", None) or ():
+        if isinstance(ns, str):
+            out.append((ns, resolver.nameserver_ports.get(ns, resolver.port)))
+        elif isinstance(ns, dns.nameserver.Do53Nameserver):
+            out.append((ns.address, ns.port))
+    return out
+
+
 def rbl_name(ip, zone):
     """The name a DNS list is asked about ip: reversed octets (IPv4) or
     nibbles (IPv6), then the zone."""

@@ -18,7 +18,8 @@ EXIT STATUS
     With -a and SMTPD_DNSBL_SITES, the DNS lists are asked as smtpd asks
     them: "dnsbl score N: ..." follows the verdict, which DNSBL= tokens see;
     a score at SMTPD_DNSBL_THRESHOLD is "refused 554 ...", as smtpd refuses
-    such a client before its greeting.
+    such a client before its greeting.  A list that answered an error code
+    or not at all is named there with why; -v adds each list's answer.
 """
 
 import os
@@ -53,9 +54,10 @@ def cli_client(address, name, ident, resolver):
     return Client(ip, name, lk, ident=ident, name_error=name_error)
 
 
-def reputation(client, resolver):
+def reputation(client, resolver, verbose=False):
     """With -a and SMTPD_DNSBL_SITES: ask the lists as smtpd would, set the
-    client's score, and say it ("dnsbl score N: ..."); else None."""
+    client's score, and say it (["dnsbl score N: ...", with -v then each
+    list's answer or error]); else None."""
     if client.ip is None or not buildconf.SMTPD_DNSBL_SITES.strip():
         return None
     try:
@@ -65,8 +67,12 @@ def reputation(client, resolver):
     rep = dnsbl.Reputation(sites)
     s = rep.start(client.ip, resolver, None)
     client.score = rep.finish(s)
-    return "dnsbl score %d: %s%s" % (client.score, s.detail(),
-                                     " (allow-listed)" if rep.allowlisted(client.score) else "")
+    lines = ["dnsbl score %d: %s%s" % (client.score, s.detail(trouble=True),
+                                       " (allow-listed)" if rep.allowlisted(client.score)
+                                       else "")]
+    if verbose:
+        lines += ["dnsbl %s: %s" % (site.text, s.said(site)) for site in sites]
+    return lines
 
 
 def callout(backend, v, rcpt):
@@ -173,10 +179,11 @@ def judged(flags, rules, resolver, sender, rcpt):
             say("smtpd refuses this %s address before any rule" % refusal[1])
         return EXIT["refused"]
     client = cli_client(flags.get("address"), flags.get("name"), flags.get("ident"), resolver)
-    scored = reputation(client, resolver)
-    if scored is not None and client.score >= buildconf.SMTPD_DNSBL_THRESHOLD:
+    scored = reputation(client, resolver, verbose) or []
+    if scored and client.score >= buildconf.SMTPD_DNSBL_THRESHOLD:
         say("refused 554 %s" % dnsbl.REFUSAL % client.ip)
-        say(scored)
+        for line in scored:
+            say(line)
         return EXIT["refused"]
     v = evaluate(rules, client, *stored)
     said = None
@@ -184,8 +191,8 @@ def judged(flags, rules, resolver, sender, rcpt):
         v, said = callout(flags["backend"], v, stored[1])
     written = v.rule.action if v.rule is not None and v.rule.action != "verify" else v.action
     say(written if v.reply is None else "%s %s" % (written, v.reply))
-    if scored is not None:
-        say(scored)
+    for line in scored:
+        say(line)
     if verbose:
         if said:
             say("backend: %s" % said)
