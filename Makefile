@@ -266,8 +266,8 @@ INSTALL_PYTHON = /usr/bin/python3
 # the modules git knows; the tests' trees copy the same list).
 PROGRAMS = smtpd smtpfwdd checkrules
 PACKAGE = smtpgate
-PACKAGE_MODULES = __init__ address libc log net options params privileges process replies spool \
-	spooldir store text \
+PACKAGE_MODULES = __init__ address counters deadline libc log net options params privileges \
+	process replies shm spool spooldir store text \
 	gate/__init__ gate/admission gate/channel gate/client gate/config gate/connection gate/dnsbl gate/engine gate/filtering gate/master gate/milter gate/proxy gate/rewrite gate/rulewatch gate/sandbox gate/session gate/start gate/tls gate/verify gate/worker \
 	forwarder/__init__ forwarder/bounce forwarder/config forwarder/daemon forwarder/delivery forwarder/queuetool forwarder/start \
 	rules/__init__ rules/dnslookup rules/engine rules/ident rules/tester rules/tokens

@@ -19,11 +19,10 @@ DESCRIPTION
 
 import errno
 import fcntl
-import mmap
 import os
 import stat
 
-from smtpgate import spool
+from smtpgate import counters, shm, spool
 from smtpgate.spool import (DRAFT_PREFIX, fsync_dir, lock, MODE_COMPLETE, Odd, OPEN_FLAGS,
                             PREFIX, rename_noreplace)
 
@@ -34,23 +33,22 @@ class GroupSync:
     -- its own, or the one another worker began in the meantime -- so its
     250 still follows a directory fsync that covers its file.
 
-    Memory the -D master maps before it forks: 64-bit words counting the
-    files named, the count the last completed fsync covers, the fsyncs done.
-    fcntl record locks on it (released by the kernel if a worker dies):
-    byte 0 guards the count of files named; byte 1 is held by the worker
-    fsyncing, which alone writes the other two words (aligned 64-bit words,
-    read by the others as they are: an old value only makes one wait or
-    fsync once more).  A worker that finds byte 1 held waits for that
-    fsync, then looks again.  Four fcntl calls and one fsync for a worker
-    alone; each process keeps the directory open."""
+    Memory the -D master maps before it forks (shm.Region): 64-bit words
+    counting the files named and the count the last completed fsync
+    covers.  fcntl record locks on it (released by the kernel if a worker
+    dies): byte 0 guards the count of files named; byte 1 is held by the
+    worker fsyncing, which alone writes the other word (aligned 64-bit
+    words, read by the others as they are: an old value only makes one
+    wait or fsync once more).  A worker that finds byte 1 held waits for
+    that fsync, then looks again.  Four fcntl calls and one fsync for a
+    worker alone; each process keeps the directory open.  Each fsync
+    counts (counters.SPOOL_DIR_FSYNCS)."""
 
-    NAMED, COVERED, FSYNCS = 0, 1, 2
+    NAMED, COVERED = 0, 1
 
     def __init__(self):
-        self.fd = os.memfd_create("smtpd-groupsync", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, 64)
-        self.mm = mmap.mmap(self.fd, 64)
-        self.w = memoryview(self.mm).cast("Q")
+        self.region = shm.Region("smtpd-groupsync", 64)
+        self.fd, self.w = self.region.fd, memoryview(self.region.mm).cast("Q")
         self.dir_fd, self.dir_path, self.pid = None, None, None
         self.fsync = os.fsync
 
@@ -64,8 +62,7 @@ class GroupSync:
         dir_fd = self.directory(path)
         mine = None
         while True:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 0)
-            try:
+            with self.region.lock(0, 1):
                 if mine is None:
                     self.w[self.NAMED] += 1
                     mine = self.w[self.NAMED]
@@ -78,24 +75,18 @@ class GroupSync:
                     if e.errno not in (errno.EAGAIN, errno.EACCES):
                         raise
                     cover = None
-            finally:
-                fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 0)
             if cover is None:                       # wait for the fsync under way
-                fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 1)
-                fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 1)
+                with self.region.lock(1, 1):
+                    pass
                 continue
             try:
                 self.fsync(dir_fd)
                 if cover > self.w[self.COVERED]:
                     self.w[self.COVERED] = cover
-                self.w[self.FSYNCS] += 1
+                counters.add(counters.SPOOL_DIR_FSYNCS)
             finally:
                 fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 1)
             return
-
-    def counts(self):
-        """(messages committed, directory fsyncs) since the start."""
-        return self.w[self.NAMED], self.w[self.FSYNCS]
 
 
 FAILED_DIR = "failed"

@@ -10,8 +10,8 @@ DESCRIPTION
       Rates       the local table's sliding window (16 buckets), counted by
                   one Lua script (atomic: no race between gates); the local
                   table counts too, to take over when Redis fails.
-      Caches      read locally first, then from Redis; written to both.
-                  Every value Redis holds is signed (HMAC-SHA256 with the
+      Caches      Layered: read locally first, then from Redis; written to
+                  both.  Every value Redis holds is signed (HMAC-SHA256 with the
                   gates' key): an entry that does not verify is ignored and
                   logged, so that whoever can write to Redis cannot let an
                   unknown recipient or a listed client in.
@@ -39,10 +39,8 @@ COMMANDS
     HDEL, HINCRBY, EXPIRE, SET NX EX), PING.
 """
 
-import fcntl
 import hashlib
 import hmac
-import mmap
 import os
 import re
 import select
@@ -52,7 +50,8 @@ import struct
 import time
 
 import buildconf
-from smtpgate import log
+from smtpgate import log, shm
+from smtpgate.deadline import NONE, of as deadline_of
 
 URL = re.compile(r"^redis://(?:([A-Za-z0-9_.-]{1,64})@)?(\[[0-9A-Fa-f:.]+\]|[0-9.]+):(\d{1,5})"
                  r"(?:/(\d{1,2}))?$")
@@ -153,15 +152,13 @@ def read_secrets(path):
     return out
 
 
-class Health:
+class Health(shm.Region):
     """Is Redis up, as a gate's processes last saw it: a word in memory the
     -D master maps before it forks (inetd: this process alone).  down, and
     when to try again (deciseconds since the mapping was made)."""
 
     def __init__(self):
-        self.fd = os.memfd_create("smtpd-store", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, 8)
-        self.mm = mmap.mmap(self.fd, 8)
+        super().__init__("smtpd-store", 8)
         self.base = time.monotonic()
 
     def now(self):
@@ -173,28 +170,22 @@ class Health:
         down, retry = struct.unpack("II", self.mm[:8])
         if not down:
             return True
-        fcntl.lockf(self.fd, fcntl.LOCK_EX)
-        try:
+        with self:
             down, retry = struct.unpack("II", self.mm[:8])
             now = self.now()
             if down and now < retry:
                 return False
             self.mm[:8] = struct.pack("II", down, now + int(RETRY * 10))
             return True
-        finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN)
 
     def change(self, down):
         """Record up or down: True if that is news (to be logged)."""
         if struct.unpack("I", self.mm[:4])[0] == int(down):
             return False
-        fcntl.lockf(self.fd, fcntl.LOCK_EX)
-        try:
+        with self:
             was = struct.unpack("I", self.mm[:4])[0]
             self.mm[:8] = struct.pack("II", int(down), self.now() + int(RETRY * 10))
             return was != int(down)
-        finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN)
 
 
 class Redis:
@@ -350,14 +341,12 @@ class Redis:
 
     # -- calls --
 
-    def call(self, args, deadline=None):
+    def call(self, args, deadline=NONE):
         """The reply to one command; Unavailable (then the caller uses its
         local state).  None without asking while Redis is known down."""
         if not self.health.usable():
             raise Unavailable("down")
-        end = time.monotonic() + self.timeout
-        if deadline is not None:
-            end = min(end, deadline)
+        end = deadline_of(deadline).earliest(self.timeout)
         if self.pid != os.getpid():
             self.sock, self.buf = None, bytearray()     # the parent's connection
         while True:
@@ -386,7 +375,7 @@ class Redis:
     def sign(self, key, payload):
         return hmac.new(self.key, key + b"\0" + payload, hashlib.sha256).hexdigest()[:32].encode()
 
-    def get_signed(self, key, deadline=None):
+    def get_signed(self, key, deadline=NONE):
         """The payload stored under key if its signature holds; None (a
         missing, expired or forged entry, or Redis unavailable)."""
         key = self.prefix + key
@@ -402,7 +391,7 @@ class Redis:
             return None
         return payload
 
-    def put_signed(self, key, payload, ttl, deadline=None):
+    def put_signed(self, key, payload, ttl, deadline=NONE):
         if ttl <= 0:
             return
         key = self.prefix + key
@@ -414,7 +403,7 @@ class Redis:
         if isinstance(r, ReplyError):
             self.went_down(b"SET", r)
 
-    def rate(self, netkey, rate, window, deadline=None):
+    def rate(self, netkey, rate, window, deadline=NONE):
         """(admitted, log this refusal) from the gates' shared window, or
         None when Redis cannot say."""
         bucket = int(time.time() * 16 / window)
@@ -445,64 +434,41 @@ def log_forged(key):
                     "ignored (another site's, or forged)", key.decode("latin-1")[:120])
 
 
-class VerifyCache:
-    """verify.Cache's interface over the local cache and Redis."""
+class Layered:
+    """A local cache and, behind it, the gates' Redis: read locally first,
+    then from Redis, whose answer fills the local cache; written to both.
+    local: get(item, now) and put(item, value, ttl=, now=), or None (inetd
+    has no score cache); kind: the key's prefix (b"verify:"); name(item):
+    the rest of the key; lifetime(value): the longest a value of that kind
+    may live here, None for a value no gate writes.  In Redis an entry is
+    "VALUE EXPIRES", signed (Redis.get_signed): one whose expiry lies
+    further than its lifetime (and CLOCK_SLACK) is forged and ignored."""
 
-    def __init__(self, local, redis):
-        self.local, self.redis = local, redis
+    def __init__(self, local, redis, kind, name, lifetime):
+        self.local, self.redis, self.kind = local, redis, kind
+        self.name, self.lifetime = name, lifetime
 
-    def get(self, address, now):
-        code = self.local.get(address, now)
-        if code is not None:
-            return code
-        payload = self.redis.get_signed(b"verify:" + self.local.key(address).hex().encode())
+    def get(self, item, now):
+        value = self.local.get(item, now) if self.local is not None else None
+        if value is not None:
+            return value
+        payload = self.redis.get_signed(self.kind + self.name(item))
         try:
-            code, expires = [int(x) for x in payload.split()] if payload else (None, 0)
+            value, expires = [int(x) for x in payload.split()] if payload else (None, 0)
         except ValueError:
             return None
-        ttl = (buildconf.SMTPD_VERIFY_POSITIVE_TTL if code == 250
-               else buildconf.SMTPD_VERIFY_NEGATIVE_TTL)
-        if code not in (250, 550) or not now <= expires <= now + ttl + CLOCK_SLACK:
-            return None
-        self.local.put(address, code, now)
-        return code
-
-    def put(self, address, code, now):
-        self.local.put(address, code, now)
-        ttl = (buildconf.SMTPD_VERIFY_POSITIVE_TTL if code == 250
-               else buildconf.SMTPD_VERIFY_NEGATIVE_TTL)
-        self.redis.put_signed(b"verify:" + self.local.key(address).hex().encode(),
-                              b"%d %d" % (code, int(now + ttl)), ttl)
-
-
-class ScoreCache:
-    """dnsbl.ScoreCache's interface over the local cache (or none) and Redis."""
-
-    def __init__(self, local, redis):
-        self.local, self.redis = local, redis
-
-    def get(self, ip):
-        score = self.local.get(ip) if self.local is not None else None
-        if score is not None:
-            return score
-        payload = self.redis.get_signed(b"dnsbl:" + ip.packed.hex().encode())
-        try:
-            score, expires = [int(x) for x in payload.split()] if payload else (None, 0)
-        except ValueError:
-            return None
-        now = time.time()
-        longest = now + buildconf.SMTPD_DNSBL_TTL + CLOCK_SLACK
-        if score is None or not now <= expires <= longest:
+        longest = self.lifetime(value) if value is not None else None
+        if longest is None or not now <= expires <= now + longest + CLOCK_SLACK:
             return None
         if self.local is not None:
-            self.local.put(ip, score, expires - now)
-        return score
+            self.local.put(item, value, ttl=expires - now, now=now)
+        return value
 
-    def put(self, ip, score, ttl):
+    def put(self, item, value, ttl, now):
         if self.local is not None:
-            self.local.put(ip, score, ttl)
-        self.redis.put_signed(b"dnsbl:" + ip.packed.hex().encode(),
-                              b"%d %d" % (score, int(time.time() + ttl)), ttl)
+            self.local.put(item, value, ttl=ttl, now=now)
+        self.redis.put_signed(self.kind + self.name(item),
+                              b"%d %d" % (value, int(now + ttl)), ttl)
 
 
 def from_config(url, secrets_path, prefix, timeout_ms):

@@ -234,10 +234,10 @@ def test_an_error_answer_is_cached_no_longer_than_silence():
         def __init__(self):
             self.kept = []
 
-        def get(self, ip):
+        def get(self, ip, now=None):
             return None
 
-        def put(self, ip, score, ttl):
+        def put(self, ip, score, ttl, now=None):
             self.kept.append((score, ttl))
     cache = Cache()
     rep = dnsbl.Reputation(dnsbl.parse_sites("bl.test wl.test*-2"), cache)

@@ -3,8 +3,8 @@
 DESCRIPTION
     A client is its network: its address cut to SMTPD_V4_PREFIX (32) or
     SMTPD_V6_PREFIX (64) bits, since one host usually owns a whole IPv6 /64.
-    Two tables in memory the -D master maps before it forks the workers,
-    each changed under a POSIX record lock on its memfd:
+    Two tables in memory the -D master maps before it forks the workers
+    (shm.py), each changed under a POSIX record lock:
       Scoreboard  each worker's state and client network: at most
                   SMTPD_MAX_PER_IP sessions at once per network;
       RateTable   at most SMTPD_MAX_RATE new sessions per network in any
@@ -14,24 +14,21 @@ DESCRIPTION
     concurrency cap; so does a client whose cached DNS lists' score
     allow-lists it, but for the rate limit only.
 EVICTION
-    The rate table holds SMTPD_RATE_TABLE networks in sets of 8: a network
-    hashes to one set and takes a free entry there, or the entry of the set
-    seen least recently.  The hash is keyed with a secret drawn at each
-    start (blake2b), so nobody can choose networks that land in an abuser's
-    set to evict its entry.  Its size is fixed when smtpd starts: 96 bytes a
-    network, whatever the rate.  A flood from many networks can evict a
-    quiet one, which then starts from zero.
+    The rate table holds SMTPD_RATE_TABLE networks in sets of 8 (a
+    shm.Table): a network hashes to one set and takes a free entry there,
+    or the entry of the set seen least recently.  The hash is keyed with a
+    secret drawn at each start, so nobody can choose networks that land in
+    an abuser's set to evict its entry.  Its size is fixed when smtpd
+    starts: 96 bytes a network, whatever the rate.  A flood from many
+    networks can evict a quiet one, which then starts from zero.
 """
 
-import fcntl
-import hashlib
 import ipaddress
-import mmap
-import os
 import struct
 import time
 
 import buildconf
+from smtpgate import shm
 
 MAPPED = b"\0" * 10 + b"\xff\xff"
 
@@ -54,23 +51,7 @@ def network_text(key):
     return "%s/%d" % (ipaddress.IPv6Address(key), buildconf.SMTPD_V6_PREFIX)
 
 
-class Shared:
-    """A memfd mapped shared and an exclusive record lock on it."""
-
-    def __init__(self, name, size):
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, size)
-        self.mm = mmap.mmap(self.fd, size)
-
-    def __enter__(self):
-        fcntl.lockf(self.fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.lockf(self.fd, fcntl.LOCK_UN)
-
-
-class Scoreboard(Shared):
+class Scoreboard(shm.Region):
     """One 32-byte slot per worker: its client's network key (16 bytes), a
     state byte, and when it last became idle.  The master reads it to keep
     spare workers; workers claim a slot per session."""
@@ -112,87 +93,45 @@ class Scoreboard(Shared):
             return n
 
 
-class RateTable(Shared):
+class RateTable(shm.Table):
     """Attempts per network in a sliding window of BUCKETS buckets: an
     attempt is refused when the buckets of the last SMTPD_RATE_WINDOW
     seconds (to within one bucket, a sixteenth of it) already hold
     SMTPD_MAX_RATE.  Refused attempts count too, so a client that keeps
-    hammering stays out until it pauses for a whole window.
+    hammering stays out until it pauses for a whole window.  An entry's
+    words (shm.Table): the newest bucket's number, when a refusal was last
+    logged (deciseconds; 0: never), then the BUCKETS counters: 96 bytes."""
 
-    An entry: key (16 bytes), then 32-bit words: when it was last used (a
-    sequence number of the table's, 0: free), the newest bucket's number,
-    when a refusal was last logged, a spare, and the BUCKETS counters.
-    Times are deciseconds since the table was made (0: never).  The last
-    word of the mapping counts the attempts, so that the least recently
-    used entry of a set is exactly that, even among attempts of the same
-    instant; when it would wrap (every 4 billion attempts) every entry's
-    use is reset to one."""
-
-    WAYS, HEAD, BUCKETS = 8, 8, 16
+    BUCKETS = 16
+    NEWEST, LOGGED, COUNTS = shm.Table.VALUE, shm.Table.VALUE + 1, shm.Table.VALUE + 2
 
     def __init__(self, entries, rate, window):
         self.rate, self.window = rate, window * 10
         self.span = self.window / self.BUCKETS      # deciseconds per bucket
-        self.words_per = self.HEAD + self.BUCKETS
-        self.sets = max(1, entries // self.WAYS)
-        super().__init__("smtpd-rates", self.sets * self.WAYS * self.words_per * 4 + 4)
-        self.w = memoryview(self.mm).cast("I")
-        self.used = len(self.w) - 1         # the sequence of attempts
-        self.base = time.monotonic()
-        self.secret = os.urandom(16)        # never the same placement twice
-
-    def now(self):
-        return int((time.monotonic() - self.base) * 10) + 1
-
-    def entry(self, key):
-        """The index of key's entry (made, evicting, if it has none)."""
-        h = hashlib.blake2b(key, key=self.secret, digest_size=8).digest()
-        first = int.from_bytes(h, "little") % self.sets * self.WAYS
-        oldest = None
-        for e in range(first, first + self.WAYS):
-            at = e * self.words_per * 4
-            if self.mm[at:at + 16] == key and self.w[e * self.words_per + 4]:
-                return e
-            seen = self.w[e * self.words_per + 4]
-            if oldest is None or seen < self.w[oldest * self.words_per + 4]:
-                oldest = e
-        at = oldest * self.words_per
-        self.mm[at * 4:at * 4 + 16] = key
-        self.w[at + 4:at + self.words_per] = memoryview(bytes(4 * (self.words_per - 4))).cast("I")
-        return oldest
-
-    def next_use(self):
-        n = self.w[self.used] + 1
-        if n >= 0xFFFFFFF0:             # wrap: keep "in use", lose the order once
-            for e in range(self.sets * self.WAYS):
-                if self.w[e * self.words_per + 4]:
-                    self.w[e * self.words_per + 4] = 1
-            n = 2
-        self.w[self.used] = n
-        return n
+        super().__init__("smtpd-rates", entries, 4 + self.BUCKETS)
 
     def attempt(self, key):
         """(admitted, log this refusal) for a new session from key."""
         with self:
             now = self.now()
-            at = self.entry(key) * self.words_per
-            counts = at + self.HEAD
+            at = self.take(key, now)
+            counts = at + self.COUNTS
             bucket = int(now / self.span) + 1
-            newest = self.w[at + 5]
+            newest = self.w[at + self.NEWEST]
             if bucket - newest >= self.BUCKETS:         # all older than the window
                 for i in range(self.BUCKETS):
                     self.w[counts + i] = 0
             else:
                 for b in range(newest + 1, bucket + 1):
                     self.w[counts + b % self.BUCKETS] = 0
-            self.w[at + 5] = bucket
+            self.w[at + self.NEWEST] = bucket
             seen = sum(self.w[counts:counts + self.BUCKETS])
             admitted = seen < self.rate
             self.w[counts + bucket % self.BUCKETS] += 1
-            self.w[at + 4] = self.next_use()
             log = False
-            if not admitted and (not self.w[at + 6] or now - self.w[at + 6] >= self.window):
-                self.w[at + 6] = now
+            if not admitted and (not self.w[at + self.LOGGED]
+                                 or now - self.w[at + self.LOGGED] >= self.window):
+                self.w[at + self.LOGGED] = now
                 log = True
             return admitted, log
 

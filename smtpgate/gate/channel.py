@@ -22,6 +22,7 @@ import time
 
 import buildconf
 from smtpgate import log
+from smtpgate.deadline import of as deadline_of
 from smtpgate.replies import VANILLA
 
 LINE_MAX = 512
@@ -48,7 +49,7 @@ class Channel:
         self.rfd, self.wfd, self.sock = rfd, wfd, sock
         self.tls = self.tls_in = self.tls_out = None     # after STARTTLS
         self.broken = False         # a TLS handshake failed: say nothing more
-        self.read_timeout, self.deadline = read_timeout, deadline
+        self.read_timeout, self.deadline = read_timeout, deadline_of(deadline)
         self.buf = bytearray()
         self.out = []
         self.read_poll = select.poll()
@@ -99,18 +100,16 @@ class Channel:
                 self.wait(self.wfd, select.POLLOUT)
 
     def wait(self, fd, event):
-        timeout = min(self.read_timeout, self.deadline - time.monotonic())
-        if timeout <= 0:
-            raise Closed(os.EX_OSERR, "session timeout")
+        timeout = self.deadline.within(self.read_timeout, self.timed_out)
         if fd == self.rfd and event == select.POLLIN:
             p = self.read_poll
         else:
             p = select.poll()
             p.register(fd, event)
         if not p.poll(timeout * 1000):
-            what = "session" if time.monotonic() >= self.deadline else "read"
-            raise Closed(os.EX_OSERR, "%s timeout (%d seconds)" % (
-                what, buildconf.SESSION_TIMEOUT if what == "session" else self.read_timeout))
+            if self.deadline.passed():
+                raise self.timed_out()
+            raise Closed(os.EX_OSERR, "read timeout (%d seconds)" % self.read_timeout)
 
     def fill(self):
         """Read more input (flushing replies first); Closed on EOF/timeout."""
@@ -235,7 +234,7 @@ class Channel:
             return line.decode("latin-1"), None
 
     def time_left(self):
-        return self.deadline - time.monotonic()
+        return self.deadline.left()
 
     def talks_within(self, seconds, also=None):
         """Before the greeting: does the client send anything within seconds
@@ -259,8 +258,12 @@ class Channel:
             return b""
 
     def check_deadline(self):
-        if time.monotonic() >= self.deadline:
-            raise Closed(os.EX_OSERR, "session timeout (%d seconds)" % buildconf.SESSION_TIMEOUT)
+        if self.deadline.passed():
+            raise self.timed_out()
+
+    @staticmethod
+    def timed_out(why=None):
+        return Closed(os.EX_OSERR, "session timeout (%d seconds)" % buildconf.SESSION_TIMEOUT)
 
     def sleep(self, seconds):
         """Sleep, but never past the session deadline (then Closed)."""

@@ -18,6 +18,7 @@ import time
 
 import buildconf
 from smtpgate import log, net
+from smtpgate.deadline import Deadline
 from smtpgate.gate import session
 from smtpgate.gate.client import peer_ip, socket_ends
 from smtpgate.replies import VANILLA
@@ -78,7 +79,7 @@ def scoring(config, engine, conn, deadline):
 def serve(config, engine, conn):
     """The session of conn; its exit status."""
     conn.accepted = time.monotonic()
-    deadline = conn.accepted + buildconf.SESSION_TIMEOUT
+    deadline = Deadline(conn.accepted + buildconf.SESSION_TIMEOUT)
     if conn.local is None:
         conn.local, conn.peer = socket_ends(conn.rfd)
     asked = scoring(config, engine, conn, deadline)

@@ -20,14 +20,12 @@ DESCRIPTION
 CACHE
     ScoreCache, in memory the -D master maps before it forks: a score per
     client address for SMTPD_DNSBL_TTL seconds (60 at most when a list did
-    not answer or answered its error code), SMTPD_DNSBL_CACHE addresses in sets of 8 placed by a keyed
-    hash, the least recently used of a set evicted, as admission's RateTable.
+    not answer or answered its error code), SMTPD_DNSBL_CACHE addresses, a
+    shm.Table as admission's RateTable.
     inetd sessions score without a cache.
 """
 
 import collections
-import hashlib
-import os
 import re
 import select
 import socket
@@ -41,7 +39,8 @@ import dns.rcode
 import dns.rdatatype
 
 import buildconf
-from smtpgate import log
+from smtpgate import log, shm
+from smtpgate.deadline import NONE, of as deadline_of
 from smtpgate.gate import admission
 from smtpgate.net import normalize_ip
 from smtpgate.rules import dnslookup
@@ -133,12 +132,10 @@ class Scoring:
     lists still silent count 0) and gives the score.  Or made from a cached
     score (cached=True): nothing to ask."""
 
-    def __init__(self, sites, ip, resolver, timeout, deadline=None, cached=None):
+    def __init__(self, sites, ip, resolver, timeout, deadline=NONE, cached=None):
         self.sites, self.ip = sites, ip
         self.start = time.monotonic()
-        self.until = self.start + timeout
-        if deadline is not None:
-            self.until = min(self.until, deadline)
+        self.until = deadline_of(deadline).earliest(timeout)
         self.answers = {}           # zone -> [addresses] or an error text
         self.pending = {}           # (query id, qname) -> zone
         self.sock, self.score, self.cached = None, cached, cached is not None
@@ -342,62 +339,30 @@ class Scoring:
         return "%s: a listing its filter does not count" % a[0]
 
 
-class ScoreCache(admission.Shared):
-    """Scores by client address, shared by the -D workers.  An entry: the
-    address (16 bytes), then 32-bit words: when it expires (deciseconds
-    since the table was made), its last use (the table's sequence), the
-    score + 2**31, a spare."""
+class ScoreCache(shm.Table):
+    """Scores by client address, shared by the -D workers: an entry's word
+    (shm.Table) is the score + 2**31, until it expires."""
 
-    WAYS, WORDS = 8, 8          # 16 bytes of key, then 4 words
+    SCORE = shm.Table.VALUE
 
     def __init__(self, entries):
-        self.sets = max(1, entries // self.WAYS)
-        super().__init__("smtpd-dnsbl", self.sets * self.WAYS * self.WORDS * 4 + 4)
-        self.w = memoryview(self.mm).cast("I")
-        self.used = len(self.w) - 1
-        self.base = time.monotonic()
-        self.secret = os.urandom(16)
+        super().__init__("smtpd-dnsbl", entries, 4)
 
-    def now(self):
-        return int((time.monotonic() - self.base) * 10) + 1
-
-    def slots(self, key):
-        h = hashlib.blake2b(key, key=self.secret, digest_size=8).digest()
-        first = int.from_bytes(h, "little") % self.sets * self.WAYS
-        return range(first, first + self.WAYS)
-
-    def get(self, ip):
+    def get(self, ip, now=None):
         """The cached score of ip, or None."""
-        key = address_key(ip)
         with self:
-            now = self.now()
-            for e in self.slots(key):
-                at = e * self.WORDS
-                if self.mm[at * 4:at * 4 + 16] == key and self.w[at + 4] > now:
-                    self.w[self.used] = n = (self.w[self.used] + 1) & 0xFFFFFFFF or 1
-                    self.w[at + 5] = n
-                    return self.w[at + 6] - (1 << 31)
-        return None
+            at = self.find(address_key(ip), self.now())
+            return None if at is None else self.w[at + self.SCORE] - (1 << 31)
 
-    def put(self, ip, score, ttl):
-        key = address_key(ip)
+    def put(self, ip, score, ttl, now=None):
+        """Keep ip's score for ttl seconds (now: the caller's clock, unused:
+        the table keeps its own)."""
         score = max(-(1 << 31), min(score, (1 << 31) - 1))
         with self:
             now = self.now()
-            victim = None
-            for e in self.slots(key):
-                at = e * self.WORDS
-                if self.mm[at * 4:at * 4 + 16] == key or self.w[at + 4] <= now:
-                    victim = e
-                    break
-                if victim is None or self.w[at + 5] < self.w[victim * self.WORDS + 5]:
-                    victim = e
-            at = victim * self.WORDS
-            self.mm[at * 4:at * 4 + 16] = key
-            self.w[self.used] = n = (self.w[self.used] + 1) & 0xFFFFFFFF or 1
-            self.w[at + 4] = now + int(ttl * 10)
-            self.w[at + 5] = n
-            self.w[at + 6] = score + (1 << 31)
+            at = self.take(address_key(ip), now)
+            self.w[at + self.EXPIRES] = now + max(1, int(ttl * 10))
+            self.w[at + self.SCORE] = score + (1 << 31)
 
 
 def address_key(ip):
@@ -426,8 +391,9 @@ class Reputation:
         if buildconf.SMTPD_DNSBL_TTL > 0:
             cache = ScoreCache(buildconf.SMTPD_DNSBL_CACHE) if daemon else None
             if redis is not None:
-                from smtpgate import store      # noqa: store imports nothing of ours but log
-                cache = store.ScoreCache(cache, redis)
+                from smtpgate import store      # noqa: only with a shared store
+                cache = store.Layered(cache, redis, b"dnsbl:", lambda ip: ip.packed.hex().encode(),
+                                      lambda score: buildconf.SMTPD_DNSBL_TTL)
         return cls(sites, cache)
 
     def allowlisted(self, score):
@@ -435,7 +401,7 @@ class Reputation:
         return self.allow < 0 and score is not None and score <= self.allow
 
     def cached(self, ip):
-        return self.cache.get(ip) if self.cache is not None else None
+        return self.cache.get(ip, time.time()) if self.cache is not None else None
 
     def start(self, ip, resolver, deadline):
         """The Scoring of a new connection from ip (cached, or asked now)."""
@@ -455,6 +421,6 @@ class Reputation:
             ttl = buildconf.SMTPD_DNSBL_TTL if scoring.complete else \
                 min(buildconf.SMTPD_DNSBL_TTL, UNANSWERED_TTL)
             if ttl > 0:
-                self.cache.put(scoring.ip, score, ttl)
+                self.cache.put(scoring.ip, score, ttl=ttl, now=time.time())
         return score
 

@@ -73,7 +73,8 @@ def pre_jail_init(config):
     return Engine(rules=None if config.daemon else RulesFile(config.rules_path),
                   resolver=dnslookup.make_resolver(), certificates=certificates,
                   tls_context=context,
-                  verify_cache=store.VerifyCache(cache, shared) if shared else cache,
+                  verify_cache=store.Layered(cache, shared, b"verify:", verify.Cache.name,
+                                             verify.lifetime) if shared else cache,
                   reputation=dnsbl.Reputation.of(config.dnsbl_sites, config.daemon, shared),
                   shared=shared, dir_sync=spooldir.GroupSync() if config.daemon else None)
 

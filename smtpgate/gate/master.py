@@ -41,7 +41,7 @@ import daemon.pidfile
 import lockfile
 
 import buildconf
-from smtpgate import log, params, process
+from smtpgate import counters, log, params, process
 from smtpgate.gate import admission, rulewatch
 from smtpgate.gate.admission import Scoreboard
 from smtpgate.gate.config import build as build_config, RESTART_ONLY
@@ -207,6 +207,7 @@ class Master:
         self.next_watcher = 0
         self.reload_reason = None
         self.workers = {}           # pid -> WorkerHandle
+        self.counts = counters.share(config.maxchildren + 1)   # row 0 ours, slot + 1 theirs
         self.admission = admission.Admission(config.maxchildren, config.exempt, engine.shared)
         self.board = self.admission.board
         self.free_slots = list(range(config.maxchildren - 1, -1, -1))
@@ -312,6 +313,7 @@ class Master:
                 continue
             self.unwatch(w)
             w.ctrl.close()
+            self.counts.retire(w.slot + 1)
             self.board.set(w.slot, Scoreboard.FREE)
             self.free_slots.append(w.slot)
             if os.WIFSIGNALED(status) or os.WEXITSTATUS(status) not in (0,):
@@ -496,12 +498,9 @@ class Master:
         process.ignore_stop_signals()
         if self.relay is not None:
             self.relay.pump()
-        if self.engine.dir_sync is not None:
-            committed, fsyncs = self.engine.dir_sync.counts()
-            log.info("stopped: %d messages committed with %d fsyncs of the spool directory",
-                     committed, fsyncs)
-        else:
-            log.info("stopped")
+        counted = self.counts.totals()
+        log.info("stopped: %d messages committed with %d fsyncs of the spool directory",
+                 counted["messages"], counted["spool_dir_fsyncs"])
         return os.EX_OK
 
     # -- in the child --
@@ -521,6 +520,7 @@ class Master:
             self.sel.close()
             process.set_title("smtpd: worker")
             log.log.role = "worker: "
+            counters.use_row(slot + 1)
             master = os.getppid()
             post_jail_init(self.config)
             status = Worker(self.config, self.engine, ctrl, self.listener, self.admission,

@@ -66,6 +66,7 @@ import time
 
 import buildconf
 from smtpgate import log
+from smtpgate.deadline import of as deadline_of
 from smtpgate.gate import rewrite
 from smtpgate.text import visible
 
@@ -242,7 +243,7 @@ class Filter:
         self.endpoint, self.name = endpoint, endpoint.text
         self.default = DEFAULTS[default_action]
         self.default_action = default_action
-        self.deadline = deadline
+        self.deadline = deadline_of(deadline)
         self.sock = None
         self.rbuf = bytearray()
         self.out, self.nout = [], 0     # queued packets (queue())
@@ -262,11 +263,7 @@ class Filter:
 
     def wait(self, kind):
         """Seconds the next wait may take: its timeout, within the session's."""
-        limit = timeout(kind)
-        left = self.deadline - time.monotonic() if self.deadline else limit
-        if left <= 0:
-            raise Broken("the session's deadline has passed")
-        return min(limit, left)
+        return self.deadline.within(timeout(kind), Broken)
 
     def open(self):
         """Connect and negotiate, or take the connection an earlier session

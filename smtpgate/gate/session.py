@@ -21,7 +21,8 @@ import time
 import traceback
 
 import buildconf
-from smtpgate import log, spool, spooldir
+from smtpgate import counters, log, spool, spooldir
+from smtpgate.deadline import Deadline
 from smtpgate.address import AddressError, bare, mail_params, parse_path
 from smtpgate.gate import dnsbl, verify
 from smtpgate.gate.filtering import Filtering
@@ -62,7 +63,7 @@ class Session(Filtering):
         self.greeted = conn.greeted     # inetd mode sends the 220 before loading
         self.accepted = conn.accepted or time.monotonic()
         if deadline is None:
-            deadline = time.monotonic() + buildconf.SESSION_TIMEOUT
+            deadline = Deadline.after(buildconf.SESSION_TIMEOUT)
         self.ch = Channel(conn.rfd, conn.wfd, buildconf.READ_TIMEOUT, deadline, conn.sock)
         self.on_end = conn.on_end       # called once, before the last reply goes out
         self.helo = None
@@ -133,6 +134,7 @@ class Session(Filtering):
     def run(self):
         """Serve the session; return the exit status."""
         status = os.EX_OK
+        counters.add(counters.SESSIONS)
         try:
             self.greet()
             self.milter_connect()
@@ -501,6 +503,8 @@ class Session(Filtering):
             log.err("committing spool file: %s", e.strerror)
             return self.reply(452)
         self.draft = None
+        counters.add(counters.MESSAGES)
+        counters.add(counters.MESSAGE_BYTES, reader.size)
         if held:
             spooldir.note_hold(self.config.spooldir, name, held)
         msgid = spool.message_id(bytes(reader.headers))

@@ -32,6 +32,7 @@ import time
 
 import buildconf
 from smtpgate import log
+from smtpgate.deadline import of as deadline_of
 from smtpgate.text import visible
 from smtpgate.address import bare
 
@@ -43,6 +44,13 @@ DEFERRED = "450 4.1.1 <%s>: Recipient address rejected: unverified address, try 
 UNREACHABLE = ("451 4.4.3 <%s>: Recipient address rejected: cannot verify it now, "
                "try again later")
 TOO_MANY = "450 4.7.1 <%s>: Recipient address rejected: too many unverified recipients"
+
+
+def lifetime(code):
+    """How long an answer is kept: a 250 (the user exists) or a 550 (it
+    does not); None for anything else."""
+    return {250: buildconf.SMTPD_VERIFY_POSITIVE_TTL,
+            550: buildconf.SMTPD_VERIFY_NEGATIVE_TTL}.get(code)
 
 
 class BackendError(Exception):
@@ -62,16 +70,13 @@ class Callout:
 
     def __init__(self, backend, myname, deadline):
         self.lmtp, self.host, self.port = backend
-        self.myname, self.deadline = myname, deadline
+        self.myname, self.deadline = myname, deadline_of(deadline)
         self.sock = None
         self.buf = b""
         self.rcpts = None           # RCPTs in the open transaction, or None
 
     def timeout(self):
-        left = self.deadline - time.monotonic() if self.deadline else buildconf.SMTPD_VERIFY_TIMEOUT
-        if left <= 0:
-            raise BackendError("session deadline reached")
-        return min(buildconf.SMTPD_VERIFY_TIMEOUT, left)
+        return self.deadline.within(buildconf.SMTPD_VERIFY_TIMEOUT, BackendError)
 
     def ask(self, address):
         """(code, text) of the backend's answer to RCPT TO:<address>."""
@@ -190,6 +195,11 @@ class Cache:
     def key(address):
         return hashlib.blake2b(exact(address).encode("latin-1"), digest_size=16).digest()
 
+    @staticmethod
+    def name(address):
+        """The address's key in the gates' Redis (store.Layered)."""
+        return Cache.key(address).hex().encode()
+
     def get(self, address, now):
         """The cached code for address (250 or 550), or None."""
         db = self.open()
@@ -205,9 +215,9 @@ class Cache:
             return None
         return row[0]
 
-    def put(self, address, code, now):
-        ttl = (buildconf.SMTPD_VERIFY_POSITIVE_TTL if code == 250
-               else buildconf.SMTPD_VERIFY_NEGATIVE_TTL)
+    def put(self, address, code, now, ttl=None):
+        """Keep address's code for ttl seconds (its lifetime() if None)."""
+        ttl = lifetime(code) if ttl is None else ttl
         db = self.open()
         if db is None or ttl <= 0:
             return
@@ -271,7 +281,8 @@ class Verifier:
                 visible(text, 300))
         if code // 100 in (2, 5):
             if self.cache is not None:
-                self.cache.put(address, code // 100 * 100 + 50, now)
+                code = code // 100 * 100 + 50
+                self.cache.put(address, code, ttl=lifetime(code), now=now)
             return None if code // 100 == 2 else UNKNOWN % address
         return DEFERRED % address
 

@@ -34,6 +34,7 @@ import dns.resolver
 import dns.reversename
 
 import buildconf
+from smtpgate.deadline import NONE, of as deadline_of
 
 HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?$")
 NSLIMIT, NSIPLIMIT = 100, 500
@@ -111,22 +112,17 @@ def reverse_name(ip):
 
 class Lookup:
     """One session's DNS questions, each asked at most once, none past the
-    session's deadline (time.monotonic(); None: no deadline)."""
+    session's deadline (a deadline.Deadline)."""
 
-    def __init__(self, resolver, deadline=None):
+    def __init__(self, resolver, deadline=NONE):
         self.resolver = resolver
-        self.deadline = deadline
+        self.deadline = deadline_of(deadline)
         self.memo = {}
         self.ptr = None             # the client's PTR name, once asked
 
     def time_left(self, limit):
         """limit, or less if the deadline is nearer; TempFail once past it."""
-        if self.deadline is None:
-            return limit
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TempFail("session deadline reached")
-        return min(limit, left)
+        return self.deadline.within(limit, TempFail)
 
     def query(self, name, rdtype):
         """Rdata list for name/rdtype; [] when none exists; TempFail else."""
