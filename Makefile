@@ -267,8 +267,8 @@ INSTALL_PYTHON = /usr/bin/python3
 PROGRAMS = smtpd smtpfwdd checkrules
 PACKAGE = smtpgate
 PACKAGE_MODULES = __init__ address counters deadline libc log net options params privileges \
-	process replies shm spool spooldir store text \
-	gate/__init__ gate/admission gate/channel gate/client gate/config gate/connection gate/dnsbl gate/engine gate/filtering gate/master gate/milter gate/proxy gate/rewrite gate/rulewatch gate/sandbox gate/session gate/start gate/tls gate/verify gate/worker \
+	process shm spool spooldir store text \
+	gate/__init__ gate/admission gate/channel gate/chat gate/client gate/config gate/connection gate/dnsbl gate/engine gate/filtering gate/master gate/milter gate/milterwire gate/proxy gate/rewrite gate/rulewatch gate/sandbox gate/session gate/start gate/tls gate/verify gate/worker \
 	forwarder/__init__ forwarder/bounce forwarder/config forwarder/daemon forwarder/delivery forwarder/queuetool forwarder/start \
 	rules/__init__ rules/dnslookup rules/engine rules/ident rules/tester rules/tokens
 EXAMPLES = etc/smtpd_check_rules.example etc/antispam_check_rules.example \

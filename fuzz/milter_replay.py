@@ -43,7 +43,7 @@ def admit(sender, rcpt):
 def check(answer):
     if answer.kind not in ("continue", "refuse", "discard", "shutdown"):
         raise RuntimeError("answer %r" % (answer,))
-    for line in answer.reply or ():
+    for line in answer.reply.lines() if answer.reply else ():
         if not REPLY.match(line) or len(line) > milter.REPLY_LINE:
             raise RuntimeError("reply line %r" % line)
 

@@ -49,7 +49,6 @@ import stat
 import struct
 import time
 
-import buildconf
 from smtpgate import log, shm
 from smtpgate.deadline import NONE, of as deadline_of
 

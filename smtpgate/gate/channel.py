@@ -6,7 +6,7 @@ DESCRIPTION
     session deadline: command() returns the next CRLF-terminated line,
     start_tls() puts TLS (ssl.SSLObject over memory BIOs) under the same
     line discipline,
-    reply() and flush() batch replies, chunks() feeds DATA, linger()
+    say() and flush() batch replies (chat.Reply), chunks() feeds DATA, linger()
     half-closes so a last reply is not lost to a reset.  DataReader reads a
     message to CRLF.CRLF, unstuffs dots, stores LF line ends and says why a
     message must be refused (bare CR/LF/NUL, size, write error).  Closed
@@ -23,7 +23,6 @@ import time
 import buildconf
 from smtpgate import log
 from smtpgate.deadline import of as deadline_of
-from smtpgate.replies import VANILLA
 
 LINE_MAX = 512
 CHUNK = 65536
@@ -60,18 +59,9 @@ class Channel:
             except OSError:
                 pass
 
-    def reply(self, code, text=None, more=()):
-        text = VANILLA[code] if text is None else text
-        if not more:
-            self.out.append(b"%d %s\r\n" % (code, text.encode("latin-1")))
-            return
-        lines = [text] + list(more)
-        for i, line in enumerate(lines):
-            sep = "-" if i < len(lines) - 1 else " "
-            self.out.append(b"%d%s%s\r\n" % (code, sep.encode(), line.encode("latin-1")))
-
-    def raw_reply(self, line):
-        self.out.append(line.encode("latin-1") + b"\r\n")
+    def say(self, reply):
+        """Queue a chat.Reply: it goes out with the next read or flush."""
+        self.out.append(reply.encode())
 
     def flush(self, final=False):
         data = b"".join(self.out)

@@ -18,8 +18,7 @@ import sys
 
 import buildconf
 from smtpgate import log, net, params, privileges
-from smtpgate.gate import sandbox
-from smtpgate.replies import VANILLA
+from smtpgate.gate import chat, sandbox
 
 
 # Every field has the default smtpd would have without options, not started
@@ -221,8 +220,5 @@ def config_error(problems, inetd):
     if not log.log.stderr and not log.stderr_is_socket():
         print("smtpd.py: " + "\nsmtpd.py: ".join(problems), file=sys.stderr)
     if inetd:
-        try:
-            os.write(1, b"421 %s\r\n" % VANILLA[421].encode())
-        except OSError:
-            pass
+        chat.send(1, chat.NOT_AVAILABLE)
     sys.exit(os.EX_CONFIG)

@@ -19,9 +19,8 @@ import time
 import buildconf
 from smtpgate import log, net
 from smtpgate.deadline import Deadline
-from smtpgate.gate import session
+from smtpgate.gate import chat, session
 from smtpgate.gate.client import peer_ip, socket_ends
-from smtpgate.replies import VANILLA
 from smtpgate.rules import dnslookup, ident
 from smtpgate.rules.engine import Client
 
@@ -38,6 +37,7 @@ class Connection:
     greeted: bool = False       # inetd mode has sent the 220 already
     on_end: object = None       # called once when the session is over
     accepted: float = None      # time.monotonic() when its session began
+    keeper: object = None       # the worker's milter.Keeper; None: keep no filter connection
 
 
 def identify(config, engine, conn, deadline):
@@ -91,7 +91,7 @@ def serve(config, engine, conn):
         log.crit("abandoning session with %s: %s", conn.peer and conn.peer[0], c)
         if conn.on_end is not None:
             conn.on_end()
-        os.write(conn.wfd, b"421 %s\r\n" % VANILLA[421].encode())
+        chat.send(conn.wfd, chat.NOT_AVAILABLE)
         return c.status
     finally:
         if asked is not None:

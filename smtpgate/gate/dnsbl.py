@@ -54,7 +54,6 @@ ANSWERS_MAX = 64            # addresses of one answer looked at
 DATAGRAM_MAX = 65535
 UNANSWERED_TTL = 60         # seconds a score some list did not give is kept
 LOG_EVERY = 60              # seconds between two log lines of a kind for a list
-REFUSAL = "5.7.1 Service unavailable; client [%s] blocked by its network reputation"
 
 
 class Site(collections.namedtuple("Site", "zone filter weight text")):

@@ -14,7 +14,7 @@ import os
 
 from smtpgate import log
 from smtpgate.address import bare
-from smtpgate.gate import milter, rewrite
+from smtpgate.gate import chat, milter, rewrite
 from smtpgate.gate.channel import Closed
 from smtpgate.rules.engine import evaluate, RuleError
 from smtpgate.text import escape
@@ -37,7 +37,8 @@ class Filtering:
             "{client_addr}": ip or None, "{client_port}": peer and peer[1],
             "{client_name}": c.name or "unknown", "{client_ptr}": c.ptr or "unknown"}
         self.milters = milter.Milters(self.config.milters, self.config.milter_default,
-                                      self.deadline, self.milter_values)
+                                      self.deadline, self.milter_values,
+                                      self.keeper or milter.NOT_KEEPING)
         family = b"U" if not ip else b"6" if ":" in ip else b"4"
         self.milter_said(self.milters.connect(c.name or "[%s]" % ip, family,
                                               peer[1] if peer else 0, ip),
@@ -63,14 +64,12 @@ class Filtering:
             self.env.discard = a.source
             return False
         log.info("milter-reject: %s from %s: %s; %s (milter %s)", stage, self.where,
-                 a.reply[-1], shown, a.source)      # (a reply milter.py made printable)
+                 a.reply.last_line(), shown, a.source)      # (a reply milter.py made printable)
         if a.kind == "shutdown":
-            for line in a.reply:
-                self.ch.raw_reply(line)
+            self.ch.say(a.reply)
             raise Closed(os.EX_PROTOCOL, "", last_word=False)
         if reply:
-            for line in a.reply:
-                self.ch.raw_reply(line)
+            self.ch.say(a.reply)
             self.count_error()
         return True
 
@@ -107,14 +106,13 @@ class Filtering:
                         log.info("milter: %s body replaced by the filters", draft.name)
             except OSError as e:
                 log.err("writing the filtered message %s: %s", draft.name, e.strerror)
-                return self.reply(452)
+                return self.say(chat.NO_STORAGE)
             finally:
                 msg.close()
             self.env = env      # for milter_said's log line
             try:
                 if a.kind != "continue" and self.milter_said(a, "END-OF-MESSAGE", reply=False):
-                    for line in a.reply:
-                        self.ch.raw_reply(line)
+                    self.ch.say(a.reply)
                     return True
             finally:
                 self.env = type(env)()
@@ -123,7 +121,7 @@ class Filtering:
                      draft.name, self.where, env.discard, escape(env.sender),
                      len(env.recipients))
             self.flush_summary()
-            self.reply(250, "Message accepted for delivery")
+            self.say(chat.ACCEPTED)
             return True
         return None
 

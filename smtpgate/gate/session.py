@@ -24,20 +24,12 @@ import buildconf
 from smtpgate import counters, log, spool, spooldir
 from smtpgate.deadline import Deadline
 from smtpgate.address import AddressError, bare, mail_params, parse_path
-from smtpgate.gate import dnsbl, verify
+from smtpgate.gate import chat, verify
 from smtpgate.gate.filtering import Filtering
 from smtpgate.gate.channel import Channel, Closed, DataReader, header_oddity
-from smtpgate.replies import VANILLA
 from smtpgate.rules.engine import evaluate, RuleError, Verdict
 from smtpgate.text import escape, host_chars
 
-# In HELP: every verb of VERBS but these (STARTTLS only when it is offered).
-UNLISTED = ("EXPN", "PROXY", "STARTTLS")
-# RFC 2920 3.1: after these a client waits for our reply before it sends
-# more, PIPELINING or not.  Without PIPELINING every command is such a one.
-# (STARTTLS discards what follows it instead; QUIT ends everything.)
-GROUP_ENDS = frozenset(("EHLO", "HELO", "DATA", "VRFY", "EXPN", "NOOP"))
-OUT_OF_SYNC = "5.5.0 Error: SMTP protocol synchronization"
 
 
 # ------------------------------------------------------------- session ----
@@ -66,6 +58,7 @@ class Session(Filtering):
             deadline = Deadline.after(buildconf.SESSION_TIMEOUT)
         self.ch = Channel(conn.rfd, conn.wfd, buildconf.READ_TIMEOUT, deadline, conn.sock)
         self.on_end = conn.on_end       # called once, before the last reply goes out
+        self.keeper = conn.keeper       # the worker's kept filter connections, or None
         self.helo = None
         self.esmtp = False
         self.env = Envelope()
@@ -80,13 +73,13 @@ class Session(Filtering):
 
     # -- plumbing --
 
-    def reply(self, code, text=None, more=()):
-        """A reply (batched until the next read); never counted."""
-        self.ch.reply(code, text, more)
+    def say(self, reply):
+        """A chat.Reply (batched until the next read); never an error."""
+        self.ch.say(reply)
 
-    def refuse(self, code, text=None):
+    def refuse(self, reply):
         """The reply to a refused command: it counts as an error."""
-        self.ch.reply(code, text)
+        self.ch.say(reply)
         self.count_error()
 
     def count_error(self):
@@ -141,7 +134,7 @@ class Session(Filtering):
             while True:
                 line, problem = self.ch.command()
                 if line is None:
-                    self.refuse(500, problem)
+                    self.refuse(chat.BAD_LINE % problem)
                     continue
                 verb, _, arg = line.partition(" ")
                 verb = verb.upper()
@@ -153,7 +146,7 @@ class Session(Filtering):
             if status not in (os.EX_OK, os.EX_PROTOCOL) and str(c):
                 self.log("%s from %s" % (c, self.where), " %s." % c)
             if status != os.EX_OK and c.last_word:
-                self.ch.reply(421)
+                self.ch.say(chat.NOT_AVAILABLE)
             self.end()
             try:
                 self.ch.flush(final=True)
@@ -164,7 +157,7 @@ class Session(Filtering):
             log.crit("unexpected error with %s: %s", self.where,
                     traceback.format_exc().replace("\n", " | "))
             self.ch.out = []
-            self.ch.reply(451)
+            self.ch.say(chat.LOCAL_ERROR)
             self.end()
             try:
                 self.ch.flush(final=True)
@@ -196,7 +189,7 @@ class Session(Filtering):
             self.judge_reputation()
         if buildconf.SMTPD_FORBID_UNAUTH_PIPELINING and self.ch.ready():
             raise self.out_of_sync("CONNECT")
-        self.ch.reply(220, "%s %s" % (self.config.myname, VANILLA[220]))
+        self.ch.say(chat.GREETING % self.config.myname)
 
     def pause(self, end):
         """The greeting pause until end (counted from the connection: the
@@ -230,7 +223,7 @@ class Session(Filtering):
         if score >= rep.threshold:
             log.notice("dnsbl: refused %s: score %d (threshold %d): %s",
                        self.where, score, rep.threshold, s.detail())
-            self.ch.reply(554, dnsbl.REFUSAL % ip)
+            self.ch.say(chat.REPUTATION % ip)
             raise Closed(os.EX_PROTOCOL, "", last_word=False)
         if score:
             log.info("dnsbl: %s scores %d: %s%s", self.where, score, s.detail(),
@@ -242,7 +235,7 @@ class Session(Filtering):
         """Must the client wait for our reply to verb before it says more
         (and do we hold it to that, SMTPD_FORBID_UNAUTH_PIPELINING)?"""
         return (buildconf.SMTPD_FORBID_UNAUTH_PIPELINING and verb != "QUIT"
-                and (verb in GROUP_ENDS or not self.esmtp))
+                and (chat.VERBS.get(verb, chat.UNKNOWN_VERB).ends_group or not self.esmtp))
 
     def out_of_sync(self, after):
         """Input before the reply it had to wait for (RFC 2920 3.1; what
@@ -250,7 +243,7 @@ class Session(Filtering):
         nothing of it is executed or spooled."""
         log.notice("improper command pipelining after %s from %s: %s", after, self.where,
                   escape(bytes(self.ch.buf[:60]).decode("latin-1"), 60))
-        self.ch.reply(554, OUT_OF_SYNC)
+        self.ch.say(chat.OUT_OF_SYNC)
         return Closed(os.EX_PROTOCOL, "", last_word=False)
 
     def early_talker(self, said):
@@ -260,7 +253,7 @@ class Session(Filtering):
             return Closed(os.EX_OSERR, "EOF before the greeting", last_word=False)
         log.notice("pregreet: %s talked before the greeting: %s", self.where,
                   escape(said.decode("latin-1"), 60))
-        self.ch.reply(554, "5.5.1 Protocol error: you talked before my greeting")
+        self.ch.say(chat.PREGREET)
         return Closed(os.EX_PROTOCOL, "", last_word=False)
 
     # -- verbs --
@@ -268,7 +261,7 @@ class Session(Filtering):
     def smtp_helo(self, arg, esmtp=False):
         if self.helo is not None:
             self.env = Envelope()
-            return self.refuse(503)
+            return self.refuse(chat.BAD_SEQUENCE)
         name = arg.strip()
         if self.config.paranoid and not re.match(r"^[\x21-\x7e]*$", name):
             raise Closed(os.EX_PROTOCOL, "suspicious HELO")
@@ -284,14 +277,10 @@ class Session(Filtering):
         self.log('%s from %s as "%s"' % ("EHLO" if esmtp else "HELO", self.where, shown),
                  "relay=%s/%s%s%s" % (self.client.name or "UNKNOWN", self.client.ip_text or "",
                                       as_, " tls=%s" % tls[0] if tls else ""))
-        text = "%s pleased to meet you, %s" % (self.config.myname, host_chars(name))
+        pleased = chat.PLEASED % (self.config.myname, host_chars(name))
         if not esmtp:
-            return self.reply(250, text)
-        size = "SIZE %d" % self.config.maxsize if self.config.maxsize else "SIZE"
-        more = ["PIPELINING", "8BITMIME", size]
-        if self.tls_offered():
-            more.append("STARTTLS")
-        self.reply(250, text, more)
+            return self.say(pleased)
+        self.say(pleased._replace(more=chat.keywords(self.config.maxsize, self.tls_offered())))
 
     def tls_offered(self):
         return self.engine.tls_context is not None and self.ch.tls is None
@@ -302,10 +291,10 @@ class Session(Filtering):
         if self.engine.tls_context is None:
             return self.smtp_unknown(arg)
         if arg.strip():
-            return self.refuse(501, "Syntax: STARTTLS takes no argument")
+            return self.refuse(chat.STARTTLS_SYNTAX)
         if self.ch.tls is not None or self.helo is None:
-            return self.refuse(503)
-        self.reply(220, "Ready to start TLS")
+            return self.refuse(chat.BAD_SEQUENCE)
+        self.say(chat.STARTING_TLS)
         self.ch.flush()
         try:
             dropped = self.ch.start_tls(self.engine.tls_context)
@@ -327,7 +316,7 @@ class Session(Filtering):
     def address(self, arg, keyword, null_ok):
         """'FROM:<a> params' -> (stored, params) or None after replying."""
         if not arg[:len(keyword)].upper() == keyword:
-            self.refuse(501, 'Syntax: %s<address>' % keyword)
+            self.refuse(chat.SYNTAX_ADDRESS % keyword)
             return None
         try:
             return parse_path(arg[len(keyword):].lstrip(" "), null_ok)
@@ -335,27 +324,27 @@ class Session(Filtering):
             log.notice("refused address %s from %s: %s", escape(arg), self.where, e.text)
             if self.config.paranoid:
                 raise Closed(os.EX_PROTOCOL, "suspicious address") from None
-            self.refuse(e.code, e.text)
+            self.refuse(chat.Reply(e.code, e.text))
             return None
 
     def mail_params(self, params):
         """SIZE= and BODY= after EHLO; True if acceptable (else replied)."""
         if params and not self.esmtp:
-            self.refuse(501)
+            self.refuse(chat.SYNTAX)
             return False
         try:
             size = mail_params(params).get("SIZE", 0)
         except AddressError as e:
-            self.refuse(e.code)
+            self.refuse(chat.BY_CODE[e.code])
             return False
         if self.config.maxsize and size > self.config.maxsize:
-            self.reply(552, "Message size exceeds fixed maximum message size")
+            self.say(chat.TOO_BIG)
             return False
         return True
 
     def smtp_mail(self, arg):
         if self.helo is None or self.env.sender is not None:
-            return self.refuse(503)
+            return self.refuse(chat.BAD_SEQUENCE)
         parsed = self.address(arg, "FROM:", null_ok=True)
         if parsed is None or not self.mail_params(parsed[1]):
             return
@@ -369,23 +358,23 @@ class Session(Filtering):
                 return self.milters.abort()
         self.log("mail from %s%s" % (escape(parsed[0]), self.whose()),
                  " from=%s" % escape(parsed[0]))
-        self.reply(250, "sender is %s, sender OK" % parsed[0])
+        self.say(chat.SENDER_OK % parsed[0])
 
     def smtp_rcpt(self, arg):
         if self.env.sender is None:
-            return self.refuse(503)
+            return self.refuse(chat.BAD_SEQUENCE)
         parsed = self.address(arg, "TO:", null_ok=False)
         if parsed is None:
             return
         rcpt, params = parsed
         if params:
-            return self.refuse(555)
+            return self.refuse(chat.UNKNOWN_PARAMETER)
         if len(self.env.recipients) >= buildconf.MAX_RCPT:
-            return self.reply(452, "Too many recipients")
+            return self.say(chat.TOO_MANY_RECIPIENTS)
         if self.check_rules(rcpt) and not self.milter_refused(rcpt):
             self.env.recipients.append(rcpt)
             self.log("Recipient %s%s" % (escape(rcpt), self.whose()), " to=%s" % escape(rcpt))
-            self.reply(250, "recipient %s, recipient OK" % rcpt)
+            self.say(chat.RECIPIENT_OK % rcpt)
 
     def check_rules(self, rcpt):
         """Apply the rules (spec 3.7); True if the recipient is allowed.
@@ -395,7 +384,7 @@ class Session(Filtering):
             rules = self.engine.rules.get()
         except RuleError as e:
             log.err("%s", str(e).replace("\n", "; "))
-            self.ch.reply(451, "Requested action not taken: rules file invalid")
+            self.ch.say(chat.RULES_INVALID)
             self.count_error()
             return False
         v = evaluate(rules, self.client, self.env.sender, rcpt)
@@ -414,7 +403,7 @@ class Session(Filtering):
             log.info("sleeping for a %s_delay of %d seconds", v.action, v.delay)
             self.ch.flush()
             self.ch.sleep(v.delay)
-        self.ch.raw_reply(v.reply)
+        self.ch.say(chat.parse(v.reply))
         if v.action == "deny":
             self.log("Forbidden FROM or RCPT for host %s - abandoning" % self.where,
                      " forbidden FROM or RCPT")
@@ -441,9 +430,9 @@ class Session(Filtering):
 
     def smtp_data(self, arg):
         if not self.env.recipients:
-            return self.refuse(503)
+            return self.refuse(chat.BAD_SEQUENCE)
         if arg.strip():
-            return self.refuse(501)
+            return self.refuse(chat.SYNTAX)
         if self.milters is not None and self.milter_said(self.milters.data(), "DATA"):
             self.env = Envelope()
             return self.milters.abort()
@@ -458,7 +447,7 @@ class Session(Filtering):
             raise Closed(os.EX_CANTCREAT, "cannot create spool file") from None
         if self.ends_group("DATA") and self.ch.ready():
             raise self.out_of_sync("DATA")  # again: text sent while a filter answered
-        self.ch.reply(354)
+        self.ch.say(chat.START_DATA)
         self.ch.flush()
         reader = DataReader(self.ch, self.draft.write, self.config.maxsize)
         reader.run()
@@ -482,14 +471,13 @@ class Session(Filtering):
         if problem == "bare":
             what, line = reader.bare
             log.notice("message from %s refused: %s in line %d", self.where, what, line)
-            return self.reply(550, "5.5.2 Message refused: %s in line %d; every line must "
-                                   "end with CR LF, and no NUL (RFC 5321 2.3.8)" % (what, line))
+            return self.say(chat.BARE % (what, line))
         if problem:
             log.notice("message from %s refused: %s", self.where, problem)
             if problem == "size":
                 log.err("message body exceeds maximum size of %d", self.config.maxsize)
-                return self.reply(552)
-            return self.reply(452)
+                return self.say(chat.STORAGE_EXCEEDED)
+            return self.say(chat.NO_STORAGE)
         held = None
         if self.milters is not None:
             judged = self.milter_judge(env)
@@ -501,7 +489,7 @@ class Session(Filtering):
                                      sync=self.engine.dir_sync)
         except OSError as e:
             log.err("committing spool file: %s", e.strerror)
-            return self.reply(452)
+            return self.say(chat.NO_STORAGE)
         self.draft = None
         counters.add(counters.MESSAGES)
         counters.add(counters.MESSAGE_BYTES, reader.size)
@@ -514,7 +502,7 @@ class Session(Filtering):
                  " bytes=%d id=%s message-id=%s%s" % (reader.size, name, msgid,
                                                      " held" if held else ""))
         self.flush_summary()
-        self.reply(250, "Message accepted for delivery")
+        self.say(chat.ACCEPTED)
 
     def received(self):
         """smtpd's trace header (RFC 5322 form; RFC 3848 "ESMTPS" after
@@ -531,34 +519,33 @@ class Session(Filtering):
 
     def smtp_rset(self, arg):
         self.env = Envelope()
-        self.reply(250)
+        self.say(chat.OK)
 
     def smtp_noop(self, arg):
-        self.reply(250)
+        self.say(chat.OK)
 
     def smtp_vrfy(self, arg):
-        self.reply(252)
+        self.say(chat.CANNOT_VRFY)
 
     def smtp_expn(self, arg):
-        self.refuse(502)
+        self.refuse(chat.NOT_IMPLEMENTED)
 
     def smtp_help(self, arg):
-        verbs = [v for v in VERBS if v not in UNLISTED]
-        self.reply(214, "Commands: " + " ".join(verbs + ["STARTTLS"] * self.tls_offered()))
+        self.say(chat.HELP % " ".join(chat.listed(self.tls_offered())))
 
     def smtp_quit(self, arg):
-        self.reply(221)
+        self.say(chat.CLOSING)
         raise Closed(os.EX_OK)
 
     def smtp_unknown(self, arg):
-        self.refuse(500)
+        self.refuse(chat.UNRECOGNIZED)
 
     def smtp_proxy(self, arg):
         """A PROXY header from a client that is not a trusted proxy (-X): a
         protocol error, never a way to claim another address."""
         log.notice("PROXY header from %s, which is not a trusted proxy: refused",
                   self.where)
-        self.refuse(500)
+        self.refuse(chat.UNRECOGNIZED)
 
 
 VERBS = {"HELO": Session.smtp_helo, "EHLO": Session.smtp_ehlo,

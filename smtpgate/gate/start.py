@@ -18,8 +18,7 @@ import os
 
 import buildconf
 from smtpgate import log
-from smtpgate.gate import client
-from smtpgate.replies import VANILLA
+from smtpgate.gate import chat, client
 
 
 def load():
@@ -63,10 +62,8 @@ def inetd(config):
     if not early:
         if refused(config, local, peer):
             return os.EX_OK
-        try:
-            os.write(1, b"220 %s %s\r\n" % (config.myname.encode(), VANILLA[220].encode()))
-        except OSError as e:
-            log.info("write to client: %s", e.strerror)
+        if not chat.send(1, chat.GREETING % config.myname):
+            log.info("write to client failed")
             return os.EX_OSERR
     connection, engine, _ = load()
     ready = engine.pre_jail_init(config)
@@ -91,5 +88,5 @@ def refused(config, local, peer):
     if not client.refused_by_listen(config, local):
         return False
     log.info("Refused connection attempt to %s from %s", local[0], peer and peer[0])
-    os.write(1, b"521 %s %s\r\n" % (config.myname.encode(), VANILLA[521].encode()))
+    chat.send(1, chat.NOT_SPOKEN % config.myname)
     return True

@@ -33,17 +33,18 @@ import time
 import buildconf
 from smtpgate import log
 from smtpgate.deadline import of as deadline_of
+from smtpgate.gate import chat
 from smtpgate.text import visible
 from smtpgate.address import bare
 
 REPLY_LINE_MAX = 512
 REPLY_LINES_MAX = 100
 TRANSACTION_MAX = 50        # RCPTs per MAIL FROM:<> on one connection
-UNKNOWN = "550 5.1.1 <%s>: Recipient address rejected: User unknown"
-DEFERRED = "450 4.1.1 <%s>: Recipient address rejected: unverified address, try again later"
-UNREACHABLE = ("451 4.4.3 <%s>: Recipient address rejected: cannot verify it now, "
-               "try again later")
-TOO_MANY = "450 4.7.1 <%s>: Recipient address rejected: too many unverified recipients"
+
+
+def refusal(reply, address):
+    """The line that refuses address (a rules Verdict's reply)."""
+    return (reply % address).last_line()
 
 
 def lifetime(code):
@@ -250,7 +251,7 @@ class Verifier:
         now = time.time()
         code = self.cache.get(address, now) if self.cache else None
         if code is not None:
-            answer = None if code == 250 else UNKNOWN % address
+            answer = None if code == 250 else refusal(chat.USER_UNKNOWN, address)
         else:
             answer = self.ask(address, now, where)
         self.asked[exact(address)] = answer
@@ -260,9 +261,9 @@ class Verifier:
         if self.backend is None:
             log.err("a verify rule matched %s, but no backend is configured "
                    "(SMTPD_VERIFY_BACKEND, -V)", address)
-            return UNREACHABLE % address
+            return refusal(chat.CANNOT_VERIFY, address)
         if self.callouts >= buildconf.SMTPD_VERIFY_MAX:
-            return TOO_MANY % address
+            return refusal(chat.TOO_MANY_UNVERIFIED, address)
         self.callouts += 1
         if self.callout is None:
             self.callout = Callout(self.backend, self.myname, self.deadline)
@@ -275,7 +276,7 @@ class Verifier:
             if buildconf.SMTPD_VERIFY_DEFER_OK:
                 log.notice("accepting %s unverified (SMTPD_VERIFY_DEFER_OK)", address)
                 return None
-            return UNREACHABLE % address
+            return refusal(chat.CANNOT_VERIFY, address)
         self.said = "%d %s" % (code, text)
         log.info("verified %s for %s: backend said %d %s", address, where, code,
                 visible(text, 300))
@@ -283,8 +284,8 @@ class Verifier:
             if self.cache is not None:
                 code = code // 100 * 100 + 50
                 self.cache.put(address, code, ttl=lifetime(code), now=now)
-            return None if code // 100 == 2 else UNKNOWN % address
-        return DEFERRED % address
+            return None if code // 100 == 2 else refusal(chat.USER_UNKNOWN, address)
+        return refusal(chat.UNVERIFIED, address)
 
     def close(self):
         if self.callout is not None:

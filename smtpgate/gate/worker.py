@@ -22,13 +22,11 @@ import time
 
 import buildconf
 from smtpgate import libc, log, net
-from smtpgate.gate import admission, client, milter
+from smtpgate.gate import admission, chat, client, milter
 from smtpgate.gate.admission import Scoreboard
 from smtpgate.gate.connection import Connection, serve
 from smtpgate.net import normalize_ip
 
-REFUSAL = b"421 Too many connections from your address, try again later\r\n"
-RATE_REFUSAL = b"421 4.7.0 Too many connections from your network, slow down\r\n"
 
 
 class Worker:
@@ -51,7 +49,7 @@ class Worker:
         # EPOLLEXCLUSIVE: one connection wakes one idle worker, not all.
         self.poller.register(listener.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
         self.poller.register(ctrl.fileno(), select.EPOLLIN)
-        milter.keep()       # its filters' connections serve session after session
+        self.keeper = milter.Keeper()   # its filters' connections serve session after session
 
     def on_master_death(self, *a):
         self.orphaned = True
@@ -78,7 +76,7 @@ class Worker:
             used += 1
             status = serve(self.config, self.engine, Connection(
                 sock.fileno(), sock.fileno(), sock=sock, local=local, peer=addr,
-                origin=origin, on_end=self.release))
+                origin=origin, on_end=self.release, keeper=self.keeper))
             sock.close()
             if status == os.EX_SOFTWARE:
                 return status
@@ -130,12 +128,12 @@ class Worker:
                     log.notice("refused %s: more than %d new sessions from %s in %d seconds",
                               ip, buildconf.SMTPD_MAX_RATE, admission.network_text(key),
                               buildconf.SMTPD_RATE_WINDOW)
-                return refuse(sock, RATE_REFUSAL)
+                return refuse(sock, chat.RATE)
         n = self.board.claim(self.slot, key, buildconf.SMTPD_MAX_PER_IP)
         if n >= buildconf.SMTPD_MAX_PER_IP:
             log.notice("refused %s: %d sessions from %s already", ip, n,
                       admission.network_text(key))
-            return refuse(sock, REFUSAL)
+            return refuse(sock, chat.PER_NETWORK)
         self.want_spares()
         return True
 
@@ -149,9 +147,6 @@ class Worker:
 
 
 def refuse(sock, reply):
-    try:
-        sock.send(reply, socket.MSG_DONTWAIT)
-    except OSError:
-        pass
+    chat.send(sock, reply)
     sock.close()
     return False

@@ -20,7 +20,6 @@ ENVIRONMENT
 import ipaddress
 import os
 import re
-import time
 
 import dns.exception
 import dns.flags

@@ -27,7 +27,7 @@ import os
 import buildconf
 from smtpgate import net, privileges
 from smtpgate.address import AddressError, mail_params, parse_path
-from smtpgate.gate import dnsbl, verify
+from smtpgate.gate import chat, dnsbl, verify
 from smtpgate.net import normalize_ip
 from smtpgate.options import UsageError
 from smtpgate.rules import dnslookup
@@ -181,7 +181,7 @@ def judged(flags, rules, resolver, sender, rcpt):
     client = cli_client(flags.get("address"), flags.get("name"), flags.get("ident"), resolver)
     scored = reputation(client, resolver, verbose) or []
     if scored and client.score >= buildconf.SMTPD_DNSBL_THRESHOLD:
-        say("refused 554 %s" % dnsbl.REFUSAL % client.ip)
+        say("refused %s" % (chat.REPUTATION % client.ip).last_line())
         for line in scored:
             say(line)
         return EXIT["refused"]

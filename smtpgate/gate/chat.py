@@ -1,0 +1,174 @@
+"""chat - what smtpd says, written one way; its verbs and EHLO keywords
+
+DESCRIPTION
+    Reply(code, text, status=None, more=()) is one SMTP reply: its code,
+    the text of its first line, an enhanced status code (RFC 3463, e.g.
+    "5.7.1") or None, and further lines.  encode() is the one place a reply
+    becomes octets -- "CODE[-| ][STATUS ]TEXT" CRLF a line -- and the one
+    place replies are counted (counters.py: refusals, temporary and
+    permanent).  Every reply the gate makes is named below, with the
+    original's texts where it had them (its VANILLA_MESSAGES, spec 3.4);
+    the rules file's templates and the filters' replies become Replies
+    through parse().  A session writes through its Channel (channel.py,
+    which batches and encrypts); what goes to a client before or instead of
+    a session -- the inetd greeting, a worker's 421, inetd's 521, a session
+    given up -- goes through send().  Light to import: inetd mode greets
+    with it before it loads the rest of smtpd.
+VERBS
+    Each verb with what its dispatch needs to know: whether HELP lists it,
+    and whether it ends a pipelining group (RFC 2920 3.1: the client waits
+    for our reply before it says more; without PIPELINING every verb does).
+    What each verb requires of the session it checks itself (session.py).
+KEYWORDS
+    keywords(...): what EHLO offers, in order, each with when.
+"""
+
+import collections
+import os
+import socket
+
+from smtpgate import counters
+
+
+class Reply(collections.namedtuple("Reply", "code text status more")):
+    __slots__ = ()
+
+    def __new__(cls, code, text, status=None, more=()):
+        return super().__new__(cls, code, text, status, tuple(more))
+
+    def __mod__(self, args):
+        """The reply with its text's %s filled in."""
+        return self._replace(text=self.text % args)
+
+    def encode(self):
+        counters.add(counters.REFUSALS_TEMPORARY if self.code // 100 == 4 else
+                     counters.REFUSALS_PERMANENT if self.code // 100 == 5 else counters.REPLIES)
+        if not self.more:
+            if self.status:
+                return b"%d %s %s\r\n" % (self.code, self.status.encode(),
+                                          self.text.encode("latin-1"))
+            return b"%d %s\r\n" % (self.code, self.text.encode("latin-1"))
+        return "".join(line + "\r\n" for line in self.lines()).encode("latin-1")
+
+    def lines(self):
+        """Its lines as a client reads them, without CRLF."""
+        texts = [self.text] + list(self.more)
+        status = self.status + " " if self.status else ""
+        return ["%d%s%s%s" % (self.code, "-" if i < len(texts) - 1 else " ", status, text)
+                for i, text in enumerate(texts)]
+
+    def last_line(self):
+        """Its last line, for a log line."""
+        return self.lines()[-1] if self.more else "%d %s%s" % (
+            self.code, self.status + " " if self.status else "", self.text)
+
+
+def parse(lines):
+    """A Reply of lines already whole ("550 text", or a filter's "550-..."
+    lines, milterwire.smtp_reply): the same octets when encoded."""
+    if isinstance(lines, str):
+        lines = (lines,)
+    return Reply(int(lines[0][:3]), lines[0][4:], None, [line[4:] for line in lines[1:]])
+
+
+def send(where, reply):
+    """The last word to a client on a descriptor or socket, outside a
+    session: one write, never waiting; True if it went out."""
+    data = reply.encode()
+    try:
+        if isinstance(where, socket.socket):
+            where.send(data, socket.MSG_DONTWAIT)
+        else:
+            os.write(where, data)
+        return True
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------- the texts ----
+
+GREETING = Reply(220, "%s Sendmail 4.1/SMI-4.1 ready.")     # % myname
+STARTING_TLS = Reply(220, "Ready to start TLS")
+CLOSING = Reply(221, "Closing connection")
+HELP = Reply(214, "Commands: %s")
+OK = Reply(250, "OK")
+PLEASED = Reply(250, "%s pleased to meet you, %s")          # % (myname, HELO name)
+SENDER_OK = Reply(250, "sender is %s, sender OK")
+RECIPIENT_OK = Reply(250, "recipient %s, recipient OK")
+ACCEPTED = Reply(250, "Message accepted for delivery")
+CANNOT_VRFY = Reply(252, "Can not VRFY user")
+START_DATA = Reply(354, "OK End with <CRLF>.<CRLF>")
+NOT_AVAILABLE = Reply(421, "Service not available, closing transmission channel")
+PER_NETWORK = Reply(421, "Too many connections from your address, try again later")
+RATE = Reply(421, "Too many connections from your network, slow down", "4.7.0")
+LOCAL_ERROR = Reply(451, "Requested action not taken: local error in processing")
+RULES_INVALID = Reply(451, "Requested action not taken: rules file invalid")
+NO_STORAGE = Reply(452, "Requested action not taken: insufficient system storage")
+TOO_MANY_RECIPIENTS = Reply(452, "Too many recipients")
+UNRECOGNIZED = Reply(500, "Syntax Error, command unrecognized")
+BAD_LINE = Reply(500, "%s")                                 # % what channel.command found
+SYNTAX = Reply(501, "Syntax Error in parameters or arguments")
+SYNTAX_ADDRESS = Reply(501, "Syntax: %s<address>")          # % "FROM:" or "TO:"
+STARTTLS_SYNTAX = Reply(501, "Syntax: STARTTLS takes no argument")
+NOT_IMPLEMENTED = Reply(502, "Command not implemented")
+BAD_SEQUENCE = Reply(503, "Bad sequence of commands")
+NOT_SPOKEN = Reply(521, "%s Doesn't talk SMTP, Sorry")      # % myname
+TOO_BIG = Reply(552, "Message size exceeds fixed maximum message size")
+STORAGE_EXCEEDED = Reply(552, "Requested mail action aborted: exceeded storage allocation")
+BARE = Reply(550, "Message refused: %s in line %d; every line must end with CR LF, "
+                  "and no NUL (RFC 5321 2.3.8)", "5.5.2")
+OUT_OF_SYNC = Reply(554, "Error: SMTP protocol synchronization", "5.5.0")
+PREGREET = Reply(554, "Protocol error: you talked before my greeting", "5.5.1")
+REPUTATION = Reply(554, "Service unavailable; client [%s] blocked by its network reputation",
+                   "5.7.1")                                 # % client address
+UNKNOWN_PARAMETER = Reply(555, "MAIL FROM/RCPT TO parameters not recognized or not implemented")
+
+# verification (verify.py), % the address
+USER_UNKNOWN = Reply(550, "<%s>: Recipient address rejected: User unknown", "5.1.1")
+UNVERIFIED = Reply(450, "<%s>: Recipient address rejected: unverified address, try again later",
+                   "4.1.1")
+CANNOT_VERIFY = Reply(451, "<%s>: Recipient address rejected: cannot verify it now, "
+                           "try again later", "4.4.3")
+TOO_MANY_UNVERIFIED = Reply(450, "<%s>: Recipient address rejected: too many unverified "
+                                 "recipients", "4.7.1")
+
+# mail filters (milter.py)
+FILTER_REJECT = Reply(550, "Command rejected", "5.7.1")
+FILTER_TEMPFAIL = Reply(451, "Service unavailable - try again later", "4.7.1")
+FILTER_BAD_REPLY = Reply(451, "Server configuration problem - try again later", "4.3.5")
+FILTER_SHUTDOWN = Reply(421, "Server closing connection", "4.7.0")
+FILTER_DOWN_REJECT = Reply(550, "Service unavailable", "5.5.0")
+
+# What a code alone says (session.py answers some codes with no more).
+BY_CODE = {r.code: r for r in (CLOSING, OK, CANNOT_VRFY, START_DATA, NOT_AVAILABLE,
+                               LOCAL_ERROR, NO_STORAGE, UNRECOGNIZED, SYNTAX,
+                               NOT_IMPLEMENTED, BAD_SEQUENCE, STORAGE_EXCEEDED,
+                               UNKNOWN_PARAMETER)}
+
+
+# -------------------------------------------------------------- verbs ----
+
+Verb = collections.namedtuple("Verb", "listed ends_group")
+
+VERBS = {
+    "HELO": Verb(True, True), "EHLO": Verb(True, True), "MAIL": Verb(True, False),
+    "RCPT": Verb(True, False), "DATA": Verb(True, True), "RSET": Verb(True, False),
+    "NOOP": Verb(True, True), "VRFY": Verb(True, True), "EXPN": Verb(False, True),
+    "HELP": Verb(True, False), "QUIT": Verb(True, False),
+    "STARTTLS": Verb(False, False),     # HELP lists it when it is offered
+    "PROXY": Verb(False, False),        # only ever a refused command here (client.py)
+}
+UNKNOWN_VERB = Verb(False, False)
+
+
+def listed(tls_offered):
+    """The verbs HELP names."""
+    return [v for v, f in VERBS.items() if f.listed] + ["STARTTLS"] * bool(tls_offered)
+
+
+# ----------------------------------------------------------- keywords ----
+
+def keywords(maxsize, tls_offered):
+    """The EHLO keywords, in the order offered."""
+    return ["PIPELINING", "8BITMIME", "SIZE %d" % maxsize if maxsize else "SIZE"] \
+        + ["STARTTLS"] * bool(tls_offered)
