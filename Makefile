@@ -268,9 +268,9 @@ PROGRAMS = smtpd smtpfwdd checkrules
 PACKAGE = smtpgate
 PACKAGE_MODULES = __init__ address counters deadline libc log net options params privileges \
 	process shm spool spooldir store text \
-	gate/__init__ gate/admission gate/channel gate/chat gate/client gate/config gate/connection gate/dnsbl gate/engine gate/filtering gate/master gate/milter gate/milterwire gate/proxy gate/rewrite gate/rulewatch gate/sandbox gate/session gate/start gate/tls gate/verify gate/worker \
+	gate/__init__ gate/admission gate/channel gate/chat gate/client gate/config gate/connection gate/dnsbl gate/engine gate/filtering gate/judge gate/master gate/milter gate/milterwire gate/peer gate/proxy gate/rewrite gate/rulewatch gate/sandbox gate/session gate/start gate/tester gate/tls gate/verify gate/worker \
 	forwarder/__init__ forwarder/bounce forwarder/config forwarder/daemon forwarder/delivery forwarder/queuetool forwarder/start \
-	rules/__init__ rules/dnslookup rules/engine rules/ident rules/tester rules/tokens
+	rules/__init__ rules/dnslookup rules/ident rules/ruleset rules/tokens
 EXAMPLES = etc/smtpd_check_rules.example etc/antispam_check_rules.example \
 	etc/smtpd.service etc/smtpfwdd.service etc/smtpd.socket etc/smtpd@.service \
 	etc/init.d/smtpd etc/init.d/smtpfwdd etc/default/smtpd etc/default/smtpfwdd \

@@ -12,7 +12,7 @@ DESCRIPTION
     tcp_wrappers).  -a is the client's address, -n its confirmed host name
     (UNKNOWN: none; without -n, the DNS as smtpd asks it), -u its ident
     user, -V the verification backend to ask; FROM and TO as the client
-    typed them.  -t validates the file.  (smtpgate/rules/tester.py)
+    typed them.  -t validates the file.  (smtpgate/gate/tester.py)
 EXIT STATUS
     0 allow, 1 noto, 2 deny, 3 refused by smtpd's address checks (or,
     with -a and SMTPD_DNSBL_SITES, by the DNS lists' score),
@@ -25,7 +25,7 @@ import os
 import sys
 
 from smtpgate import options
-from smtpgate.rules import tester
+from smtpgate.gate import tester
 
 USAGE = """usage: checkrules.py [-v] [-f rules] [-a address] [-n hostname] [-u identuser]
                      [-V backend] FROM TO

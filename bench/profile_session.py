@@ -32,7 +32,7 @@ sys.path.insert(0, TOP)
 from smtpgate import log, net  # noqa: E402
 from smtpgate.gate import connection, engine as gate_engine  # noqa: E402
 from smtpgate.gate.config import GateConfig  # noqa: E402
-from smtpgate.rules import engine  # noqa: E402
+from smtpgate.rules import ruleset as engine  # noqa: E402
 
 RULES = """allow:127.0.0.0/8 [::1]:ALL:ALL
 noto:ALL:ALL:*%*@* *!*@* *@*@*:551 no routing tricks

@@ -15,7 +15,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from smtpgate.rules import engine  # noqa: E402
+from smtpgate.rules import ruleset as engine  # noqa: E402
 
 N = 2000
 

@@ -15,7 +15,8 @@ with atheris.instrument_imports():
     from smtpgate.gate.config import GateConfig
     from smtpgate.gate.connection import Connection
     from smtpgate.gate.engine import in_process
-    from smtpgate.rules import engine
+    from smtpgate.gate.peer import Peer
+    from smtpgate.rules import ruleset as engine
 
 buildconf.SMTPD_ERROR_SLEEP = 0         # random input makes many errors: no tarpit
 SPOOL = tempfile.mkdtemp(prefix="fuzz-cmd-")
@@ -29,7 +30,7 @@ def TestOneInput(data):
     os.write(w, data[:60000])
     os.close(w)
     client = engine.Client("192.0.2.1", None)
-    status = session.Session(CFG, ENGINE, client, Connection(r, DEVNULL)).run()
+    status = session.Session(CFG, ENGINE, Peer.around(client), Connection(r, DEVNULL)).run()
     os.close(r)
     if status not in (os.EX_OK, os.EX_OSERR, os.EX_PROTOCOL):
         raise RuntimeError("session ended with status %d" % status)

@@ -8,7 +8,7 @@ import atheris
 
 with atheris.instrument_imports():
     import common  # noqa: F401
-    from smtpgate.rules import engine
+    from smtpgate.rules import ruleset as engine
 
 CLIENTS = [engine.Client("192.0.2.10", "mail.example.org"),
            engine.Client("2001:db8::1", None), engine.Client(None, None)]

@@ -11,26 +11,29 @@ read with root's privileges.
                          network nor the jail    gate/engine (pre_jail_init),
                                                  gate/master, gate/admission (maps
                                                  the tables), gate/dnsbl (maps its
-                                                 cache), gate/tls,
+                                                 cache), gate/tls, counters (folds
+                                                 the workers' rows), shm,
                                                  gate/rulewatch (its end),
-                                                 rules/engine (compiles the text)
+                                                 rules/ruleset (compiles the text)
     smtpd worker         jailed: chroot -c,      gate/worker, gate/client,
-                         -u/-g, seccomp          gate/proxy, gate/connection,
-                         (gate/engine            gate/session, gate/channel,
-                         post_jail_init)         gate/admission (claims),
-                                                 gate/verify, gate/dnsbl,
-                                                 gate/filtering, gate/milter,
-                                                 gate/rewrite,
-                                                 rules/engine,
+                         -u/-g, seccomp          gate/proxy, gate/peer,
+                         (gate/engine            gate/connection, gate/session,
+                         enter_jail)             gate/chat, gate/channel,
+                                                 gate/judge, gate/admission
+                                                 (claims), gate/verify,
+                                                 gate/dnsbl, gate/filtering,
+                                                 gate/milter, gate/milterwire,
+                                                 gate/rewrite, rules/ruleset,
                                                  rules/tokens, rules/dnslookup,
-                                                 rules/ident, spool (drafts)
+                                                 rules/ident, spool (drafts),
+                                                 counters (its row), deadline
     smtpd rules watcher  jailed, as a worker     gate/rulewatch (watch),
-                                                 rules/engine (read_text)
-    smtpd under inetd    root until the jail,    smtpd.py, gate/start, then as a
-                         then as a worker        worker
+                                                 rules/ruleset (read_text)
+    smtpd under inetd    root until the jail,    smtpd.py, gate/start, gate/chat
+                         then as a worker        (its greeting), then as a worker
     smtpfwdd             -u/-g after             smtpfwdd.py, forwarder/config,
                          forwarder/start's       forwarder/start,
-                         post_jail_init          forwarder/daemon, spooldir
+                         enter_jail              forwarder/daemon, spooldir
     delivery process     -u/-g                   forwarder/daemon
                                                  (delivery_process),
                                                  forwarder/delivery,
@@ -40,14 +43,15 @@ read with root's privileges.
                          reach it (sandbox)
     smtpq (smtpfwdd -Q)  root -> the spool's     smtpfwdd.py, forwarder/queuetool,
                          owner before reading    spool, spooldir
-    checkrules           any; root -> the jail's checkrules.py, rules/tester,
-                         owner for its rules     rules/* , gate/verify (-V),
-                                                 gate/dnsbl (-a)
+    checkrules           any; root -> the jail's checkrules.py, gate/tester,
+                         owner for its rules     gate/judge, rules/*, gate/verify
+                                                 (-V), gate/dnsbl (-a)
 
 What every process shares sits at this package's root: spool (the only
 code that knows the spool file's format) and spooldir (its directory, hostile
 input), address (the one address parser),
-replies, log, text (the sanitizers), privileges, process, net, libc,
+log, text (the sanitizers), privileges, process, net, libc, shm (memory
+the gate's processes share), counters (named, in it), deadline,
 options (command lines), params (the Makefile's table of constants),
 store (what several gates share through Redis: rates and caches; its
 secrets read by gate/engine as root, its client used by the workers).

@@ -3,7 +3,7 @@
 DESCRIPTION
     resolve_identity() turns -u/-g into (pw, gr), refusing root;
     prepare_jail() does what a chrooted process could not do later;
-    enter_jail() chroots (unless None) and drops privileges in a fixed order:
+    confine() chroots (unless None) and drops privileges in a fixed order:
     chroot, chdir, supplementary groups cleared, gid, uid -- then verifies
     that root cannot be regained.  become_owner() is the same drop, without
     a chroot, for a root tool about to read a directory someone else owns
@@ -75,7 +75,7 @@ def become(uid, gid):
     os.setresuid(uid, uid, uid)
 
 
-def enter_jail(pw, gr, jail):
+def confine(pw, gr, jail):
     """Chroot to jail (unless None) and become pw/gr for good."""
     if jail is not None:
         try:

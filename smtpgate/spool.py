@@ -85,6 +85,18 @@ NAME_CHARS = string.ascii_letters + string.digits
 MODE_DRAFT = 0o600
 MODE_COMPLETE = 0o750
 MODE_DEFERRED = 0o755
+
+
+def is_complete(mode):
+    """Is a file of this mode complete (smtpd committed it: owner and group
+    may execute)?  A draft never is."""
+    return mode & 0o110 == 0o110
+
+
+def is_deferred(mode):
+    """Is a file of this mode deferred (others may execute too: its mtime
+    is when it was last tried)?"""
+    return mode & 0o111 == 0o111
 try:
     IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))    # buffers one writev(2) takes
 except (ValueError, OSError):
@@ -405,9 +417,9 @@ def eligible(st, now, retry_delay):
     """Spec 6.2: a complete regular file, not deferred too recently."""
     if not stat.S_ISREG(st.st_mode):
         return False
-    if st.st_mode & 0o110 != 0o110:
+    if not is_complete(st.st_mode):
         return False
-    if st.st_mode & 0o111 == 0o111 and now - st.st_mtime < retry_delay:
+    if is_deferred(st.st_mode) and now - st.st_mtime < retry_delay:
         return False
     return True
 

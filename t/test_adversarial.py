@@ -211,7 +211,7 @@ def test_address_parser_is_linear_on_hostile_domains():
 
 
 def test_glob_rules_are_linear_on_hostile_addresses():
-    from smtpgate.rules import engine
+    from smtpgate.rules import ruleset as engine
     rules, _ = engine.parse("noto:ALL:ALL:*a*a*a*a*a*a*a*a*a*a*z:550 no\n"
                                 "allow:ALL:ALL:ALL\n")
     client = engine.Client("192.0.2.1", None)
@@ -246,7 +246,8 @@ def test_sessions_on_non_socket_fds_leak_no_descriptors(tmp_path, monkeypatch):
     from smtpgate.gate.config import GateConfig
     from smtpgate.gate.connection import Connection
     from smtpgate.gate.engine import in_process
-    from smtpgate.rules import engine
+    from smtpgate.gate.peer import Peer
+    from smtpgate.rules import ruleset as engine
     cfg = GateConfig(myname="fuzz.example", spooldir=str(tmp_path))
     rules = in_process(engine.parse("allow:ALL:ALL:ALL\n")[0])
     out = os.open(os.devnull, os.O_WRONLY)
@@ -255,7 +256,8 @@ def test_sessions_on_non_socket_fds_leak_no_descriptors(tmp_path, monkeypatch):
         r, w = os.pipe()
         os.write(w, b"HELO x\r\nQUIT\r\n")
         os.close(w)
-        assert session.Session(cfg, rules, engine.Client(None), Connection(r, out)).run() == 0
+        assert session.Session(cfg, rules, Peer.around(engine.Client(None)),
+                               Connection(r, out)).run() == 0
         os.close(r)
     assert len(os.listdir("/proc/self/fd")) == before
     os.close(out)

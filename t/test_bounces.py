@@ -15,7 +15,8 @@ import pytest
 
 import postfix
 from smtpgate import spool
-from harness import put, PYTHON, RECEIVED, spool_files, TEST_CONSTANTS, wait_for
+from harness import (children, needs_gdb, put, PYTHON, RECEIVED, run_inside, spool_files,
+                     TEST_CONSTANTS, wait_for)
 
 SENDER = "alice@localhost"
 
@@ -200,18 +201,39 @@ def test_a_failing_bounce_is_retried_then_quarantined_never_bounced(fwd_env):
     assert "the sender is null" in f.log()
 
 
+CRASH_AFTER_NOTIFY = """
+from smtpgate.forwarder import bounce
+queue = bounce.queue
+def queue_then_die(*args, **kw):
+    queue(*args, **kw)
+    os.kill(os.getpid(), 9)
+bounce.queue = queue_then_die
+found["patched"] = 1
+"""
+
+
+@needs_gdb
 def test_crash_after_the_notification_loses_nothing(fwd_env):
+    """The delivery process dies (SIGKILL) the moment the notification is
+    queued, before the original leaves the queue: nothing is lost (gdb
+    makes the live delivery process die there, as a crash would)."""
     # The original always fails for good; notifications wait until allowed.
     agent = ScriptAgent('for a; do [ "$a" = "<>" ] && exit $(cat $d/null-status); done\n'
                         'exit 67')
     agent_dir = agent.dir
     with open(os.path.join(agent_dir, "null-status"), "w") as s:
-        s.write("75\n")
+        s.write("0\n")
     os.chmod(os.path.join(agent_dir, "null-status"), 0o644)
     try:
+        f = fwd_env.start(agent_path=agent.path, RETRY_DELAY_TIME=600)
+        warm = put(fwd_env.spool, sender=b"<>")             # a delivery process, idle after
+        assert wait_for(lambda: not os.path.exists(os.path.join(fwd_env.spool, warm)))
+        (delivering,) = children(f.proc.pid)
+        assert run_inside(delivering, fwd_env.spool, CRASH_AFTER_NOTIFY) == {"patched": 1}
+        before = len(agent.calls())
+        with open(os.path.join(agent_dir, "null-status"), "w") as s:
+            s.write("75\n")
         name = put(fwd_env.spool)
-        f = fwd_env.start(agent_path=agent.path, RETRY_DELAY_TIME=600,
-                          env={"SMTPFWDD_TEST_CRASH": "after-notify"})
         assert wait_for(lambda: "died delivering %s" % name in f.log())
         f.stop()
         bounces = [q for q in queued(fwd_env.spool) if q[1] == "<>"]
@@ -225,7 +247,7 @@ def test_crash_after_the_notification_loses_nothing(fwd_env):
         fwd_env.start(agent_path=agent.path)
         assert wait_for(lambda: os.path.exists(failed_path(fwd_env.spool, name) + ".reason"))
         assert wait_for(lambda: queued(fwd_env.spool) == [])
-        to_sender = [a for a, _ in agent.calls() if a[1:3] == ["-f", "<>"]]
+        to_sender = [a for a, _ in agent.calls()[before:] if a[1:3] == ["-f", "<>"]]
         assert len(to_sender) >= 2 and all(a[-1] == "alice@example.org" for a in to_sender)
     finally:
         agent.close()

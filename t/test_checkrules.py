@@ -7,10 +7,10 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from smtpgate.rules import engine
+from smtpgate.rules import ruleset as engine
 from smtpgate.net import normalize_ip
 from smtpgate.rules import dnslookup, ident
-from smtpgate.rules.engine import Client
+from smtpgate.rules.ruleset import Client
 from harness import IDENT_PORT, PYTHON, ROOT
 
 F, T = "<alice@example.org>", "<bob@my.domain>"

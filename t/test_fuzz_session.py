@@ -21,7 +21,8 @@ from smtpgate.gate import session
 from smtpgate.gate.config import GateConfig
 from smtpgate.gate.connection import Connection
 from smtpgate.gate.engine import in_process
-from smtpgate.rules import engine
+from smtpgate.gate.peer import Peer
+from smtpgate.rules import ruleset as engine
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -57,7 +58,8 @@ class SessionMachine(RuleBasedStateMachine):
         self.buf = b""
         self.status = None
         client = engine.Client("192.0.2.1", None)
-        self.s = session.Session(cfg, rules, client, Connection(theirs.fileno(), theirs.fileno()))
+        self.s = session.Session(cfg, rules, Peer.around(client),
+                                 Connection(theirs.fileno(), theirs.fileno()))
         self.theirs = theirs
 
         def run():

@@ -140,7 +140,7 @@ def test_rule_errors_reach_the_terminal_with_controls_visible(tree_factory, tmp_
 
 
 def test_a_reply_template_with_a_line_break_is_refused():
-    from smtpgate.rules import engine as cr
+    from smtpgate.rules import ruleset as cr
     import pytest
     with pytest.raises(cr.RuleError):
         cr.parse("noto:ALL:ALL:ALL:550 x\r250 forged\n")

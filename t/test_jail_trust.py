@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from smtpgate.rules import engine
+from smtpgate.rules import ruleset as engine
 from harness import (make_jail, needs_root, send, SmtpdDaemon, TEST_CONSTANTS, wait_for,
                      write_rules)
 

@@ -7,8 +7,8 @@ PTR names count as UNKNOWN."""
 import pytest
 
 import buildconf
-from smtpgate.rules import engine
-from smtpgate.rules.engine import Client
+from smtpgate.rules import ruleset as engine
+from smtpgate.rules.ruleset import Client
 
 A = dict(ip="192.0.2.10", name="mail.example.org")
 B = dict(ip="198.51.100.7", name="host.example.net")

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from smtpgate.rules import engine
+from smtpgate.rules import ruleset as engine
 from harness import wait_for
 
 

@@ -10,7 +10,7 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from smtpgate.rules import engine
+from smtpgate.rules import ruleset as engine
 from smtpgate import libc, spool
 from harness import BODY, give_to_nobody, is_root, now_date, put, RECEIVED, wait_for
 

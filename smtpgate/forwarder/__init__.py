@@ -1,7 +1,7 @@
 """forwarder - smtpfwdd, which hands spooled messages to the MTA, and smtpq
 
     start       from smtpfwdd.py's options to the scanning loop: the pid
-                file as root (pre_jail_init), the drop (post_jail_init),
+                file as root (pre_jail_init), the drop (enter_jail),
                 the spool lock, the detach
     config      ForwarderConfig: options and constants, built once, frozen
     daemon      the scanning loop and its delivery processes

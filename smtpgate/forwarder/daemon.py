@@ -234,7 +234,7 @@ class Forwarder:
             return False
         if self.unopened.get(name) == self.stamp:
             return False        # logged when it failed to open; unchanged since
-        if st.st_mode & 0o110 != 0o110:
+        if not spool.is_complete(st.st_mode):
             if now - st.st_mtime > ALERT_EVERY and \
                     now - self.warned.get(name, 0) >= ALERT_EVERY:
                 self.warned[name] = now

@@ -29,7 +29,6 @@ OUTCOMES
 import os
 import re
 import select
-import signal
 import subprocess
 import time
 
@@ -54,7 +53,6 @@ HOPELESS = (
 STDERR_MAX = 4096
 # For the test suite only: "after-notify" kills the delivery process right
 # after a notification is committed, before the original leaves the queue.
-CRASH_POINT = os.environ.get("SMTPFWDD_TEST_CRASH")
 
 
 def hopeless_words(said):
@@ -260,8 +258,6 @@ class Delivery:
         data = bounce.report(self.config.myname, sender, failures, headers, self.msg.arrival,
                              self.name, action, until)
         name = bounce.queue(self.config.spooldir, sender, data, self.config.myname)
-        if CRASH_POINT == "after-notify":
-            os.kill(os.getpid(), signal.SIGKILL)
         log.info("%s: %s notification %s to %s for %s", self.name,
                 "delivery status" if action == "failed" else "delay", name, sender, rcpts)
         return name

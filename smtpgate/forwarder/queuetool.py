@@ -126,7 +126,8 @@ def examine(dir_fd, name, where, now):
     if not stat.S_ISREG(st.st_mode):
         return None
     e = Entry(name, where, st)
-    complete = st.st_mode & 0o110 == 0o110 and not name.startswith(spool.DRAFT_PREFIX.encode())
+    complete = spool.is_complete(st.st_mode) and not name.startswith(
+        spool.DRAFT_PREFIX.encode())
     if where == "queue" and not complete:
         e.state = "writing"             # never read as complete
         return e
@@ -144,7 +145,7 @@ def examine(dir_fd, name, where, now):
         e.state = "failed" if where == "failed" else "held"
         e.reason = failure_reason(dir_fd, name)
     elif e.state is None:
-        if st.st_mode & 0o111 == 0o111:
+        if spool.is_deferred(st.st_mode):
             e.state = "deferred"
             e.next_retry = max(now, st.st_mtime + buildconf.RETRY_DELAY_TIME)
             reason = spooldir.deferral(dir_fd, name)
@@ -298,7 +299,7 @@ def cmd_requeue(q, args):
                       % ident)
     with hold(d, name) as f:
         st = os.fstat(f.fileno())
-        if st.st_mode & 0o111 != 0o111:
+        if not spool.is_deferred(st.st_mode):
             print("%s: already due" % ident)
             return os.EX_OK
         spool.make_due(f)
@@ -339,7 +340,8 @@ class hold:
     def __enter__(self):
         try:
             st = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
-            if st.st_mode & 0o110 != 0o110 or self.name.startswith(b"draft."):
+            if not spool.is_complete(st.st_mode) or self.name.startswith(
+                    spool.DRAFT_PREFIX.encode()):
                 raise Failure(os.EX_TEMPFAIL, "%s: being written; not touched" % self.ident)
             self.f = spooldir.open_readonly(self.name, dir_fd=self.dir_fd)
         except FileNotFoundError:

@@ -4,7 +4,7 @@ DESCRIPTION
     run(config) is all the daemon does after its options (with -t: check()
     what a start would, and no more): pre_jail_init()
     as root (the -i pid file, in root's directory, and who to become), then
-    post_jail_init() (become -u/-g for good, supplementary groups cleared;
+    enter_jail() (become -u/-g for good, supplementary groups cleared;
     there is no chroot: the agent must run), then the spool lock
     .smtpfwdd.lock, the detach (unless -F), and the Forwarder (daemon.py).
     The lock is flock(2)ed as the original did and holds our pid; after the
@@ -35,7 +35,7 @@ def run(config):
         return check(config)
     process.set_title(TITLE)
     pid_fd, identity = pre_jail_init(config)
-    post_jail_init(config, identity)
+    enter_jail(config, identity)
     lock = take_lock(config.spooldir)
     if config.foreground:
         write_pid(lock, pid_fd)
@@ -94,10 +94,10 @@ def pre_jail_init(config):
     return pid_fd, privileges.resolve_identity(config.user, config.group)
 
 
-def post_jail_init(config, identity):
+def enter_jail(config, identity):
     """Become -u/-g for good, then enter the spool."""
     if identity is not None:
-        privileges.enter_jail(*identity, None)
+        privileges.confine(*identity, None)
     try:
         os.chdir(config.spooldir)
     except OSError as e:

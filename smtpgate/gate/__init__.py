@@ -1,26 +1,34 @@
 """gate - smtpd, the gate in front of the MTA
 
-    start       from smtpd.py's options to the first session: inetd or -D
+    start       from smtpd.py's options to the first session: inetd or -D,
+                or -t's checks
     config      GateConfig: options and constants, built once, frozen
     engine      the Engine (rules, resolver, TLS, caches of the moment) and
-                the two phases: pre_jail_init (root), post_jail_init (jail)
-    master      -D: the pool of workers; rules and certificate reloads
+                the two phases: pre_jail_init (root), enter_jail (jail)
+    master      -D: the pool of workers; rules, certificate, settings reloads
     worker      -D: one jailed worker: accept, admit, serve
     rulewatch   -D: the jailed process that reads the rules for the master
     admission   may this client have a session?  concurrency, rate (shared
-                tables the master maps before it forks)
+                tables the master maps before it forks): in one place
     client      who is the client: the socket, or a trusted proxy's header
     proxy       the PROXY protocol (v1, v2), strictly
+    peer        Peer: every fact the gate learns of one client, one record
     connection  one connection, one session: identify the client, serve
-    session     the SMTP dialogue: verbs, rules at RCPT, DATA, commit
+    session     the SMTP dialogue: verbs, RCPT, DATA, commit
+    chat        what smtpd says: every reply (Reply, encode: one writer),
+                the verbs' flags, the EHLO keywords
     channel     the client's I/O: lines, replies, DATA; TLS as a change of
                 transport under the same line discipline
+    judge       may this recipient pass?  rules, then verification
     tls         the certificate and key, loaded by root before the jail
     verify      recipient verification: callouts to the MTA, their cache
     dnsbl       the client's reputation: DNS lists scored before the greeting,
                 their shared cache
     filtering   the session's filter stages: macros, answers, the new draft
-    milter      the mail filters' client (milter protocol 6)
+    milter      the mail filters' client: filters, their verdicts, kept
+                connections (Keeper)
+    milterwire  the milter protocol (version 6) on the wire
     rewrite     a message as the filters see it, and their changes to it
     sandbox     the seccomp filter every jailed process enters
+    tester      checkrules(8): the rules and the judge, from the command line
 """

@@ -3,7 +3,7 @@
 DESCRIPTION
     serve(config, engine, conn) runs the session of a Connection -- inetd
     mode's descriptors 0 and 1, or a socket a worker accepted -- after
-    identify() has made the rules' Client of it: the forward-confirmed
+    identify() has made the Peer of it (peer.py): the forward-confirmed
     host name (unless -H), ident on demand (never behind a proxy: it cannot
     reach the client), the exemptions.  No lookup outlasts the session's
     deadline, SESSION_TIMEOUT from here; the time the lookups take counts
@@ -21,8 +21,8 @@ from smtpgate import log, net
 from smtpgate.deadline import Deadline
 from smtpgate.gate import chat, session
 from smtpgate.gate.client import peer_ip, socket_ends
+from smtpgate.gate.peer import Peer
 from smtpgate.rules import dnslookup, ident
-from smtpgate.rules.engine import Client
 
 
 @dataclasses.dataclass
@@ -40,30 +40,27 @@ class Connection:
     keeper: object = None       # the worker's milter.Keeper; None: keep no filter connection
 
 
-def identify(config, engine, conn, deadline):
-    """The rules' Client for a connection; session.Closed with -P when the
-    name does not confirm."""
+def identify(config, engine, conn, deadline, scoring=None):
+    """The Peer of a connection, its rules' Client made; session.Closed
+    with -P when the name does not confirm."""
+    p = Peer(local=conn.local, remote=conn.peer, origin=conn.origin, scoring=scoring)
     lk = dnslookup.Lookup(engine.resolver, deadline)
-    ip = peer_ip(conn.peer)
-    name, error = None, None
-    health = conn.origin == "health"        # the balancer itself: no DNS, no ident
-    if config.hostchecks and ip is not None and not health:
+    ip = p.ip
+    if config.hostchecks and ip is not None and not p.health_check:    # the balancer itself
         try:
-            name, why = lk.confirmed_name(ip)
+            p.name, why = lk.confirmed_name(ip)
             if why:
                 log.info("%s", why)
                 if config.paranoid and not why.startswith("no reverse"):
                     raise session.Closed(os.EX_PROTOCOL, why)
         except dnslookup.TempFail as e:
             log.notice("cannot identify %s: %s", ip, e)
-            error = str(e)
+            p.name_error = str(e)
+    p.ptr = lk.ptr
+    p.exempt = net.member(ip, config.exempt)
     user, ask = ident.of_client(conn.local, conn.peer, lk, behind_proxy=conn.origin is not None)
-    c = Client(ip, name, lk, ident=user, ident_fn=ask, name_error=error)
-    c.local, c.peer = conn.local, conn.peer
-    c.ptr = lk.ptr
-    c.exempt = net.member(ip, config.exempt)
-    c.health_check = health
-    return c
+    p.rules_client(lk, user, ask)
+    return p
 
 
 def scoring(config, engine, conn, deadline):
@@ -84,9 +81,8 @@ def serve(config, engine, conn):
         conn.local, conn.peer = socket_ends(conn.rfd)
     asked = scoring(config, engine, conn, deadline)
     try:
-        client = identify(config, engine, conn, deadline)
-        client.scoring = asked
-        return session.Session(config, engine, client, conn, deadline).run()
+        peer = identify(config, engine, conn, deadline, asked)
+        return session.Session(config, engine, peer, conn, deadline).run()
     except session.Closed as c:
         log.crit("abandoning session with %s: %s", conn.peer and conn.peer[0], c)
         if conn.on_end is not None:

@@ -9,7 +9,7 @@ DESCRIPTION
     and never again by a jailed process).  An Engine never changes: the -D
     master makes a new one when the rules or the certificate change, and
     each worker keeps the one it was forked with.
-    post_jail_init(config) is the one way into the jail: chroot to -c and
+    enter_jail(config) is the one way into the jail: chroot to -c and
     become -u/-g (as root), then the seccomp sandbox.  Nothing read from
     the network is read before it.
 """
@@ -22,7 +22,7 @@ from smtpgate import log, privileges, spooldir, store
 from smtpgate.gate import dnsbl, sandbox, tls, verify
 from smtpgate.gate.config import config_error
 from smtpgate.rules import dnslookup
-from smtpgate.rules.engine import RulesFile
+from smtpgate.rules.ruleset import RulesFile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,11 +100,11 @@ def inside(path, directory):
     return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
-def post_jail_init(config):
+def enter_jail(config):
     """Enter the chroot and drop privileges (root only), then the seccomp
     sandbox (sandbox.py): from here on the process reaches no other."""
     if config.root:
-        privileges.enter_jail(*config.identity, config.chroot)
+        privileges.confine(*config.identity, config.chroot)
     if config.sandbox_missing:
         return
     try:

@@ -7,7 +7,7 @@ DESCRIPTION
     (milter_said), the RCPT asked after the rules, and the end of the
     message, whose changes become a new draft (rewrite.py) that the session
     commits as it would have the first.  A recipient or sender a filter adds
-    passes the rules first (admits).
+    passes the rules and verification first (judge.py, admits).
 """
 
 import os
@@ -16,7 +16,6 @@ from smtpgate import log
 from smtpgate.address import bare
 from smtpgate.gate import chat, milter, rewrite
 from smtpgate.gate.channel import Closed
-from smtpgate.rules.engine import evaluate, RuleError
 from smtpgate.text import escape
 
 
@@ -28,8 +27,8 @@ class Filtering:
         """Open the session's filters and report the client to them."""
         if not self.config.milters:
             return
-        c, ip = self.client, self.client.ip_text or ""
-        peer, local = getattr(c, "peer", None), getattr(c, "local", None)
+        c, ip = self.peer, self.peer.ip_text or ""
+        peer, local = c.remote, c.local
         self.milter_values = {
             "j": self.config.myname, "{daemon_name}": self.config.myname, "v": "smtpgate",
             "{daemon_addr}": local and local[0], "{daemon_port}": local and local[1],
@@ -91,7 +90,7 @@ class Filtering:
             draft.flush()
             msg = rewrite.Message(draft.fd, draft.body_offset + len(self.received_header),
                                   os.fstat(draft.fd).st_size, (env.sender, env.recipients),
-                                  self.admits, self.config.spooldir, self.config.maxsize)
+                                  self.judge.admits, self.config.spooldir, self.config.maxsize)
             try:
                 a = self.milters.message(msg)
                 if a.kind == "continue" and msg.changed:
@@ -124,14 +123,3 @@ class Filtering:
             self.say(chat.ACCEPTED)
             return True
         return None
-
-    def admits(self, sender, rcpt):
-        """May a filter's recipient (or new sender) pass the rules?  As RCPT
-        would, without a reply: only allow (or a verified verify) passes."""
-        try:
-            v = evaluate(self.engine.rules.get(), self.client, sender, rcpt)
-        except RuleError:
-            return False
-        if v.action == "verify":
-            v = self.verified(v, rcpt)
-        return v.action == "allow"

@@ -10,7 +10,7 @@ DESCRIPTION
     shared scoreboard and rate table before forking them, keeps spares
     (a worker says "N" when they run low), retires surplus ones after
     SMTPD_IDLE_TIME, and replaces those that end.  Each worker enters the
-    jail (engine.post_jail_init) before its first session, with the Engine
+    jail (engine.enter_jail) before its first session, with the Engine
     of the moment: a new rules text or certificate makes a new Engine.  The master holds the
     TLS certificate and key (outside the jail) and reloads them on SIGHUP
     and when either file changes.  It holds the rules but never opens
@@ -45,9 +45,9 @@ from smtpgate import counters, log, params, process
 from smtpgate.gate import admission, rulewatch
 from smtpgate.gate.admission import Scoreboard
 from smtpgate.gate.config import build as build_config, RESTART_ONLY
-from smtpgate.gate.engine import FrozenRules, post_jail_init, reloaded
+from smtpgate.gate.engine import FrozenRules, enter_jail, reloaded
 from smtpgate.gate.worker import Worker
-from smtpgate.rules.engine import parse, RuleError
+from smtpgate.rules.ruleset import parse, RuleError
 
 
 class WorkerHandle:
@@ -522,7 +522,7 @@ class Master:
             log.log.role = "worker: "
             counters.use_row(slot + 1)
             master = os.getppid()
-            post_jail_init(self.config)
+            enter_jail(self.config)
             status = Worker(self.config, self.engine, ctrl, self.listener, self.admission,
                             slot, master).run()
         except SystemExit as e:

@@ -7,7 +7,7 @@ DESCRIPTION
     path inside it.  A watcher process, forked by the master, enters the jail
     as a worker does and becomes -u/-g.  It stats the rules file once a
     second and, when it changed or when the master asks (SIGHUP), reads it
-    with engine.read_text (never blocking, regular files only, at most
+    with ruleset.read_text (never blocking, regular files only, at most
     RULES_MAX_SIZE bytes) and sends the text, or why it could not, to the
     master.  The master bounds what it accepts in size and time and compiles
     only the text it received.
@@ -25,8 +25,8 @@ import struct
 import time
 
 import buildconf
-from smtpgate.gate.engine import post_jail_init
-from smtpgate.rules import engine
+from smtpgate.gate.engine import enter_jail
+from smtpgate.rules import ruleset
 from smtpgate import log, process
 
 HEADER = struct.Struct(">cQ")
@@ -76,7 +76,7 @@ class Watcher:
         process.leave_terminal(self.stderr and self.stderr.w)
         process.set_title("smtpd: rules")
         log.log.role = "rules: "
-        post_jail_init(self.config)
+        enter_jail(self.config)
         return watch(self.config.rules_path, self.config.rules_shown, sock)
 
     def ask(self):
@@ -158,8 +158,8 @@ def watch(path, shown, sock):
         if asked or now != last:
             last = now
             try:
-                frame = b"T", engine.read_text(path, shown=shown)
-            except engine.RuleError as e:
+                frame = b"T", ruleset.read_text(path, shown=shown)
+            except ruleset.RuleError as e:
                 frame = b"E", str(e).encode("utf-8", "backslashreplace")
             try:
                 sock.sendall(HEADER.pack(frame[0], len(frame[1])) + frame[1])

@@ -26,8 +26,9 @@ from smtpgate.deadline import Deadline
 from smtpgate.address import AddressError, bare, mail_params, parse_path
 from smtpgate.gate import chat, verify
 from smtpgate.gate.filtering import Filtering
+from smtpgate.gate.judge import Judge
 from smtpgate.gate.channel import Channel, Closed, DataReader, header_oddity
-from smtpgate.rules.engine import evaluate, RuleError, Verdict
+from smtpgate.rules.ruleset import RuleError
 from smtpgate.text import escape, host_chars
 
 
@@ -44,14 +45,15 @@ class Envelope:
 
 class Session(Filtering):
     """One SMTP session: config (config.GateConfig), engine (the rules, TLS
-    and verification of the moment, engine.Engine), client (the rules'
-    Client, with .local and .peer (address, port) pairs, None when not a
-    socket), conn (connection.Connection: the descriptors, on_end, greeted)
-    and the session's deadline (time.monotonic()).  Its filter stages are
+    and verification of the moment, engine.Engine), peer (peer.Peer: who
+    the client is; peer.client is the rules' Client of it), conn
+    (connection.Connection: the descriptors, on_end, greeted) and the
+    session's deadline (deadline.Deadline).  Its filter stages are
     filtering.Filtering's."""
 
-    def __init__(self, config, engine, client, conn, deadline=None):
-        self.config, self.engine, self.client = config, engine, client
+    def __init__(self, config, engine, peer, conn, deadline=None):
+        self.config, self.engine, self.peer = config, engine, peer
+        self.client = peer.client       # what the rules see
         self.greeted = conn.greeted     # inetd mode sends the 220 before loading
         self.accepted = conn.accepted or time.monotonic()
         if deadline is None:
@@ -65,8 +67,8 @@ class Session(Filtering):
         self.errors = 0
         self.draft = None
         self.summary = []
-        self.where = "%s(%s)" % (client.name or "UNKNOWN", client.ip_text or "")
-        self.verifier = None        # verify.Verifier, made at the first verify rule
+        self.where = "%s(%s)" % (peer.name or "UNKNOWN", peer.ip_text or "")
+        self.judge = Judge(engine.rules, self.client, self.verifier, self.where)
         self.milters = None         # milter.Milters, when filters are configured
         self.deadline = deadline
         self.received_header = b""
@@ -92,7 +94,7 @@ class Session(Filtering):
             log.notice("too many errors from %s, closing", self.where)
             raise Closed(os.EX_PROTOCOL, "too many errors")
         over = self.errors - buildconf.SMTPD_SOFT_ERRORS
-        if over > 0 and buildconf.SMTPD_ERROR_SLEEP and not self.client.exempt:
+        if over > 0 and buildconf.SMTPD_ERROR_SLEEP and not self.peer.exempt:
             self.ch.sleep(over * buildconf.SMTPD_ERROR_SLEEP)
 
     def end(self):
@@ -122,54 +124,37 @@ class Session(Filtering):
             self.summary = []
 
     def routine(self, fmt, *args):
-        (log.debug if self.client.health_check else log.info)(fmt, *args)
+        (log.debug if self.peer.health_check else log.info)(fmt, *args)
 
     def run(self):
         """Serve the session; return the exit status."""
-        status = os.EX_OK
         counters.add(counters.SESSIONS)
         try:
-            self.greet()
-            self.milter_connect()
-            while True:
-                line, problem = self.ch.command()
-                if line is None:
-                    self.refuse(chat.BAD_LINE % problem)
-                    continue
-                verb, _, arg = line.partition(" ")
-                verb = verb.upper()
-                if self.ends_group(verb) and self.ch.ready():
-                    raise self.out_of_sync(verb)
-                VERBS.get(verb, Session.smtp_unknown)(self, arg)
+            self.dialogue()
         except Closed as c:
-            status = c.status
+            status, last = c.status, None
             if status not in (os.EX_OK, os.EX_PROTOCOL) and str(c):
                 self.log("%s from %s" % (c, self.where), " %s." % c)
             if status != os.EX_OK and c.last_word:
-                self.ch.say(chat.NOT_AVAILABLE)
-            self.end()
-            try:
-                self.ch.flush(final=True)
-                self.ch.close_tls()
-            except Closed:
-                pass
+                last = chat.NOT_AVAILABLE
         except Exception:
             log.crit("unexpected error with %s: %s", self.where,
                     traceback.format_exc().replace("\n", " | "))
             self.ch.out = []
-            self.ch.say(chat.LOCAL_ERROR)
+            status, last = os.EX_SOFTWARE, chat.LOCAL_ERROR
+        try:                            # the one ending: the last word, then goodbye
+            if last is not None:
+                self.ch.say(last)
             self.end()
-            try:
-                self.ch.flush(final=True)
-            except Closed:
-                pass
-            status = os.EX_SOFTWARE
+            self.ch.flush(final=True)
+            self.ch.close_tls()
+        except Closed:
+            pass
         finally:
             self.end()
             if self.draft is not None:
                 self.draft.abort()
-            if self.verifier is not None:
-                self.verifier.close()
+            self.judge.close()
             if self.milters is not None:
                 self.milters.close()
             self.flush_summary()
@@ -177,15 +162,30 @@ class Session(Filtering):
             self.ch.linger()
         return status
 
+    def dialogue(self):
+        """Greet, then read, check and dispatch commands until Closed."""
+        self.greet()
+        self.milter_connect()
+        while True:
+            line, problem = self.ch.command()
+            if line is None:
+                self.refuse(chat.BAD_LINE % problem)
+                continue
+            verb, _, arg = line.partition(" ")
+            verb = verb.upper()
+            if self.ends_group(verb) and self.ch.ready():
+                raise self.out_of_sync(verb)
+            VERBS.get(verb, Session.smtp_unknown)(self, arg)
+
     def greet(self):
         if self.greeted:
             return
         pause = buildconf.SMTPD_GREET_PAUSE
-        if pause and not self.client.exempt:
+        if pause and not self.peer.exempt:
             said = self.pause(self.accepted + pause / 1000.0)
             if said is not None:
                 raise self.early_talker(said)
-        if self.client.scoring is not None:
+        if self.peer.scoring is not None:
             self.judge_reputation()
         if buildconf.SMTPD_FORBID_UNAUTH_PIPELINING and self.ch.ready():
             raise self.out_of_sync("CONNECT")
@@ -196,7 +196,7 @@ class Session(Filtering):
         lookups before it count too), while the DNS lists answer: what the
         client said in it (None: nothing).  Cut short by a score that
         allow-lists."""
-        s = self.client.scoring
+        s = self.peer.scoring
         while True:
             now = time.monotonic()
             if s is not None and s.done and self.engine.reputation.allowlisted(
@@ -218,8 +218,9 @@ class Session(Filtering):
         """The DNS lists' score (waiting for what is due): at or above
         SMTPD_DNSBL_THRESHOLD 554 and closed; at or below a negative
         SMTPD_DNSBL_ALLOWLIST_THRESHOLD exempt from delays."""
-        rep, s, ip = self.engine.reputation, self.client.scoring, self.client.ip_text
-        score = self.client.score = rep.finish(s)
+        rep, s, ip = self.engine.reputation, self.peer.scoring, self.peer.ip_text
+        score = rep.finish(s)
+        self.peer.scored(score)
         if score >= rep.threshold:
             log.notice("dnsbl: refused %s: score %d (threshold %d): %s",
                        self.where, score, rep.threshold, s.detail())
@@ -229,7 +230,7 @@ class Session(Filtering):
             log.info("dnsbl: %s scores %d: %s%s", self.where, score, s.detail(),
                      " (allow-listed)" if rep.allowlisted(score) else "")
         if rep.allowlisted(score):
-            self.client.exempt = True
+            self.peer.exempt = True
 
     def ends_group(self, verb):
         """Must the client wait for our reply to verb before it says more
@@ -272,10 +273,10 @@ class Session(Filtering):
         self.helo, self.esmtp = name, esmtp
         self.flush_summary()
         shown = escape(name)
-        as_ = ' as "%s"' % shown if name.lower() != (self.client.name or "").lower() else ""
+        as_ = ' as "%s"' % shown if name.lower() != (self.peer.name or "").lower() else ""
         tls = self.ch.tls_info()
         self.log('%s from %s as "%s"' % ("EHLO" if esmtp else "HELO", self.where, shown),
-                 "relay=%s/%s%s%s" % (self.client.name or "UNKNOWN", self.client.ip_text or "",
+                 "relay=%s/%s%s%s" % (self.peer.name or "UNKNOWN", self.peer.ip_text or "",
                                       as_, " tls=%s" % tls[0] if tls else ""))
         pleased = chat.PLEASED % (self.config.myname, host_chars(name))
         if not esmtp:
@@ -304,7 +305,7 @@ class Session(Filtering):
         if dropped:
             log.notice("discarded %d octets that %s sent after STARTTLS, before TLS",
                       dropped, self.where)
-        version, cipher = self.ch.tls_info()
+        version, cipher = self.peer.tls = self.ch.tls_info()
         self.flush_summary()
         if not self.config.quiet:
             log.info("STARTTLS with %s: %s with cipher %s", self.where, version, cipher)
@@ -381,19 +382,17 @@ class Session(Filtering):
         A noto or a 451 counts as an error; a delay never outlasts the
         session deadline."""
         try:
-            rules = self.engine.rules.get()
+            v = self.judge.rules(self.env.sender, rcpt)
         except RuleError as e:
             log.err("%s", str(e).replace("\n", "; "))
             self.ch.say(chat.RULES_INVALID)
             self.count_error()
             return False
-        v = evaluate(rules, self.client, self.env.sender, rcpt)
         who = "%s@%s" % (escape(self.client.ident or "UNKNOWN", 80), self.where)
         shown = (escape(self.env.sender), escape(rcpt))
         for r in v.debug:
             log.info("DEBUG: matched %s for %s from %s to %s", r.where, who, *shown)
-        if v.action == "verify":
-            v = self.verified(v, rcpt)
+        v = self.judge.verified(v, rcpt)
         if v.action == "allow":
             return True
         log.info("%s from %s to %s: %s by %s%s", who, shown[0], shown[1], v.action,
@@ -414,16 +413,10 @@ class Session(Filtering):
         self.count_error()
         return False
 
-    def verified(self, v, rcpt):
-        """A verify rule matched: the backend decides (verify.py)."""
-        if self.verifier is None:
-            self.verifier = verify.Verifier(self.config.verify_backend, self.config.myname,
-                                            self.ch.deadline, self.engine.verify_cache)
-        refusal = self.verifier.check(rcpt, self.where)
-        if refusal is None:
-            return Verdict("allow", rule=v.rule, debug=v.debug)
-        kind = "noto" if refusal.startswith("5") else "tempfail"
-        return Verdict(kind, refusal, v.rule, 0, v.debug, "recipient verification")
+    def verifier(self):
+        """The session's callouts (verify.py), made at the first verify rule."""
+        return verify.Verifier(self.config.verify_backend, self.config.myname,
+                               self.deadline, self.engine.verify_cache)
 
     # (The filters' stages -- milter_connect, milter_said, milter_refused,
     # milter_judge -- are filtering.py's: they judge after the rules.)
@@ -508,7 +501,7 @@ class Session(Filtering):
         """smtpd's trace header (RFC 5322 form; RFC 3848 "ESMTPS" after
         STARTTLS, with the protocol version and cipher in a comment line).
         smtpfwdd dates a message by the line after "id NAME;"."""
-        c = self.client
+        c = self.peer
         helo = host_chars(self.helo or "")
         tls = self.ch.tls_info()
         return ("Received: from %s (%s [%s])\n%s\tby %s (smtpd) with %s id %s;\n\t%s\n"

@@ -67,7 +67,7 @@ def inetd(config):
             return os.EX_OSERR
     connection, engine, _ = load()
     ready = engine.pre_jail_init(config)
-    engine.post_jail_init(config)
+    engine.enter_jail(config)
     origin = None
     if early:
         sock = client.socket_of(0)

@@ -3,7 +3,7 @@
 DESCRIPTION
     run(flags, args) loads the rules file as smtpd does, makes the client
     (-a address, -n name or the DNS, -u ident user) and prints the verdict
-    of engine.evaluate -- the same code smtpd runs at each RCPT -- as
+    of judge.Judge -- the same code smtpd runs at each RCPT -- as
     "allow", "noto <reply>", "deny <reply>" (the action as the rule writes
     it, e.g. noto_delay), "tempfail <reply>" or "verify" (with -V, the
     backend is asked as smtpd would); with -v the deciding "file:line: rule"
@@ -28,10 +28,12 @@ import buildconf
 from smtpgate import net, privileges
 from smtpgate.address import AddressError, mail_params, parse_path
 from smtpgate.gate import chat, dnsbl, verify
+from smtpgate.gate.engine import FrozenRules
+from smtpgate.gate.judge import Judge
 from smtpgate.net import normalize_ip
 from smtpgate.options import UsageError
 from smtpgate.rules import dnslookup
-from smtpgate.rules.engine import Client, evaluate, load, RuleError, Verdict
+from smtpgate.rules.ruleset import Client, load, RuleError
 from smtpgate.text import visible
 
 EXIT = {"allow": 0, "noto": 1, "deny": 2, "refused": 3, "verify": 4, "tempfail": 75}
@@ -75,20 +77,16 @@ def reputation(client, resolver, verbose=False):
     return lines
 
 
-def callout(backend, v, rcpt):
-    """Ask the backend as smtpd would for a verify rule: (verdict, what the
-    backend said)."""
+def verifier(backend):
+    """-V: the callouts of a verify rule, asked as smtpd asks them (judge.py),
+    or None without -V (the verdict stays "verify")."""
+    if backend is None:
+        return None
     try:
         where = net.parse_backend(backend)
     except ValueError:
         raise UsageError("-V needs [lmtp:]address:port, not %r" % backend) from None
-    checker = verify.Verifier(where, privileges.own_name(), None, None)
-    refusal = checker.check(rcpt, "checkrules")
-    checker.close()
-    if refusal is None:
-        return Verdict("allow", None, v.rule, 0, v.debug), checker.said
-    return Verdict("noto" if refusal.startswith("5") else "tempfail", refusal, v.rule,
-                   0, v.debug), checker.said
+    return lambda: verify.Verifier(where, privileges.own_name(), None, None)
 
 
 def line_number(message):
@@ -185,10 +183,10 @@ def judged(flags, rules, resolver, sender, rcpt):
         for line in scored:
             say(line)
         return EXIT["refused"]
-    v = evaluate(rules, client, *stored)
-    said = None
-    if v.action == "verify" and "backend" in flags:
-        v, said = callout(flags["backend"], v, stored[1])
+    judge = Judge(FrozenRules(rules), client, verifier(flags.get("backend")), "checkrules")
+    v = judge.recipient(*stored)
+    said = judge.verifier.said if judge.verifier is not None else None
+    judge.close()
     written = v.rule.action if v.rule is not None and v.rule.action != "verify" else v.action
     say(written if v.reply is None else "%s %s" % (written, v.reply))
     for line in scored:

@@ -1,4 +1,4 @@
-"""engine - the smtpd_check_rules engine: parse the file, judge a recipient
+"""ruleset - the smtpd_check_rules engine: parse the file, judge a recipient
 
 DESCRIPTION
     parse(text) compiles a rules file (spec 4) into Rules, or RuleError with
@@ -26,7 +26,6 @@ REPLY_MAX = 510            # octets of a reply line before its CR LF (RFC 5321: 
 TEMPFAIL_REPLY = "451 4.4.3 Requested action not taken: lookup failure, try again later"
 IPV6_TOKEN = re.compile(r"\[[0-9A-Fa-f:.]*\](/[0-9]*)?")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-ESCAPES = {"F": "sender", "T": "rcpt", "H": "name", "I": "ip", "U": "ident"}
 
 
 class RuleError(Exception):
@@ -208,12 +207,9 @@ class RulesFile:
 # ------------------------------------------------------------ evaluation ----
 
 class Client(Addr):
-    """What the rules know about the SMTP client of one session."""
+    """What the rules know about the SMTP client of one session (smtpd
+    makes it of its gate.peer.Peer)."""
 
-    exempt = False          # in SMTPD_ADMISSION_EXEMPT (smtpd sets it)
-    health_check = False    # the trusted proxy's own connection (PROXY LOCAL)
-    ptr = None              # the PTR name, confirmed or not (for milters)
-    scoring = None          # dnsbl.Scoring of the DNS lists, while they answer
     score = 0               # the DNS lists' score (DNSBL=), once the greeting is out
 
     def __init__(self, ip=None, name=None, lookup_=None, ident=None,
