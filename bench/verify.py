@@ -26,7 +26,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(TOP, "t"))
+sys.path.insert(0, os.path.join(TOP, "t", "lib"))
 import ab  # noqa: E402
 import postfix  # noqa: E402
 import run  # noqa: E402

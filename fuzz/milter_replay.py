@@ -1,5 +1,5 @@
 """A mail filter's side of a milter session, replayed from bytes: what the
-atheris harness (fuzz_milter.py) and the Hypothesis test (t/test_milter_fuzz.py)
+atheris harness (fuzz_milter.py) and the Hypothesis test (t/gate/test_milter_fuzz.py)
 feed the client.  exercise(data) runs a whole session -- negotiation, every
 event, the end of a message with its changes applied, written both ways
 (a second draft, and over the first) -- against a filter

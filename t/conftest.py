@@ -6,13 +6,17 @@ import os
 import pwd
 import shutil
 import signal
+import sys
 import tempfile
 
 import pytest
 
-from fixtures import DNSServer, IdentServer
-from harness import (Agent, build_tree, FWD_CONSTANTS, Fwd, IDENT_PORT, Inetd, is_root, make_jail,
-                     SmtpdDaemon, smtpd_argv, TEST_CONSTANTS, wait_for)
+# The helpers (harness, fixtures, fake servers) live in t/lib; every test
+# folder imports them by name.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
+from fixtures import DNSServer, IdentServer  # noqa: E402
+from harness import (Agent, build_tree, FWD_CONSTANTS, Fwd, IDENT_PORT, Inetd,  # noqa: E402
+                     is_root, make_jail, SmtpdDaemon, smtpd_argv, TEST_CONSTANTS, wait_for)
 
 
 

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Our smtpd.py shadows the deprecated stdlib module of the same name.
 sys.path.insert(0, ROOT)
 from smtpgate import spool  # noqa: E402  (from ROOT)
@@ -276,13 +276,13 @@ def smtpd_argv(tree, jail, *extra):
 
 
 class Agent:
-    """A copy of t/bin/fake-sendmail that every user can run."""
+    """A copy of t/lib/bin/fake-sendmail that every user can run."""
 
     def __init__(self):
         self.dir = tempfile.mkdtemp(prefix="fake-sendmail-", dir="/tmp")
         os.chmod(self.dir, 0o755)
         self.path = os.path.join(self.dir, "sendmail")
-        shutil.copy(os.path.join(ROOT, "t", "bin", "fake-sendmail"), self.path)
+        shutil.copy(os.path.join(ROOT, "t", "lib", "bin", "fake-sendmail"), self.path)
         os.chmod(self.path, 0o755)
         os.mkdir(os.path.join(self.dir, "calls"))
         os.chmod(os.path.join(self.dir, "calls"), 0o777)

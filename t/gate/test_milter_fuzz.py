@@ -9,8 +9,8 @@ import sys
 
 from hypothesis import given, settings, strategies as st
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "fuzz"))
+from harness import ROOT  # noqa: E402
+sys.path.insert(0, os.path.join(ROOT, "fuzz"))
 import milter_replay  # noqa: E402
 
 OPTNEG = st.builds(lambda v, a, p, rest: struct.pack("!III", v, a, p) + rest,

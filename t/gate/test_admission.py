@@ -9,6 +9,7 @@ import smtplib
 import socket
 import subprocess
 import time
+import zlib
 
 import pytest
 
@@ -272,3 +273,36 @@ def test_error_delays_never_outlast_the_session(smtpd):
             break
     assert time.monotonic() - t0 < 4 + 2
     assert codes[-1] == 421
+
+
+# (issue 21, item 4) - the rate table: chosen networks cannot evict an abuser --
+
+def colliding(victim, count, sets):
+    """count 127.x addresses whose networks share the victim's set under
+    the unkeyed hash the table once used (crc32)."""
+    want = zlib.crc32(admission.network_key(admission.ipaddress.ip_address(victim))) % sets
+    out = []
+    for n in range(2 << 16):
+        addr = "127.%d.%d.%d" % (1 + n // 65536, n // 256 % 256, n % 256)
+        key = admission.network_key(admission.ipaddress.ip_address(addr))
+        if zlib.crc32(key) % sets == want:
+            out.append(addr)
+            if len(out) == count:
+                return out
+    raise AssertionError("no collisions found")
+
+
+def code_from(d, source):
+    c = d.connect(source)
+    code = c.code()
+    c.close()
+    return code
+
+
+def test_chosen_networks_cannot_evict_an_abuser(daemon_):
+    d = daemon_(SMTPD_MAX_RATE=2, SMTPD_RATE_WINDOW=300).wait_ready()
+    abuser = "127.0.0.2"
+    assert [code_from(d, abuser) for _ in range(3)] == [220, 220, 421]
+    for addr in colliding(abuser, 8, 4096 // admission.RateTable.WAYS):
+        assert code_from(d, addr) == 220
+    assert code_from(d, abuser) == 421          # still remembered, still refused

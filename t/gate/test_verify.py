@@ -239,3 +239,61 @@ def test_bad_backends_are_refused(text):
     with pytest.raises(ValueError):
         net.parse_backend(text)
     assert net.parse_backend("lmtp:[::1]:24") == (True, "::1", 24)
+
+
+# (issue 21, item 4) - verification: a local part is case-sensitive --
+
+class CaseSensitiveBackend:
+    """An SMTP backend that knows only Alice@my.domain, exactly so."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", free_port()))
+        self.port = self.sock.getsockname()[1]
+        self.asked = []
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.session, args=(conn,), daemon=True).start()
+
+    def session(self, conn):
+        f = conn.makefile("rwb", buffering=0)
+        f.write(b"220 backend\r\n")
+        for line in f:
+            cmd = line.strip().decode()
+            if cmd.upper().startswith("RCPT TO:"):
+                addr = cmd[8:].strip("<>")
+                self.asked.append(addr)
+                f.write(b"250 ok\r\n" if addr == "Alice@my.domain" else b"550 no\r\n")
+            elif cmd.upper() == "QUIT":
+                f.write(b"221 bye\r\n")
+                break
+            else:
+                f.write(b"250 ok\r\n")
+        conn.close()
+
+
+def rcpts(port, *addresses):
+    import smtplib
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.ehlo("client.example")
+        s.mail("sender@example.org")
+        return [s.rcpt(a)[0] for a in addresses]
+
+
+def test_the_verification_cache_keeps_the_local_parts_case(daemon_):
+    backend = CaseSensitiveBackend()
+    d = daemon_("verify:ALL:ALL:ALL\n", "-V", "127.0.0.1:%d" % backend.port).wait_ready()
+    assert rcpts(d.port, "Alice@my.domain") == [250]
+    # The same session's memo and the shared cache both keep them apart...
+    assert rcpts(d.port, "alice@my.domain", "ALICE@MY.DOMAIN", "Alice@MY.DOMAIN") == \
+        [550, 550, 250]
+    assert backend.asked == ["Alice@my.domain", "alice@my.domain", "ALICE@MY.DOMAIN"]
+    # ... and the domain's case never matters: answered from the cache.
+    assert rcpts(d.port, "Alice@My.Domain", "alice@my.DOMAIN") == [250, 550]
+    assert len(backend.asked) == 3
+    backend.sock.close()

@@ -11,7 +11,7 @@ from smtpgate.rules import ruleset as engine
 from smtpgate.net import normalize_ip
 from smtpgate.rules import dnslookup, ident
 from smtpgate.rules.ruleset import Client
-from harness import IDENT_PORT, PYTHON, ROOT
+from harness import IDENT_PORT, PYTHON, ROOT, wait_for
 
 F, T = "<alice@example.org>", "<bob@my.domain>"
 
@@ -425,3 +425,71 @@ def test_tester_prints_every_error_and_every_warning(tmp_path):
             "%s:%d" % (rules, n) for n in (1, 2, 3, 4)], out
         assert "warning: '*my.domain' has no dot boundary" in out[0]
         assert "bad IPv4 address" in out[1] and "warning: lower-case 'all'" in out[2]
+
+
+# (issue 21, item 4) - DNS lists: an error code is never a listing --
+
+def test_an_rbl_error_answer_gets_451_not_the_deny(smtpd, dnsz):
+    dnsz.add("1.0.0.127.rbl.example", "A", "127.255.255.254")
+    srv = smtpd("deny:RBL.rbl.example:ALL:ALL:554 listed\nallow:ALL:ALL:ALL\n", "-H")
+    c = srv.connect()
+    assert c.code() == 220
+    assert c.cmd("EHLO client.example")[0] == 250
+    assert c.cmd("MAIL FROM:<a@example.org>")[0] == 250
+    code, text = c.cmd("RCPT TO:<b@my.domain>")
+    assert code == 451 and "listed" not in text[0]
+    assert c.cmd("QUIT")[0] == 221
+    assert wait_for(lambda: "127.255.255.254 is an error code of the list" in srv.log())
+
+
+
+
+# -- what root prints or reads of the jail's rules file --
+
+def checkrules(tree, *args):
+    import subprocess
+    from harness import PYTHON
+    import os
+    p = subprocess.run([PYTHON, os.path.join(tree, "checkrules.py")] + list(args),
+                       capture_output=True, text=True, timeout=60,
+                       env={"PATH": "/usr/bin:/bin", "SMTPD_NAMESERVER": "127.0.0.1@9"})
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_rule_errors_reach_the_terminal_with_controls_visible(tree_factory, tmp_path):
+    path = tmp_path / "rules"
+    path.write_bytes(b"noto:/(\x1b]0;pwned\x07/:ALL:ALL\n"
+                     b"noto:ALL:ALL:ALL:550 ok\x1b[2J\n")
+    status, out, _ = checkrules(tree_factory(), "-t", "-f", str(path))
+    assert status == 78
+    assert "\x1b" not in out and "\x07" not in out
+    assert "\\x1b]0;pwned\\x07" in out
+    assert "control character in reply" in out      # a reply may carry none
+
+
+def test_a_reply_template_with_a_line_break_is_refused():
+    from smtpgate.rules import ruleset as cr
+    import pytest
+    with pytest.raises(cr.RuleError):
+        cr.parse("noto:ALL:ALL:ALL:550 x\r250 forged\n")
+
+
+def test_as_root_checkrules_reads_the_jails_rules_as_the_jails_owner(tree_factory, tmp_path):
+    import os
+    import pytest
+    from harness import is_root, make_jail
+    if not is_root:
+        pytest.skip("needs root")
+    jail = make_jail()
+    secret = tmp_path / "secret"                    # root's alone
+    secret.write_text("root:$6$hash:19000:0:99999:7:::\n")
+    os.chmod(str(secret), 0o600)
+    rules = os.path.join(jail, "etc", "smtpd_check_rules")
+    os.unlink(rules)
+    os.symlink(str(secret), rules)                  # what a compromised worker can do
+    tree = tree_factory(SPOOLDIR=jail)
+    status, out, err = checkrules(tree, "-t")
+    assert status == 78 and "Permission denied" in out
+    assert "root" not in out.replace(jail, "").replace(tree, "")
+    status, out, _ = checkrules(tree, "-t", "-f", str(secret))   # a root file elsewhere
+    assert status == 78 and "unknown action 'root'" in out

@@ -21,7 +21,8 @@ import pytest
 import certs
 import rspamd
 from fakemilter import CLOSE, FakeMilter, pkt, Relay, reply, STALL, strs
-from harness import (Agent, free_port, Fwd, FWD_CONSTANTS, PYTHON, spool_files, wait_for)
+from harness import (Agent, free_port, Fwd, FWD_CONSTANTS, PYTHON, ROOT, spool_files,
+                     wait_for)
 from smtpgate import net, spool
 from smtpgate.gate import milter, rewrite
 
@@ -802,7 +803,7 @@ def libmilter_filter():
                       capture_output=True).returncode:
         pytest.skip("needs Debian's python3-milter (.ci/run installs it)")
     port = free_port()
-    p = subprocess.Popen(["/usr/bin/python3", os.path.join(os.path.dirname(__file__),
+    p = subprocess.Popen(["/usr/bin/python3", os.path.join(ROOT, "t", "lib",
                                                            "libmilter_filter.py"), str(port)],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert p.stdout.readline() == b"ready\n"
