@@ -5,13 +5,14 @@ DESCRIPTION
     Engine: everything a jailed process needs and could not get later --
     the rules (inetd mode reads the file itself when it changes; the -D
     master puts in what its watcher read), the resolver, the verification
-    cache, the DNS lists' score cache, the TLS certificate and key (read here, from outside the jail,
-    and never again by a jailed process).  An Engine never changes: the -D
-    master makes a new one when the rules or the certificate change, and
-    each worker keeps the one it was forked with.
+    cache, the DNS lists' score cache, the TLS certificate and key (read
+    here, from outside the jail, and never again by a jailed process), the
+    shared store.  An Engine never changes: the -D master makes a new one
+    when the rules, the certificate or the settings change (reloaded()),
+    and each worker keeps the one it was forked with.
     enter_jail(config) is the one way into the jail: chroot to -c and
-    become -u/-g (as root), then the seccomp sandbox.  Nothing read from
-    the network is read before it.
+    become -u/-g (as root, privileges.confine), then the seccomp sandbox.
+    Nothing read from the network is read before it.
 """
 
 import dataclasses

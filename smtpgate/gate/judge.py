@@ -3,7 +3,7 @@
 DESCRIPTION
     Judge(rules, client, verifier) judges the recipients of one session (or
     of checkrules): rules(sender, rcpt) is the rules file's Verdict (the
-    rules engine, rules/engine.py: allow, noto, deny, tempfail or verify);
+    rules engine, rules/ruleset.py: allow, noto, deny, tempfail or verify);
     verified(verdict, rcpt) settles a verify one by asking the backend
     (verify.py): its refusal becomes a noto (a 5xx) or a tempfail (a 4xx),
     its yes an allow; recipient() is both.  verifier is a function that

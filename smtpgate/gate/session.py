@@ -1,11 +1,13 @@
 """session - one SMTP session of smtpd, on any pair of file descriptors
 
 DESCRIPTION
-    Session(config, engine, client, conn).run() speaks SMTP until QUIT, EOF, a
-    timeout, a deny rule or too many errors, and returns the exit status
+    Session(config, engine, peer, conn).run() speaks SMTP until QUIT, EOF,
+    a timeout, a deny rule or too many errors, and returns the exit status
     (spec 1.7).  inetd mode, the pre-forked workers and the tests run this
-    same code.  Two records: Session (peer, names, HELO, counters, I/O) and
-    Envelope (sender, recipients), replaced by RSET and at the end of DATA.
+    same code.  Two records: Session (the peer, HELO, counters, I/O) and
+    Envelope (sender, recipients, queue id), replaced by RSET and at the
+    end of DATA.  What it says is chat.py's; whether a recipient passes,
+    judge.py's; its filter stages filtering.py's.
 PROTOCOL
     Only CRLF ends a line; a command line is at most 512 octets; bare CR,
     bare LF or NUL in a command gets 500 and the line is dropped.  DATA ends

@@ -5,8 +5,10 @@ DESCRIPTION
     accepts for itself (idle workers share the listening socket with
     EPOLLEXCLUSIVE, so one connection wakes one worker), reads the PROXY
     header of a connection from a trusted proxy (proxy.py), asks admission.py
-    whether the client may have a session (421 if not), serves it
-    (connection.serve), and after SMTPD_MAX_USE sessions exits.  It tells the
+    whether the client may have a session (421 if not; a balancer's health
+    check always may, uncounted), serves it (connection.serve) with its
+    kept filter connections (milter.Keeper), and after SMTPD_MAX_USE
+    sessions exits.  It tells the
     master ("N") when spare workers run low.  If the master dies it closes
     its copy of the listener at once (parent-death signal SIGUSR2), so a new
     master can bind while its session ends.  master.py forks it and puts it

@@ -17,9 +17,10 @@ import pytest
 
 from harness import is_root, ROOT
 
-SLICE = ["t/test_starttls.py", "t/test_logging.py", "t/test_pipelining.py",
-         "t/test_daemon.py::test_sighup_rereads_rules_and_keeps_them_when_broken",
-         "t/test_smtpfwdd.py", "t/test_queuetool.py::test_flush_finds_a_detached_smtpfwdd"]
+SLICE = ["t/gate/test_starttls.py", "t/system/test_logging.py", "t/gate/test_pipelining.py",
+         "t/gate/test_daemon.py::test_sighup_rereads_rules_and_keeps_them_when_broken",
+         "t/forwarder/test_smtpfwdd.py",
+         "t/forwarder/test_queuetool.py::test_flush_finds_a_detached_smtpfwdd"]
 OVERLAID = ["/etc", "/dev", "/run", "/var/log", "/var/spool"]
 
 SCRIPT = r"""

@@ -174,7 +174,7 @@ def test_make_install_tree_and_modes(installed):
             (["-d", "/x y"] if args else []) + ["-Q", "list", "-j"]) + "|"), p.stdout
     for mod in ("smtpd.py", "smtpfwdd.py", "checkrules.py", "buildconf.py",
                 "smtpgate/__init__.py", "smtpgate/spool.py", "smtpgate/gate/session.py",
-                "smtpgate/forwarder/delivery.py", "smtpgate/rules/engine.py"):
+                "smtpgate/forwarder/delivery.py", "smtpgate/rules/ruleset.py"):
         assert mode(os.path.join(d, "usr/lib/smtpd", mod)) == 0o644
     assert "PREFIX = '/usr'" in open(os.path.join(d, "usr/lib/smtpd/buildconf.py")).read()
     for pkg in ("daemon", "lockfile", "dns"):
