@@ -16,16 +16,15 @@ NAMES
     messages            messages committed to the spool (or to hold/)
     message_bytes       their bodies' octets, as received
     spool_dir_fsyncs    fsyncs of the spool directory (group commit)
-    replies             replies of class 2 or 3 written (chat.py)
-    refusals_temporary  replies of class 4
+    refusals_temporary  replies of class 4 written (chat.py)
     refusals_permanent  replies of class 5
 """
 
 from smtpgate import shm
 
-NAMES = ("sessions", "messages", "message_bytes", "spool_dir_fsyncs", "replies",
-         "refusals_temporary", "refusals_permanent")
-(SESSIONS, MESSAGES, MESSAGE_BYTES, SPOOL_DIR_FSYNCS, REPLIES, REFUSALS_TEMPORARY,
+NAMES = ("sessions", "messages", "message_bytes", "spool_dir_fsyncs", "refusals_temporary",
+         "refusals_permanent")
+(SESSIONS, MESSAGES, MESSAGE_BYTES, SPOOL_DIR_FSYNCS, REFUSALS_TEMPORARY,
  REFUSALS_PERMANENT) = range(len(NAMES))
 WIDTH = len(NAMES)
 

@@ -15,6 +15,11 @@ import sys
 import syslog
 import time
 
+# This process's pid, for every line: a system call saved per line (and
+# refreshed in every forked child).
+PID = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: PID.__setitem__(0, os.getpid()))
+
 # Every C0 and C1 control and DEL, as a log line shows it: \n, \r, \x1b...
 LOG_CONTROLS = {c: ("\\n" if c == 10 else "\\r" if c == 13 else "\\x%02x" % c)
                 for c in list(range(32)) + list(range(127, 160))}
@@ -72,7 +77,7 @@ class Log:
 
     def send(self, level, msg):
         head = "<%d>%s %s%s: " % (self.facility | level, time.strftime("%b %e %H:%M:%S"),
-                                  self.ident, "[%d]" % os.getpid() if self.pid else "")
+                                  self.ident, "[%d]" % PID[0] if self.pid else "")
         data = (head + msg).encode("utf-8", "backslashreplace")[:self.LINE_MAX]
         for attempt in (0, 1):
             if self.sock is None and (attempt or time.monotonic() >= self.next_try):
@@ -94,7 +99,7 @@ class Log:
             self.send(level, msg)
         if self.stderr:
             try:
-                os.write(2, ("%s[%d]: %s%s\n" % (self.ident, os.getpid(),
+                os.write(2, ("%s[%d]: %s%s\n" % (self.ident, PID[0],
                                                   "(debug) " if level == syslog.LOG_DEBUG else "",
                                                   msg)).encode("utf-8", "backslashreplace"))
             except BlockingIOError:

@@ -5,8 +5,7 @@ DESCRIPTION
     the text of its first line, an enhanced status code (RFC 3463, e.g.
     "5.7.1") or None, and further lines.  encode() is the one place a reply
     becomes octets -- "CODE[-| ][STATUS ]TEXT" CRLF a line -- and the one
-    place replies are counted (counters.py: refusals, temporary and
-    permanent).  Every reply the gate makes is named below, with the
+    place refusals are counted (counters.py: temporary and permanent).  Every reply the gate makes is named below, with the
     original's texts where it had them (its VANILLA_MESSAGES, spec 3.4);
     the rules file's templates and the filters' replies become Replies
     through parse().  A session writes through its Channel (channel.py,
@@ -38,17 +37,22 @@ class Reply(collections.namedtuple("Reply", "code text status more")):
 
     def __mod__(self, args):
         """The reply with its text's %s filled in."""
-        return self._replace(text=self.text % args)
+        return tuple.__new__(Reply, (self.code, self.text % args, self.status, self.more))
+
+    def with_lines(self, more):
+        """The reply with these further lines."""
+        return tuple.__new__(Reply, (self.code, self.text, self.status, tuple(more)))
 
     def encode(self):
-        counters.add(counters.REFUSALS_TEMPORARY if self.code // 100 == 4 else
-                     counters.REFUSALS_PERMANENT if self.code // 100 == 5 else counters.REPLIES)
+        if self.code >= 400:
+            counters.add(counters.REFUSALS_TEMPORARY if self.code < 500
+                         else counters.REFUSALS_PERMANENT)
         if not self.more:
             if self.status:
                 return b"%d %s %s\r\n" % (self.code, self.status.encode(),
                                           self.text.encode("latin-1"))
             return b"%d %s\r\n" % (self.code, self.text.encode("latin-1"))
-        return "".join(line + "\r\n" for line in self.lines()).encode("latin-1")
+        return ("\r\n".join(self.lines()) + "\r\n").encode("latin-1")
 
     def lines(self):
         """Its lines as a client reads them, without CRLF."""
@@ -159,6 +163,7 @@ VERBS = {
     "PROXY": Verb(False, False),        # only ever a refused command here (client.py)
 }
 UNKNOWN_VERB = Verb(False, False)
+ENDS_GROUP = frozenset(v for v, f in VERBS.items() if f.ends_group)
 
 
 def listed(tls_offered):

@@ -43,7 +43,7 @@ class Connection:
 def identify(config, engine, conn, deadline, scoring=None):
     """The Peer of a connection, its rules' Client made; session.Closed
     with -P when the name does not confirm."""
-    p = Peer(local=conn.local, remote=conn.peer, origin=conn.origin, scoring=scoring)
+    p = Peer.of(conn.local, conn.peer, conn.origin, scoring)
     lk = dnslookup.Lookup(engine.resolver, deadline)
     ip = p.ip
     if config.hostchecks and ip is not None and not p.health_check:    # the balancer itself

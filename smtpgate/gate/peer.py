@@ -22,6 +22,8 @@ from smtpgate.rules.ruleset import Client
 class Peer:
     local: tuple = None         # (address, port) of our end, or None
     remote: tuple = None        # (address, port) of the client, or None
+    ip: object = None           # its address (ipaddress), None if none (not a socket)
+    ip_text: str = None         # the same as text
     origin: str = None          # None (the socket), "proxy" (its header), "health" (LOCAL)
     name: str = None            # the forward-confirmed host name, or None
     name_error: str = None      # why the name could not be had (a TempFail), or None
@@ -33,25 +35,23 @@ class Peer:
     client: object = None       # the rules' Client of it (rules_client)
 
     @property
-    def ip(self):
-        """The client's address (ipaddress), or None (not a socket, Unix)."""
-        return peer_ip(self.remote)
-
-    @property
-    def ip_text(self):
-        return self.client.ip_text if self.client is not None else None
-
-    @property
     def health_check(self):
         """The trusted proxy's own connection (PROXY LOCAL): no client."""
         return self.origin == "health"
+
+    @classmethod
+    def of(cls, local, remote, origin=None, scoring=None):
+        ip = peer_ip(remote)
+        return cls(local=local, remote=remote, ip=ip, ip_text=str(ip) if ip else None,
+                   origin=origin, scoring=scoring)
 
     @classmethod
     def around(cls, client):
         """The Peer of a rules' Client made elsewhere (a session run in
         this very process: the fuzzers, some tests)."""
         return cls(remote=(client.ip_text, 0) if client.ip is not None else None,
-                   name=client.name, name_error=client.name_error, client=client)
+                   ip=client.ip, ip_text=client.ip_text, name=client.name,
+                   name_error=client.name_error, client=client)
 
     def rules_client(self, lookup, ident, ident_fn):
         """Make (and keep) the rules' Client of this peer."""

@@ -61,6 +61,7 @@ class Session(Filtering):
         if deadline is None:
             deadline = Deadline.after(buildconf.SESSION_TIMEOUT)
         self.ch = Channel(conn.rfd, conn.wfd, buildconf.READ_TIMEOUT, deadline, conn.sock)
+        self.say = self.ch.say
         self.on_end = conn.on_end       # called once, before the last reply goes out
         self.keeper = conn.keeper       # the worker's kept filter connections, or None
         self.helo = None
@@ -76,10 +77,8 @@ class Session(Filtering):
         self.received_header = b""
 
     # -- plumbing --
-
-    def say(self, reply):
-        """A chat.Reply (batched until the next read); never an error."""
-        self.ch.say(reply)
+    # say(reply): a chat.Reply, batched until the next read, never an error:
+    # the channel's own say (set in __init__: a call less per reply).
 
     def refuse(self, reply):
         """The reply to a refused command: it counts as an error."""
@@ -114,6 +113,10 @@ class Session(Filtering):
             self.summary.append(fragment)
         else:
             self.routine("%s", verbose)
+
+    def ident_where(self):
+        """user@client, as the rule lines of the log name a client."""
+        return "%s@%s" % (escape(self.client.ident or "UNKNOWN", 80), self.where)
 
     def whose(self):
         """What a verbose transaction line adds to the original's text, so
@@ -238,7 +241,7 @@ class Session(Filtering):
         """Must the client wait for our reply to verb before it says more
         (and do we hold it to that, SMTPD_FORBID_UNAUTH_PIPELINING)?"""
         return (buildconf.SMTPD_FORBID_UNAUTH_PIPELINING and verb != "QUIT"
-                and (chat.VERBS.get(verb, chat.UNKNOWN_VERB).ends_group or not self.esmtp))
+                and (verb in chat.ENDS_GROUP or not self.esmtp))
 
     def out_of_sync(self, after):
         """Input before the reply it had to wait for (RFC 2920 3.1; what
@@ -283,7 +286,7 @@ class Session(Filtering):
         pleased = chat.PLEASED % (self.config.myname, host_chars(name))
         if not esmtp:
             return self.say(pleased)
-        self.say(pleased._replace(more=chat.keywords(self.config.maxsize, self.tls_offered())))
+        self.say(pleased.with_lines(chat.keywords(self.config.maxsize, self.tls_offered())))
 
     def tls_offered(self):
         return self.engine.tls_context is not None and self.ch.tls is None
@@ -359,8 +362,11 @@ class Session(Filtering):
                                 "MAIL"):
                 self.env = Envelope()
                 return self.milters.abort()
-        self.log("mail from %s%s" % (escape(parsed[0]), self.whose()),
-                 " from=%s" % escape(parsed[0]))
+        shown = escape(parsed[0])
+        if self.config.quiet:
+            self.summary.append(" from=%s" % shown)
+        else:
+            self.routine("mail from %s%s", shown, self.whose())
         self.say(chat.SENDER_OK % parsed[0])
 
     def smtp_rcpt(self, arg):
@@ -376,7 +382,11 @@ class Session(Filtering):
             return self.say(chat.TOO_MANY_RECIPIENTS)
         if self.check_rules(rcpt) and not self.milter_refused(rcpt):
             self.env.recipients.append(rcpt)
-            self.log("Recipient %s%s" % (escape(rcpt), self.whose()), " to=%s" % escape(rcpt))
+            shown = escape(rcpt)
+            if self.config.quiet:
+                self.summary.append(" to=%s" % shown)
+            else:
+                self.routine("Recipient %s%s", shown, self.whose())
             self.say(chat.RECIPIENT_OK % rcpt)
 
     def check_rules(self, rcpt):
@@ -390,13 +400,14 @@ class Session(Filtering):
             self.ch.say(chat.RULES_INVALID)
             self.count_error()
             return False
-        who = "%s@%s" % (escape(self.client.ident or "UNKNOWN", 80), self.where)
-        shown = (escape(self.env.sender), escape(rcpt))
-        for r in v.debug:
-            log.info("DEBUG: matched %s for %s from %s to %s", r.where, who, *shown)
+        if v.debug:
+            for r in v.debug:
+                log.info("DEBUG: matched %s for %s from %s to %s", r.where,
+                         self.ident_where(), escape(self.env.sender), escape(rcpt))
         v = self.judge.verified(v, rcpt)
         if v.action == "allow":
             return True
+        who, shown = self.ident_where(), (escape(self.env.sender), escape(rcpt))
         log.info("%s from %s to %s: %s by %s%s", who, shown[0], shown[1], v.action,
                 v.rule.where if v.rule else "lookup failure" if v.action == "tempfail"
                 else "default", " (%s)" % v.detail if v.detail else "")
@@ -552,5 +563,13 @@ VERBS = {"HELO": Session.smtp_helo, "EHLO": Session.smtp_ehlo,
          "PROXY": Session.smtp_proxy}
 
 
+_DATE = [None, ""]
+
+
 def email_date():
-    return email.utils.formatdate(localtime=True)
+    """Now as an RFC 5322 date, made once a second (it names seconds only;
+    5 us of formatting a message saved)."""
+    now = int(time.time())
+    if _DATE[0] != now:
+        _DATE[0], _DATE[1] = now, email.utils.formatdate(now, localtime=True)
+    return _DATE[1]
