@@ -45,6 +45,7 @@ class DeliveryHandle:
         self.name = None            # the file (bytes) it is delivering, or None
         self.stamp = None           # that file's lstat stamp when handed over
         self.dead = False
+        self.generation = 0         # the settings it was forked with
 
 
 def delivery_process(config, sock):
@@ -78,6 +79,7 @@ class Forwarder:
         self.config, self.lock_fd, self.pid_fd = config, lock_fd, pid_fd
         self.workers = {}           # pid -> DeliveryHandle
         self.stopping = self.scan_now = self.hup = False
+        self.generation = 0         # counts the SIGHUPs that changed settings
         self.warned = {}            # name -> when we last warned about it
         self.skipped = {}           # name -> why it was skipped (logged once)
         self.unopened = {}          # name -> its stamp when a worker could not open it
@@ -125,10 +127,17 @@ class Forwarder:
         log.info("SIGHUP: settings re-read from %s: %s", buildconf.SETTINGS_FILE,
                  params.text(now))
         self.config = new
+        self.generation += 1
         for w in self.workers.values():
-            if w.name is None and not w.dead:
-                w.dead = True       # an idle delivery process leaves; new ones fork anew
-                w.sock.close()
+            if w.name is None:
+                self.retire(w)      # an idle one leaves now, a busy one when it answers
+
+    def retire(self, w):
+        """A delivery process forked with older settings leaves (its socket
+        closes); new ones fork with the settings in effect."""
+        if not w.dead:
+            w.dead = True
+            w.sock.close()
 
     def running(self):
         return {w.name for w in self.workers.values() if w.name is not None}
@@ -162,6 +171,8 @@ class Forwarder:
             if not self.config.quiet:
                 log.debug("delivery of %s ended with %d", visible(w.name), msg[0])
         w.name = None
+        if w.generation != self.generation:
+            self.retire(w)
 
     def reap(self):
         for pid, status in process.reaped():
@@ -293,6 +304,7 @@ class Forwarder:
             os._exit(status)
         theirs.close()
         w = self.workers[pid] = DeliveryHandle(pid, ours)
+        w.generation = self.generation
         return w
 
     def shutdown(self):

@@ -347,3 +347,34 @@ def test_sighup_rereads_the_settings(fwd_env):
     assert "SIGHUP: the settings in effect stay" in f.log()
     assert f.stop() == 0
     shutil.rmtree(where)
+
+
+def test_sighup_during_a_delivery_reaches_the_next_one(fwd_env):
+    """A delivery process busy when SIGHUP arrives was forked with the old
+    settings: it finishes its file, then leaves; the next file goes to
+    one forked with the new settings (CI caught the race: the busy one
+    stayed and delivered the next file with the old MAXARGS)."""
+    import pathlib
+    import tempfile
+    where = tempfile.mkdtemp(prefix="smtpd-etc-", dir="/tmp")
+    os.chmod(where, 0o755)
+    settings = pathlib.Path(where) / "smtpd.conf"
+    settings.write_text("")
+    fwd_env.agent.statuses("sleep 2")
+    f = fwd_env.start(SETTINGS_FILE=str(settings))
+    rcpts = [b"<r%d@my.domain>" % i for i in range(10)]
+    first = os.path.join(fwd_env.spool, put(fwd_env.spool, rcpts=rcpts))
+    assert wait_for(lambda: len(fwd_env.agent.calls()) == 1)
+    settings.write_text("MAXARGS = 8\n")
+    f.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: "settings re-read from %s: MAXARGS = 8" % settings in f.log()), \
+        f.log()
+    assert os.path.exists(first)                    # still being delivered
+    assert wait_for(lambda: not os.path.exists(first))
+    time.sleep(0.5)                                 # its process has answered
+    fwd_env.agent.statuses(0)
+    put(fwd_env.spool, rcpts=rcpts)
+    assert wait_for(lambda: len(fwd_env.agent.calls()) == 1 + 4, 20), fwd_env.agent.calls()
+    assert [len(c["argv"]) <= 8 for c in fwd_env.agent.calls()[1:]] == [True] * 4
+    assert f.stop() == 0
+    shutil.rmtree(where)
