@@ -55,8 +55,10 @@ LOG_SOCKET = /dev/log
 NOTO_DELAY = 60
 #: int 0..86400: seconds a deny_delay rule sleeps before its reply
 DENY_DELAY = 60
-#: int 1..86400: seconds smtpd waits for each read from the client before 421
+#: int 1..86400: seconds a client has for each command line (and STARTTLS's handshake) before 421
 READ_TIMEOUT = 300
+#: int 1..86400: seconds a client has for the whole DATA phase, 354 to the final dot
+SMTPD_DATA_TIMEOUT = 600
 #: int 1..86400: seconds a whole session may last; also the age of a stale draft
 SESSION_TIMEOUT = 1800
 #: int 0..600: seconds an RFC 1413 ident query may take; 0 = never ask
@@ -111,6 +113,22 @@ SMTPD_SOFT_ERRORS = 5
 SMTPD_ERROR_SLEEP = 1
 #: nets: networks exempt from the rate limit, the greeting pause, error delays and DNS lists
 SMTPD_ADMISSION_EXEMPT =
+
+# ------------------------------------ smtpd -D front stage (screen.py) ----
+#: int 16..1000000: most connections the front stage holds (two descriptors each); more get 421
+SMTPD_SCREEN_MAX = 20000
+#: int 1..1000000: most of them from one client network; more get 421
+SMTPD_SCREEN_PER_NETWORK = 50
+#: int 1..3600: seconds a client that passed may wait for a free worker before 421
+SMTPD_SCREEN_WAIT = 30
+#: int 0..2592000: seconds a client that passed the greeting pause skips it (0 = never)
+SMTPD_SCREEN_ALLOW_TTL = 86400
+#: int 8..10000000: most client addresses that allow-list keeps (24 bytes each, fixed at start)
+SMTPD_SCREEN_ALLOW_SIZE = 100000
+#: int 1..86400: under stress: seconds for a command and for a free worker (the greeting pause: a third)
+SMTPD_STRESS_TIMEOUT = 10
+#: int 1..86400: under stress: seconds for the DATA phase
+SMTPD_STRESS_DATA_TIMEOUT = 120
 
 # ------------------------------------- DNS lists: reputation (dnsbl.py) ----
 #: text: DNS lists scoring each client, zone[=filter][*weight] (postscreen_dnsbl_sites); empty = off
@@ -268,7 +286,7 @@ PROGRAMS = smtpd smtpfwdd checkrules
 PACKAGE = smtpgate
 PACKAGE_MODULES = __init__ address counters deadline libc log net options params privileges \
 	process shm spool spooldir store text \
-	gate/__init__ gate/admission gate/channel gate/chat gate/client gate/config gate/connection gate/dnsbl gate/engine gate/filtering gate/judge gate/master gate/milter gate/milterwire gate/peer gate/proxy gate/rewrite gate/rulewatch gate/sandbox gate/session gate/start gate/tester gate/tls gate/verify gate/worker \
+	gate/__init__ gate/admission gate/channel gate/chat gate/client gate/config gate/connection gate/dnsbl gate/engine gate/filtering gate/handoff gate/judge gate/master gate/milter gate/milterwire gate/peer gate/proxy gate/rewrite gate/rulewatch gate/sandbox gate/screen gate/session gate/start gate/tester gate/tls gate/verify gate/worker \
 	forwarder/__init__ forwarder/bounce forwarder/config forwarder/daemon forwarder/delivery forwarder/queuetool forwarder/start \
 	rules/__init__ rules/dnslookup rules/ident rules/ruleset rules/tokens
 EXAMPLES = etc/smtpd_check_rules.example etc/antispam_check_rules.example \

@@ -15,8 +15,12 @@ read with root's privileges.
                                                  the workers' rows), shm,
                                                  gate/rulewatch (its end),
                                                  rules/ruleset (compiles the text)
-    smtpd worker         jailed: chroot -c,      gate/worker, gate/client,
-                         -u/-g, seccomp          gate/proxy, gate/peer,
+    smtpd front stage    jailed, as a worker     gate/screen, gate/handoff (sends),
+                                                 gate/proxy, gate/admission (rates,
+                                                 the allow-list, stress), gate/dnsbl
+                                                 (asks), gate/chat
+    smtpd worker         jailed: chroot -c,      gate/worker, gate/handoff
+                         -u/-g, seccomp          (receives), gate/client, gate/peer,
                          (gate/engine            gate/connection, gate/session,
                          enter_jail)             gate/chat, gate/channel,
                                                  gate/judge, gate/admission

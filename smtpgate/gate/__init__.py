@@ -5,11 +5,16 @@
     config      GateConfig: options and constants, built once, frozen
     engine      the Engine (rules, resolver, TLS, caches of the moment) and
                 the two phases: pre_jail_init (root), enter_jail (jail)
-    master      -D: the pool of workers; rules, certificate, settings reloads
-    worker      -D: one jailed worker: accept, admit, serve
+    master      -D: the front stage and the pool of workers; rules,
+                certificate, settings reloads
+    screen      -D: the front stage (postscreen's job): one event loop holds
+                every connection until it earns a worker
+    handoff     -D: a client passed from the front stage to a worker
+    worker      -D: one jailed worker: take a client, admit, serve
     rulewatch   -D: the jailed process that reads the rules for the master
-    admission   may this client have a session?  concurrency, rate (shared
-                tables the master maps before it forks): in one place
+    admission   may this client have a session?  concurrency, rate, the
+                front stage's allow-list and stress word (shared tables the
+                master maps before it forks): in one place
     client      who is the client: the socket, or a trusted proxy's header
     proxy       the PROXY protocol (v1, v2), strictly
     peer        Peer: every fact the gate learns of one client, one record

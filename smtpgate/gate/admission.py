@@ -79,15 +79,20 @@ class Scoreboard(shm.Region):
     def count(self, state):
         return self.mm[self.STATE::self.SLOT].count(state)
 
+    def sessions(self, key):
+        """The busy slots whose client is of network key."""
+        n, pos = 0, self.mm.find(key)
+        while pos >= 0:
+            if pos % self.SLOT == 0 and self.mm[pos + self.STATE] == self.BUSY:
+                n += 1
+            pos = self.mm.find(key, pos + 1)
+        return n
+
     def claim(self, slot, key, limit):
         """Mark slot busy with key unless limit slots already have it;
         the number of sessions key already had."""
         with self:
-            n, pos = 0, self.mm.find(key)
-            while pos >= 0:
-                if pos % self.SLOT == 0 and self.mm[pos + self.STATE] == self.BUSY:
-                    n += 1
-                pos = self.mm.find(key, pos + 1)
+            n = self.sessions(key)
             if n < limit:
                 self.set(slot, self.BUSY, key)
             return n
@@ -136,13 +141,60 @@ class RateTable(shm.Table):
             return admitted, log
 
 
+class PassTable(shm.Table):
+    """The clients that passed the greeting pause, by address, for
+    SMTPD_SCREEN_ALLOW_TTL seconds (postscreen's temporary allow-list)."""
+
+    def __init__(self, entries):
+        super().__init__("smtpd-passed", entries, 2)
+
+    def get(self, ip, now=None):
+        with self:
+            return 1 if self.find(address_key(ip), self.now()) is not None else None
+
+    def put(self, ip, value, ttl, now=None):
+        with self:
+            now = self.now()
+            at = self.take(address_key(ip), now)
+            self.w[at + self.EXPIRES] = now + max(1, int(ttl * 10))
+
+
+def address_key(ip):
+    return MAPPED + ip.packed if ip.version == 4 else ip.packed
+
+
+class Stress(shm.Region):
+    """One word the screen sets while it is under stress; the workers read
+    it (channel.py: a command's deadline)."""
+
+    def __init__(self):
+        super().__init__("smtpd-stress", 8)
+
+    def on(self):
+        return self.mm[0] == 1
+
+    def set(self, on):
+        self.mm[0] = int(on)
+
+
 class Admission:
-    """What the -D workers share: the scoreboard, the rate table (None when
-    SMTPD_MAX_RATE is 0), the exempt networks, and the gates' shared store
-    (store.Redis, or None)."""
+    """What the -D workers and the front stage share: the scoreboard, the
+    rate table (None when SMTPD_MAX_RATE is 0), the exempt networks, the
+    gates' shared store (store.Redis, or None), the clients that passed
+    the front stage (PassTable, over the store when there is one) and its
+    stress word."""
 
     def __init__(self, slots, exempt, shared=None):
         self.board = Scoreboard(slots)
+        self.stress = Stress()
+        self.passes = None
+        if buildconf.SMTPD_SCREEN_ALLOW_TTL > 0:
+            self.passes = PassTable(buildconf.SMTPD_SCREEN_ALLOW_SIZE)
+            if shared is not None:
+                from smtpgate import store      # noqa: only with a shared store
+                self.passes = store.Layered(self.passes, shared, b"pass:",
+                                            lambda ip: ip.packed.hex().encode(),
+                                            lambda v: buildconf.SMTPD_SCREEN_ALLOW_TTL)
         self.rates = None
         if buildconf.SMTPD_MAX_RATE > 0:
             self.rates = RateTable(buildconf.SMTPD_RATE_TABLE, buildconf.SMTPD_MAX_RATE,

@@ -1,9 +1,14 @@
 """channel - the client side of an SMTP session: command lines, replies, DATA
 
 DESCRIPTION
-    Channel(rfd, wfd, read_timeout, deadline, sock=None) reads and writes
-    the client's descriptors without blocking past READ_TIMEOUT or the
-    session deadline: command() returns the next CRLF-terminated line,
+    Channel(rfd, wfd, read_timeout, deadline, sock=None, stress=None) reads
+    and writes the client's descriptors without blocking past the deadline
+    of the step -- a command line and its reply: READ_TIMEOUT; the DATA
+    phase: SMTPD_DATA_TIMEOUT; the STARTTLS handshake: READ_TIMEOUT; each
+    SMTPD_STRESS_TIMEOUT or SMTPD_STRESS_DATA_TIMEOUT at most while the
+    front stage says it is under stress (stress.on()) -- nor past the
+    session deadline: a client that drips one octet at a time holds a
+    worker for one step, no more.  command() returns the next CRLF-terminated line,
     start_tls() puts TLS (ssl.SSLObject over memory BIOs) under the same
     line discipline,
     say() and flush() batch replies (chat.Reply), chunks() feeds DATA, linger()
@@ -45,12 +50,14 @@ class Closed(Exception):
 class Channel:
     """Buffered reads with timeouts and reply batching over two fds."""
 
-    def __init__(self, rfd, wfd, read_timeout, deadline, sock=None):
+    def __init__(self, rfd, wfd, read_timeout, deadline, sock=None, stress=None):
         self.rfd, self.wfd, self.sock = rfd, wfd, sock
         self.tls = self.tls_in = self.tls_out = None     # after STARTTLS
         self.broken = False         # a TLS handshake failed: say nothing more
         self.read_timeout, self.deadline = read_timeout, deadline_of(deadline)
+        self.stress = stress        # admission.Stress, or None
         self.end = math.inf if self.deadline.at is None else self.deadline.at
+        self.step("command")
         self.buf = bytearray()
         self.out = []
         self.read_poll = select.poll()
@@ -86,25 +93,47 @@ class Channel:
             except OSError as e:
                 raise Closed(os.EX_OSERR, "write to client: %s" % e.strerror) from None
             if final:       # the last words: past the deadline, but briefly
-                if not select.select([], [self.wfd], [], 5)[1]:
+                p = select.poll()
+                p.register(self.wfd, select.POLLOUT)
+                if not p.poll(5000):
                     return
             else:
                 self.wait(self.wfd, select.POLLOUT)
 
+    def step(self, what):
+        """A new step begins: a "command" (its line and our reply, or the
+        STARTTLS handshake) or "DATA"; it must be over within its time."""
+        stressed = self.stress is not None and self.stress.on()
+        if what == "DATA":
+            seconds = buildconf.SMTPD_STRESS_DATA_TIMEOUT if stressed else \
+                buildconf.SMTPD_DATA_TIMEOUT
+            seconds = min(seconds, buildconf.SMTPD_DATA_TIMEOUT)
+        else:
+            seconds = buildconf.SMTPD_STRESS_TIMEOUT if stressed else self.read_timeout
+            seconds = min(seconds, self.read_timeout)
+        self.step_what, self.step_seconds = what, seconds
+        self.step_end = time.monotonic() + seconds
+
     def wait(self, fd, event):
         # (deadline.within, spelt out: the hot loop of every session)
-        timeout = min(self.read_timeout, self.end - time.monotonic())
-        if timeout <= 0:
-            raise self.timed_out()
+        now = time.monotonic()
+        end = self.step_end if self.step_end < self.end else self.end
+        if end <= now:
+            raise self.step_timed_out(now)
         if fd == self.rfd and event == select.POLLIN:
             p = self.read_poll
         else:
             p = select.poll()
             p.register(fd, event)
-        if not p.poll(timeout * 1000):
-            if time.monotonic() >= self.end:
-                raise self.timed_out()
-            raise Closed(os.EX_OSERR, "read timeout (%d seconds)" % self.read_timeout)
+        if not p.poll((end - now) * 1000):
+            raise self.step_timed_out(time.monotonic())
+
+    def step_timed_out(self, now):
+        if now >= self.end:
+            return self.timed_out()
+        if self.step_what == "DATA":
+            return Closed(os.EX_OSERR, "DATA timeout (%d seconds)" % self.step_seconds)
+        return Closed(os.EX_OSERR, "read timeout (%d seconds)" % self.step_seconds)
 
     def fill(self):
         """Read more input (flushing replies first); Closed on EOF/timeout."""
@@ -138,6 +167,7 @@ class Channel:
         inside TLS), then run the server handshake within READ_TIMEOUT and
         the deadline.  Returns the number of octets discarded; Closed (and
         nothing more is ever sent) if the handshake fails."""
+        self.step("command")
         dropped = len(self.buf)
         del self.buf[:]
         self.tls_in, self.tls_out = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -209,8 +239,10 @@ class Channel:
 
         Only CRLF ends a line: a bare LF or CR inside it makes the whole
         text up to the CRLF one bad line (never two commands).  The session
-        deadline is checked before every command, buffered or not."""
+        deadline is checked before every command, buffered or not; the
+        command's own begins."""
         self.check_deadline()
+        self.step("command")
         discarding = False
         while True:
             i = self.buf.find(b"\r\n")
@@ -368,6 +400,7 @@ class DataReader:
 
     def run(self):
         pending, mid_line = b"", False
+        self.ch.step("DATA")
         for chunk in self.ch.chunks():
             pending += chunk
             if not mid_line and pending.startswith(b".\r\n"):

@@ -2,7 +2,8 @@
 
 DESCRIPTION
     serve(config, engine, conn) runs the session of a Connection -- inetd
-    mode's descriptors 0 and 1, or a socket a worker accepted -- after
+    mode's descriptors 0 and 1, or a client the front stage passed to a
+    worker (with what it learned: handoff.Passed) -- after
     identify() has made the Peer of it (peer.py): the forward-confirmed
     host name (unless -H), ident on demand (never behind a proxy: it cannot
     reach the client), the exemptions.  No lookup outlasts the session's
@@ -38,6 +39,8 @@ class Connection:
     on_end: object = None       # called once when the session is over
     accepted: float = None      # time.monotonic() when its session began
     keeper: object = None       # the worker's milter.Keeper; None: keep no filter connection
+    passed: object = None       # handoff.Passed: what the front stage did before (-D)
+    stress: object = None       # admission.Stress: the front stage's word (-D), or None
 
 
 def identify(config, engine, conn, deadline, scoring=None):
@@ -65,10 +68,11 @@ def identify(config, engine, conn, deadline, scoring=None):
 
 def scoring(config, engine, conn, deadline):
     """The DNS lists' questions about the client, sent now (dnsbl.py), or
-    None: no lists, a health check, an exempt network."""
+    None: no lists, a health check, an exempt network, a client the front
+    stage scored."""
     ip = peer_ip(conn.peer)
     if engine.reputation is None or ip is None or conn.origin == "health" \
-            or net.member(ip, config.exempt):
+            or conn.passed is not None or net.member(ip, config.exempt):
         return None
     return engine.reputation.start(ip, engine.resolver, deadline)
 
@@ -82,6 +86,10 @@ def serve(config, engine, conn):
     asked = scoring(config, engine, conn, deadline)
     try:
         peer = identify(config, engine, conn, deadline, asked)
+        if conn.passed is not None:
+            if conn.passed.score is not None:
+                peer.scored(conn.passed.score)
+            peer.exempt |= conn.passed.allowlisted
         return session.Session(config, engine, peer, conn, deadline).run()
     except session.Closed as c:
         log.crit("abandoning session with %s: %s", conn.peer and conn.peer[0], c)

@@ -42,7 +42,7 @@ import lockfile
 
 import buildconf
 from smtpgate import counters, log, params, process
-from smtpgate.gate import admission, rulewatch
+from smtpgate.gate import admission, rulewatch, screen
 from smtpgate.gate.admission import Scoreboard
 from smtpgate.gate.config import build as build_config, RESTART_ONLY
 from smtpgate.gate.engine import FrozenRules, enter_jail, reloaded
@@ -50,9 +50,13 @@ from smtpgate.gate.worker import Worker
 from smtpgate.rules.ruleset import parse, RuleError
 
 
+BACKLOG = 4096          # the kernel's queue of connections (net.core.somaxconn caps it)
+
+
 class WorkerHandle:
     """The master's hold on one worker process: its control socket and
-    scoreboard slot."""
+    scoreboard slot.  (The other end of its hand-over socket is the front
+    stage's alone.)"""
 
     def __init__(self, pid, ctrl, slot):
         self.pid, self.ctrl, self.slot = pid, ctrl, slot
@@ -130,7 +134,7 @@ def bind(config):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             return bind_or_die(s, "0.0.0.0", config.port)
         log.die(os.EX_OSERR, "bind(%s port %d): %s", addr or "::", config.port, e.strerror)
-    s.listen(128)
+    s.listen(BACKLOG)
     s.setblocking(False)
     return s
 
@@ -140,7 +144,7 @@ def bind_or_die(s, addr, port):
         s.bind((addr, port))
     except OSError as e:
         log.die(os.EX_OSERR, "bind(%s port %d): %s", addr, port, e.strerror)
-    s.listen(128)
+    s.listen(BACKLOG)
     s.setblocking(False)
     return s
 
@@ -227,6 +231,53 @@ class Master:
         self.sel.register(self.wake_r, selectors.EVENT_READ, None)
         if relay is not None:
             self.sel.register(relay, selectors.EVENT_READ, relay)
+        self.screen = screen.Handle(config, self.inherited, relay)
+        self.old_screens = {}       # pid -> the Handle of a front stage passing on its last
+
+    def inherited(self):
+        """What no child of ours keeps: our ends of everything."""
+        return ([self.wake_r, self.wake_w, self.sel]
+                + [w.ctrl for w in self.workers.values()]
+                + [x for x in (self.relay and self.relay.r, self.screen.sock,
+                               self.watcher and self.watcher.sock) if x is not None]
+                + [h.sock for h in self.old_screens.values() if h.sock is not None])
+
+    def start_screen(self):
+        """The front stage; again after it ended or for new settings.  Its
+        workers are new ones, so that it knows each one's readiness from its
+        first word: the old ones are the old front stage's, and leave when
+        it ends (their hand-over socket closes)."""
+        try:
+            self.screen.start(self.engine, self.listener, self.admission)
+        except OSError as e:
+            log.err("fork of the front stage: %s", e.strerror)
+            return
+        self.sel.register(self.screen.sock, selectors.EVENT_READ, "screen")
+        for w in self.workers.values():
+            w.retiring = True
+
+    def replace_screen(self):
+        """New settings: a new front stage (maintain starts it) takes the
+        new connections; the old one passes on those it holds, to its own
+        workers, then ends."""
+        old = self.screen
+        if old.pid is None:
+            return
+        old.drain()
+        self.sel.unregister(old.sock)
+        self.old_screens[old.pid] = old
+        self.screen = screen.Handle(self.config, self.inherited, self.relay)
+
+    def from_screen(self):
+        """b"N": clients wait and no worker is idle (maintain forks more, up
+        to -M); end of file: it ended (reap() starts it again)."""
+        if self.screen.words() is None:
+            self.sel.unregister(self.screen.sock)
+            self.screen.close()
+
+    def screens(self):
+        """The pids of the front stages running."""
+        return [p for p in [self.screen.pid] + list(self.old_screens) if p is not None]
 
     def on_stop(self, *a):
         self.stopping = True
@@ -250,6 +301,10 @@ class Master:
     def maintain(self):
         if self.watcher is None and time.monotonic() >= self.next_watcher:
             self.start_watcher()
+        if self.screen.pid is None and time.monotonic() >= self.next_fork:
+            self.start_screen()
+        if self.screen.sock is None:
+            return          # no front stage to give a worker's socket to (yet)
         idle = self.idle()
         while len(idle) < buildconf.SMTPD_PREFORK and len(self.workers) < self.config.maxchildren:
             w = self.spawn()
@@ -268,6 +323,7 @@ class Master:
         if time.monotonic() < self.next_fork or not self.free_slots:
             return None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        hand, its_hand = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         slot = self.free_slots.pop()
         self.board.set(slot, Scoreboard.IDLE)
         gc.freeze()     # the worker's collections then leave our pages shared
@@ -277,18 +333,23 @@ class Master:
             self.fork_backoff = min(max(1, self.fork_backoff * 2), 30)
             self.next_fork = time.monotonic() + self.fork_backoff
             log.err("fork: %s; retrying in %d seconds", e.strerror, self.fork_backoff)
-            ours.close()
-            theirs.close()
+            for s in (ours, theirs, hand, its_hand):
+                s.close()
             self.board.set(slot, Scoreboard.FREE)
             self.free_slots.append(slot)
             return None
         if pid == 0:
             ours.close()
-            self.become_worker(theirs, slot)
+            hand.close()
+            self.become_worker(theirs, its_hand, slot)
         self.fork_backoff = 0
         theirs.close()
+        its_hand.close()
         w = self.workers[pid] = WorkerHandle(pid, ours, slot)
         self.sel.register(ours, selectors.EVENT_READ, w)
+        if not self.screen.add(hand, slot):
+            self.retire(w)
+        hand.close()        # the front stage's now: when it ends, the worker sees
         return w
 
     def retire(self, w):
@@ -307,6 +368,18 @@ class Master:
                 log.warn("rules watcher %d ended with %s; restarting it", pid, process.describe(status))
                 self.watcher.pid = None     # reaped: its pid may be anyone's now
                 self.stop_watcher()
+                continue
+            if pid in self.old_screens:
+                self.old_screens.pop(pid).close()
+                continue
+            if pid == self.screen.pid:
+                if not self.stopping:
+                    log.warn("front stage %d ended with %s; starting it again", pid,
+                             process.describe(status))
+                if self.screen.sock is not None:
+                    self.sel.unregister(self.screen.sock)
+                    self.screen.close()
+                self.screen.pid = None      # maintain() starts another
                 continue
             w = self.workers.pop(pid, None)
             if w is None:
@@ -340,9 +413,7 @@ class Master:
     def start_watcher(self):
         """The jailed process that reads the rules file for us."""
         def inherited():
-            return ([self.listener, self.wake_r, self.wake_w, self.sel]
-                    + [w.ctrl for w in self.workers.values()]
-                    + ([self.relay.r] if self.relay else []))
+            return [self.listener] + self.inherited()
         try:
             self.watcher = rulewatch.Watcher(self.config, inherited, self.relay).start()
         except OSError as e:
@@ -419,12 +490,11 @@ class Master:
             params.apply(buildconf, *undo)
             log.err("SIGHUP: the settings in effect stay: %s", "; ".join(new))
             return
-        log.info("SIGHUP: settings re-read from %s: %s; recycling workers",
+        log.info("SIGHUP: settings re-read from %s: %s; recycling workers and the front stage",
                  buildconf.SETTINGS_FILE, params.text(now))
         self.config, self.engine = new, reloaded(self.engine, new)
         self.admission.exempt = new.exempt
-        for w in list(self.workers.values()):
-            self.retire(w)
+        self.replace_screen()
 
     def reload_tls(self, why):
         """New sessions get a new certificate; running ones keep theirs."""
@@ -464,6 +534,8 @@ class Master:
                 process.drain(self.wake_r)
             elif key.data is self.relay:
                 self.relay.pump()
+            elif key.data == "screen":
+                self.from_screen()
             elif key.data == "rules":
                 if self.watcher is not None:
                     self.from_watcher()
@@ -481,16 +553,19 @@ class Master:
             pass
         self.listener.close()
         self.stop_watcher()
+        for h in [self.screen] + list(self.old_screens.values()):
+            h.stop()            # the connections it holds get 421
         for w in self.workers.values():
             self.retire(w)
         deadline = time.monotonic() + buildconf.SHUTDOWN_TIMEOUT
-        while self.workers and time.monotonic() < deadline:
+        while (self.workers or self.screens()) and time.monotonic() < deadline:
             self.dispatch(0.2)
             self.child_exited = True
             self.reap()
-        for pid in list(self.workers):
-            log.warn("worker %d still busy after %d seconds; terminating it",
-                    pid, buildconf.SHUTDOWN_TIMEOUT)
+        for pid in list(self.workers) + self.screens():
+            log.warn("%s %d still busy after %d seconds; terminating it",
+                     "worker" if pid in self.workers else "front stage", pid,
+                     buildconf.SHUTDOWN_TIMEOUT)
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -505,32 +580,31 @@ class Master:
 
     # -- in the child --
 
-    def become_worker(self, ctrl, slot):
+    def become_worker(self, ctrl, hand, slot):
         try:
             process.child_signals(signal.SIGTERM, signal.SIGCHLD)   # the master ends sessions
             process.leave_terminal(self.relay and self.relay.w)
-            for w in self.workers.values():
-                w.ctrl.close()
-            if self.watcher is not None:
-                self.watcher.sock.close()
-            os.close(self.wake_r)
-            os.close(self.wake_w)
-            if self.relay is not None:
-                os.close(self.relay.r)
-            self.sel.close()
+            for x in [self.listener] + self.inherited():
+                close(x)
             process.set_title("smtpd: worker")
             log.log.role = "worker: "
             counters.use_row(slot + 1)
-            master = os.getppid()
             enter_jail(self.config)
-            status = Worker(self.config, self.engine, ctrl, self.listener, self.admission,
-                            slot, master).run()
+            status = Worker(self.config, self.engine, ctrl, hand, self.admission, slot).run()
         except SystemExit as e:
             status = e.code if isinstance(e.code, int) else os.EX_SOFTWARE
         except BaseException as e:
             log.crit("worker: %s", e)
             status = os.EX_SOFTWARE
         os._exit(status)
+
+
+def close(x):
+    """Close a descriptor or an object with close(); never fails."""
+    try:
+        os.close(x) if isinstance(x, int) else x.close()
+    except OSError:
+        pass
 
 
 def run(config, engine):
@@ -540,6 +614,7 @@ def run(config, engine):
     relay = log.Relay() if config.foreground and log.Relay.wanted() else None
     rules, text = load_rules(config, relay)
     check_jail_log_socket(config)
+    screen.raise_file_limit()
     listener = bind(config)
     check_pidfile(config.pidfile)
     pidfile = daemon.pidfile.TimeoutPIDLockFile(config.pidfile, acquire_timeout=0)

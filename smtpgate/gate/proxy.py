@@ -140,6 +140,28 @@ def ends(sock, local, peer, timeout):
     return (local, peer, True) if names is None else (names[1], names[0], False)
 
 
+def header_in(data):
+    """What a reader that must not block has peeked so far: (its length,
+    the pairs or None) once a whole header is there; None while more may
+    make one; ProxyError when it cannot be one (the front stage, screen.py)."""
+    if len(data) >= 16 and data[:12] == SIGNATURE:
+        length = struct.unpack(">H", data[14:16])[0]
+        if length > LENGTH_MAX:
+            raise ProxyError("v2 header: length %d" % length)
+        return (16 + length, parse_v2(data[:16 + length])) if len(data) >= 16 + length \
+            else None
+    if data.startswith(b"PROXY "):
+        end = data.find(b"\n")
+        if end < 0:
+            if len(data) >= V1_MAX:
+                raise ProxyError("v1 header longer than %d octets" % V1_MAX)
+            return None
+        return end + 1, parse_v1(data[:end + 1])
+    if not could_be(data):
+        raise ProxyError("no PROXY header (it began %r)" % data[:16])
+    return None
+
+
 def could_be(data):
     """Could data still be the start of a v1 or v2 header?"""
     n = min(len(data), 12)

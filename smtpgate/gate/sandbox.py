@@ -1,8 +1,9 @@
 """sandbox - a seccomp-bpf filter for every jailed smtpd process
 
 DESCRIPTION
-    The jailed processes (the -D workers, the rules watcher, an inetd
-    session) run as SMTP_USER, as smtpfwdd and the mail agent it runs do.
+    The jailed processes (the -D workers and front stage, the rules
+    watcher, an inetd session) run as SMTP_USER, as smtpfwdd and the mail
+    agent it runs do.
     A uid alone does not keep them apart: an exec'd agent is dumpable, so a
     compromised worker could ptrace it, outside the chroot.  enter(), called
     last by the jail function, makes the process non-dumpable, sets

@@ -60,7 +60,11 @@ class Session(Filtering):
         self.accepted = conn.accepted or time.monotonic()
         if deadline is None:
             deadline = Deadline.after(buildconf.SESSION_TIMEOUT)
-        self.ch = Channel(conn.rfd, conn.wfd, buildconf.READ_TIMEOUT, deadline, conn.sock)
+        self.ch = Channel(conn.rfd, conn.wfd, buildconf.READ_TIMEOUT, deadline, conn.sock,
+                          conn.stress)
+        self.passed = conn.passed       # handoff.Passed: the front stage began it (-D)
+        if self.passed is not None:
+            self.ch.unread(self.passed.unread)
         self.say = self.ch.say
         self.on_end = conn.on_end       # called once, before the last reply goes out
         self.keeper = conn.keeper       # the worker's kept filter connections, or None
@@ -171,6 +175,8 @@ class Session(Filtering):
         """Greet, then read, check and dispatch commands until Closed."""
         self.greet()
         self.milter_connect()
+        if self.passed is not None and self.passed.helo is not None:
+            self.passed_hello(self.passed.helo, self.passed.esmtp)
         while True:
             line, problem = self.ch.command()
             if line is None:
@@ -275,6 +281,14 @@ class Session(Filtering):
             self.milter_values.update(self.tls_values())
             if self.milter_said(self.milters.helo(name), "HELO"):
                 return
+        self.hello(name, esmtp)
+        pleased = chat.PLEASED % (self.config.myname, host_chars(name))
+        if not esmtp:
+            return self.say(pleased)
+        self.say(pleased.with_lines(chat.keywords(self.config.maxsize, self.tls_offered())))
+
+    def hello(self, name, esmtp):
+        """The client said HELO (or EHLO) name and gets its 250: noted, logged."""
         self.helo, self.esmtp = name, esmtp
         self.flush_summary()
         shown = escape(name)
@@ -283,10 +297,15 @@ class Session(Filtering):
         self.log('%s from %s as "%s"' % ("EHLO" if esmtp else "HELO", self.where, shown),
                  "relay=%s/%s%s%s" % (self.peer.name or "UNKNOWN", self.peer.ip_text or "",
                                       as_, " tls=%s" % tls[0] if tls else ""))
-        pleased = chat.PLEASED % (self.config.myname, host_chars(name))
-        if not esmtp:
-            return self.say(pleased)
-        self.say(pleased.with_lines(chat.keywords(self.config.maxsize, self.tls_offered())))
+
+    def passed_hello(self, name, esmtp):
+        """The HELO or EHLO the front stage answered before it passed the
+        client: the filters hear it now, and a refusal of theirs holds for
+        every later command (milter.py), as one at CONNECT does."""
+        if self.milters is not None:
+            self.milter_values.update(self.tls_values())
+            self.milter_said(self.milters.helo(name), "HELO", reply=False)
+        self.hello(name, esmtp)
 
     def tls_offered(self):
         return self.engine.tls_context is not None and self.ch.tls is None

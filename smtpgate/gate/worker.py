@@ -1,107 +1,137 @@
 """worker - smtpd -D: one pre-forked, jailed worker process
 
 DESCRIPTION
-    Worker waits for a connection or a word from the master ("Q": leave),
-    accepts for itself (idle workers share the listening socket with
-    EPOLLEXCLUSIVE, so one connection wakes one worker), reads the PROXY
-    header of a connection from a trusted proxy (proxy.py), asks admission.py
-    whether the client may have a session (421 if not; a balancer's health
-    check always may, uncounted), serves it (connection.serve) with its
-    kept filter connections (milter.Keeper), and after SMTPD_MAX_USE
-    sessions exits.  It tells the
-    master ("N") when spare workers run low.  If the master dies it closes
-    its copy of the listener at once (parent-death signal SIGUSR2), so a new
-    master can bind while its session ends.  master.py forks it and puts it
-    in the jail first.
+    Worker serves the clients the front stage (screen.py) passes to it:
+    it says READY on its hand-over socket, waits for a client (handoff.py)
+    or a word from the master ("Q": leave), checks the client's network
+    against SMTPD_MAX_PER_IP on the scoreboard (421 if it has that many
+    sessions already), and runs the session (connection.serve) from where
+    the front stage left it -- greeted, maybe after HELO or EHLO -- with its
+    kept filter connections (milter.Keeper).  After SMTPD_MAX_USE sessions,
+    or asked to, it leaves: it says LEAVING, serves any client already on
+    its way, and exits once the front stage has closed its end.  It tells
+    the master ("N") when spare workers run low.  If the master dies, it
+    serves what the front stage still passes on (that one accepts no more),
+    and leaves when the front stage ends.  master.py forks it and puts it
+    in the jail first; it never accepts a connection itself.
 """
 
-import errno
 import os
 import select
-import signal
 import socket
-import time
 
 import buildconf
-from smtpgate import libc, log, net
-from smtpgate.gate import admission, chat, client, milter
+from smtpgate import log
+from smtpgate.gate import admission, chat, handoff, milter
 from smtpgate.gate.admission import Scoreboard
 from smtpgate.gate.connection import Connection, serve
 from smtpgate.net import normalize_ip
 
+LEAVE_WAIT = 2.0        # seconds the front stage has to close our end when we leave
+WAITED_LONG = 1.0       # a client that waited this long for a worker is logged
 
 
 class Worker:
-    """A jailed worker: wait for a connection or a word from the master,
-    accept, check the client's address against SMTPD_MAX_PER_IP, serve."""
+    """A jailed worker: wait for a client from the front stage or a word
+    from the master, check the client's network against SMTPD_MAX_PER_IP,
+    serve."""
 
-    def __init__(self, config, engine, ctrl, listener, adm, slot, master):
+    def __init__(self, config, engine, ctrl, hand, adm, slot):
         self.config, self.engine = config, engine
-        self.ctrl, self.listener = ctrl, listener
+        self.ctrl, self.hand = ctrl, hand
         self.adm, self.board, self.slot = adm, adm.board, slot
-        self.orphaned = False
-        # If the master dies, let go of the listening socket at once, so a
-        # new master can bind it while this session ends.  (Set after the
-        # jail: a change of credentials clears it.)
-        signal.signal(signal.SIGUSR2, self.on_master_death)
-        libc.set_parent_death_signal(signal.SIGUSR2)
-        if os.getppid() != master:
-            self.on_master_death()
-        self.poller = select.epoll()
-        # EPOLLEXCLUSIVE: one connection wakes one idle worker, not all.
-        self.poller.register(listener.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
-        self.poller.register(ctrl.fileno(), select.EPOLLIN)
+        self.poller = select.poll()
+        self.poller.register(ctrl.fileno(), select.POLLIN)
+        self.poller.register(hand.fileno(), select.POLLIN)
         self.keeper = milter.Keeper()   # its filters' connections serve session after session
-
-    def on_master_death(self, *a):
-        self.orphaned = True
-        self.listener.close()
+        self.used = 0
 
     def run(self):
-        used = 0
-        while used < buildconf.SMTPD_MAX_USE and not self.orphaned:
+        while self.used < buildconf.SMTPD_MAX_USE:
             self.board.set(self.slot, Scoreboard.IDLE)
-            conn = self.next_connection()
-            if conn is None:
-                return os.EX_OK
-            sock, addr = conn
-            try:
-                local = sock.getsockname()[:2]
-            except OSError:
-                local = None
-            local, addr, origin = client.who(self.config, sock, local, addr[:2])
-            if addr is None:
-                sock.close()
-                continue
-            if not self.admit(sock, addr, origin == "health"):
-                continue
-            used += 1
-            status = serve(self.config, self.engine, Connection(
-                sock.fileno(), sock.fileno(), sock=sock, local=local, peer=addr,
-                origin=origin, on_end=self.release, keeper=self.keeper))
-            sock.close()
+            got = self.next_client()
+            if got is None:
+                break
+            status = self.serve(*got)
             if status == os.EX_SOFTWARE:
                 return status
-        return os.EX_OK
+        return self.leave()
 
-    def next_connection(self):
-        """(socket, peer address), or None when it is time to leave."""
-        ctrl = self.ctrl.fileno()
-        while not self.orphaned:
-            events = self.poller.poll()
-            if any(fd == ctrl for fd, _ in events):
-                return None         # "Q", or the master is gone
+    def next_client(self):
+        """(Passed, socket) of the next client, or None when it is time to
+        leave (the master said so, or it or the front stage is gone)."""
+        try:
+            self.hand.send(handoff.READY)
+        except OSError:
+            return None
+        while True:
             try:
-                return self.listener.accept()
+                events = self.poller.poll()
+            except InterruptedError:
+                continue
+            if any(fd == self.ctrl.fileno() for fd, _ in events) and self.told_to_leave():
+                return None
+            if not any(fd == self.hand.fileno() for fd, _ in events):
+                continue
+            try:
+                passed, sock = handoff.receive(self.hand)
+            except handoff.Bad as e:
+                log.err("a hand-over from the front stage: %s", e)
+                return self.next_client()
             except (BlockingIOError, InterruptedError):
-                continue            # another worker took it
+                continue
             except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.err("accept: %s", e.strerror)
-                    time.sleep(0.1)
-                    continue
-                return None         # the listener was shut down or closed
-        return None
+                log.err("a hand-over from the front stage: %s", e.strerror)
+                return None
+            if passed is None:
+                return None         # the front stage is gone: a new one has new workers
+            return passed, sock
+
+    def told_to_leave(self):
+        """A word from the master: "Q" (leave).  Its end of file (it died):
+        go on serving the front stage, which passes on what it holds, then
+        closes our socket (orphaned, it accepts no more)."""
+        try:
+            word = self.ctrl.recv(16, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            word = b""
+        if word:
+            return True
+        self.poller.unregister(self.ctrl.fileno())
+        return False
+
+    def serve(self, passed, sock):
+        if not self.admit(sock, passed):
+            return os.EX_OK
+        self.used += 1
+        if passed.waited >= WAITED_LONG:
+            log.info("%s waited %.1f s in the front stage for a worker", passed.peer[0],
+                     passed.waited)
+        try:
+            return serve(self.config, self.engine, Connection(
+                sock.fileno(), sock.fileno(), sock=sock, local=passed.local,
+                peer=passed.peer, origin=passed.origin, greeted=True, passed=passed,
+                stress=self.adm.stress, on_end=self.release, keeper=self.keeper))
+        finally:
+            sock.close()
+
+    def leave(self):
+        """Say LEAVING and serve what the front stage sent before it read
+        that, until it closes our end (or LEAVE_WAIT)."""
+        try:
+            self.hand.send(handoff.LEAVING)
+            self.hand.settimeout(LEAVE_WAIT)
+            while True:
+                passed, sock = handoff.receive(self.hand)
+                if passed is None:
+                    break
+                self.board.set(self.slot, Scoreboard.IDLE)
+                self.serve(passed, sock)
+        except (OSError, handoff.Bad):
+            pass
+        return os.EX_OK
 
     def release(self):
         """The session is over (called before its last reply goes out): the
@@ -109,33 +139,23 @@ class Worker:
         client that reconnects at once is not refused."""
         self.board.set(self.slot, Scoreboard.ENDING)
 
-    def admit(self, sock, addr, health_check=False):
+    def admit(self, sock, passed):
         """Claim our slot for this client's network, or refuse it with 421:
-        over SMTPD_MAX_RATE new sessions (unless its cached DNS lists' score
-        allow-lists it), or SMTPD_MAX_PER_IP at once.  A balancer's health
-        check (PROXY LOCAL, or no client in its header) is no client: never
-        counted against the rate or the cap, whatever its number."""
-        if health_check:
-            self.board.set(self.slot, Scoreboard.BUSY)
-            self.want_spares()
-            return True
-        ip = normalize_ip(addr[0])
+        SMTPD_MAX_PER_IP sessions at once.  (The front stage applied the
+        rate limit and its own share.)"""
+        try:
+            ip = normalize_ip(passed.peer[0])
+        except (ValueError, TypeError):
+            sock.close()
+            return False
         key = admission.network_key(ip)
-        rep = self.engine.reputation
-        if self.adm.rates is not None and not net.member(ip, self.adm.exempt) \
-                and not (rep is not None and rep.allowlisted(rep.cached(ip))):
-            admitted, tell = self.adm.attempt(key)
-            if not admitted:
-                if tell:
-                    log.notice("refused %s: more than %d new sessions from %s in %d seconds",
-                              ip, buildconf.SMTPD_MAX_RATE, admission.network_text(key),
-                              buildconf.SMTPD_RATE_WINDOW)
-                return refuse(sock, chat.RATE)
         n = self.board.claim(self.slot, key, buildconf.SMTPD_MAX_PER_IP)
         if n >= buildconf.SMTPD_MAX_PER_IP:
             log.notice("refused %s: %d sessions from %s already", ip, n,
-                      admission.network_text(key))
-            return refuse(sock, chat.PER_NETWORK)
+                       admission.network_text(key))
+            chat.send(sock, chat.PER_NETWORK)
+            sock.close()
+            return False
         self.want_spares()
         return True
 
@@ -146,9 +166,3 @@ class Worker:
                 self.ctrl.send(b"N", socket.MSG_DONTWAIT)
             except OSError:
                 pass
-
-
-def refuse(sock, reply):
-    chat.send(sock, reply)
-    sock.close()
-    return False

@@ -31,13 +31,15 @@ def test_workers_are_jailed_unprivileged_with_one_group(daemon_):
     assert wait_for(settled)
     assert wait_for(lambda: len(d.watcher()) == 1)
     seen += d.watcher()     # the rules watcher is jailed like a worker
+    assert wait_for(lambda: d.screen() is not None)
+    seen.append(d.screen())     # and so is the front stage
     for pid in seen:
         assert status_field(pid, "Uid") == [str(pw.pw_uid)] * 4
         assert status_field(pid, "Gid") == [str(pw.pw_gid)] * 4
         assert status_field(pid, "Groups") == [str(pw.pw_gid)]
         assert status_field(pid, "CapEff") == ["0000000000000000"]
         assert os.readlink("/proc/%d/root" % pid) == d.jail
-        assert comm(pid) in ("smtpd: worker", "smtpd: rules")
+        assert comm(pid) in ("smtpd: worker", "smtpd: rules", "smtpd: screen")
     master = d.master_pid()
     assert open("/proc/%d/comm" % master).read().strip() == "smtpd: master"
     assert status_field(master, "Uid")[0] == "0"
@@ -134,6 +136,9 @@ def test_per_ip_cap(daemon_):
 
 
 def test_max_children_cap_holds_under_100_idle_connections(daemon_):
+    """100 idle clients are held by the front stage, greeted, and take no
+    worker: -M stays the bound of workers, and a client that sends mail
+    meanwhile is served at once."""
     d = daemon_("allow:ALL:ALL:ALL\n", "-M", "5", READ_TIMEOUT=30).wait_ready()
     conns = []
     for i in range(100):
@@ -150,7 +155,9 @@ def test_max_children_cap_holds_under_100_idle_connections(daemon_):
                 greeted += 1
         except BlockingIOError:
             pass
-    assert greeted == 5
+    assert greeted == 100
+    assert send(d.port) == {}
+    assert len(d.workers()) <= 5
     for s in conns:
         s.close()
     assert wait_for(lambda: send(d.port) == {}, 20)

@@ -118,7 +118,7 @@ def test_an_error_answer_never_counts(gate, dnsz):
     assert "dnsbl: outside.test answers 10.0.0.2" in log
     assert "dnsbl: mixed.test answers 127.255.255.252" in log
     # logged at most once a minute per list and process
-    pids = re.findall(r"smtpd\[(\d+)\]: (?:worker: )?dnsbl: broken\.test answers", log)
+    pids = re.findall(r"smtpd\[(\d+)\]: (?:worker: |screen: )?dnsbl: broken\.test answers", log)
     assert len(pids) == len(set(pids)) >= 1, log
 
 

@@ -227,13 +227,18 @@ def test_trusted_proxy_without_or_with_a_bad_header_is_refused(daemon_):
     assert c.reply()[0] == 220
 
 
-def test_v2_local_is_served_with_the_socket_addresses(daemon_):
+def test_v2_local_is_a_health_check_answered_by_the_front_stage(daemon_):
+    """PROXY LOCAL is the balancer's own connection: greeted and answered
+    by the front stage (issue 37), never a session on a worker, nothing
+    logged above debug."""
     d = daemon_("allow:ALL:ALL:ALL\n", "-q", "-X", "127.0.0.0/8").wait_ready()
     c = through(d, v2(command=0), source="127.0.0.44")
     assert c.reply()[0] == 220
-    c.cmd("HELO check")
-    c.cmd("QUIT")
-    assert wait_for(lambda: "relay=UNKNOWN/127.0.0.44" in d.log())
+    assert c.cmd("HELO check")[0] == 250
+    assert c.cmd("MAIL FROM:<a@example.org>")[0] == 421      # no mail from a balancer
+    assert c.closed()
+    assert wait_for(lambda: 'health check from 127.0.0.44: HELO "check"' in d.log())
+    assert [l for l in d.log().splitlines() if "127.0.0.44" in l and "(debug)" not in l] == []
 
 
 def test_a_proxy_header_from_an_untrusted_client_is_refused(daemon_):

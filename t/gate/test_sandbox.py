@@ -164,6 +164,24 @@ def test_a_jailed_worker_reaches_no_process_outside(daemon_, delivering):
 
 
 @needs_gdb
+def test_the_front_stage_reaches_no_process_outside(daemon_, delivering):
+    """It holds every connection before a worker does (issue 37): jailed
+    and sandboxed as a worker, and still serving after the probe."""
+    d = daemon_().wait_ready()
+    pids = delivering(d.jail)
+    assert wait_for(lambda: d.screen() is not None and jailed(d.screen()))
+    screen = d.screen()
+    assert status_field(screen, "NoNewPrivs") == ["1"]
+    assert status_field(screen, "Seccomp") == ["2"]
+    assert os.readlink("/proc/%d/root" % screen) == d.jail
+    assert_contained(probe(screen, d.jail, pids), pids)
+    assert d.screen() == screen
+    c = d.connect()
+    assert c.code() == 220
+    c.cmd("QUIT")
+
+
+@needs_gdb
 def test_foreground_jailed_processes_hold_no_terminal(daemon_, delivering):
     """smtpd -D -F from root's shell (issue 34, item 1): no worker and no
     rules watcher has the terminal as its controlling tty or as a
@@ -176,8 +194,9 @@ def test_foreground_jailed_processes_hold_no_terminal(daemon_, delivering):
         pids = delivering(d.jail)
         master_tty, master_session = tty_and_session(d.master_pid())
         assert master_tty != 0                  # the master's own: the operator's terminal
-        assert wait_for(lambda: d.watcher() and all(jailed(p) for p in d.workers()))
-        jailed_ones = d.workers() + d.watcher()
+        assert wait_for(lambda: d.watcher() and all(jailed(p) for p in d.workers())
+                        and d.screen() and jailed(d.screen()))
+        jailed_ones = d.workers() + d.watcher() + [d.screen()]
         for pid in jailed_ones:
             tty, session = tty_and_session(pid)
             assert (tty, terminal_fds(pid)) == (0, []), (comm(pid), terminal_fds(pid))
@@ -185,6 +204,7 @@ def test_foreground_jailed_processes_hold_no_terminal(daemon_, delivering):
         c = d.connect()
         assert c.code() == 220
         assert c.cmd("EHLO client.example")[0] == 250
+        assert c.cmd("MAIL FROM:<a@example.org>")[0] == 250     # on a worker now
         c.cmd("QUIT")
         assert wait_for(lambda: b"worker: EHLO from" in term.text()), term.text()
         worker = d.workers()[0]

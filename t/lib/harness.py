@@ -362,6 +362,11 @@ class SmtpdDaemon(Daemon):
     def workers(self):
         return [p for p in children(self.master_pid()) if comm(p) == "smtpd: worker"]
 
+    def screen(self):
+        """The front stage: the pid of the one running (None while there is none)."""
+        found = [p for p in children(self.master_pid()) if comm(p) == "smtpd: screen"]
+        return found[0] if len(found) == 1 else None
+
     def watcher(self):
         """The jailed process that reads the rules for the master."""
         return [p for p in children(self.master_pid()) if comm(p) == "smtpd: rules"]

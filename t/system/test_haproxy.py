@@ -101,7 +101,7 @@ def scaled_out(tree_factory):
         gates = [Gate(tree, fwd_tree, agent, fwd_flags) for _ in range(2)]
         proxy = HAProxy([g.smtpd.port for g in gates], send_proxy)
         made.append((gates, proxy, agent))
-        checked = 'relay=UNKNOWN/127.0.0.1 as "haproxy.test"'    # its health checks
+        checked = 'HELO "haproxy.test"'     # its checks, answered by the front stage
         assert wait_for(lambda: all(checked in g.smtpd.log() for g in gates), 20), proxy.text()
         return gates, proxy, agent
     yield make
@@ -145,7 +145,9 @@ def test_real_clients_through_haproxy(scaled_out, send_proxy):
     logs = gates[0].smtpd.log() + gates[1].smtpd.log()
     for c in clients:
         assert "relay=UNKNOWN/%s as" % c in logs
-    assert all("relay=UNKNOWN/127.0.0.1 as \"haproxy.test\"" in g.smtpd.log() for g in gates)
+    assert all(re.search(r'screen: (health check from 127\.0\.0\.1: |disconnect: '
+                         r'UNKNOWN\(127\.0\.0\.1\) said )HELO "haproxy\.test"', g.smtpd.log())
+               for g in gates)
     # Both gates took clients (source hashing spreads them).
     assert all(re.search(r"relay=UNKNOWN/127\.0\.0\.2\d as", g.smtpd.log()) for g in gates)
 
@@ -252,10 +254,10 @@ def test_the_example_loses_no_client_to_a_dead_gate_and_checks_log_at_debug(tree
     hp = subprocess.Popen(["haproxy", "-f", cfg, "-db"], stdin=subprocess.DEVNULL,
                           stdout=log, stderr=log)
     try:
-        checked = '(debug) worker: relay=UNKNOWN/127.0.0.1 as "haproxy.example.org"'
+        checked = '(debug) screen: health check from 127.0.0.1: HELO "haproxy.example.org"'
         assert wait_for(lambda: all(checked in g.smtpd.log() for g in gates), 20)
-        assert not any('worker: relay=UNKNOWN/127.0.0.1 as "haproxy.example.org"' in l
-                       and "(debug)" not in l for g in gates for l in g.smtpd.log().splitlines())
+        assert not any('haproxy.example.org' in l and "(debug)" not in l
+                       for g in gates for l in g.smtpd.log().splitlines())
         gates[0].kill()
         dead = gates[0].smtpd.port
         assert wait_for(lambda: refused(dead), 5)     # its last worker has exited
@@ -290,7 +292,8 @@ def test_health_checks_are_never_counted_scored_or_logged(scaled_out, dnsz):
         checks = [l for l in lines if "haproxy.test" in l]
         assert len(checks) >= 4, lines
         loud = [l for l in lines if l.startswith("smtpd[") and "(debug)" not in l
-                and "127.0.0.21" not in l and "ready to accept connections" not in l]
+                and "127.0.0.21" not in l and not re.search(
+                    r"ready to accept connections|front stage ready|open-file limit", l)]
         assert loud == [], loud
     assert not [q for q in dnsz.queries if q[0].endswith("nothing.test.")
                 and q[0].startswith("1.0.0.127.")]

@@ -302,6 +302,25 @@ def test_the_dnsbl_score_is_shared(daemon_, redis, dnsz, tmp_path):
     assert greet(g2, "127.0.0.8") == 554
 
 
+def test_a_client_that_passed_one_gates_pause_skips_the_others(daemon_, redis, tmp_path):
+    """The front stage's allow-list (issue 37) is shared: a client that
+    waited out the greeting pause at one gate is greeted at once by the
+    other; a forged entry in Redis lets nobody skip it."""
+    g1, g2 = gates(daemon_, redis.port, tmp_path, SMTPD_GREET_PAUSE=1500)
+    started = time.monotonic()
+    assert greet(g1, "127.0.0.9") == 220
+    assert time.monotonic() - started >= 1.2
+    started = time.monotonic()
+    assert greet(g2, "127.0.0.9") == 220
+    assert time.monotonic() - started < 1.0
+    assert redis.command("EXISTS", b"smtpd:pass:" + bytes([127, 0, 0, 9]).hex().encode())
+    key = b"smtpd:pass:" + bytes([127, 0, 0, 8]).hex().encode()
+    redis.command("SET", key, b"1 %d " % (time.time() + 3600) + b"f" * 32)
+    started = time.monotonic()
+    assert greet(g2, "127.0.0.8") == 220
+    assert time.monotonic() - started >= 1.2
+
+
 @pytest.mark.parametrize("problem", ["missing", "world-readable", "no key", "bad url",
                                      "user twice", "user without password"])
 def test_bad_shared_store_configuration_stops_smtpd(daemon_, tmp_path, problem):
@@ -338,9 +357,12 @@ def test_a_wrong_password_is_logged_and_the_gate_serves(daemon_, redis, tmp_path
 def test_redis_killed_under_load_loses_no_session(daemon_, redis, tmp_path):
     g1, g2 = gates(daemon_, redis.port, tmp_path, SMTPD_MAX_RATE=1000, SMTPD_PREFORK=4)
     results, slow = [], []
+    killed = threading.Event()
 
     def client(n):
         for i in range(40):
+            if i == 10:
+                killed.wait(30)                 # (the front stage is quick)
             t0 = time.monotonic()
             results.append(greet((g1, g2)[i % 2], "127.0.%d.%d" % (n + 1, i + 1)))
             slow.append(time.monotonic() - t0)
@@ -349,6 +371,7 @@ def test_redis_killed_under_load_loses_no_session(daemon_, redis, tmp_path):
         t.start()
     assert wait_for(lambda: len(results) >= 40, timeout=30)
     redis.kill()                                # with 120 sessions to go
+    killed.set()
     for t in threads:
         t.join()
     assert results == [220] * 160

@@ -1,0 +1,807 @@
+"""screen - smtpd -D's front stage: one event loop before the workers, as postscreen
+
+DESCRIPTION
+    One jailed, sandboxed process ("smtpd: screen") accepts every
+    connection and holds it, in one epoll loop, until it has earned a
+    worker: a held connection costs a few kilobytes, not a process.  For
+    each it reads the PROXY header (from SMTPD_PROXY_FROM), answers a
+    balancer's health check itself, applies admission (the rate table, the
+    share of held connections a network may have), asks the DNS lists
+    (their non-blocking stub, dnsbl.py), waits the greeting pause (who
+    talks first gets 554: pregreet), refuses a listed client, greets, and
+    answers HELO, EHLO, NOOP and RSET itself under a deadline per command
+    -- a bot that says EHLO and idles never takes a worker.  At the first
+    command that needs one (MAIL, STARTTLS, anything else) the client
+    waits here for an idle worker (SMTPD_SCREEN_WAIT at most, then 421),
+    and is passed to it with what was learned (handoff.py).  A client
+    that passed the pause is remembered (PassTable, shared through the
+    store when configured) and skips the pause next time.
+LIMITS
+    SMTPD_SCREEN_MAX connections held (more get 421), SMTPD_SCREEN_PER_NETWORK
+    of them per network; the master raises the open-file limit for them.
+    A descriptor shortage at accept gets a 421 through a spare descriptor,
+    logged once.  Stress mode -- held connections past three quarters of
+    SMTPD_SCREEN_MAX, or nine tenths of the workers busy -- shortens the
+    wait for a command and for a worker to SMTPD_STRESS_TIMEOUT (the
+    workers read the same word: a command's deadline), logged once per
+    episode, until the load falls below half and seven tenths.
+PROTOCOL (master)
+    The master sends, on the screen's control socket, b"W" with a worker's
+    hand-over socket (SCM_RIGHTS) for each worker it forks, b"Q" to stop;
+    the screen sends b"N" when clients wait and no worker is idle.
+"""
+
+import array
+import collections
+import errno
+import heapq
+import os
+import re
+import resource
+import select
+import signal
+import socket
+import time
+
+import buildconf
+from smtpgate import libc, log, net, process
+from smtpgate.gate import chat, handoff, proxy
+from smtpgate.gate.engine import enter_jail
+from smtpgate.gate.admission import network_key, network_text
+from smtpgate.text import escape, host_chars
+
+PROXY_STATE, PAUSE, COMMANDS, WAITING, HEALTH = "PROXY", "PAUSE", "COMMANDS", "WAITING", "HEALTH"
+READ = 4096
+ANSWERED = (b"HELO", b"EHLO", b"NOOP", b"RSET", b"QUIT")   # the commands answered here
+ANSWERED_MAX = 10           # then the next goes to a worker, whatever it is
+PRINTABLE = re.compile(rb"[\x20-\x7e]*\Z")   # (else a session refuses it, or -P's HELO check)
+LINE_MAX = 512
+ACCEPTS = 256               # connections accepted a turn of the loop
+ASKED_EVERY = 0.1           # seconds between two b"N" to the master
+LOG_EVERY = 60
+LINGER = 1.0                # seconds a last reply's connection reads before its close
+FILES_SPARE = 1024          # descriptors beyond the connections' (workers, DNS, logs)
+
+
+class Client:
+    """One connection the front stage holds."""
+
+    __slots__ = ("sock", "fd", "local", "peer", "origin", "ip", "key", "where", "state",
+                 "since", "due", "buf", "scoring", "asking", "score", "allowlisted", "exempt",
+                 "helo", "esmtp", "pause_end", "paused", "waiting_since", "answered")
+
+    def __init__(self, sock, local, peer, now):
+        self.sock, self.fd = sock, sock.fileno()
+        self.local, self.peer, self.origin = local, peer, None
+        self.ip = self.key = self.where = None
+        self.state, self.since, self.due, self.buf = None, now, now, b""
+        self.scoring = self.score = None
+        self.asking = -1        # the DNS lists' socket while it is in the loop
+        self.allowlisted = self.exempt = self.paused = False
+        self.helo, self.esmtp = None, False
+        self.pause_end = self.waiting_since = 0.0
+        self.answered = 0
+
+
+class Worker:
+    __slots__ = ("sock", "slot", "idle")
+
+    def __init__(self, sock, slot):
+        self.sock, self.slot, self.idle = sock, slot, False
+
+
+class Screen:
+    def __init__(self, config, engine, listener, ctl, adm):
+        self.config, self.engine, self.listener, self.ctl = config, engine, listener, ctl
+        self.adm, self.board = adm, adm.board
+        self.ep = select.epoll()
+        self.clients = {}               # fd -> Client
+        self.by_scoring = {}            # a DNS lists' socket fd -> Client
+        self.per_net = collections.Counter()       # network -> connections held
+        self.sessions = collections.Counter()      # network -> of them greeted
+        self.workers = {}               # hand-over socket fd -> Worker
+        self.queue = collections.deque()        # Clients waiting for a worker
+        self.timers = []                # (due, fd, since) heap; stale entries skipped
+        self.lingering = {}             # fd -> socket: a last reply went out (linger)
+        self.linger_queue = collections.deque()     # (due, fd, socket), oldest first
+        self.stopping = self.draining = self.orphaned = False
+        self.stressed = False
+        self.asked = 0.0
+        self.logged = {}
+        self.spare = os.dup(ctl.fileno())       # given up for a moment at EMFILE
+        self.passes = adm.passes
+        self.ep.register(listener.fileno(), select.EPOLLIN)
+        self.ep.register(ctl.fileno(), select.EPOLLIN)
+        signal.signal(signal.SIGUSR2, self.on_master_death)
+        libc.set_parent_death_signal(signal.SIGUSR2)
+
+    def on_master_death(self, *a):
+        self.orphaned = True
+
+    # -- the loop --
+
+    def run(self):
+        log.info("front stage ready: holding at most %d connections (%d per network)",
+                 buildconf.SMTPD_SCREEN_MAX, buildconf.SMTPD_SCREEN_PER_NETWORK)
+        while not ((self.stopping or self.draining) and not self.clients):
+            if self.orphaned and not self.draining:
+                self.drain("the master is gone")
+            now = time.monotonic()
+            wait = max(0.0, min(self.timers[0][0] - now, 1.0)) if self.timers else 1.0
+            if self.linger_queue:
+                wait = max(0.0, min(wait, self.linger_queue[0][0] - now))
+            try:
+                events = self.ep.poll(wait)
+            except InterruptedError:
+                continue
+            for fd, ev in events:
+                self.event(fd, ev)
+            self.expire(time.monotonic())
+            self.dispatch()
+            self.judge_stress()
+        return self.close_all()
+
+    def event(self, fd, ev):
+        if fd == self.listener.fileno():
+            self.accept()
+        elif fd == self.ctl.fileno():
+            self.from_master()
+        elif fd in self.workers:
+            self.from_worker(self.workers[fd])
+        elif fd in self.by_scoring:
+            c = self.by_scoring[fd]
+            c.scoring.receive()
+            self.pause_step(c, time.monotonic())
+        elif fd in self.clients:
+            c = self.clients[fd]
+            if c.state == WAITING:      # (its input stays in the socket for the worker)
+                self.hangup(c, time.monotonic())
+            else:
+                self.readable(c)
+        elif fd in self.lingering:
+            self.discard(fd)
+
+    def schedule(self, c, due):
+        c.due = due
+        heapq.heappush(self.timers, (due, c.fd, c.since))
+
+    def expire(self, now):
+        while self.linger_queue and self.linger_queue[0][0] <= now:
+            _, fd, sock = self.linger_queue.popleft()
+            if self.lingering.get(fd) is sock:
+                self.end_linger(fd)
+        while self.timers and self.timers[0][0] <= now:
+            due, fd, since = heapq.heappop(self.timers)
+            c = self.clients.get(fd)
+            if c is None or c.since != since or c.due != due:
+                continue            # a timer of a connection gone, or moved since
+            self.timeout(c, now)
+
+    # -- the master and the workers --
+
+    def from_master(self):
+        fds = array.array("i")
+        try:
+            data, anc, _, _ = self.ctl.recvmsg(64, socket.CMSG_SPACE(fds.itemsize))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data, anc = b"", []
+        for level, kind, cdata in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])
+        if not data:
+            self.orphaned = True
+            self.ep.unregister(self.ctl.fileno())
+        elif data[:1] == b"W" and len(fds) == 1:
+            sock = socket.socket(fileno=fds[0])
+            sock.setblocking(False)
+            self.workers[sock.fileno()] = Worker(sock, int(data[1:] or 0))
+            self.ep.register(sock.fileno(), select.EPOLLIN)
+        elif data == b"Q":
+            self.stop()
+        elif data == b"D":
+            self.drain("a new one takes over")
+        else:
+            for fd in fds:
+                os.close(fd)
+
+    def from_worker(self, w):
+        try:
+            data = w.sock.recv(16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data == handoff.READY:
+            w.idle = True
+        elif data == handoff.LEAVING or not data:   # it leaves, or has ended
+            self.ep.unregister(w.sock.fileno())
+            del self.workers[w.sock.fileno()]
+            w.sock.close()
+
+    def dispatch(self):
+        """Pass waiting clients to idle workers, oldest first."""
+        while self.queue:
+            w = next((w for w in self.workers.values() if w.idle), None)
+            if w is None:
+                now = time.monotonic()
+                if now - self.asked >= ASKED_EVERY:
+                    self.asked = now
+                    try:
+                        self.ctl.send(b"N", socket.MSG_DONTWAIT)
+                    except OSError:
+                        pass
+                return
+            c = self.queue.popleft()
+            if c.fd not in self.clients:
+                continue
+            try:
+                handoff.send(w.sock, self.passed(c), c.fd)
+            except OSError:
+                w.idle = False          # gone, or full: its end says which soon
+                self.queue.appendleft(c)
+                continue
+            w.idle = False
+            self.forget(c)
+            c.sock.close()
+
+    def passed(self, c):
+        return handoff.Passed(local=c.local, peer=c.peer, origin=c.origin, helo=c.helo,
+                              esmtp=c.esmtp, score=c.score, allowlisted=c.allowlisted,
+                              unread=c.buf[:handoff.UNREAD_MAX],
+                              waited=round(time.monotonic() - c.waiting_since, 3))
+
+    # -- a new connection --
+
+    def accept(self):
+        for _ in range(ACCEPTS):
+            try:
+                sock, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    return self.no_descriptors()
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.ENOBUFS, errno.ENOMEM):
+                    continue
+                # EINVAL: the master shut the socket down (smtpd stops; its
+                # word follows) -- not an error to log
+                if not (self.stopping or self.draining or e.errno == errno.EINVAL):
+                    log.err("front stage: accept: %s; no more connections", e.strerror)
+                return self.stop_listening()
+            self.new_client(sock, addr)
+
+    def no_descriptors(self):
+        """The open-file limit: a spare descriptor makes room for one more
+        accept, its 421, its close; logged once a minute."""
+        self.once("fds", log.err, "front stage: out of file descriptors with %d connections "
+                  "held: refusing with 421", len(self.clients))
+        os.close(self.spare)
+        try:
+            sock, _ = self.listener.accept()
+            chat.send(sock, chat.NOT_AVAILABLE)
+            sock.close()
+        except OSError:
+            pass
+        self.spare = os.dup(self.ctl.fileno())
+
+    def new_client(self, sock, addr):
+        now = time.monotonic()
+        if len(self.clients) >= buildconf.SMTPD_SCREEN_MAX:
+            self.once("full", log.notice, "refused %s: the front stage holds %d connections "
+                      "(SMTPD_SCREEN_MAX)", addr[0], len(self.clients))
+            chat.send(sock, chat.NOT_AVAILABLE)
+            return sock.close()
+        sock.setblocking(False)
+        try:
+            local = sock.getsockname()[:2]
+        except OSError:
+            return sock.close()
+        c = Client(sock, local, addr[:2], now)
+        self.clients[c.fd] = c
+        self.ep.register(c.fd, select.EPOLLIN | select.EPOLLRDHUP)
+        if net.member(net.normalize_ip(addr[0]), self.config.proxy_from):
+            c.state = PROXY_STATE
+            self.schedule(c, now + buildconf.SMTPD_PROXY_TIMEOUT)
+        else:
+            self.admit(c, now)
+
+    def read_proxy(self, c, now):
+        try:
+            data = c.sock.recv(16 + proxy.LENGTH_MAX, socket.MSG_PEEK)
+            found = proxy.header_in(data) if data else None
+            if not data:
+                raise proxy.Closed("connection closed before the PROXY header")
+        except (proxy.ProxyError, OSError) as e:
+            (log.debug if isinstance(e, proxy.Closed) else log.notice)(
+                "refused %s: %s", c.peer[0], e)
+            return self.drop(c)
+        if found is None:
+            return
+        length, names = found
+        c.sock.recv(length)
+        if names is None:               # the balancer's own: a health check
+            c.state = HEALTH
+            self.say(c, chat.GREETING % self.config.myname)
+            return self.schedule(c, now + buildconf.SMTPD_PROXY_TIMEOUT)
+        c.peer, c.local, c.origin = names[0], names[1], "proxy"
+        self.admit(c, now)
+
+    def admit(self, c, now):
+        """Admission, the DNS lists' questions, the pause: who may stay."""
+        try:
+            c.ip = net.normalize_ip(c.peer[0])
+        except ValueError:
+            return self.drop(c)
+        c.where = "UNKNOWN(%s)" % c.ip
+        key = network_key(c.ip)
+        c.exempt = net.member(c.ip, self.adm.exempt)
+        if self.per_net[key] >= buildconf.SMTPD_SCREEN_PER_NETWORK and not c.exempt:
+            self.once(key, log.notice, "refused %s: %d connections from %s held already "
+                      "(SMTPD_SCREEN_PER_NETWORK)", c.ip, self.per_net[key],
+                      network_text(key))
+            return self.refuse(c, chat.PER_NETWORK)
+        c.key = key
+        self.per_net[key] += 1
+        rep = self.engine.reputation
+        cached = rep.cached(c.ip) if rep is not None and not c.exempt else None
+        if self.adm.rates is not None and not c.exempt \
+                and not (rep is not None and rep.allowlisted(cached)):
+            admitted, tell = self.adm.attempt(c.key)
+            if not admitted:
+                if tell:
+                    log.notice("refused %s: more than %d new sessions from %s in %d seconds",
+                               c.ip, buildconf.SMTPD_MAX_RATE, network_text(c.key),
+                               buildconf.SMTPD_RATE_WINDOW)
+                return self.refuse(c, chat.RATE)
+        if rep is not None and not c.exempt:
+            c.scoring = rep.start(c.ip, self.engine.resolver, None)
+            if c.scoring.fileno() >= 0:
+                c.asking = c.scoring.fileno()
+                self.by_scoring[c.asking] = c
+                self.ep.register(c.asking, select.EPOLLIN)
+        pause = buildconf.SMTPD_GREET_PAUSE / 1000.0
+        if c.exempt or not pause or self.known(c.ip):
+            pause = 0.0
+        elif self.stressed:
+            pause /= 3              # postscreen's 6 s, 2 s under stress
+        c.paused = pause > 0
+        c.state, c.pause_end = PAUSE, now + pause
+        self.pause_step(c, now)
+
+    def known(self, ip):
+        if self.passes is None or not buildconf.SMTPD_SCREEN_ALLOW_TTL:
+            return False
+        return self.passes.get(ip, time.time()) is not None
+
+    def pause_step(self, c, now):
+        """While paused: greet once the pause is over and the lists are in
+        (or silent too long); a score that allow-lists ends the pause."""
+        s = c.scoring
+        if s is not None and s.done:
+            self.forget_scoring(c)          # finish() closes its socket
+            if self.engine.reputation.allowlisted(self.engine.reputation.finish(s)):
+                c.pause_end = now
+        due = s is not None and s.waiting()
+        if now < c.pause_end or due:
+            if due:
+                s.maybe_resend(now)
+            return self.schedule(c, min(c.pause_end if now < c.pause_end else s.until,
+                                        s.resend_at() if due else c.pause_end))
+        self.greet(c, now)
+
+    def greet(self, c, now):
+        if c.scoring is not None:
+            if not self.judge_reputation(c):
+                return
+        if buildconf.SMTPD_FORBID_UNAUTH_PIPELINING and self.waiting_input(c):
+            return self.out_of_sync(c, "CONNECT")
+        n = self.sessions[c.key] + self.board.sessions(c.key)
+        if n >= buildconf.SMTPD_MAX_PER_IP:
+            log.notice("refused %s: %d sessions from %s already", c.ip, n,
+                       network_text(c.key))
+            return self.refuse(c, chat.PER_NETWORK)
+        if c.paused and self.passes is not None and buildconf.SMTPD_SCREEN_ALLOW_TTL:
+            self.passes.put(c.ip, 1, ttl=buildconf.SMTPD_SCREEN_ALLOW_TTL, now=time.time())
+        c.state = COMMANDS
+        self.sessions[c.key] += 1
+        self.say(c, chat.GREETING % self.config.myname)
+        self.schedule(c, now + self.command_timeout())
+
+    def judge_reputation(self, c):
+        rep, s = self.engine.reputation, c.scoring
+        self.forget_scoring(c)
+        c.score = rep.finish(s)
+        if c.score >= rep.threshold:
+            log.notice("dnsbl: refused %s: score %d (threshold %d): %s",
+                       c.where, c.score, rep.threshold, s.detail())
+            self.refuse(c, chat.REPUTATION % c.ip)
+            return False
+        if c.score:
+            log.info("dnsbl: %s scores %d: %s%s", c.where, c.score, s.detail(),
+                     " (allow-listed)" if rep.allowlisted(c.score) else "")
+        c.allowlisted = rep.allowlisted(c.score)
+        return True
+
+    # -- what a held client sends --
+
+    def readable(self, c):
+        now = time.monotonic()
+        if c.state == PROXY_STATE:
+            return self.read_proxy(c, now)
+        try:
+            data = c.sock.recv(READ)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            return self.hangup(c, now)
+        if c.state == PAUSE:
+            return self.pregreet(c, data)
+        c.buf += data
+        if len(c.buf) > handoff.UNREAD_MAX:
+            return self.refuse(c, chat.NOT_AVAILABLE)
+        if c.state in (COMMANDS, HEALTH):
+            self.commands(c, now)
+
+    def hangup(self, c, now):
+        log.info("hangup: %s hung up after %.1f s in %s", c.where or c.peer[0],
+                 now - c.since, c.state.lower())
+        self.drop(c)
+
+    def commands(self, c, now):
+        """The commands the front stage answers; the first other one (or a
+        line a session refuses) waits for a worker, unread."""
+        while c.fd in self.clients and c.state in (COMMANDS, HEALTH):
+            end = c.buf.find(b"\r\n")
+            if end < 0:
+                if len(c.buf) > LINE_MAX:
+                    return self.wait_for_worker(c, now)
+                return
+            line = c.buf[:end]
+            verb = line.split(b" ", 1)[0].upper()
+            if c.state == HEALTH:
+                c.buf = c.buf[end + 2:]
+                self.health(c, verb, line)
+                continue
+            if len(line) + 2 > LINE_MAX or verb not in ANSWERED or c.answered >= ANSWERED_MAX \
+                    or not PRINTABLE.match(line) \
+                    or verb in (b"HELO", b"EHLO") and (c.helo is not None or (
+                        self.config.paranoid and b" " in line[5:].strip())):
+                return self.wait_for_worker(c, now)     # the session says what it says
+            c.answered += 1
+            verb = verb.decode()
+            c.buf = c.buf[end + 2:]
+            if buildconf.SMTPD_FORBID_UNAUTH_PIPELINING and verb != "QUIT" \
+                    and (verb in chat.ENDS_GROUP or not c.esmtp) and self.waiting_input(c):
+                return self.out_of_sync(c, verb)
+            self.answer(c, verb, line[5:].decode("latin-1").strip())
+            if c.fd in self.clients:
+                self.schedule(c, now + self.command_timeout())
+
+    def answer(self, c, verb, arg):
+        if verb in ("HELO", "EHLO"):
+            c.helo, c.esmtp = arg, verb == "EHLO"
+            pleased = chat.PLEASED % (self.config.myname, host_chars(arg))
+            if c.esmtp:
+                pleased = pleased.with_lines(chat.keywords(
+                    self.config.maxsize, self.engine.tls_context is not None))
+            self.say(c, pleased)
+        elif verb == "QUIT":
+            log.info("disconnect: %s said %sQUIT after %.1f s, all in the front stage", c.where,
+                     '%s "%s", then ' % ("EHLO" if c.esmtp else "HELO", escape(c.helo))
+                     if c.helo is not None else "", time.monotonic() - c.since)
+            self.say(c, chat.CLOSING)
+            self.drop(c)
+        else:
+            self.say(c, chat.OK)
+
+    def health(self, c, verb, line):
+        """A balancer's health check: HELO, EHLO, NOOP, RSET get 250, QUIT
+        221; anything else 421 (its connection carries no client).  Logged
+        at debug (every few seconds, all day)."""
+        if verb in (b"HELO", b"EHLO"):
+            log.debug('health check from %s: %s "%s"', c.peer[0], verb.decode(),
+                      chat_escape(line[5:].strip()))
+        if verb in (b"HELO", b"EHLO", b"NOOP", b"RSET"):
+            self.say(c, chat.OK)
+        else:
+            self.refuse(c, chat.CLOSING if verb == b"QUIT" else chat.NOT_AVAILABLE)
+
+    def wait_for_worker(self, c, now):
+        """Into the queue for a worker.  From now on the client's input
+        stays in its socket (the worker reads it, whatever its size): only
+        its hangup is watched."""
+        c.state, c.waiting_since = WAITING, now
+        self.ep.modify(c.fd, select.EPOLLRDHUP)
+        self.queue.append(c)
+        self.schedule(c, now + (min(buildconf.SMTPD_STRESS_TIMEOUT, buildconf.SMTPD_SCREEN_WAIT)
+                                if self.stressed else buildconf.SMTPD_SCREEN_WAIT))
+
+    def pregreet(self, c, data):
+        log.notice("pregreet: %s talked before the greeting: %s", c.where,
+                   chat_escape(data[:60]))
+        self.refuse(c, chat.PREGREET)
+
+    def out_of_sync(self, c, after):
+        log.notice("improper command pipelining after %s from %s: %s", after, c.where,
+                   chat_escape(c.buf[:60] or self.peek(c)[:60]))
+        self.refuse(c, chat.OUT_OF_SYNC)
+
+    def timeout(self, c, now):
+        if c.state == PAUSE:
+            return self.pause_step(c, now)
+        if c.state == PROXY_STATE:
+            log.notice("refused %s: no complete PROXY header within %d seconds", c.peer[0],
+                       buildconf.SMTPD_PROXY_TIMEOUT)
+            return self.drop(c)
+        if c.state != HEALTH:
+            log.info("timeout: %s %s after %.1f s%s", c.where, "waited for a worker"
+                     if c.state == WAITING else "sent no command", now - c.since,
+                     " (stress)" if self.stressed else "")
+        self.refuse(c, chat.NOT_AVAILABLE)
+
+    # -- stress --
+
+    def command_timeout(self):
+        return min(buildconf.SMTPD_STRESS_TIMEOUT, buildconf.READ_TIMEOUT) if self.stressed \
+            else buildconf.READ_TIMEOUT
+
+    def judge_stress(self):
+        held, limit = len(self.clients), buildconf.SMTPD_SCREEN_MAX
+        busy, slots = self.board.count(self.board.BUSY), self.config.maxchildren
+        if not self.stressed and (held >= 0.75 * limit or busy >= 0.9 * slots):
+            self.stressed = True
+            self.adm.stress.set(True)
+            log.notice("stress: %d connections held (of %d), %d of %d workers busy: "
+                       "shorter timeouts", held, limit, busy, slots)
+        elif self.stressed and held < 0.5 * limit and busy < 0.7 * slots:
+            self.stressed = False
+            self.adm.stress.set(False)
+            log.notice("stress over: %d connections held, %d workers busy", held, busy)
+
+    # -- plumbing --
+
+    def say(self, c, reply):
+        if not chat.send(c.sock, reply):
+            self.drop(c)
+
+    def refuse(self, c, reply):
+        """A last reply, then the connection is closed -- after a linger
+        when the client sent what we have not read."""
+        self.say(c, reply)
+        if c.fd in self.clients and self.waiting_input(c):
+            return self.linger(c)
+        self.drop(c)
+
+    def linger(self, c):
+        """Half-close, and read what comes for LINGER seconds: closing with
+        unread input resets the connection, and the reset can destroy our
+        last reply before the client reads it."""
+        self.forget(c)
+        try:
+            c.sock.shutdown(socket.SHUT_WR)
+            self.ep.register(c.fd, select.EPOLLIN | select.EPOLLRDHUP)
+        except OSError:
+            return c.sock.close()
+        self.lingering[c.fd] = c.sock
+        self.linger_queue.append((time.monotonic() + LINGER, c.fd, c.sock))
+
+    def discard(self, fd):
+        sock = self.lingering[fd]
+        try:
+            while sock.recv(READ):
+                pass
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self.end_linger(fd)
+
+    def end_linger(self, fd):
+        sock = self.lingering.pop(fd)
+        try:
+            self.ep.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass
+        sock.close()
+
+    def waiting_input(self, c):
+        return bool(c.buf) or bool(self.peek(c))
+
+    def peek(self, c):
+        try:
+            return c.sock.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except OSError:
+            return b""
+
+    def forget_scoring(self, c):
+        """The DNS lists' socket out of the loop (before it is closed: its
+        number is soon another's)."""
+        if c.asking >= 0:
+            self.by_scoring.pop(c.asking, None)
+            try:
+                self.ep.unregister(c.asking)
+            except (KeyError, ValueError, OSError):
+                pass
+            c.asking = -1
+
+    def forget(self, c):
+        """No longer ours: out of every table (the caller closes or passes it)."""
+        if self.clients.pop(c.fd, None) is None:
+            return
+        try:
+            self.ep.unregister(c.fd)
+        except (KeyError, ValueError, OSError):
+            pass
+        if c.scoring is not None:
+            self.forget_scoring(c)
+            c.scoring.close()
+        if c.key is not None:
+            count_down(self.per_net, c.key)
+            if c.state in (COMMANDS, WAITING):
+                count_down(self.sessions, c.key)
+
+    def drop(self, c):
+        self.forget(c)
+        try:
+            c.sock.close()
+        except OSError:
+            pass
+
+    def once(self, what, fn, fmt, *args):
+        now = time.monotonic()
+        if now - self.logged.get(what, -LOG_EVERY) >= LOG_EVERY:
+            if len(self.logged) > 4096:
+                self.logged.clear()
+            self.logged[what] = now
+            fn(fmt, *args)
+
+    def stop(self):
+        """smtpd stops: no more connections; those held get 421."""
+        self.stopping = True
+        self.stop_listening()
+        for c in list(self.clients.values()):
+            self.refuse(c, chat.NOT_AVAILABLE)
+
+    def drain(self, why):
+        """A new front stage takes over (new settings), or the master is
+        gone (a new one may bind the port): stop accepting, see the clients
+        held through as ever (with the workers we have), then end."""
+        if not self.draining:
+            log.info("front stage: %s; no new connections, passing on the %d held",
+                     why, len(self.clients))
+        self.draining = True
+        self.stop_listening()
+
+    def stop_listening(self):
+        if self.listener.fileno() < 0:
+            return
+        try:
+            self.ep.unregister(self.listener.fileno())
+        except (KeyError, ValueError, OSError):
+            pass
+        self.listener.close()
+
+    def close_all(self):
+        for c in list(self.clients.values()):
+            self.refuse(c, chat.NOT_AVAILABLE)
+        if self.stressed:
+            self.adm.stress.set(False)
+        return os.EX_OK
+
+
+def count_down(counter, key):
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
+
+
+def chat_escape(data):
+    return escape(data.decode("latin-1"), 60)
+
+
+def raise_file_limit():
+    """Root, before the jail: an open-file limit for SMTPD_SCREEN_MAX
+    connections (two descriptors each while the DNS lists answer) and the
+    rest; without root, the hard limit at most (logged)."""
+    want = 2 * buildconf.SMTPD_SCREEN_MAX + FILES_SPARE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= want:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+        return
+    except (ValueError, OSError):
+        pass
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass
+    log.warn("open-file limit %d (want %d for SMTPD_SCREEN_MAX %d): the front stage "
+             "refuses connections with 421 past it", resource.getrlimit(
+                 resource.RLIMIT_NOFILE)[0], want, buildconf.SMTPD_SCREEN_MAX)
+
+
+class Handle:
+    """The master's end of the front stage: start() forks it -- into the
+    jail, sandboxed, off the terminal, as a worker is -- with the listener;
+    add() gives it a worker's hand-over socket; stop() asks it to stop
+    accepting.  The master never reads a client's octets: only b"N"."""
+
+    def __init__(self, config, close_in_child, stderr):
+        self.config, self.close_in_child, self.stderr = config, close_in_child, stderr
+        self.pid = self.sock = None
+
+    def start(self, engine, listener, adm):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            status = os.EX_SOFTWARE
+            try:
+                ours.close()
+                for x in self.close_in_child():
+                    try:
+                        os.close(x if isinstance(x, int) else x.fileno())
+                    except OSError:
+                        pass
+                process.child_signals(signal.SIGTERM, signal.SIGCHLD)
+                process.leave_terminal(self.stderr and self.stderr.w)
+                process.set_title("smtpd: screen")
+                log.log.role = "screen: "
+                enter_jail(self.config)
+                status = Screen(self.config, engine, listener, theirs, adm).run()
+            except BaseException as e:      # noqa: B036 -- a child never returns
+                log.crit("front stage: %s: %s", type(e).__name__, e)
+            os._exit(status)
+        theirs.close()
+        ours.setblocking(False)
+        self.pid, self.sock = pid, ours
+        return self
+
+    def add(self, hand, slot):
+        """Give the screen a worker's hand-over socket (the caller then
+        closes its copy); False if it could not."""
+        if self.sock is None:
+            return False
+        try:
+            self.sock.sendmsg([b"W%d" % slot], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                 array.array("i", [hand.fileno()]))],
+                              socket.MSG_DONTWAIT)
+            return True
+        except OSError as e:
+            log.err("handing worker %d's socket to the front stage: %s", slot, e.strerror)
+            return False
+
+    def words(self):
+        """What the screen said (b"N"...); None once it is gone."""
+        out = b""
+        while True:
+            try:
+                data = self.sock.recv(16)
+            except (BlockingIOError, InterruptedError):
+                return out
+            except OSError:
+                return None
+            if not data:
+                return None
+            out += data
+
+    def stop(self):
+        self.tell(b"Q")
+
+    def drain(self):
+        self.tell(b"D")
+
+    def tell(self, word):
+        try:
+            self.sock.send(word, socket.MSG_DONTWAIT)
+        except (OSError, AttributeError):
+            pass
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
