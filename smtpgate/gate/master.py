@@ -226,6 +226,7 @@ class Master:
             signal.signal(sig, self.on_stop)
         signal.signal(signal.SIGHUP, self.on_hup)
         signal.signal(signal.SIGCHLD, self.on_child)
+        self.stopping = bool(STOPPED_EARLY)
         self.child_exited = False
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.wake_r, selectors.EVENT_READ, None)
@@ -607,10 +608,22 @@ def close(x):
         pass
 
 
+STOPPED_EARLY = []
+
+
+def stop_early(*a):
+    STOPPED_EARLY.append(True)
+
+
 def run(config, engine):
     """smtpd -D, after the pre-jail phase (engine): the rules, the socket
     and the pid file as root, then detach and serve."""
     process.set_title("smtpd: master")
+    if config.foreground:
+        # The port listens (and the title says master) before Master takes
+        # the signals over: a SIGTERM in between is a stop, not a death.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, stop_early)
     relay = log.Relay() if config.foreground and log.Relay.wanted() else None
     rules, text = load_rules(config, relay)
     check_jail_log_socket(config)

@@ -79,6 +79,23 @@ def test_sigterm_the_moment_the_pid_file_appears_stops_the_master(daemon_, attem
     assert wait_for(lambda: gone(pid), 20), "the master ignored SIGTERM"
 
 
+@pytest.mark.parametrize("attempt", range(3))
+def test_sigterm_the_moment_the_port_listens_is_a_clean_stop(daemon_, attempt):
+    """In the foreground the port listens (and the title says master)
+    before the master has its handlers: a SIGTERM then is a stop, exit
+    0, never a death by the signal (CI caught -15)."""
+    d = daemon_()
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", d.port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.005)
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(40) == 0, d.log()
+
+
 def test_stale_pid_file_is_replaced_and_second_instance_refused(daemon_, tree_factory):
     jail = make_jail()
     pidfile = jail + ".pid"
