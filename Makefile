@@ -107,6 +107,8 @@ SMTPD_RATE_TABLE = 4096
 SMTPD_GREET_PAUSE = 0
 #: bool: 1 = pipelining where RFC 2920 forbids it gets 554 and is closed; 0 = the original
 SMTPD_FORBID_UNAUTH_PIPELINING = 1
+#: bool: 1 = EHLO offers ENHANCEDSTATUSCODES (RFC 2034) and replies after EHLO carry them
+SMTPD_ENHANCED_STATUS_CODES = 1
 #: int 0..1000: errors after which each error reply waits longer
 SMTPD_SOFT_ERRORS = 5
 #: int 0..3600: seconds more each error reply waits past SMTPD_SOFT_ERRORS

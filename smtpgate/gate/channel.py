@@ -54,6 +54,7 @@ class Channel:
         self.rfd, self.wfd, self.sock = rfd, wfd, sock
         self.tls = self.tls_in = self.tls_out = None     # after STARTTLS
         self.broken = False         # a TLS handshake failed: say nothing more
+        self.enhanced = False       # replies carry enhanced status codes (chat.enhanced)
         self.read_timeout, self.deadline = read_timeout, deadline_of(deadline)
         self.stress = stress        # admission.Stress, or None
         self.end = math.inf if self.deadline.at is None else self.deadline.at
@@ -70,7 +71,7 @@ class Channel:
 
     def say(self, reply):
         """Queue a chat.Reply: it goes out with the next read or flush."""
-        self.out.append(reply.encode())
+        self.out.append(reply.encode(self.enhanced))
 
     def flush(self, final=False):
         data = b"".join(self.out)

@@ -410,7 +410,7 @@ class Filter:
     def replied(self, cmd, data):
         reply = smtp_reply(data)
         if reply is not None:
-            reply = chat.parse(reply)
+            reply = chat.policy(reply)
         else:
             log.warn("milter %s: malformed reply at %s: %s", self.name, STAGE_NAMES[cmd],
                         visible(data, 200))

@@ -565,7 +565,7 @@ class Screen:
     # -- plumbing --
 
     def say(self, c, reply):
-        if not chat.send(c.sock, reply):
+        if not chat.send(c.sock, reply, chat.enhanced(c.esmtp)):
             self.drop(c)
 
     def refuse(self, c, reply):

@@ -290,6 +290,7 @@ class Session(Filtering):
     def hello(self, name, esmtp):
         """The client said HELO (or EHLO) name and gets its 250: noted, logged."""
         self.helo, self.esmtp = name, esmtp
+        self.ch.enhanced = chat.enhanced(esmtp)     # from the next reply on
         self.flush_summary()
         shown = escape(name)
         as_ = ' as "%s"' % shown if name.lower() != (self.peer.name or "").lower() else ""
@@ -334,6 +335,7 @@ class Session(Filtering):
         if not self.config.quiet:
             log.info("STARTTLS with %s: %s with cipher %s", self.where, version, cipher)
         self.helo, self.esmtp, self.env = None, False, Envelope()
+        self.ch.enhanced = False
 
     def smtp_ehlo(self, arg):
         self.smtp_helo(arg, esmtp=True)
@@ -349,7 +351,8 @@ class Session(Filtering):
             log.notice("refused address %s from %s: %s", escape(arg), self.where, e.text)
             if self.config.paranoid:
                 raise Closed(os.EX_PROTOCOL, "suspicious address") from None
-            self.refuse(chat.Reply(e.code, e.text))
+            self.refuse(chat.Reply(e.code, e.text,
+                                   detail="5.1.7" if keyword == "FROM:" else "5.1.3"))
             return None
 
     def mail_params(self, params):
@@ -434,7 +437,7 @@ class Session(Filtering):
             log.info("sleeping for a %s_delay of %d seconds", v.action, v.delay)
             self.ch.flush()
             self.ch.sleep(v.delay)
-        self.ch.say(chat.parse(v.reply))
+        self.ch.say(chat.policy(v.reply, "4.4.3" if v.action == "tempfail" else "4.7.1"))
         if v.action == "deny":
             self.log("Forbidden FROM or RCPT for host %s - abandoning" % self.where,
                      " forbidden FROM or RCPT")

@@ -153,7 +153,7 @@ class Worker:
         if n >= buildconf.SMTPD_MAX_PER_IP:
             log.notice("refused %s: %d sessions from %s already", ip, n,
                        admission.network_text(key))
-            chat.send(sock, chat.PER_NETWORK)
+            chat.send(sock, chat.PER_NETWORK, chat.enhanced(passed.esmtp))
             sock.close()
             return False
         self.want_spares()

@@ -156,7 +156,7 @@ def test_the_rules_decide_first(smtpd, filters):
     f = filters()
     srv = gate(smtpd, f, rules="noto:ALL:ALL:spam@my.domain:550 not here\n" + ALLOW)
     out = session(srv, rcpts=("<spam@my.domain>", "<bob@my.domain>"))
-    assert out["rcpt"][0] == (550, ["not here"]) and out["end"][0] == 250
+    assert out["rcpt"][0] == (550, ["5.7.1 not here"]) and out["end"][0] == 250
     conn = next(s for s in f.sessions if b"M" in s.commands())
     assert [p for c, p in conn.events if c == b"R"] == [b"<bob@my.domain>\0"]
 
@@ -193,7 +193,7 @@ def expected(stage, verdict, daemon=False):
     if verdict in ("accept",) or (verdict == "discard" and stage in (b"C", b"H")):
         return None, None, True
     if verdict == "discard":
-        return "end", (250, ["Message accepted for delivery"]), False
+        return "end", (250, ["2.0.0 Message accepted for delivery"]), False
     where = {**WHERE, b"C": "mail", b"H": "mail"} if daemon else WHERE
     return where.get(stage, "end"), said, False
 
@@ -468,7 +468,7 @@ def test_quarantine_holds_until_released(smtpd, filters, tree_factory):
     f = filters(eom(pkt(b"q", b"looks like phishing\x1b[2J\0")))
     srv = gate(smtpd, f)
     out = session(srv)
-    assert out["end"] == (250, ["Message accepted for delivery"])
+    assert out["end"] == (250, ["2.0.0 Message accepted for delivery"])
     assert spool_files(srv.jail) == []
     held = os.listdir(os.path.join(srv.jail, "hold"))
     name = next(n for n in held if not n.endswith(".reason"))
@@ -560,7 +560,8 @@ def test_symbol_lists_choose_the_macros(smtpd, filters):
     ("tempfail", (451, ["4.7.1 Service unavailable - try again later"])),
     ("reject", (550, ["5.5.0 Service unavailable"])),
     ("accept", (250, ["mx.my.domain pleased to meet you, client.example",
-                      "PIPELINING", "8BITMIME", "SIZE 10240000"]))])
+                      "PIPELINING", "8BITMIME", "SIZE 10240000",
+                      "ENHANCEDSTATUSCODES"]))])
 def test_a_filter_that_is_down(smtpd, action, reply):
     srv = gate(smtpd, down_spec(), SMTPD_MILTER_DEFAULT_ACTION=action)
     out = session(srv)

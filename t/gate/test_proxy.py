@@ -207,7 +207,7 @@ def test_proxied_address_drives_rules_received_log_and_summary(daemon_):
     bad.reply()
     bad.cmd("EHLO x")
     bad.cmd("MAIL FROM:<a@b.example>")
-    assert bad.cmd("RCPT TO:<c@my.domain>") == (550, ["no 192.0.2.66"])
+    assert bad.cmd("RCPT TO:<c@my.domain>") == (550, ["5.7.1 no 192.0.2.66"])
     (name,) = spool_files(d.jail)
     assert b"Received: from x (unknown [192.0.2.7])" in open(os.path.join(d.jail, name), "rb").read()
     assert wait_for(lambda: "relay=UNKNOWN/192.0.2.7 as" in d.log())

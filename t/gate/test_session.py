@@ -52,7 +52,8 @@ def test_p1_p3_p25_greeting_helo_quit(smtpd):
 def test_p2_ehlo_is_answered_changed(smtpd):
     srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H", "-s", "1000000")
     assert c.cmd("EHLO x") == (250, ["mx.my.domain pleased to meet you, x",
-                                     "PIPELINING", "8BITMIME", "SIZE 1000000"])
+                                     "PIPELINING", "8BITMIME", "SIZE 1000000",
+                                     "ENHANCEDSTATUSCODES"])
 
 
 def test_p4_helo_without_argument(smtpd):
@@ -682,7 +683,7 @@ def test_inetd_session_on_a_unix_socket(tree_factory, tmp_path):
 
 def test_a_size_limit_by_default_postfixs(smtpd):
     srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H")
-    assert c.cmd("EHLO x")[1][-1] == "SIZE 10240000"
+    assert "SIZE 10240000" in c.cmd("EHLO x")[1]
     assert c.cmd("MAIL FROM:<a@b.example> SIZE=10240001")[0] == 552
     assert c.cmd("MAIL FROM:<a@b.example> SIZE=10240000")[0] == 250
     assert c.cmd("RCPT TO:<c@d.example>")[0] == 250
@@ -695,7 +696,7 @@ def test_a_size_limit_by_default_postfixs(smtpd):
 
 def test_s_overrides_the_limit_and_0_lifts_it(smtpd):
     srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H", "-s", "0")
-    assert c.cmd("EHLO x")[1][-1] == "SIZE"
+    assert "SIZE" in c.cmd("EHLO x")[1]
     assert c.cmd("MAIL FROM:<a@b.example> SIZE=99999999999")[0] == 250
     srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H", "-s", "500")
-    assert c.cmd("EHLO x")[1][-1] == "SIZE 500"
+    assert "SIZE 500" in c.cmd("EHLO x")[1]

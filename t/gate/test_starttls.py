@@ -46,7 +46,7 @@ def starttls(c):
     assert c.reply()[0] == 220
     code, lines = c.cmd("EHLO client.example")
     assert code == 250 and "STARTTLS" in lines
-    assert c.cmd("STARTTLS") == (220, ["Ready to start TLS"])
+    assert c.cmd("STARTTLS") == (220, ["2.0.0 Ready to start TLS"])
     c.sock = client_context().wrap_socket(c.sock)
     return c
 
@@ -91,7 +91,7 @@ def openssl_send(port):
     finally:
         p.stdin.close()
         p.wait(60)
-    assert b"250 Message accepted for delivery\r\n" in seen, seen
+    assert b"250 2.0.0 Message accepted for delivery\r\n" in seen, seen
 
 
 def swaks_send(port):
@@ -99,7 +99,7 @@ def swaks_send(port):
                         "--from", "alice@example.org", "--to", "bob@my.domain",
                         "--data", "Subject: over TLS\n\nSecret.\n"],
                        capture_output=True, text=True, timeout=60)
-    assert "<~  250 Message accepted for delivery" in p.stdout, p.stdout + p.stderr
+    assert "<~  250 2.0.0 Message accepted for delivery" in p.stdout, p.stdout + p.stderr
     assert "=== TLS started with cipher" in p.stdout
 
 
@@ -145,7 +145,7 @@ def test_protocol_rules(smtpd, pair):
     c.cmd("EHLO x")
     assert c.cmd("STARTTLS now")[0] == 501              # an argument
     c.cmd("MAIL FROM:<a@b.example>")
-    assert c.cmd("STARTTLS") == (220, ["Ready to start TLS"])
+    assert c.cmd("STARTTLS") == (220, ["2.0.0 Ready to start TLS"])
     c.sock = client_context().wrap_socket(c.sock)
     assert c.cmd("MAIL FROM:<a@b.example>")[0] == 503   # HELO state was reset
     code, lines = c.cmd("EHLO x")
@@ -169,7 +169,7 @@ def test_pipelined_commands_behind_starttls_are_never_executed(smtpd, pair):
     c.reply()
     c.cmd("EHLO x")
     c.send(b"STARTTLS\r\nHELP\r\nMAIL FROM:<injected@evil.example>\r\n")
-    assert c.reply() == (220, ["Ready to start TLS"])
+    assert c.reply() == (220, ["2.0.0 Ready to start TLS"])
     c.sock = client_context().wrap_socket(c.sock)
     # Had the injected HELP run inside TLS, its 214 would come first.
     assert c.cmd("NOOP") == (250, ["OK"])

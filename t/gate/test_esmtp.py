@@ -1,0 +1,110 @@
+"""Modern ESMTP (issue 38): enhanced status codes (RFC 2034, RFC 3463).
+
+After EHLO every reply of class 2, 4 and 5 but the greeting and EHLO's
+own carries an enhanced status code with the right detail; after HELO the
+original's replies go out octet for octet (the fidelity replay speaks
+HELO); SMTPD_ENHANCED_STATUS_CODES = 0 offers none.  In -D mode the front
+stage's answers and the worker's carry them alike."""
+
+import re
+
+from harness import wait_for
+
+F = "<alice@example.org>"
+ESC = re.compile(r"^[245]\.\d{1,3}\.\d{1,3} ")
+
+
+def start(smtpd, rules="allow:ALL:ALL:ALL\n", *flags, **kw):
+    srv = smtpd(rules, *flags, **kw)
+    c = srv.connect()
+    code, text = c.reply()
+    assert code == 220 and not ESC.match(text[0])      # never the greeting
+    return srv, c
+
+
+def test_ehlo_offers_enhancedstatuscodes_and_every_reply_carries_one(smtpd):
+    srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H")
+    code, lines = c.cmd("EHLO client.example")
+    assert code == 250 and "ENHANCEDSTATUSCODES" in lines
+    assert not any(ESC.match(l) for l in lines)          # nor EHLO's own reply
+    assert c.cmd("NOOP") == (250, ["2.0.0 OK"])
+    assert c.cmd("RSET") == (250, ["2.0.0 OK"])
+    assert c.cmd("MAIL FROM:" + F) == (250, ["2.1.0 sender is %s, sender OK" % F])
+    assert c.cmd("RCPT TO:<bob@my.domain>") == \
+        (250, ["2.1.5 recipient <bob@my.domain>, recipient OK"])
+    code, text = c.cmd("DATA")
+    assert code == 354 and not ESC.match(text[0])        # 3xx: none
+    c.send("Subject: x\r\n\r\nhi\r\n.\r\n")
+    assert c.reply() == (250, ["2.0.0 Message accepted for delivery"])
+    assert c.cmd("XYZZY") == (500, ["5.5.2 Syntax Error, command unrecognized"])
+    assert c.cmd("DATA") == (503, ["5.5.1 Bad sequence of commands"])
+    assert c.cmd("MAIL FROM:<a@@b>")[1][0].startswith("5.1.7 ")
+    assert c.cmd("MAIL FROM:" + F)[0] == 250
+    assert c.cmd("RCPT TO:<b@@c>")[1][0].startswith("5.1.3 ")
+    assert c.cmd("MAIL FROM:" + F)[1] == ["5.5.1 Bad sequence of commands"]
+    assert c.cmd("VRFY bob")[1][0].startswith("2.5.0 ")
+    code, lines = c.cmd("HELP")
+    assert code == 214 and all(ESC.match(l) for l in lines)
+    assert c.cmd("QUIT") == (221, ["2.0.0 Closing connection"])
+
+
+def test_after_helo_the_original_replies_go_out_unchanged(smtpd):
+    srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H")
+    assert c.cmd("HELO client.example")[0] == 250
+    assert c.cmd("NOOP") == (250, ["OK"])
+    assert c.cmd("MAIL FROM:" + F) == (250, ["sender is %s, sender OK" % F])
+    assert c.cmd("RCPT TO:<bob@my.domain>") == (250, ["recipient <bob@my.domain>, recipient OK"])
+    assert c.cmd("XYZZY") == (500, ["Syntax Error, command unrecognized"])
+    assert c.cmd("QUIT") == (221, ["Closing connection"])
+
+
+def test_switched_off_nothing_is_offered_or_added(smtpd):
+    srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H", SMTPD_ENHANCED_STATUS_CODES=0)
+    code, lines = c.cmd("EHLO client.example")
+    assert "ENHANCEDSTATUSCODES" not in lines
+    assert c.cmd("NOOP") == (250, ["OK"])
+    assert c.cmd("MAIL FROM:" + F) == (250, ["sender is %s, sender OK" % F])
+
+
+def test_rule_replies_get_the_policy_code_unless_they_carry_their_own(smtpd):
+    rules = ("noto:ALL:ALL:*@own.example:550 5.1.1 no such user here\n"
+             "noto:ALL:ALL:*@temp.example:450 try later\n"
+             "noto:ALL:ALL:*@plain.example\n"
+             "allow:ALL:ALL:ALL\n")
+    srv, c = start(smtpd, rules, "-H")
+    c.cmd("EHLO client.example")
+    assert c.cmd("MAIL FROM:" + F)[0] == 250
+    assert c.cmd("RCPT TO:<x@own.example>") == (550, ["5.1.1 no such user here"])
+    assert c.cmd("RCPT TO:<x@temp.example>") == (450, ["4.7.1 try later"])
+    code, text = c.cmd("RCPT TO:<x@plain.example>")
+    assert code == 550 and text[0].startswith("5.7.1 ")
+    # after HELO the same rules answer as the original did
+    srv, c = start(smtpd, rules, "-H")
+    c.cmd("HELO client.example")
+    c.cmd("MAIL FROM:" + F)
+    assert c.cmd("RCPT TO:<x@temp.example>") == (450, ["try later"])
+    assert c.cmd("RCPT TO:<x@own.example>") == (550, ["5.1.1 no such user here"])
+
+
+def test_too_big_is_5_3_4(smtpd):
+    srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H", "-s", "100")
+    c.cmd("EHLO client.example")
+    code, text = c.cmd("MAIL FROM:%s SIZE=1000" % F)
+    assert code == 552 and text[0].startswith("5.3.4 ")
+
+
+def test_the_front_stage_and_the_worker_carry_them_too(daemon_):
+    d = daemon_("allow:ALL:ALL:ALL\n").wait_ready()
+    c = d.connect("127.0.0.9")
+    assert c.code() == 220
+    code, lines = c.cmd("EHLO client.example")
+    assert "ENHANCEDSTATUSCODES" in lines
+    assert c.cmd("NOOP") == (250, ["2.0.0 OK"])                 # the front stage's
+    assert c.cmd("MAIL FROM:" + F) == (250, ["2.1.0 sender is %s, sender OK" % F])  # a worker's
+    assert c.cmd("QUIT") == (221, ["2.0.0 Closing connection"])
+    c = d.connect("127.0.0.9")
+    assert c.code() == 220
+    c.cmd("HELO client.example")
+    assert c.cmd("NOOP") == (250, ["OK"])
+    assert c.cmd("MAIL FROM:" + F) == (250, ["sender is %s, sender OK" % F])
+    assert wait_for(lambda: "HELO" in d.log())
