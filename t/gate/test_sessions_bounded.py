@@ -74,7 +74,7 @@ def test_bare_lf_does_not_split_a_command(smtpd):
     srv = smtpd("allow:ALL:ALL:ALL\n", "-H")
     c = open_envelope(srv)
     c.send(b"RCPT TO:<a@my.domain>\nRCPT TO:<b@my.domain>\r\n")
-    assert c.reply() == (500, ["Bare CR or LF or NUL in command"])
+    assert c.reply() == (500, ["5.5.2 Bare CR or LF or NUL in command"])
     assert c.cmd("DATA")[0] == 503      # neither recipient was taken
     assert c.cmd("QUIT")[0] == 221
 
@@ -83,7 +83,7 @@ def test_a_line_over_512_octets_with_bare_lfs_is_one_refusal(smtpd):
     srv = smtpd("allow:ALL:ALL:ALL\n", "-H")
     c = open_envelope(srv)
     c.send(b"NOOP\n" * 200 + b"\r\n")
-    assert c.reply() == (500, ["Line too long"])
+    assert c.reply() == (500, ["5.5.2 Line too long"])
     assert c.cmd("HELP")[0] == 214
 
 

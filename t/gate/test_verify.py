@@ -70,8 +70,8 @@ def test_known_and_unknown_users(daemon_, backend):
 def test_a_rule_still_wins_before_any_callout(daemon_, backend):
     d = gate(daemon_, backend)
     before = callouts(backend)
-    assert rcpt(d.port, "blocked@localhost") == (550, b"blocked by the rules")
-    assert rcpt(d.port, "someone@elsewhere.example") == (551, b"no relaying")
+    assert rcpt(d.port, "blocked@localhost") == (550, b"5.7.1 blocked by the rules")
+    assert rcpt(d.port, "someone@elsewhere.example") == (551, b"5.7.1 no relaying")
     time.sleep(0.5)
     assert callouts(backend) == before
 

@@ -136,7 +136,7 @@ def test_real_clients_through_haproxy(scaled_out, send_proxy):
         assert send(proxy.port, c, "from-%s" % c) == {}
     with pytest.raises(smtplib.SMTPRecipientsRefused) as e:
         send(proxy.port, "127.0.0.66", "denied")
-    assert e.value.recipients["bob@my.domain"] == (550, b"not from 127.0.0.66")
+    assert e.value.recipients["bob@my.domain"] == (550, b"5.7.1 not from 127.0.0.66")
     assert wait_for(lambda: len(delivered(agent)) == len(clients), 30)
     texts = {c["stdin"].split("Subject: ")[1].split("\n")[0]: c["stdin"] for c in agent.calls()}
     for c in clients:
