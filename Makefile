@@ -109,6 +109,8 @@ SMTPD_GREET_PAUSE = 0
 SMTPD_FORBID_UNAUTH_PIPELINING = 1
 #: bool: 1 = EHLO offers ENHANCEDSTATUSCODES (RFC 2034) and replies after EHLO carry them
 SMTPD_ENHANCED_STATUS_CODES = 1
+#: bool: 1 = EHLO offers CHUNKING (RFC 3030): BDAT chunks, no dot-stuffing
+SMTPD_CHUNKING = 1
 #: int 0..1000: errors after which each error reply waits longer
 SMTPD_SOFT_ERRORS = 5
 #: int 0..3600: seconds more each error reply waits past SMTPD_SOFT_ERRORS

@@ -300,6 +300,21 @@ class Channel:
         if seconds >= left:
             self.check_deadline()
 
+    def take(self, n, sink):
+        """Exactly n octets of input to sink (a BDAT chunk), within the
+        step's deadline; Closed on EOF or timeout."""
+        while n > 0:
+            if not self.buf:
+                self.fill()
+            piece = bytes(self.buf[:n])
+            del self.buf[:n]
+            n -= len(piece)
+            sink(piece)
+
+    def skip(self, n):
+        """Read and drop n octets (a refused BDAT's chunk)."""
+        self.take(n, lambda piece: None)
+
     def chunks(self):
         """Yield raw input for DATA: what is buffered, then fresh reads."""
         while True:

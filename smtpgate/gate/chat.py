@@ -131,6 +131,7 @@ PLEASED = Reply(250, "%s pleased to meet you, %s")          # % (myname, HELO na
 SENDER_OK = Reply(250, "sender is %s, sender OK", detail="2.1.0")
 RECIPIENT_OK = Reply(250, "recipient %s, recipient OK", detail="2.1.5")
 ACCEPTED = Reply(250, "Message accepted for delivery", detail="2.0.0")
+CHUNK_OK = Reply(250, "%d octets received", detail="2.0.0")    # % BDAT's size
 CANNOT_VRFY = Reply(252, "Can not VRFY user", detail="2.5.0")
 START_DATA = Reply(354, "OK End with <CRLF>.<CRLF>")
 NOT_AVAILABLE = Reply(421, "Service not available, closing transmission channel",
@@ -193,7 +194,7 @@ Verb = collections.namedtuple("Verb", "listed ends_group")
 
 VERBS = {
     "HELO": Verb(True, True), "EHLO": Verb(True, True), "MAIL": Verb(True, False),
-    "RCPT": Verb(True, False), "DATA": Verb(True, True), "RSET": Verb(True, False),
+    "RCPT": Verb(True, False), "DATA": Verb(True, True), "BDAT": Verb(False, False), "RSET": Verb(True, False),
     "NOOP": Verb(True, True), "VRFY": Verb(True, True), "EXPN": Verb(False, True),
     "HELP": Verb(True, False), "QUIT": Verb(True, False),
     "STARTTLS": Verb(False, False),     # HELP lists it when it is offered
@@ -214,6 +215,7 @@ def keywords(maxsize, tls_offered):
     """The EHLO keywords, in the order offered."""
     return ["PIPELINING", "8BITMIME", "SIZE %d" % maxsize if maxsize else "SIZE"] \
         + ["ENHANCEDSTATUSCODES"] * bool(buildconf.SMTPD_ENHANCED_STATUS_CODES) \
+        + ["CHUNKING"] * bool(buildconf.SMTPD_CHUNKING) \
         + ["STARTTLS"] * bool(tls_offered)
 
 

@@ -43,6 +43,7 @@ class Envelope:
         self.recipients = []
         self.name = name            # the spool id, drawn at MAIL for the milters
         self.discard = None         # the filter that said discard, if one did
+        self.chunks = None          # BDAT: the message's DataReader while chunks come
 
 
 class Session(Filtering):
@@ -457,13 +458,30 @@ class Session(Filtering):
     # milter_judge -- are filtering.py's: they judge after the rules.)
 
     def smtp_data(self, arg):
-        if not self.env.recipients:
-            return self.refuse(chat.BAD_SEQUENCE)
+        if not self.env.recipients or self.env.chunks is not None:
+            return self.refuse(chat.BAD_SEQUENCE)   # (no DATA inside BDAT's transaction)
         if arg.strip():
             return self.refuse(chat.SYNTAX)
+        if not self.start_message():
+            return
+        if self.ends_group("DATA") and self.ch.ready():
+            raise self.out_of_sync("DATA")  # again: text sent while a filter answered
+        self.ch.say(chat.START_DATA)
+        self.ch.flush()
+        reader = DataReader(self.ch, self.draft.write, self.config.maxsize)
+        reader.run()
+        self.finish_data(reader)
+
+    def start_message(self):
+        """DATA or the first BDAT: the filters' DATA stage, then the draft
+        with our Received header; False if refused (replied)."""
+        if self.draft is not None:      # one left by a transaction reset mid-BDAT
+            self.draft.abort()
+            self.draft = None
         if self.milters is not None and self.milter_said(self.milters.data(), "DATA"):
             self.env = Envelope()
-            return self.milters.abort()
+            self.milters.abort()
+            return False
         try:
             self.draft = spool.Draft(self.config.spooldir, self.env.sender.encode("latin-1"),
                                      [r.encode("latin-1") for r in self.env.recipients],
@@ -473,12 +491,38 @@ class Session(Filtering):
         except OSError as e:
             log.crit("creating spool file in %s: %s", self.config.spooldir, e.strerror)
             raise Closed(os.EX_CANTCREAT, "cannot create spool file") from None
-        if self.ends_group("DATA") and self.ch.ready():
-            raise self.out_of_sync("DATA")  # again: text sent while a filter answered
-        self.ch.say(chat.START_DATA)
-        self.ch.flush()
-        reader = DataReader(self.ch, self.draft.write, self.config.maxsize)
-        reader.run()
+        return True
+
+    def smtp_bdat(self, arg):
+        """RFC 3030: BDAT size [LAST].  The chunk's octets are read in any
+        case (the client sends them without waiting); they are the
+        message as sent -- no dot-stuffing, no terminator; CRLF is stored
+        as LF like DATA's lines, a bare LF or CR is data.  The last chunk
+        ends the message as DATA's dot does."""
+        if not (self.esmtp and buildconf.SMTPD_CHUNKING):
+            return self.smtp_unknown(arg)
+        m = BDAT_ARGS.match(arg)
+        if m is None:
+            return self.refuse(chat.SYNTAX)     # (no size: we cannot stay in step)
+        size, last = int(m.group(1)), m.group(2) is not None
+        env = self.env
+        if not env.recipients or (env.chunks is None and not self.start_message()):
+            self.ch.step("DATA")
+            self.ch.skip(size)
+            return self.refuse(chat.BAD_SEQUENCE) if not env.recipients else None
+        if env.chunks is None:
+            env.chunks = DataReader(self.ch, self.draft.write, self.config.maxsize)
+            env.chunks.cr = False
+        reader = env.chunks
+        self.ch.step("DATA")
+        self.ch.take(size, lambda data: chunk_lines(reader, data))
+        if not last:
+            if reader.problem:      # the transaction failed: the client should stop
+                self.finish_data(reader)
+                return
+            return self.say(chat.CHUNK_OK % size)
+        if reader.cr:
+            reader.write(b"\r")
         self.finish_data(reader)
 
     def finish_data(self, reader):
@@ -576,9 +620,24 @@ class Session(Filtering):
         self.refuse(chat.UNRECOGNIZED)
 
 
+BDAT_ARGS = re.compile(r"^([0-9]{1,18})(?: +(LAST))? *$", re.I)
+
+
+def chunk_lines(reader, data):
+    """A BDAT chunk into the message: CRLF stored as LF (one split across
+    chunks too), every other octet as sent."""
+    if reader.cr:
+        data = b"\r" + data
+    reader.cr = data.endswith(b"\r")
+    if reader.cr:
+        data = data[:-1]
+    if data:
+        reader.write(data.replace(b"\r\n", b"\n"))
+
+
 VERBS = {"HELO": Session.smtp_helo, "EHLO": Session.smtp_ehlo,
          "MAIL": Session.smtp_mail, "RCPT": Session.smtp_rcpt,
-         "DATA": Session.smtp_data, "RSET": Session.smtp_rset,
+         "DATA": Session.smtp_data, "BDAT": Session.smtp_bdat, "RSET": Session.smtp_rset,
          "NOOP": Session.smtp_noop, "VRFY": Session.smtp_vrfy,
          "EXPN": Session.smtp_expn, "HELP": Session.smtp_help,
          "QUIT": Session.smtp_quit, "STARTTLS": Session.smtp_starttls,

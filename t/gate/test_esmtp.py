@@ -1,14 +1,17 @@
-"""Modern ESMTP (issue 38): enhanced status codes (RFC 2034, RFC 3463).
+"""Modern ESMTP (issue 38): enhanced status codes (RFC 2034, RFC 3463)
+and CHUNKING (RFC 3030).
 
 After EHLO every reply of class 2, 4 and 5 but the greeting and EHLO's
 own carries an enhanced status code with the right detail; after HELO the
 original's replies go out octet for octet (the fidelity replay speaks
 HELO); SMTPD_ENHANCED_STATUS_CODES = 0 offers none.  In -D mode the front
-stage's answers and the worker's carry them alike."""
+stage's answers and the worker's carry them alike.  BDAT chunks are the
+message as sent, with the same size limit and the same commit."""
 
+import os
 import re
 
-from harness import wait_for
+from harness import spool_files, wait_for
 
 F = "<alice@example.org>"
 ESC = re.compile(r"^[245]\.\d{1,3}\.\d{1,3} ")
@@ -108,3 +111,107 @@ def test_the_front_stage_and_the_worker_carry_them_too(daemon_):
     assert c.cmd("NOOP") == (250, ["OK"])
     assert c.cmd("MAIL FROM:" + F) == (250, ["sender is %s, sender OK" % F])
     assert wait_for(lambda: "HELO" in d.log())
+
+
+# ------------------------------------------------------------ CHUNKING ----
+
+def body_of(jail):
+    """The one spooled message's text after our Received header."""
+    (name,) = spool_files(jail)
+    data = open(os.path.join(jail, name), "rb").read()
+    m = re.match(rb"(?s).*?BODY\nReceived: .*?\n(?=\S)", data)
+    assert m, data[:300]
+    return data[m.end():]
+
+
+def chunked(smtpd, *flags, **kw):
+    srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H", *flags, **kw)
+    code, lines = c.cmd("EHLO client.example")
+    assert code == 250 and "CHUNKING" in lines
+    assert c.cmd("MAIL FROM:" + F)[0] == 250
+    assert c.cmd("RCPT TO:<bob@my.domain>")[0] == 250
+    return srv, c
+
+
+def bdat(c, data, last=False):
+    c.send(b"BDAT %d%s\r\n" % (len(data), b" LAST" if last else b"") + data)
+    return c.reply()
+
+
+def test_bdat_chunks_make_the_message_as_sent(smtpd):
+    """No dot-stuffing, no terminator: a line "." and ".." are data; CRLF
+    is stored as LF (also split across two chunks), a bare LF is data."""
+    srv, c = chunked(smtpd)
+    assert bdat(c, b"Subject: chunks\r\n\r\n.\r\n..two\r") == (250, ["2.0.0 28 octets received"])
+    assert bdat(c, b"\nbare\nLF\r\n") == (250, ["2.0.0 10 octets received"])
+    assert bdat(c, b"", last=True) == (250, ["2.0.0 Message accepted for delivery"])
+    assert body_of(srv.jail) == b"Subject: chunks\n\n.\n..two\nbare\nLF\n"
+    assert c.cmd("QUIT")[0] == 221
+
+
+def test_bdat_pipelined_in_one_write(smtpd):
+    srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H")
+    c.cmd("EHLO client.example")
+    msg = b"Subject: p\r\n\r\nhello\r\n"
+    c.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@my.domain>\r\n"
+           b"BDAT %d LAST\r\n" % len(msg) + msg + b"QUIT\r\n")
+    assert [c.reply()[0] for _ in range(4)] == [250, 250, 250, 221]
+    assert body_of(srv.jail) == b"Subject: p\n\nhello\n"
+
+
+def test_bdat_out_of_place_is_refused_and_its_octets_read(smtpd):
+    srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H")
+    c.cmd("EHLO client.example")
+    assert bdat(c, b"NOOP\r\nNOOP\r\n") == (503, ["5.5.1 Bad sequence of commands"])
+    assert c.cmd("NOOP") == (250, ["2.0.0 OK"])          # the chunk was not commands
+    assert c.cmd("BDAT ten") == (501, ["5.5.4 Syntax Error in parameters or arguments"])
+    assert c.cmd("BDAT 1 LAST more")[0] == 501
+    assert c.cmd("MAIL FROM:" + F)[0] == 250
+    assert c.cmd("RCPT TO:<bob@my.domain>")[0] == 250
+    assert bdat(c, b"Subject: x\r\n")[0] == 250
+    assert c.cmd("DATA") == (503, ["5.5.1 Bad sequence of commands"])   # no mixing
+    assert bdat(c, b"\r\nbody\r\n", last=True)[0] == 250
+    assert c.cmd("RSET")[0] == 250
+    assert spool_files(srv.jail) != []
+
+
+def test_bdat_after_helo_or_switched_off_is_an_unknown_command(smtpd):
+    srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H")
+    c.cmd("HELO client.example")
+    assert c.cmd("BDAT 0 LAST") == (500, ["Syntax Error, command unrecognized"])
+    srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H", SMTPD_CHUNKING=0)
+    assert "CHUNKING" not in c.cmd("EHLO client.example")[1]
+    assert c.cmd("BDAT 0 LAST")[0] == 500
+
+
+def test_bdat_over_the_size_limit_is_552_and_nothing_spooled(smtpd):
+    srv, c = chunked(smtpd, "-s", "100")
+    assert bdat(c, b"x" * 80 + b"\r\n")[0] == 250
+    code, text = bdat(c, b"y" * 80 + b"\r\n")
+    assert code == 552 and text[0].startswith("5.3.4 ")
+    assert bdat(c, b"z\r\n", last=True)[0] == 503       # the transaction is over
+    assert c.cmd("NOOP")[0] == 250
+    assert spool_files(srv.jail) == []
+
+
+def test_bdat_that_announces_more_than_it_sends_times_out(smtpd):
+    srv, c = chunked(smtpd, SMTPD_DATA_TIMEOUT=2)
+    c.send(b"BDAT 1000 LAST\r\nonly this")
+    code, text = c.reply()
+    assert code == 421
+    assert c.closed()
+    assert spool_files(srv.jail) == []
+
+
+def test_bdat_pipelined_behind_mail_through_the_front_stage(daemon_):
+    """The front stage reads the pipelined MAIL, RCPT, BDAT and part of the
+    chunk, and passes them on unread: the worker's message is whole."""
+    d = daemon_("allow:ALL:ALL:ALL\n").wait_ready()
+    c = d.connect("127.0.0.9")
+    assert c.code() == 220
+    assert "CHUNKING" in c.cmd("EHLO client.example")[1]
+    msg = b"Subject: p\r\n\r\n" + b"x" * 78 + b"\r\n" + (b"y" * 78 + b"\r\n") * 80
+    c.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@my.domain>\r\n"
+           b"BDAT %d LAST\r\n" % len(msg) + msg)
+    assert [c.reply()[0] for _ in range(3)] == [250, 250, 250]
+    assert body_of(d.jail) == msg.replace(b"\r\n", b"\n")

@@ -561,7 +561,7 @@ def test_symbol_lists_choose_the_macros(smtpd, filters):
     ("reject", (550, ["5.5.0 Service unavailable"])),
     ("accept", (250, ["mx.my.domain pleased to meet you, client.example",
                       "PIPELINING", "8BITMIME", "SIZE 10240000",
-                      "ENHANCEDSTATUSCODES"]))])
+                      "ENHANCEDSTATUSCODES", "CHUNKING"]))])
 def test_a_filter_that_is_down(smtpd, action, reply):
     srv = gate(smtpd, down_spec(), SMTPD_MILTER_DEFAULT_ACTION=action)
     out = session(srv)
@@ -1008,3 +1008,36 @@ def test_an_answer_in_pieces_is_one_packet():
     assert edits.edits == [("add", b"X-A", b"b")]
     ours.close()
     theirs.close()
+
+
+def test_a_bdat_message_reaches_the_filters_as_a_data_one_does(smtpd, filters):
+    """CHUNKING (issue 38): the filters' DATA stage at the first chunk,
+    the body and end of message after the last; their changes apply and
+    their refusal is the last chunk's reply."""
+    f = filters(eom(pkt(b"h", strs(b"X-Chunked", b"yes"))))
+    srv = gate(smtpd, f)
+    c = srv.connect()
+    assert c.code() == 220
+    c.cmd("EHLO client.example")
+    c.cmd("MAIL FROM:<alice@example.org>")
+    c.cmd("RCPT TO:<bob@my.domain>")
+    c.send(b"BDAT 20\r\nSubject: b\r\n\r\nbody\r\n")
+    assert c.reply()[0] == 250
+    c.send(b"BDAT 6 LAST\r\nmore\r\n")
+    assert c.reply()[0] == 250
+    conn = f.sessions[-1]
+    assert b"".join(p for cmd, p in conn.events if cmd == b"B") == b"body\r\nmore\r\n"
+    cmds = conn.commands()
+    assert cmds.index(b"T") < cmds.index(b"B") < cmds.index(b"E")
+    (name,) = spool_files(srv.jail)
+    assert b"X-Chunked: yes\n" in message_of(srv.jail, name)[1]
+    f2 = filters({b"E": [reply(b"550 5.7.1 no chunks")]})
+    srv = gate(smtpd, f2)
+    c = srv.connect()
+    assert c.code() == 220
+    c.cmd("EHLO client.example")
+    c.cmd("MAIL FROM:<alice@example.org>")
+    c.cmd("RCPT TO:<bob@my.domain>")
+    c.send(b"BDAT 20 LAST\r\nSubject: b\r\n\r\nbody\r\n")
+    assert c.reply() == (550, ["5.7.1 no chunks"])
+    assert spool_files(srv.jail) == []
