@@ -111,6 +111,8 @@ SMTPD_FORBID_UNAUTH_PIPELINING = 1
 SMTPD_ENHANCED_STATUS_CODES = 1
 #: bool: 1 = EHLO offers CHUNKING (RFC 3030): BDAT chunks, no dot-stuffing
 SMTPD_CHUNKING = 1
+#: bool: 1 = EHLO offers DSN (RFC 3461): RET, ENVID, NOTIFY and ORCPT are kept and passed on
+SMTPD_DSN = 1
 #: int 0..1000: errors after which each error reply waits longer
 SMTPD_SOFT_ERRORS = 5
 #: int 0..3600: seconds more each error reply waits past SMTPD_SOFT_ERRORS

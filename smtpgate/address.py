@@ -118,18 +118,71 @@ def parse_path(arg, null_ok):
     return ("<%s>" % inner if bracketed else inner), params
 
 
-def mail_params(params):
-    """The MAIL FROM parameters -> {"SIZE": n}; AddressError 555 for one
-    we do not know (SIZE=digits and BODY=7BIT|8BITMIME are known)."""
+def mail_params(params, dsn=False):
+    """The MAIL FROM parameters -> {"SIZE": n, "RET": "FULL"|"HDRS",
+    "ENVID": xtext}; AddressError 555 for one we do not know (SIZE=digits,
+    BODY=7BIT|8BITMIME, and with dsn RET and ENVID are known), 501 for a
+    DSN parameter that is malformed or given twice (RFC 3461 4.3, 4.4)."""
     out = {}
     for p in params.split():
-        key, _, value = p.upper().partition("=")
+        key, _, value = p.partition("=")
+        key = key.upper()
         if key == "SIZE" and value.isdigit():
             out["SIZE"] = int(value)
-        elif not (key == "BODY" and value in ("7BIT", "8BITMIME")):
+        elif key == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
+            pass
+        elif dsn and key in ("RET", "ENVID"):
+            if key in out:
+                raise AddressError(501, "%s given twice" % key)
+            if key == "RET" and value.upper() in ("FULL", "HDRS"):
+                out["RET"] = value.upper()
+            elif key == "ENVID" and 0 < len(value) <= ENVID_MAX and XTEXT.match(value):
+                out["ENVID"] = value
+            else:
+                raise AddressError(501, "Bad %s parameter" % key)
+        else:
             raise AddressError(555, "MAIL FROM/RCPT TO parameters not recognized "
                                     "or not implemented")
     return out
+
+
+def rcpt_params(params, dsn=False):
+    """The RCPT TO parameters -> {"NOTIFY": "NEVER" or a list of SUCCESS,
+    FAILURE, DELAY joined by commas, "ORCPT": "type;xtext"}; AddressError
+    555 for one we do not know, 501 for a malformed or repeated one."""
+    out = {}
+    for p in params.split():
+        key, _, value = p.partition("=")
+        key = key.upper()
+        if not dsn or key not in ("NOTIFY", "ORCPT"):
+            raise AddressError(555, "MAIL FROM/RCPT TO parameters not recognized "
+                                    "or not implemented")
+        if key in out:
+            raise AddressError(501, "%s given twice" % key)
+        if key == "NOTIFY":
+            words = value.upper().split(",")
+            if not (words == ["NEVER"] or words and len(set(words)) == len(words)
+                    and set(words) <= {"SUCCESS", "FAILURE", "DELAY"}):
+                raise AddressError(501, "Bad NOTIFY parameter")
+            out["NOTIFY"] = ",".join(words)
+        else:
+            kind, semi, text = value.partition(";")
+            if not (semi and ADDR_TYPE.match(kind) and text and len(value) <= ORCPT_MAX
+                    and XTEXT.match(text)):
+                raise AddressError(501, "Bad ORCPT parameter")
+            out["ORCPT"] = value
+    return out
+
+
+def xtext_decode(text):
+    """RFC 3461 4: "+XX" is the octet XX."""
+    return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), text)
+
+
+XTEXT = re.compile(r"^(?:[!-*,-<>-~]|\+[0-9A-F]{2})*$")    # RFC 3461 4
+ADDR_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,31}$")
+ENVID_MAX = 100         # RFC 3461 4.4
+ORCPT_MAX = 400         # RFC 3461 says 500; ours must fit a 512-octet envelope line
 
 
 def bare(addr):

@@ -12,6 +12,8 @@ FORMAT
     512 bytes including its LF:
 
         FROM <sender as the client typed it, <> for the null sender>
+        SENT ;DSN RET=.. ENVID=..   MAIL's DSN parameters (RFC 3461), if any
+        SENT ;DSN NOTIFY=.. ORCPT=..  the next RCPT's DSN parameters, if any
         RCPT <recipient>            one line per recipient, in order
         SENT <recipient>            a RCPT already delivered by smtpfwdd
         BODY
@@ -19,7 +21,10 @@ FORMAT
         <the message, dot-unstuffed, LF line ends>
 
     This is the format of the original Obtuse smtpd, so the C smtpfwdd can
-    deliver our files and we deliver files of the C smtpd.
+    deliver our files and we deliver files of the C smtpd.  The DSN lines
+    are ours: the C smtpfwdd skips every "SENT " line, so it delivers such a
+    file as it always did, without the sender's DSN wishes; no address can
+    begin with ";", so no recipient is ever read as one.
 
 PROTOCOL
     The mode bits are the protocol (spec 5.4):
@@ -115,15 +120,29 @@ class Odd(Exception):
     FIFO, a directory, unreadable...); str() says why."""
 
 
-def envelope(sender, recipients):
-    """The envelope bytes; ValueError if a line would exceed LINE_MAX."""
+def envelope(sender, recipients, dsn=None):
+    """The envelope bytes; ValueError if a line would exceed LINE_MAX.
+    dsn: (MAIL's DSN parameters or None, [each recipient's or None]), as
+    text "RET=HDRS ENVID=x", "NOTIFY=NEVER ORCPT=rfc822;a@b" (see FORMAT)."""
     lines = [b"FROM " + sender + b"\n"]
-    lines += [b"RCPT " + r + b"\n" for r in recipients]
+    mail, each = dsn if dsn is not None else (None, ())
+    if mail:
+        lines.append(DSN_LINE + mail.encode("ascii") + b"\n")
+    for i, r in enumerate(recipients):
+        if i < len(each) and each[i]:
+            lines.append(DSN_LINE + each[i].encode("ascii") + b"\n")
+        lines.append(b"RCPT " + r + b"\n")
     for line in lines:
         if len(line) > LINE_MAX:
             raise ValueError("envelope line of %d bytes (max %d)"
                              % (len(line), LINE_MAX))
     return b"".join(lines) + b"BODY\n"
+
+
+# A line the C smtpfwdd skips (it skips every "SENT " line) and no address
+# can begin with (";" is not atext): the DSN parameters of MAIL (after FROM)
+# or of the RCPT line that follows it.
+DSN_LINE = b"SENT ;DSN "
 
 
 def new_name():
@@ -155,8 +174,9 @@ class Draft:
     BUFFER = 65536      # bytes gathered before a writev(2)
     anonymous_ok = True     # O_TMPFILE drafts work here (until shown otherwise)
 
-    def __init__(self, spooldir, sender, recipients, name=None, token=None, anonymous=False):
-        data = envelope(sender, recipients)
+    def __init__(self, spooldir, sender, recipients, name=None, token=None, anonymous=False,
+                 dsn=None):
+        data = envelope(sender, recipients, dsn)
         self.spooldir = spooldir
         self.name = name or new_name()
         self.draft = os.path.join(spooldir, DRAFT_PREFIX + (token or self.name))
@@ -330,9 +350,10 @@ def fsync_dir(path):
 class Message:
     """A parsed spool file: sender, unsent recipients, where the body is."""
 
-    def __init__(self, sender, recipients, body_offset, arrival, sent=()):
+    def __init__(self, sender, recipients, body_offset, arrival, sent=(), dsn=None):
         self.sender = sender
         self.recipients = recipients        # [(offset of the RCPT, address)]
+        self.dsn = dsn or {}                # "mail": MAIL's DSN text; RCPT offset: its own
         self.sent = list(sent)              # addresses already delivered
         self.body_offset = body_offset
         self.arrival = arrival              # epoch (see ARRIVAL), or None
@@ -356,16 +377,26 @@ def parse(f):
         raise Malformed("corrupt (no FROM line)")
     f.seek(0)
     sender = _line(f, "FROM")[5:-1]
-    recipients, sent = [], []
+    recipients, sent, dsn, pending = [], [], {}, None
     while True:
         offset = f.tell()
         line = _line(f, "RCPT")
+        if line.startswith(DSN_LINE):       # MAIL's (RET, ENVID) or the next RCPT's
+            text = line[len(DSN_LINE):-1].decode("ascii", "replace")
+            if text.startswith(("RET=", "ENVID=")):
+                dsn["mail"] = text
+            else:
+                pending = text
+            continue
         if line.startswith(b"SENT "):
             sent.append(line[5:-1])
         elif line.startswith(b"RCPT "):
             recipients.append((offset, line[5:-1]))
+            if pending is not None:
+                dsn[offset] = pending
         else:
             break
+        pending = None
     if line != b"BODY\n":
         raise Malformed("corrupt (no BODY after RCPT)")
     if not recipients and not sent:
@@ -374,7 +405,7 @@ def parse(f):
     arrival = received_time(f)
     if arrival is None:
         arrival = libc.birth_time(f.fileno())
-    return Message(sender, recipients, body_offset, arrival, sent)
+    return Message(sender, recipients, body_offset, arrival, sent, dsn)
 
 
 def received_time(f):

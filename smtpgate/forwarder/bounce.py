@@ -70,10 +70,12 @@ class Failure:
         self.status = status        # "5.1.1"
         self.words = one_line(words)[:WORDS_MAX]
         self.detail = detail or words   # for the log and failed/NAME.reason
+        self.notify = None          # its RCPT's NOTIFY (RFC 3461), e.g. "FAILURE,DELAY"
+        self.orcpt = None           # its RCPT's ORCPT, "rfc822;a+40b" (xtext)
 
 
 def report(myname, sender, failures, headers, arrival, queue_id, action="failed",
-           until=None, now=None):
+           until=None, now=None, envid=None):
     """The notification as bytes (LF line ends)."""
     now = time.time() if now is None else now
     msg = email.message.EmailMessage(policy=POLICY)
@@ -88,7 +90,7 @@ def report(myname, sender, failures, headers, arrival, queue_id, action="failed"
     msg.make_mixed()
     msg.replace_header("Content-Type", "multipart/report")
     msg.set_param("report-type", "delivery-status")
-    msg.attach(delivery_status(myname, failures, arrival, action))
+    msg.attach(delivery_status(myname, failures, arrival, action, envid))
     original = email.message.Message(policy=POLICY)
     original.add_header("Content-Type", "text/rfc822-headers")
     original.add_header("Content-Transfer-Encoding", "8bit")
@@ -113,8 +115,9 @@ def readable(myname, failures, queue_id, action, until):
     return "\n".join(lines) + "\n"
 
 
-def delivery_status(myname, failures, arrival, action):
-    """message/delivery-status: per-message fields, then per recipient."""
+def delivery_status(myname, failures, arrival, action, envid=None):
+    """message/delivery-status: per-message fields, then per recipient
+    (RFC 3464; the sender's ENVID and each ORCPT as it gave them)."""
     def fields(pairs):
         block = email.message.Message(policy=POLICY)
         for name, value in pairs:
@@ -123,11 +126,14 @@ def delivery_status(myname, failures, arrival, action):
     part = email.message.Message(policy=POLICY)
     part.add_header("Content-Type", "message/delivery-status")
     per_message = [("Reporting-MTA", "dns; %s" % myname)]
+    if envid:
+        per_message.insert(0, ("Original-Envelope-Id", envid))
     if arrival:
         per_message.append(("Arrival-Date", email.utils.formatdate(arrival, localtime=True)))
     blocks = [fields(per_message)]
     for f in failures:
-        blocks.append(fields([("Final-Recipient", "rfc822; %s" % bare(f.rcpt)),
+        original = [("Original-Recipient", f.orcpt.replace(";", "; ", 1))] if f.orcpt else []
+        blocks.append(fields(original + [("Final-Recipient", "rfc822; %s" % bare(f.rcpt)),
                               ("Action", action), ("Status", f.status),
                               ("Diagnostic-Code", "x-unix; %s" % (f.words or "no reason given"))]))
     part.set_payload(blocks)

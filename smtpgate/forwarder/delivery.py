@@ -37,7 +37,7 @@ import buildconf
 from smtpgate import log
 from smtpgate.text import visible
 from smtpgate import spool, spooldir
-from smtpgate.address import bare
+from smtpgate.address import bare, xtext_decode
 
 TEMPORARY = (os.EX_OSERR, os.EX_OSFILE, os.EX_IOERR, os.EX_TEMPFAIL)
 # A temporary exit status that waiting cannot cure, told by the agent's own
@@ -134,16 +134,49 @@ class Delivery:
                 safe.append((off, r))
         return self.batches(sender, safe, failed)
 
-    def argv(self, sender, batch):
-        return [self.config.agent, "-oi", "-f", bare(sender) or "<>", "--"] + \
-            [bare(r) for _, r in batch]
+    def argv(self, sender, batch, notify=None):
+        return [self.config.agent, "-oi", "-f", bare(sender) or "<>"] + self.dsn_flags(notify) \
+            + ["--"] + [bare(r) for _, r in batch]
+
+    def dsn_flags(self, notify):
+        """The sender's DSN wishes (RFC 3461) as Postfix's, Sendmail's and
+        Exim's sendmail take them: -R full|hdrs, -V envid (decoded; only
+        if printable), -N for this call's recipients."""
+        flags = []
+        for word in self.msg.dsn.get("mail", "").split():
+            key, _, value = word.partition("=")
+            if key == "RET" and value in ("FULL", "HDRS"):
+                flags += ["-R", value.lower()]
+            elif key == "ENVID":
+                envid = xtext_decode(value)
+                if envid.isprintable() and envid.isascii():
+                    flags += ["-V", envid]
+        if notify:
+            flags += ["-N", notify.lower()]
+        return flags
+
+    def notify_of(self, off):
+        """NOTIFY of the recipient whose RCPT line is at off, or None."""
+        for word in self.msg.dsn.get(off, "").split():
+            if word.startswith("NOTIFY="):
+                return word[7:]
+        return None
 
     def batches(self, sender, rcpts, failed):
-        per_call = max(1, buildconf.MAXARGS - 5)
+        """Calls of at most MAXARGS arguments; recipients with different
+        NOTIFY in separate calls (their -N differs)."""
+        groups = {}
+        for off, r in rcpts:
+            groups.setdefault(self.notify_of(off), []).append((off, r))
+        calls = []
+        for notify, group in groups.items():
+            per_call = max(1, buildconf.MAXARGS - 5 - len(self.dsn_flags(notify)))
+            calls += [(notify, group[i:i + per_call]) for i in range(0, len(group), per_call)]
         done, words = [], []
-        while rcpts:
-            batch, rcpts = rcpts[:per_call], rcpts[per_call:]
-            status, why, said = self.call(self.argv(sender, batch))
+        while calls:
+            (notify, batch), calls = calls[0], calls[1:]
+            rcpts = [x for _, b in calls for x in b]
+            status, why, said = self.call(self.argv(sender, batch, notify))
             names = [r for _, r in batch]
             if status == 0:
                 done += names
@@ -219,7 +252,7 @@ class Delivery:
                        for off, r in pending]
             return self.give_up(sender, failed, [], expiry)
         if failed:      # reported now, never retried nor reported again
-            self.notify(sender, [f for _, f in failed])
+            self.notify(sender, [self.wished(off, f) for off, f in failed])
             spool.mark_sent(self.f, [off for off, _ in failed])
         self.warn_if_delayed(sender, pending, said, status, age)
         spool.defer(self.f)
@@ -232,7 +265,8 @@ class Delivery:
         if not wait or age < wait or spool.warned(self.f):
             return
         until = self.msg.arrival + buildconf.QUEUE_LIFETIME
-        self.notify(sender, [bounce.Failure(r, status, said) for _, r in pending],
+        self.notify(sender, [self.wished(off, bounce.Failure(r, status, said))
+                             for off, r in pending],
                     action="delayed", until=until)
         spool.mark_warned(self.f)
 
@@ -241,11 +275,34 @@ class Delivery:
         why = why or "; ".join("%s: %s" % (f.rcpt, f.detail) for _, f in failed)
         if done:
             why += " (delivered to %s)" % ", ".join(done)
-        self.notify(sender, [f for _, f in failed])
+        self.notify(sender, [self.wished(off, f) for off, f in failed])
         return self.quarantine(why, sender, [f.rcpt for _, f in failed])
 
+    def wished(self, off, failure):
+        """failure with the DSN wishes of the recipient at off: its NOTIFY
+        and ORCPT (RFC 3461), None where the sender gave none."""
+        for word in self.msg.dsn.get(off, "").split():
+            key, _, value = word.partition("=")
+            if key == "NOTIFY":
+                failure.notify = value
+            elif key == "ORCPT":
+                failure.orcpt = value
+        return failure
+
     def notify(self, sender, failures, action="failed", until=None):
-        """One delivery status notification to sender, into the spool."""
+        """One delivery status notification to sender, into the spool: for
+        the recipients whose NOTIFY asks for it (FAILURE, DELAY), or all
+        that gave none."""
+        wanted = "FAILURE" if action == "failed" else "DELAY"
+        unwanted = [f for f in failures if f.notify and wanted not in f.notify.split(",")]
+        if unwanted:
+            log.info("%s: no %s notification for %s: NOTIFY=%s", self.name,
+                     "delivery status" if action == "failed" else "delay",
+                     ", ".join(f.rcpt for f in unwanted),
+                     ",".join(sorted({f.notify for f in unwanted})))
+            failures = [f for f in failures if f not in unwanted]
+            if not failures:
+                return None
         rcpts = ", ".join(f.rcpt for f in failures)
         if bare(sender) in ("", "<>"):
             log.info("%s: no notification for %s: the sender is null", self.name, rcpts)
@@ -255,8 +312,10 @@ class Delivery:
                       "command line", self.name, rcpts, sender)
             return None
         headers = spool.headers(self.f.fileno(), self.msg.body_offset)
+        envid = next((w[6:] for w in self.msg.dsn.get("mail", "").split()
+                      if w.startswith("ENVID=")), None)
         data = bounce.report(self.config.myname, sender, failures, headers, self.msg.arrival,
-                             self.name, action, until)
+                             self.name, action, until, envid=envid)
         name = bounce.queue(self.config.spooldir, sender, data, self.config.myname)
         log.info("%s: %s notification %s to %s for %s", self.name,
                 "delivery status" if action == "failed" else "delay", name, sender, rcpts)

@@ -162,6 +162,7 @@ OUT_OF_SYNC = Reply(554, "Error: SMTP protocol synchronization", "5.5.0")
 PREGREET = Reply(554, "Protocol error: you talked before my greeting", "5.5.1")
 REPUTATION = Reply(554, "Service unavailable; client [%s] blocked by its network reputation",
                    "5.7.1")                                 # % client address
+BAD_DSN = Reply(501, "%s", detail="5.5.4")                  # % what is wrong (RFC 3461)
 UNKNOWN_PARAMETER = Reply(555, "MAIL FROM/RCPT TO parameters not recognized or not implemented",
                           detail="5.5.4")
 
@@ -215,6 +216,7 @@ def keywords(maxsize, tls_offered):
     """The EHLO keywords, in the order offered."""
     return ["PIPELINING", "8BITMIME", "SIZE %d" % maxsize if maxsize else "SIZE"] \
         + ["ENHANCEDSTATUSCODES"] * bool(buildconf.SMTPD_ENHANCED_STATUS_CODES) \
+        + ["DSN"] * bool(buildconf.SMTPD_DSN) \
         + ["CHUNKING"] * bool(buildconf.SMTPD_CHUNKING) \
         + ["STARTTLS"] * bool(tls_offered)
 

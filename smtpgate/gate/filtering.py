@@ -91,6 +91,9 @@ class Filtering:
             msg = rewrite.Message(draft.fd, draft.body_offset + len(self.received_header),
                                   os.fstat(draft.fd).st_size, (env.sender, env.recipients),
                                   self.judge.admits, self.config.spooldir, self.config.maxsize)
+            if env.dsn is not None or any(env.rcpt_dsn):
+                msg.dsn = (env.dsn, {r: d for r, d in reversed(list(zip(env.recipients,
+                                                                         env.rcpt_dsn)))})
             try:
                 a = self.milters.message(msg)
                 if a.kind == "continue" and msg.changed:

@@ -168,6 +168,15 @@ class Message:
         self.spooldir, self.maxsize = spooldir, maxsize
         self.changed = self.reformed = False
         self.replaced = None        # Replacement, when a filter sent a new body
+        self.dsn = None             # (MAIL's DSN text, {recipient: its DSN text}) or None
+
+    def envelope_dsn(self):
+        """spool.envelope's dsn for the recipients as they are now: one a
+        filter added has none; one kept keeps its own."""
+        if self.dsn is None:
+            return None
+        mail, each = self.dsn
+        return mail, [each.get(r) for r in self.recipients]
 
     def fields(self, leading_space):
         """(name, value) of each header, as a filter sees them: without the
@@ -289,7 +298,8 @@ class Message:
         if len(body) != end - pos:
             raise OSError(errno.EIO, "the message ended early while it was read")
         env = spool.envelope(self.sender.encode("latin-1"),
-                             [r.encode("latin-1") for r in self.recipients])
+                             [r.encode("latin-1") for r in self.recipients],
+                             self.envelope_dsn())
         draft.overwrite([env] + self.head(received) + [body], len(env))
         return True
 
@@ -297,7 +307,7 @@ class Message:
         """A new draft of the changed message, to be committed as name."""
         d = spool.Draft(self.spooldir, self.sender.encode("latin-1"),
                         [r.encode("latin-1") for r in self.recipients], name=name,
-                        token=spool.new_name(), anonymous=True)
+                        token=spool.new_name(), anonymous=True, dsn=self.envelope_dsn())
         try:
             for data in self.head(received):
                 d.write(data)

@@ -25,7 +25,7 @@ import traceback
 import buildconf
 from smtpgate import counters, log, spool, spooldir
 from smtpgate.deadline import Deadline
-from smtpgate.address import AddressError, bare, mail_params, parse_path
+from smtpgate.address import AddressError, bare, mail_params, parse_path, rcpt_params
 from smtpgate.gate import chat, verify
 from smtpgate.gate.filtering import Filtering
 from smtpgate.gate.judge import Judge
@@ -44,6 +44,8 @@ class Envelope:
         self.name = name            # the spool id, drawn at MAIL for the milters
         self.discard = None         # the filter that said discard, if one did
         self.chunks = None          # BDAT: the message's DataReader while chunks come
+        self.dsn = None             # DSN: "RET=.. ENVID=.." of MAIL, or None
+        self.rcpt_dsn = []          # DSN: "NOTIFY=.. ORCPT=.." of each recipient, or None
 
 
 class Session(Filtering):
@@ -357,27 +359,30 @@ class Session(Filtering):
             return None
 
     def mail_params(self, params):
-        """SIZE= and BODY= after EHLO; True if acceptable (else replied)."""
+        """SIZE=, BODY=, and DSN's RET= and ENVID= after EHLO: the DSN ones
+        as their envelope text ("" if none), or None (replied)."""
         if params and not self.esmtp:
             self.refuse(chat.SYNTAX)
-            return False
+            return None
         try:
-            size = mail_params(params).get("SIZE", 0)
+            got = mail_params(params, dsn=bool(buildconf.SMTPD_DSN))
         except AddressError as e:
-            self.refuse(chat.BY_CODE[e.code])
-            return False
-        if self.config.maxsize and size > self.config.maxsize:
+            self.refuse(chat.BAD_DSN % e.text if e.code == 501 else chat.BY_CODE[e.code])
+            return None
+        if self.config.maxsize and got.get("SIZE", 0) > self.config.maxsize:
             self.say(chat.TOO_BIG)
-            return False
-        return True
+            return None
+        return " ".join("%s=%s" % (k, got[k]) for k in ("RET", "ENVID") if k in got)
 
     def smtp_mail(self, arg):
         if self.helo is None or self.env.sender is not None:
             return self.refuse(chat.BAD_SEQUENCE)
         parsed = self.address(arg, "FROM:", null_ok=True)
-        if parsed is None or not self.mail_params(parsed[1]):
+        dsn = None if parsed is None else self.mail_params(parsed[1])
+        if dsn is None:
             return
         self.env = Envelope(parsed[0], spool.new_name())    # its queue id, from now on
+        self.env.dsn = dsn or None
         if self.milters is not None:
             sender = "" if parsed[0] == "<>" else bare(parsed[0])
             self.milter_values.update({"i": self.env.name, "{mail_addr}": sender})
@@ -399,12 +404,18 @@ class Session(Filtering):
         if parsed is None:
             return
         rcpt, params = parsed
-        if params:
+        if params and not self.esmtp:
             return self.refuse(chat.UNKNOWN_PARAMETER)
+        try:
+            got = rcpt_params(params, dsn=bool(buildconf.SMTPD_DSN))
+        except AddressError as e:
+            return self.refuse(chat.BAD_DSN % e.text if e.code == 501 else chat.UNKNOWN_PARAMETER)
         if len(self.env.recipients) >= buildconf.MAX_RCPT:
             return self.say(chat.TOO_MANY_RECIPIENTS)
         if self.check_rules(rcpt) and not self.milter_refused(rcpt):
             self.env.recipients.append(rcpt)
+            self.env.rcpt_dsn.append(" ".join("%s=%s" % (k, got[k]) for k in ("NOTIFY", "ORCPT")
+                                              if k in got) or None)
             shown = escape(rcpt)
             if self.config.quiet:
                 self.summary.append(" to=%s" % shown)
@@ -483,9 +494,12 @@ class Session(Filtering):
             self.milters.abort()
             return False
         try:
-            self.draft = spool.Draft(self.config.spooldir, self.env.sender.encode("latin-1"),
-                                     [r.encode("latin-1") for r in self.env.recipients],
-                                     name=self.env.name, anonymous=True)
+            env = self.env
+            self.draft = spool.Draft(self.config.spooldir, env.sender.encode("latin-1"),
+                                     [r.encode("latin-1") for r in env.recipients],
+                                     name=env.name, anonymous=True,
+                                     dsn=None if env.dsn is None and not any(env.rcpt_dsn)
+                                     else (env.dsn, env.rcpt_dsn))
             self.received_header = self.received()
             self.draft.write(self.received_header)
         except OSError as e:

@@ -5,6 +5,7 @@ import email
 import email.policy
 import glob
 import os
+import re
 import shutil
 import smtplib
 import subprocess
@@ -320,3 +321,87 @@ def test_other_temporary_words_are_still_retried(fwd_env):
         assert not os.path.exists(failed_path(fwd_env.spool, name))
     finally:
         agent.close()
+
+
+# -- DSN (issue 38): the sender's wishes reach the agent and our notices --
+
+def test_dsn_wishes_reach_the_agent_one_call_per_notify(fwd_env):
+    """RET and ENVID become -R and -V, each recipient's NOTIFY -N, and
+    recipients whose NOTIFY differs go in separate calls."""
+    rcpts = [b"<a@my.domain>", b"<b@my.domain>", b"<c@my.domain>", b"<d@my.domain>"]
+    put(fwd_env.spool, rcpts=rcpts,
+        dsn=("RET=HDRS ENVID=QQ+2B1", ["NOTIFY=NEVER", "NOTIFY=SUCCESS,FAILURE", None,
+                                       "NOTIFY=NEVER ORCPT=rfc822;d@my.domain"]))
+    fwd_env.start()
+    assert wait_for(lambda: len(fwd_env.agent.calls()) == 3)
+    calls = sorted(c["argv"][1:] for c in fwd_env.agent.calls())
+    assert calls == sorted([
+        ["-oi", "-f", "alice@example.org", "-R", "hdrs", "-V", "QQ+1", "-N", "never", "--",
+         "a@my.domain", "d@my.domain"],
+        ["-oi", "-f", "alice@example.org", "-R", "hdrs", "-V", "QQ+1", "-N", "success,failure",
+         "--", "b@my.domain"],
+        ["-oi", "-f", "alice@example.org", "-R", "hdrs", "-V", "QQ+1", "--", "c@my.domain"]])
+
+
+def test_a_message_without_dsn_is_called_as_ever(fwd_env):
+    put(fwd_env.spool, rcpts=[b"<a@my.domain>", b"<b@my.domain>"])
+    fwd_env.start()
+    assert wait_for(lambda: len(fwd_env.agent.calls()) == 1)
+    assert fwd_env.agent.calls()[0]["argv"][1:] == ["-oi", "-f", "alice@example.org", "--",
+                                                     "a@my.domain", "b@my.domain"]
+
+
+def test_notify_never_gets_no_notification_and_orcpt_envid_are_reported(fwd_env):
+    fwd_env.agent.statuses(67)
+    name = put(fwd_env.spool, rcpts=[b"<a@my.domain>", b"<b@my.domain>"],
+               dsn=("ENVID=env-1", ["NOTIFY=NEVER", "NOTIFY=FAILURE ORCPT=rfc822;B+2Bx@my.domain"]))
+    f = fwd_env.start()
+    assert wait_for(lambda: os.path.exists(failed_path(fwd_env.spool, name) + ".reason"))
+    assert wait_for(lambda: len(queued(fwd_env.spool)) == 1)
+    (bounce_name, to, rcpts), = queued(fwd_env.spool)
+    assert rcpts == ["<alice@example.org>"]
+    m = the_report(open(os.path.join(fwd_env.spool, bounce_name), "rb").read().split(b"BODY\n", 1)[1])
+    per_message, *per_rcpt = list(m.iter_parts())[1].get_payload()
+    assert per_message["Original-Envelope-Id"] == "env-1"
+    assert [b["Final-Recipient"] for b in per_rcpt] == ["rfc822; b@my.domain"]
+    assert per_rcpt[0]["Original-Recipient"] == "rfc822; B+2Bx@my.domain"
+    assert "no delivery status notification for <a@my.domain>: NOTIFY=NEVER" in f.log()
+
+
+def test_notify_never_for_all_sends_nothing(fwd_env):
+    fwd_env.agent.statuses(67)
+    name = put(fwd_env.spool, rcpts=[b"<a@my.domain>"], dsn=(None, ["NOTIFY=NEVER"]))
+    f = fwd_env.start()
+    assert wait_for(lambda: os.path.exists(failed_path(fwd_env.spool, name) + ".reason"))
+    time.sleep(1.5)
+    assert queued(fwd_env.spool) == []
+    assert "NOTIFY=NEVER" in f.log()
+
+
+@pytest.mark.skipif(not postfix.available(), reason="needs root and Debian's postfix")
+def test_dsn_wishes_reach_a_real_postfix_through_its_sendmail(smtpd, tree_factory):
+    """A client asks for success notices with an envelope id: smtpd keeps
+    the wishes, smtpfwdd passes them as -N, -R, -V to Postfix's sendmail,
+    and Postfix, having delivered, tells the sender so with that id."""
+    with postfix.instance(users=["alice", "carol"]) as mta:
+        srv = smtpd("allow:ALL:ALL:ALL\n", "-H")
+        with smtplib.SMTP(srv.addr, srv.port, timeout=30) as s:
+            s.ehlo("client.example")
+            assert s.has_extn("dsn")
+            s.sendmail(SENDER, ["carol@localhost"], b"Subject: dsn\r\n\r\nhello\r\n",
+                       mail_options=["RET=HDRS", "ENVID=env-42"],
+                       rcpt_options=["NOTIFY=SUCCESS,FAILURE"])
+        tree = tree_factory(**TEST_CONSTANTS)
+        fwd = subprocess.Popen([PYTHON, os.path.join(tree, "smtpfwdd.py"), "-F", "-P", "1",
+                                "-d", srv.jail, "-s", mta.agent(), "-u", "nobody",
+                                "-g", "nogroup"], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            mta.wait_for_mail("carol")
+            box = mta.wait_for_mail("alice").decode(errors="replace")
+        finally:
+            fwd.terminate()
+            fwd.communicate(timeout=30)
+    assert "Subject: Successful Mail Delivery Report" in box, box
+    assert "Original-Envelope-Id: env-42" in box
+    assert re.search(r"Action: (delivered|expanded)\nStatus: 2\.0\.0", box), box

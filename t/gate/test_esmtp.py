@@ -215,3 +215,56 @@ def test_bdat_pipelined_behind_mail_through_the_front_stage(daemon_):
            b"BDAT %d LAST\r\n" % len(msg) + msg)
     assert [c.reply()[0] for _ in range(3)] == [250, 250, 250]
     assert body_of(d.jail) == msg.replace(b"\r\n", b"\n")
+
+
+# ----------------------------------------------------------------- DSN ----
+
+def envelope_of(jail):
+    (name,) = spool_files(jail)
+    return open(os.path.join(jail, name), "rb").read().split(b"BODY\n", 1)[0]
+
+
+def test_dsn_parameters_are_checked_and_kept_in_the_spool(smtpd):
+    srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H")
+    assert "DSN" in c.cmd("EHLO client.example")[1]
+    assert c.cmd("MAIL FROM:%s RET=HDRS ENVID=QQ+2B1" % F)[0] == 250
+    assert c.cmd("RCPT TO:<a@my.domain> NOTIFY=success,failure ORCPT=rfc822;a@my.domain")[0] \
+        == 250
+    assert c.cmd("RCPT TO:<b@my.domain>")[0] == 250
+    assert c.cmd("RCPT TO:<c@my.domain> NOTIFY=NEVER")[0] == 250
+    assert c.cmd("DATA")[0] == 354
+    c.send("Subject: x\r\n\r\nhi\r\n.\r\n")
+    assert c.reply()[0] == 250
+    assert envelope_of(srv.jail) == (
+        b"FROM <alice@example.org>\nSENT ;DSN RET=HDRS ENVID=QQ+2B1\n"
+        b"SENT ;DSN NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a@my.domain\nRCPT <a@my.domain>\n"
+        b"RCPT <b@my.domain>\nSENT ;DSN NOTIFY=NEVER\nRCPT <c@my.domain>\n")
+
+
+def test_bad_dsn_parameters_get_501_5_5_4(smtpd):
+    srv = smtpd("allow:ALL:ALL:ALL\n", "-H")
+    for params in ("RET=ALL", "RET=FULL RET=HDRS", "ENVID=a=b", "ENVID=" + "x" * 101,
+                   "ENVID=a+zz"):
+        c = srv.connect()
+        c.reply()
+        c.cmd("EHLO client.example")
+        code, text = c.cmd("MAIL FROM:%s %s" % (F, params))
+        assert code == 501 and text[0].startswith("5.5.4 "), params
+    for params in ("NOTIFY=NEVER,SUCCESS", "NOTIFY=DELAY,DELAY", "NOTIFY=", "NOTIFY=SOMETIMES",
+                   "ORCPT=a@my.domain", "ORCPT=rfc822;", "ORCPT=rfc822;a=b",
+                   "NOTIFY=NEVER NOTIFY=NEVER", "ORCPT=rfc822;" + "x" * 400):
+        c = srv.connect()
+        c.reply()
+        c.cmd("EHLO client.example")
+        assert c.cmd("MAIL FROM:" + F)[0] == 250
+        code, text = c.cmd("RCPT TO:<a@my.domain> %s" % params)
+        assert code == 501 and text[0].startswith("5.5.4 "), params
+    assert c.cmd("RCPT TO:<a@my.domain> FOO=BAR")[0] == 555
+
+
+def test_dsn_switched_off_its_parameters_are_unknown(smtpd):
+    srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H", SMTPD_DSN=0)
+    assert "DSN" not in c.cmd("EHLO client.example")[1]
+    assert c.cmd("MAIL FROM:%s RET=HDRS" % F)[0] == 555
+    assert c.cmd("MAIL FROM:" + F)[0] == 250
+    assert c.cmd("RCPT TO:<a@my.domain> NOTIFY=NEVER")[0] == 555

@@ -561,7 +561,7 @@ def test_symbol_lists_choose_the_macros(smtpd, filters):
     ("reject", (550, ["5.5.0 Service unavailable"])),
     ("accept", (250, ["mx.my.domain pleased to meet you, client.example",
                       "PIPELINING", "8BITMIME", "SIZE 10240000",
-                      "ENHANCEDSTATUSCODES", "CHUNKING"]))])
+                      "ENHANCEDSTATUSCODES", "DSN", "CHUNKING"]))])
 def test_a_filter_that_is_down(smtpd, action, reply):
     srv = gate(smtpd, down_spec(), SMTPD_MILTER_DEFAULT_ACTION=action)
     out = session(srv)
@@ -1041,3 +1041,27 @@ def test_a_bdat_message_reaches_the_filters_as_a_data_one_does(smtpd, filters):
     c.send(b"BDAT 20 LAST\r\nSubject: b\r\n\r\nbody\r\n")
     assert c.reply() == (550, ["5.7.1 no chunks"])
     assert spool_files(srv.jail) == []
+
+
+def test_dsn_parameters_survive_a_filters_envelope_change(smtpd, filters):
+    """A filter adds a recipient and deletes another: those kept keep their
+    NOTIFY and ORCPT, MAIL's RET and ENVID stay, the added one has none
+    (issue 38)."""
+    f = filters(eom(pkt(b"+", strs(b"<carol@my.domain>")), pkt(b"-", strs(b"<bob@my.domain>")),
+                    pkt(b"b", b"New body\r\n")))
+    srv = gate(smtpd, f)
+    c = srv.connect()
+    assert c.code() == 220
+    c.cmd("EHLO client.example")
+    assert c.cmd("MAIL FROM:<alice@example.org> RET=HDRS ENVID=e1")[0] == 250
+    assert c.cmd("RCPT TO:<bob@my.domain> NOTIFY=NEVER")[0] == 250
+    assert c.cmd("RCPT TO:<dave@my.domain> NOTIFY=FAILURE ORCPT=rfc822;dave@my.domain")[0] \
+        == 250
+    assert c.cmd("DATA")[0] == 354
+    c.send(MESSAGE + b".\r\n")
+    assert c.reply()[0] == 250
+    (name,) = spool_files(srv.jail)
+    env, _ = message_of(srv.jail, name)
+    assert env == ["FROM <alice@example.org>", "SENT ;DSN RET=HDRS ENVID=e1",
+                   "SENT ;DSN NOTIFY=FAILURE ORCPT=rfc822;dave@my.domain",
+                   "RCPT <dave@my.domain>", "RCPT <carol@my.domain>"]

@@ -53,7 +53,7 @@ def test_p2_ehlo_is_answered_changed(smtpd):
     srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H", "-s", "1000000")
     assert c.cmd("EHLO x") == (250, ["mx.my.domain pleased to meet you, x",
                                      "PIPELINING", "8BITMIME", "SIZE 1000000",
-                                     "ENHANCEDSTATUSCODES", "CHUNKING"])
+                                     "ENHANCEDSTATUSCODES", "DSN", "CHUNKING"])
 
 
 def test_p4_helo_without_argument(smtpd):

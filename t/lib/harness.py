@@ -513,9 +513,9 @@ class Fwd(Daemon):
 
 
 def put(spooldir, sender=b"<alice@example.org>", rcpts=(b"<bob@my.domain>",),
-        body=None):
+        body=None, dsn=None):
     body = body if body is not None else RECEIVED % now_date() + BODY
-    with spool.Draft(spooldir, sender, list(rcpts)) as d:
+    with spool.Draft(spooldir, sender, list(rcpts), dsn=dsn) as d:
         d.write(body)
         name = d.commit()
     give_to_nobody(os.path.join(spooldir, name))
