@@ -113,6 +113,8 @@ SMTPD_ENHANCED_STATUS_CODES = 1
 SMTPD_CHUNKING = 1
 #: bool: 1 = EHLO offers DSN (RFC 3461): RET, ENVID, NOTIFY and ORCPT are kept and passed on
 SMTPD_DSN = 1
+#: bool: 1 = EHLO offers SMTPUTF8 (RFC 6531): UTF-8 addresses (IDNA 2008 domains) after MAIL's SMTPUTF8
+SMTPD_SMTPUTF8 = 1
 #: int 0..1000: errors after which each error reply waits longer
 SMTPD_SOFT_ERRORS = 5
 #: int 0..3600: seconds more each error reply waits past SMTPD_SOFT_ERRORS
@@ -290,7 +292,7 @@ INSTALL_PYTHON = /usr/bin/python3
 # the modules git knows; the tests' trees copy the same list).
 PROGRAMS = smtpd smtpfwdd checkrules
 PACKAGE = smtpgate
-PACKAGE_MODULES = __init__ address counters deadline libc log net options params privileges \
+PACKAGE_MODULES = __init__ address counters idn deadline libc log net options params privileges \
 	process shm spool spooldir store text \
 	gate/__init__ gate/admission gate/channel gate/chat gate/client gate/config gate/connection gate/dnsbl gate/engine gate/filtering gate/handoff gate/judge gate/master gate/milter gate/milterwire gate/peer gate/proxy gate/rewrite gate/rulewatch gate/sandbox gate/screen gate/session gate/start gate/tester gate/tls gate/verify gate/worker \
 	forwarder/__init__ forwarder/bounce forwarder/config forwarder/daemon forwarder/delivery forwarder/queuetool forwarder/start \

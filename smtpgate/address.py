@@ -4,27 +4,32 @@ DESCRIPTION
     parse_path(arg, null_ok) -> (stored text, parameters) or AddressError
     with the SMTP reply smtpd gives (code, text).  RFC 5321 paths; angle
     brackets optional; a source route is dropped; "<>" only where null_ok.
-    Refused: a leading '-', an unquoted ',', control or 8-bit characters,
-    unbalanced quotes or brackets, a local part over 64 octets or a path
-    over 256.  smtpd (MAIL, RCPT) and checkrules' tester use it, so the
+    Refused: a leading '-', an unquoted ',', control characters, 8-bit
+    ones unless SMTPUTF8 is in force (then UTF-8, the domain valid in IDNA
+    2008: idn.py), unbalanced quotes or brackets, a local part over 64
+    octets or a path over 256.  smtpd (MAIL, RCPT) and checkrules' tester use it, so the
     tester answers as smtpd would.
 """
 
 import re
+import unicodedata
+
+from smtpgate import idn
 
 PATH_MAX = 256
 LOCAL_MAX = 64
 
 
 class AddressError(Exception):
-    def __init__(self, code, text):
+    def __init__(self, code, text, detail=None):
         super().__init__(text)
-        self.code, self.text = code, text
+        self.code, self.text, self.detail = code, text, detail
 
 
 LABEL = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 LITERAL = re.compile(r"^\[(?:IPv6:[0-9A-Fa-f:.]+|[0-9.]+)\]$")
 PRINTABLE = re.compile(r"[\x20-\x7e]*")      # no control, DEL or 8-bit character
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 ATEXT_BAD = set('()<>[]:;@\\," ')
 
 
@@ -83,15 +88,24 @@ def valid_domain(domain):
     return all(LABEL.match(label) for label in labels)
 
 
-def parse_path(arg, null_ok):
-    """A MAIL/RCPT argument -> (stored text, params).
+def parse_path(arg, null_ok, utf8=False):
+    """A MAIL/RCPT argument -> (stored text, params); utf8: SMTPUTF8 is in
+    force (RFC 6531 3.3), so the local part and the domain (U-labels) may
+    be UTF-8 -- the stored text is then its octets.
 
     Brackets are optional; a source route is dropped; "<>" only if null_ok.
     The stored text is the address as typed (with its brackets, if any)."""
     if not arg:
         raise AddressError(501, "Address missing")
     if not PRINTABLE.fullmatch(arg):
-        raise AddressError(501, "Control or 8-bit character in address")
+        if CONTROL.search(arg):
+            raise AddressError(501, "Control character in address")
+        if not utf8:
+            raise AddressError(553, "SMTPUTF8 is required for a UTF-8 address (RFC 6531)",
+                               "5.6.7")
+        text = idn.utf8_text(arg)
+        if text is None or any(unicodedata.category(c) == "Cc" for c in text):
+            raise AddressError(553, "Not UTF-8, or a control character, in address", "5.6.7")
     path, params = split_path(arg)
     bracketed = path.startswith("<")
     inner = path[1:-1] if bracketed and path.endswith(">") else path
@@ -113,15 +127,17 @@ def parse_path(arg, null_ok):
     if len(local) > LOCAL_MAX:
         raise AddressError(553, "Local part longer than %d octets" % LOCAL_MAX)
     parse_local(local)
-    if at and not valid_domain(domain):
+    if at and not valid_domain(domain if domain.isascii()
+                               else idn.ascii_domain(idn.utf8_text(domain) or "") or "-"):
         raise AddressError(501, "Bad domain %s" % domain)
     return ("<%s>" % inner if bracketed else inner), params
 
 
-def mail_params(params, dsn=False):
+def mail_params(params, dsn=False, utf8=False):
     """The MAIL FROM parameters -> {"SIZE": n, "RET": "FULL"|"HDRS",
-    "ENVID": xtext}; AddressError 555 for one we do not know (SIZE=digits,
-    BODY=7BIT|8BITMIME, and with dsn RET and ENVID are known), 501 for a
+    "ENVID": xtext, "SMTPUTF8": True}; AddressError 555 for one we do not
+    know (SIZE=digits, BODY=7BIT|8BITMIME, with dsn RET and ENVID, with
+    utf8 SMTPUTF8 are known), 501 for a
     DSN parameter that is malformed or given twice (RFC 3461 4.3, 4.4)."""
     out = {}
     for p in params.split():
@@ -131,6 +147,8 @@ def mail_params(params, dsn=False):
             out["SIZE"] = int(value)
         elif key == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
             pass
+        elif key == "SMTPUTF8" and not value and utf8:
+            out["SMTPUTF8"] = True
         elif dsn and key in ("RET", "ENVID"):
             if key in out:
                 raise AddressError(501, "%s given twice" % key)

@@ -12,6 +12,7 @@ FORMAT
     512 bytes including its LF:
 
         FROM <sender as the client typed it, <> for the null sender>
+        SENT ;SMTPUTF8              MAIL said SMTPUTF8 (RFC 6531): UTF-8 inside
         SENT ;DSN RET=.. ENVID=..   MAIL's DSN parameters (RFC 3461), if any
         SENT ;DSN NOTIFY=.. ORCPT=..  the next RCPT's DSN parameters, if any
         RCPT <recipient>            one line per recipient, in order
@@ -21,7 +22,7 @@ FORMAT
         <the message, dot-unstuffed, LF line ends>
 
     This is the format of the original Obtuse smtpd, so the C smtpfwdd can
-    deliver our files and we deliver files of the C smtpd.  The DSN lines
+    deliver our files and we deliver files of the C smtpd.  The ";" lines
     are ours: the C smtpfwdd skips every "SENT " line, so it delivers such a
     file as it always did, without the sender's DSN wishes; no address can
     begin with ";", so no recipient is ever read as one.
@@ -120,11 +121,13 @@ class Odd(Exception):
     FIFO, a directory, unreadable...); str() says why."""
 
 
-def envelope(sender, recipients, dsn=None):
+def envelope(sender, recipients, dsn=None, utf8=False):
     """The envelope bytes; ValueError if a line would exceed LINE_MAX.
     dsn: (MAIL's DSN parameters or None, [each recipient's or None]), as
     text "RET=HDRS ENVID=x", "NOTIFY=NEVER ORCPT=rfc822;a@b" (see FORMAT)."""
     lines = [b"FROM " + sender + b"\n"]
+    if utf8:
+        lines.append(UTF8_LINE)
     mail, each = dsn if dsn is not None else (None, ())
     if mail:
         lines.append(DSN_LINE + mail.encode("ascii") + b"\n")
@@ -143,6 +146,7 @@ def envelope(sender, recipients, dsn=None):
 # can begin with (";" is not atext): the DSN parameters of MAIL (after FROM)
 # or of the RCPT line that follows it.
 DSN_LINE = b"SENT ;DSN "
+UTF8_LINE = b"SENT ;SMTPUTF8\n"     # the client said SMTPUTF8 (RFC 6531), after FROM
 
 
 def new_name():
@@ -175,8 +179,8 @@ class Draft:
     anonymous_ok = True     # O_TMPFILE drafts work here (until shown otherwise)
 
     def __init__(self, spooldir, sender, recipients, name=None, token=None, anonymous=False,
-                 dsn=None):
-        data = envelope(sender, recipients, dsn)
+                 dsn=None, utf8=False):
+        data = envelope(sender, recipients, dsn, utf8)
         self.spooldir = spooldir
         self.name = name or new_name()
         self.draft = os.path.join(spooldir, DRAFT_PREFIX + (token or self.name))
@@ -350,10 +354,11 @@ def fsync_dir(path):
 class Message:
     """A parsed spool file: sender, unsent recipients, where the body is."""
 
-    def __init__(self, sender, recipients, body_offset, arrival, sent=(), dsn=None):
+    def __init__(self, sender, recipients, body_offset, arrival, sent=(), dsn=None, utf8=False):
         self.sender = sender
         self.recipients = recipients        # [(offset of the RCPT, address)]
         self.dsn = dsn or {}                # "mail": MAIL's DSN text; RCPT offset: its own
+        self.utf8 = utf8                    # sent with SMTPUTF8 (RFC 6531)
         self.sent = list(sent)              # addresses already delivered
         self.body_offset = body_offset
         self.arrival = arrival              # epoch (see ARRIVAL), or None
@@ -377,7 +382,7 @@ def parse(f):
         raise Malformed("corrupt (no FROM line)")
     f.seek(0)
     sender = _line(f, "FROM")[5:-1]
-    recipients, sent, dsn, pending = [], [], {}, None
+    recipients, sent, dsn, pending, utf8 = [], [], {}, None, False
     while True:
         offset = f.tell()
         line = _line(f, "RCPT")
@@ -387,6 +392,9 @@ def parse(f):
                 dsn["mail"] = text
             else:
                 pending = text
+            continue
+        if line == UTF8_LINE:
+            utf8 = True
             continue
         if line.startswith(b"SENT "):
             sent.append(line[5:-1])
@@ -405,7 +413,7 @@ def parse(f):
     arrival = received_time(f)
     if arrival is None:
         arrival = libc.birth_time(f.fileno())
-    return Message(sender, recipients, body_offset, arrival, sent, dsn)
+    return Message(sender, recipients, body_offset, arrival, sent, dsn, utf8)
 
 
 def received_time(f):

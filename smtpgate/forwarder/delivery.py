@@ -91,6 +91,11 @@ def check_recipient(r):
     return None
 
 
+def octets(text):
+    """An argument as the spool's octets (its str is latin-1)."""
+    return text if text.isascii() else text.encode("latin-1")
+
+
 class Delivery:
     """The delivery process's work on one spool file (name: bytes)."""
 
@@ -135,8 +140,10 @@ class Delivery:
         return self.batches(sender, safe, failed)
 
     def argv(self, sender, batch, notify=None):
-        return [self.config.agent, "-oi", "-f", bare(sender) or "<>"] + self.dsn_flags(notify) \
-            + ["--"] + [bare(r) for _, r in batch]
+        """The agent's arguments; addresses as the octets stored (UTF-8
+        after SMTPUTF8: Postfix's sendmail detects it), never re-encoded."""
+        return [self.config.agent, "-oi", "-f", octets(bare(sender) or "<>")] \
+            + self.dsn_flags(notify) + ["--"] + [octets(bare(r)) for _, r in batch]
 
     def dsn_flags(self, notify):
         """The sender's DSN wishes (RFC 3461) as Postfix's, Sendmail's and

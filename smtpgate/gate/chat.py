@@ -217,6 +217,7 @@ def keywords(maxsize, tls_offered):
     return ["PIPELINING", "8BITMIME", "SIZE %d" % maxsize if maxsize else "SIZE"] \
         + ["ENHANCEDSTATUSCODES"] * bool(buildconf.SMTPD_ENHANCED_STATUS_CODES) \
         + ["DSN"] * bool(buildconf.SMTPD_DSN) \
+        + ["SMTPUTF8"] * bool(buildconf.SMTPD_SMTPUTF8) \
         + ["CHUNKING"] * bool(buildconf.SMTPD_CHUNKING) \
         + ["STARTTLS"] * bool(tls_offered)
 

@@ -91,6 +91,7 @@ class Filtering:
             msg = rewrite.Message(draft.fd, draft.body_offset + len(self.received_header),
                                   os.fstat(draft.fd).st_size, (env.sender, env.recipients),
                                   self.judge.admits, self.config.spooldir, self.config.maxsize)
+            msg.utf8 = env.utf8
             if env.dsn is not None or any(env.rcpt_dsn):
                 msg.dsn = (env.dsn, {r: d for r, d in reversed(list(zip(env.recipients,
                                                                          env.rcpt_dsn)))})

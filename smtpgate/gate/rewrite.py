@@ -169,6 +169,7 @@ class Message:
         self.changed = self.reformed = False
         self.replaced = None        # Replacement, when a filter sent a new body
         self.dsn = None             # (MAIL's DSN text, {recipient: its DSN text}) or None
+        self.utf8 = False           # MAIL said SMTPUTF8: so does the rewritten envelope
 
     def envelope_dsn(self):
         """spool.envelope's dsn for the recipients as they are now: one a
@@ -299,7 +300,7 @@ class Message:
             raise OSError(errno.EIO, "the message ended early while it was read")
         env = spool.envelope(self.sender.encode("latin-1"),
                              [r.encode("latin-1") for r in self.recipients],
-                             self.envelope_dsn())
+                             self.envelope_dsn(), self.utf8)
         draft.overwrite([env] + self.head(received) + [body], len(env))
         return True
 
@@ -307,7 +308,8 @@ class Message:
         """A new draft of the changed message, to be committed as name."""
         d = spool.Draft(self.spooldir, self.sender.encode("latin-1"),
                         [r.encode("latin-1") for r in self.recipients], name=name,
-                        token=spool.new_name(), anonymous=True, dsn=self.envelope_dsn())
+                        token=spool.new_name(), anonymous=True, dsn=self.envelope_dsn(),
+                        utf8=self.utf8)
         try:
             for data in self.head(received):
                 d.write(data)

@@ -46,6 +46,7 @@ class Envelope:
         self.chunks = None          # BDAT: the message's DataReader while chunks come
         self.dsn = None             # DSN: "RET=.. ENVID=.." of MAIL, or None
         self.rcpt_dsn = []          # DSN: "NOTIFY=.. ORCPT=.." of each recipient, or None
+        self.utf8 = False           # MAIL said SMTPUTF8: addresses and headers may be UTF-8
 
 
 class Session(Filtering):
@@ -343,19 +344,19 @@ class Session(Filtering):
     def smtp_ehlo(self, arg):
         self.smtp_helo(arg, esmtp=True)
 
-    def address(self, arg, keyword, null_ok):
+    def address(self, arg, keyword, null_ok, utf8=False):
         """'FROM:<a> params' -> (stored, params) or None after replying."""
         if not arg[:len(keyword)].upper() == keyword:
             self.refuse(chat.SYNTAX_ADDRESS % keyword)
             return None
         try:
-            return parse_path(arg[len(keyword):].lstrip(" "), null_ok)
+            return parse_path(arg[len(keyword):].lstrip(" "), null_ok, utf8)
         except AddressError as e:
             log.notice("refused address %s from %s: %s", escape(arg), self.where, e.text)
             if self.config.paranoid:
                 raise Closed(os.EX_PROTOCOL, "suspicious address") from None
-            self.refuse(chat.Reply(e.code, e.text,
-                                   detail="5.1.7" if keyword == "FROM:" else "5.1.3"))
+            self.refuse(chat.Reply(e.code, e.text, detail=e.detail or (
+                "5.1.7" if keyword == "FROM:" else "5.1.3")))
             return None
 
     def mail_params(self, params):
@@ -365,24 +366,29 @@ class Session(Filtering):
             self.refuse(chat.SYNTAX)
             return None
         try:
-            got = mail_params(params, dsn=bool(buildconf.SMTPD_DSN))
+            got = mail_params(params, dsn=bool(buildconf.SMTPD_DSN),
+                              utf8=bool(buildconf.SMTPD_SMTPUTF8))
         except AddressError as e:
             self.refuse(chat.BAD_DSN % e.text if e.code == 501 else chat.BY_CODE[e.code])
             return None
         if self.config.maxsize and got.get("SIZE", 0) > self.config.maxsize:
             self.say(chat.TOO_BIG)
             return None
+        self.utf8_asked = got.get("SMTPUTF8", False)
         return " ".join("%s=%s" % (k, got[k]) for k in ("RET", "ENVID") if k in got)
 
     def smtp_mail(self, arg):
         if self.helo is None or self.env.sender is not None:
             return self.refuse(chat.BAD_SEQUENCE)
-        parsed = self.address(arg, "FROM:", null_ok=True)
+        # SMTPUTF8 (RFC 6531) lets the address itself be UTF-8: look ahead
+        utf8 = bool(buildconf.SMTPD_SMTPUTF8) and self.esmtp and "SMTPUTF8" in arg.upper().split()
+        parsed = self.address(arg, "FROM:", null_ok=True, utf8=utf8)
         dsn = None if parsed is None else self.mail_params(parsed[1])
         if dsn is None:
             return
         self.env = Envelope(parsed[0], spool.new_name())    # its queue id, from now on
         self.env.dsn = dsn or None
+        self.env.utf8 = self.utf8_asked
         if self.milters is not None:
             sender = "" if parsed[0] == "<>" else bare(parsed[0])
             self.milter_values.update({"i": self.env.name, "{mail_addr}": sender})
@@ -400,7 +406,7 @@ class Session(Filtering):
     def smtp_rcpt(self, arg):
         if self.env.sender is None:
             return self.refuse(chat.BAD_SEQUENCE)
-        parsed = self.address(arg, "TO:", null_ok=False)
+        parsed = self.address(arg, "TO:", null_ok=False, utf8=self.env.utf8)
         if parsed is None:
             return
         rcpt, params = parsed
@@ -499,7 +505,7 @@ class Session(Filtering):
                                      [r.encode("latin-1") for r in env.recipients],
                                      name=env.name, anonymous=True,
                                      dsn=None if env.dsn is None and not any(env.rcpt_dsn)
-                                     else (env.dsn, env.rcpt_dsn))
+                                     else (env.dsn, env.rcpt_dsn), utf8=env.utf8)
             self.received_header = self.received()
             self.draft.write(self.received_header)
         except OSError as e:

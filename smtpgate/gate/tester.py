@@ -99,21 +99,31 @@ def line_number(message):
 
 def smtpd_refusal(sender, rcpt):
     """What smtpd answers before any rule: None, or (reply, command) for an
-    address its MAIL or RCPT refuses; else the stored (sender, rcpt)."""
+    address its MAIL or RCPT refuses; else the stored (sender, rcpt).  A
+    UTF-8 address is taken as a client that said SMTPUTF8 sends it (as its
+    octets), when smtpd offers SMTPUTF8."""
+    sender, rcpt = octets_text(sender), octets_text(rcpt)
+    utf8 = bool(buildconf.SMTPD_SMTPUTF8) and not (sender.isascii() and rcpt.isascii())
     try:
-        stored, params = parse_path(sender, null_ok=True)
+        stored, params = parse_path(sender, null_ok=True, utf8=utf8)
         mail_params(params)
         sender = stored
     except AddressError as e:
         return ("%d %s" % (e.code, e.text), "MAIL FROM"), None
     try:
-        stored, params = parse_path(rcpt, null_ok=False)
+        stored, params = parse_path(rcpt, null_ok=False, utf8=utf8)
         if params:
             raise AddressError(555, "MAIL FROM/RCPT TO parameters not recognized "
                                     "or not implemented")
     except AddressError as e:
         return ("%d %s" % (e.code, e.text), "RCPT TO"), None
     return None, (sender, stored)
+
+
+def octets_text(arg):
+    """A command-line argument as the gate holds text: one character an
+    octet (of its UTF-8)."""
+    return arg if arg.isascii() else arg.encode("utf-8", "surrogateescape").decode("latin-1")
 
 
 def say(text):

@@ -15,6 +15,7 @@ import re
 import stat
 
 import buildconf
+from smtpgate import idn
 from smtpgate import process
 from smtpgate.rules import dnslookup
 from smtpgate.rules.dnslookup import TempFail
@@ -273,7 +274,10 @@ def format_reply(template, client, sender, rcpt):
 
 def evaluate(rules, client, sender, rcpt):
     """First matching rule decides (spec 4.6); TempFail -> tempfail."""
-    f, t = strip_brackets(sender).lower(), strip_brackets(rcpt).lower()
+    f, t = strip_brackets(sender), strip_brackets(rcpt)
+    if not (f.isascii() and t.isascii()):       # SMTPUTF8: domains as A-labels
+        f, t = idn.canonical(f), idn.canonical(t)
+    f, t = f.lower(), t.lower()
     debug = []
     try:
         for rule in rules:

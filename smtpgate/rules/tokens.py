@@ -13,6 +13,7 @@ DESCRIPTION
 import ipaddress
 import re
 
+from smtpgate import idn
 from smtpgate.net import normalize_ip
 from smtpgate.rules import dnslookup
 
@@ -225,9 +226,17 @@ def compile_source(tok, warnings):
 
 
 def compile_address(tok, warnings):
-    """A from/to token -> f(address without brackets, client) -> bool."""
+    """A from/to token -> f(address without brackets, client) -> bool.
+    An internationalized domain is matched in its A-label form, as the
+    address is (idn.canonical): exämple.org and xn--exmple-cua.org are one."""
     if len(tok) >= 2 and tok[0] == "/" and tok[-1] == "/":
         return compile_string(tok, warnings)
+    if not tok.isascii():
+        label = idn.unconvertible(tok)
+        if label is not None:
+            warnings.append("%r: the label %r stays UTF-8 (a wildcard, or not IDNA 2008): "
+                            "it matches only that spelling" % (tok, label))
+        tok = idn.canonical(tok)
     if "@" not in tok:
         if tok.startswith("NS="):
             ns = on_name(ns_pattern(tok[3:], warnings))

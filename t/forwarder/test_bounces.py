@@ -405,3 +405,31 @@ def test_dsn_wishes_reach_a_real_postfix_through_its_sendmail(smtpd, tree_factor
     assert "Subject: Successful Mail Delivery Report" in box, box
     assert "Original-Envelope-Id: env-42" in box
     assert re.search(r"Action: (delivered|expanded)\nStatus: 2\.0\.0", box), box
+
+
+@pytest.mark.skipif(not postfix.available(), reason="needs root and Debian's postfix")
+def test_smtputf8_mail_reaches_a_real_postfix_through_its_sendmail(smtpd, tree_factory):
+    """A UTF-8 sender (SMTPUTF8, issue 38) is accepted, spooled as its
+    octets and handed to Postfix's sendmail untouched; with
+    smtputf8_enable = yes Postfix takes and delivers it."""
+    sender = "jörg@exämple.org"
+    with postfix.instance(users=["carol"], main={"smtputf8_enable": "yes"}) as mta:
+        srv = smtpd("allow:ALL:ALL:ALL\n", "-H")
+        with smtplib.SMTP(srv.addr, srv.port, timeout=30) as s:
+            s.ehlo("client.example")
+            assert s.has_extn("smtputf8")
+            s.sendmail(sender, ["carol@localhost"],
+                       "Subject: grüße\r\n\r\nhallo\r\n".encode("utf-8"),
+                       mail_options=["SMTPUTF8"])
+        tree = tree_factory(**TEST_CONSTANTS)
+        fwd = subprocess.Popen([PYTHON, os.path.join(tree, "smtpfwdd.py"), "-F", "-P", "1",
+                                "-d", srv.jail, "-s", mta.agent(), "-u", "nobody",
+                                "-g", "nogroup"], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            box = mta.wait_for_mail("carol")
+        finally:
+            fwd.terminate()
+            log = fwd.communicate(timeout=30)[0].decode(errors="replace")
+    assert ("Return-Path: <%s>" % sender).encode("utf-8") in box, (box, log)
+    assert "Subject: grüße".encode("utf-8") in box

@@ -268,3 +268,67 @@ def test_dsn_switched_off_its_parameters_are_unknown(smtpd):
     assert c.cmd("MAIL FROM:%s RET=HDRS" % F)[0] == 555
     assert c.cmd("MAIL FROM:" + F)[0] == 250
     assert c.cmd("RCPT TO:<a@my.domain> NOTIFY=NEVER")[0] == 555
+
+
+# ------------------------------------------------------------- SMTPUTF8 ----
+
+def u(text):
+    """Text as the octets of its UTF-8, in the str the client helper sends."""
+    return text.encode("utf-8").decode("latin-1")
+
+
+def test_smtputf8_lets_addresses_be_utf8_and_marks_the_spool(smtpd):
+    srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H")
+    assert "SMTPUTF8" in c.cmd("EHLO client.example")[1]
+    assert c.cmd(u("MAIL FROM:<jörg@exämple.org> SMTPUTF8"))[0] == 250
+    assert c.cmd(u("RCPT TO:<bøb@my.domain>"))[0] == 250
+    assert c.cmd("DATA")[0] == 354
+    c.send(u("Subject: grüße\r\n\r\nhi\r\n.\r\n"))
+    assert c.reply()[0] == 250
+    assert envelope_of(srv.jail) == ("FROM <jörg@exämple.org>\nSENT ;SMTPUTF8\n"
+                                     "RCPT <bøb@my.domain>\n").encode("utf-8")
+
+
+def test_a_utf8_address_without_smtputf8_is_553_5_6_7(smtpd):
+    srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H")
+    c.cmd("EHLO client.example")
+    code, text = c.cmd(u("MAIL FROM:<jörg@example.org>"))
+    assert code == 553 and text[0].startswith("5.6.7 ")
+    assert c.cmd("MAIL FROM:<a@example.org>")[0] == 250
+    code, text = c.cmd(u("RCPT TO:<bøb@my.domain>"))
+    assert code == 553 and text[0].startswith("5.6.7 ")
+    srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H")
+    c.cmd("HELO client.example")                     # SMTPUTF8 needs EHLO
+    assert c.cmd(u("MAIL FROM:<jörg@example.org> SMTPUTF8"))[0] == 553
+
+
+def test_bad_utf8_or_a_bad_idn_domain_is_refused(smtpd):
+    srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H")
+    c.cmd("EHLO client.example")
+    code, text = c.cmd("MAIL FROM:<j\xf6rg@example.org> SMTPUTF8")     # latin-1, not UTF-8
+    assert code == 553 and text[0].startswith("5.6.7 ")
+    assert c.cmd(u("MAIL FROM:<a@ex\u00e4mple..org> SMTPUTF8"))[0] == 501
+    assert c.cmd(u("MAIL FROM:<a@\u2615\u0301x.org> SMTPUTF8"))[0] == 501   # not IDNA 2008
+    assert c.cmd(u("MAIL FROM:<a\u0085b@example.org> SMTPUTF8"))[0] == 553  # a C1 control
+
+
+def test_rules_match_a_domain_in_both_forms(smtpd):
+    rules = ("noto:ALL:ALL:*@exämple.org:550 umlaut\n"        # (written as UTF-8)
+             "noto:ALL:ALL:*@xn--bcher-kva.example:550 buecher\n"
+             "noto:ALL:ALL:jörg@*:550 joerg\n"
+             "allow:ALL:ALL:ALL\n")
+    srv, c = start(smtpd, rules, "-H")
+    c.cmd("EHLO client.example")
+    assert c.cmd("MAIL FROM:<a@example.org> SMTPUTF8")[0] == 250
+    assert c.cmd("RCPT TO:<x@xn--exmple-cua.org>") == (550, ["5.7.1 umlaut"])
+    assert c.cmd(u("RCPT TO:<x@EXÄMPLE.org>")) == (550, ["5.7.1 umlaut"])
+    assert c.cmd(u("RCPT TO:<x@bücher.example>")) == (550, ["5.7.1 buecher"])
+    assert c.cmd(u("RCPT TO:<jörg@my.domain>")) == (550, ["5.7.1 joerg"])
+    assert c.cmd(u("RCPT TO:<jorg@my.domain>"))[0] == 250
+
+
+def test_smtputf8_switched_off(smtpd):
+    srv, c = start(smtpd, "allow:ALL:ALL:ALL\n", "-H", SMTPD_SMTPUTF8=0)
+    assert "SMTPUTF8" not in c.cmd("EHLO client.example")[1]
+    assert c.cmd("MAIL FROM:<a@example.org> SMTPUTF8")[0] == 555
+    assert c.cmd(u("MAIL FROM:<jörg@example.org> SMTPUTF8"))[0] == 553

@@ -561,7 +561,7 @@ def test_symbol_lists_choose_the_macros(smtpd, filters):
     ("reject", (550, ["5.5.0 Service unavailable"])),
     ("accept", (250, ["mx.my.domain pleased to meet you, client.example",
                       "PIPELINING", "8BITMIME", "SIZE 10240000",
-                      "ENHANCEDSTATUSCODES", "DSN", "CHUNKING"]))])
+                      "ENHANCEDSTATUSCODES", "DSN", "SMTPUTF8", "CHUNKING"]))])
 def test_a_filter_that_is_down(smtpd, action, reply):
     srv = gate(smtpd, down_spec(), SMTPD_MILTER_DEFAULT_ACTION=action)
     out = session(srv)

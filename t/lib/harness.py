@@ -85,7 +85,7 @@ def site_packages():
     src = os.path.dirname(os.path.dirname(dns.__file__))
     dst = tempfile.mkdtemp(prefix="smtpd-site-", dir="/tmp")
     os.chmod(dst, 0o755)
-    for pkg in ("dns", "daemon", "lockfile"):
+    for pkg in ("dns", "daemon", "lockfile", "idna"):
         shutil.copytree(os.path.join(src, pkg), os.path.join(dst, pkg),
                         ignore=shutil.ignore_patterns("__pycache__"))
     for d, _, files in os.walk(dst):

@@ -414,6 +414,21 @@ def test_tester_sees_the_address_as_smtpd_stores_it(tmp_path):
     assert (status, out) == (1, ["noto 550 no bob"])
 
 
+def test_tester_takes_utf8_addresses_and_both_forms_of_a_domain(tmp_path):
+    """As smtpd with SMTPUTF8 (issue 38): a UTF-8 address is tested as a
+    client that said SMTPUTF8 sends it; exämple.org is xn--exmple-cua.org."""
+    rules = tmp_path / "rules"
+    rules.write_text("noto:ALL:ALL:*@exämple.org:550 umlaut\nallow:ALL:ALL:ALL\n")
+    for rcpt in ("<jörg@exämple.org>", "<jorg@xn--exmple-cua.org>", "<jörg@EXÄMPLE.org>"):
+        status, out, err = cli("-f", str(rules), "-n", "UNKNOWN", "<a@b.example>", rcpt)
+        assert (status, out) == (1, ["noto 550 umlaut"]), (rcpt, out, err)
+    status, out, _ = cli("-f", str(rules), "-n", "UNKNOWN", "<a@b.example>", "<jörg@my.domain>")
+    assert (status, out) == (0, ["allow"])
+    status, out, _ = cli("-v", "-f", str(rules), "-n", "UNKNOWN", "<a@b.example>",
+                         "<a@ex..ämple.org>")
+    assert status == 3 and out[0].startswith("refused 501 Bad domain")
+
+
 def test_tester_prints_every_error_and_every_warning(tmp_path):
     rules = tmp_path / "rules"
     rules.write_text("allow:ALL:ALL:*my.domain\nallow:10/8:ALL:ALL\nallow:all:ALL:ALL\n"

@@ -177,7 +177,7 @@ def test_make_install_tree_and_modes(installed):
                 "smtpgate/forwarder/delivery.py", "smtpgate/rules/ruleset.py"):
         assert mode(os.path.join(d, "usr/lib/smtpd", mod)) == 0o644
     assert "PREFIX = '/usr'" in open(os.path.join(d, "usr/lib/smtpd/buildconf.py")).read()
-    for pkg in ("daemon", "lockfile", "dns"):
+    for pkg in ("daemon", "lockfile", "dns", "idna"):
         assert os.path.isdir(os.path.join(d, "usr/lib/smtpd/vendor", pkg))
     for page in ("man8/smtpd.8", "man8/smtpfwdd.8", "man8/smtpq.8", "man8/checkrules.8",
                  "man5/smtpd_check_rules.5"):
