@@ -72,12 +72,15 @@ class Filtering:
             self.count_error()
         return True
 
-    def milter_refused(self, rcpt):
-        """After the rules allowed rcpt: do the filters refuse it?"""
+    def milter_refused(self, rcpt, params=""):
+        """After the rules allowed rcpt: do the filters refuse it?  They
+        see its ESMTP parameters (DSN's NOTIFY, ORCPT) as Postfix passes
+        them: further arguments of the RCPT packet."""
         if self.milters is None:
             return False
         self.milter_values["{rcpt_addr}"] = bare(rcpt)
-        return self.milter_said(self.milters.rcpt(["<%s>" % bare(rcpt)]), "RCPT", rcpt)
+        return self.milter_said(self.milters.rcpt(["<%s>" % bare(rcpt)] + params.split()),
+                                "RCPT", rcpt)
 
     def milter_judge(self, env):
         """The end of the message: the filters judge the draft; their

@@ -418,7 +418,7 @@ class Session(Filtering):
             return self.refuse(chat.BAD_DSN % e.text if e.code == 501 else chat.UNKNOWN_PARAMETER)
         if len(self.env.recipients) >= buildconf.MAX_RCPT:
             return self.say(chat.TOO_MANY_RECIPIENTS)
-        if self.check_rules(rcpt) and not self.milter_refused(rcpt):
+        if self.check_rules(rcpt) and not self.milter_refused(rcpt, params):
             self.env.recipients.append(rcpt)
             self.env.rcpt_dsn.append(" ".join("%s=%s" % (k, got[k]) for k in ("NOTIFY", "ORCPT")
                                               if k in got) or None)

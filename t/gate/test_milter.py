@@ -1044,7 +1044,8 @@ def test_a_bdat_message_reaches_the_filters_as_a_data_one_does(smtpd, filters):
 
 
 def test_dsn_parameters_survive_a_filters_envelope_change(smtpd, filters):
-    """A filter adds a recipient and deletes another: those kept keep their
+    """The filters see MAIL's and RCPT's ESMTP parameters as Postfix passes
+    them; one adds a recipient and deletes another: those kept keep their
     NOTIFY and ORCPT, MAIL's RET and ENVID stay, the added one has none
     (issue 38)."""
     f = filters(eom(pkt(b"+", strs(b"<carol@my.domain>")), pkt(b"-", strs(b"<bob@my.domain>")),
@@ -1060,6 +1061,12 @@ def test_dsn_parameters_survive_a_filters_envelope_change(smtpd, filters):
     assert c.cmd("DATA")[0] == 354
     c.send(MESSAGE + b".\r\n")
     assert c.reply()[0] == 250
+    conn = f.sessions[-1]
+    assert [p for cmd, p in conn.events if cmd == b"M"] == [b"<alice@example.org>\0RET=HDRS\0"
+                                                            b"ENVID=e1\0"]
+    assert [p for cmd, p in conn.events if cmd == b"R"] == [
+        b"<bob@my.domain>\0NOTIFY=NEVER\0",
+        b"<dave@my.domain>\0NOTIFY=FAILURE\0ORCPT=rfc822;dave@my.domain\0"]
     (name,) = spool_files(srv.jail)
     env, _ = message_of(srv.jail, name)
     assert env == ["FROM <alice@example.org>", "SENT ;DSN RET=HDRS ENVID=e1",
