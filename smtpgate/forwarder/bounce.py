@@ -24,6 +24,7 @@ import email.headerregistry  # noqa: F401   unprivileged user who may not
 import email.message                      # reach the library by then)
 import email.policy
 import email.utils
+import os
 import time
 
 from smtpgate import spool
@@ -78,9 +79,11 @@ def report(myname, sender, failures, headers, arrival, queue_id, action="failed"
            until=None, now=None, envid=None):
     """The notification as bytes (LF line ends)."""
     now = time.time() if now is None else now
-    msg = email.message.EmailMessage(policy=POLICY)
+    international = not (sender.isascii() and all(f.rcpt.isascii() for f in failures))
+    policy = POLICY.clone(utf8=True) if international else POLICY   # RFC 6532, 6533
+    msg = email.message.EmailMessage(policy=policy)
     msg["From"] = "MAILER-DAEMON@%s (Mail Delivery System)" % myname
-    msg["To"] = bare(sender)
+    msg["To"] = unicode_of(bare(sender))
     msg["Subject"] = ("Undelivered Mail Returned to Sender" if action == "failed"
                       else "Delayed Mail (still being retried)")
     msg["Date"] = email.utils.formatdate(now, localtime=True)
@@ -90,13 +93,32 @@ def report(myname, sender, failures, headers, arrival, queue_id, action="failed"
     msg.make_mixed()
     msg.replace_header("Content-Type", "multipart/report")
     msg.set_param("report-type", "delivery-status")
-    msg.attach(delivery_status(myname, failures, arrival, action, envid))
-    original = email.message.Message(policy=POLICY)
-    original.add_header("Content-Type", "text/rfc822-headers")
+    status = delivery_status(myname, failures, arrival, action, envid, international)
+    msg.attach(status)
+    original = email.message.Message(policy=policy)
+    original.add_header("Content-Type", "message/global-headers" if international
+                        else "text/rfc822-headers")
     original.add_header("Content-Transfer-Encoding", "8bit")
     original.set_payload(headers.decode("utf-8", "surrogateescape"))
     msg.attach(original)
-    return msg.as_bytes(policy=POLICY.clone(cte_type="8bit"))
+    data = msg.as_bytes(policy=policy.clone(cte_type="8bit"))
+    if international:
+        data = data.replace(GLOBAL_TOKEN.encode(), status.fields, 1)
+    return data
+
+
+GLOBAL_TOKEN = "@@global-delivery-status-%s@@" % os.urandom(8).hex()
+
+
+def unicode_of(address):
+    """A stored address (octets as str) as text: its UTF-8 decoded (RFC
+    6533's utf-8 address type), else as it is."""
+    if address.isascii():
+        return address
+    try:
+        return address.encode("latin-1").decode("utf-8")
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        return address
 
 
 def readable(myname, failures, queue_id, action, until):
@@ -111,20 +133,22 @@ def readable(myname, failures, queue_id, action, until):
                       email.utils.formatdate(until, localtime=True) if until else "it expires")]
     lines.append("")
     for f in failures:
-        lines.append("%s: %s" % (bare(f.rcpt), f.words or "no reason given"))
+        lines.append("%s: %s" % (unicode_of(bare(f.rcpt)), f.words or "no reason given"))
     return "\n".join(lines) + "\n"
 
 
-def delivery_status(myname, failures, arrival, action, envid=None):
+def delivery_status(myname, failures, arrival, action, envid=None, international=False):
     """message/delivery-status: per-message fields, then per recipient
-    (RFC 3464; the sender's ENVID and each ORCPT as it gave them)."""
+    (RFC 3464; the sender's ENVID and each ORCPT as it gave them); with a
+    UTF-8 address, message/global-delivery-status (RFC 6533)."""
     def fields(pairs):
         block = email.message.Message(policy=POLICY)
         for name, value in pairs:
             block[name] = value
         return block
     part = email.message.Message(policy=POLICY)
-    part.add_header("Content-Type", "message/delivery-status")
+    part.add_header("Content-Type", "message/global-delivery-status" if international
+                    else "message/delivery-status")
     per_message = [("Reporting-MTA", "dns; %s" % myname)]
     if envid:
         per_message.insert(0, ("Original-Envelope-Id", envid))
@@ -133,9 +157,19 @@ def delivery_status(myname, failures, arrival, action, envid=None):
     blocks = [fields(per_message)]
     for f in failures:
         original = [("Original-Recipient", f.orcpt.replace(";", "; ", 1))] if f.orcpt else []
-        blocks.append(fields(original + [("Final-Recipient", "rfc822; %s" % bare(f.rcpt)),
+        rcpt = bare(f.rcpt)
+        final = "rfc822; %s" % rcpt if rcpt.isascii() else "utf-8; %s" % unicode_of(rcpt)
+        blocks.append(fields(original + [("Final-Recipient", final),
                               ("Action", action), ("Status", f.status),
                               ("Diagnostic-Code", "x-unix; %s" % (f.words or "no reason given"))]))
+    if international:       # (the email package writes only delivery-status' blocks)
+        part.add_header("Content-Transfer-Encoding", "8bit")
+        # (the email package writes a message/* text as ASCII only: a token
+        # stands for the UTF-8 fields, put in by report() once written)
+        text = "\n".join("".join("%s: %s\n" % kv for kv in b.items()) for b in blocks)
+        part.set_payload(GLOBAL_TOKEN)
+        part.fields = text.encode("utf-8")
+        return part
     part.set_payload(blocks)
     return part
 
@@ -144,7 +178,8 @@ def queue(spooldir, sender, message, myname):
     """Commit the notification to the spool for sender; its name."""
     received = ("Received: by %s (smtpfwdd) with local id bounce;\n\t%s\n"
                 % (myname, email.utils.formatdate(localtime=True))).encode()
-    with spool.Draft(spooldir, b"<>", [sender.encode("latin-1")]) as d:
+    with spool.Draft(spooldir, b"<>", [sender.encode("latin-1")],
+                     utf8=not sender.isascii()) as d:      # RFC 6533: sent SMTPUTF8
         d.write(received)
         d.write(message)
         return d.commit()

@@ -433,3 +433,22 @@ def test_smtputf8_mail_reaches_a_real_postfix_through_its_sendmail(smtpd, tree_f
             log = fwd.communicate(timeout=30)[0].decode(errors="replace")
     assert ("Return-Path: <%s>" % sender).encode("utf-8") in box, (box, log)
     assert "Subject: grüße".encode("utf-8") in box
+
+
+def test_a_notification_to_a_utf8_sender_is_international(fwd_env):
+    """RFC 6533: to a UTF-8 sender, about a UTF-8 recipient, the report is
+    message/global-delivery-status with headers in UTF-8, and its spool
+    file is marked SMTPUTF8 (issue 38)."""
+    fwd_env.agent.statuses(67)
+    sender, rcpt = "<jörg@exämple.org>".encode(), "<bøb@my.domain>".encode()
+    name = put(fwd_env.spool, sender=sender, rcpts=[rcpt], dsn=None)
+    fwd_env.start()
+    assert wait_for(lambda: os.path.exists(failed_path(fwd_env.spool, name) + ".reason"))
+    assert wait_for(lambda: len(queued(fwd_env.spool)) == 1)
+    (bounce_name, _, rcpts), = queued(fwd_env.spool)
+    data = open(os.path.join(fwd_env.spool, bounce_name), "rb").read()
+    envelope, body = data.split(b"BODY\n", 1)
+    assert envelope == b"FROM <>\nSENT ;SMTPUTF8\nRCPT " + sender + b"\n"
+    assert "To: jörg@exämple.org\n".encode() in body
+    assert b"Content-Type: message/global-delivery-status" in body
+    assert "Final-Recipient: utf-8; bøb@my.domain".encode() in body
