@@ -10,7 +10,11 @@ message as sent, with the same size limit and the same commit."""
 
 import os
 import re
+import subprocess
 
+import pytest
+
+import postfix
 from harness import spool_files, wait_for
 
 F = "<alice@example.org>"
@@ -332,3 +336,30 @@ def test_smtputf8_switched_off(smtpd):
     assert "SMTPUTF8" not in c.cmd("EHLO client.example")[1]
     assert c.cmd("MAIL FROM:<a@example.org> SMTPUTF8")[0] == 555
     assert c.cmd(u("MAIL FROM:<jörg@example.org> SMTPUTF8"))[0] == 553
+
+
+# ---------------------------------------------- a real client: Postfix ----
+
+@pytest.mark.skipif(not postfix.available(), reason="needs root and Debian's postfix")
+def test_postfix_as_the_sender_uses_smtputf8_dsn_and_enhanced_codes(daemon_):
+    """Postfix's smtp client (smtputf8_enable = yes) relays a message with
+    a UTF-8 sender and DSN wishes to us: it says SMTPUTF8, RET, ENVID,
+    NOTIFY and ORCPT, and our spool keeps them all."""
+    d = daemon_("allow:ALL:ALL:ALL\n").wait_ready()
+    main = {"relayhost": "[127.0.0.1]:%d" % d.port, "smtp_dns_support_level": "disabled",
+            "mydestination": "localhost", "smtputf8_enable": "yes"}
+    with postfix.instance(main=main) as mta:
+        p = subprocess.run(mta.sendmail() + ["-oi", "-N", "success,failure", "-R", "hdrs",
+                                             "-V", "env-7", "-f", "jörg@exämple.org",
+                                             "bob@my.domain"],
+                           input="Subject: grüße\n\nhallo\n".encode(), capture_output=True,
+                           env=dict(os.environ, MAIL_CONFIG=mta.etc), timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert wait_for(lambda: spool_files(d.jail), 60), mta.log()
+        assert wait_for(lambda: "status=sent" in mta.log()), mta.log()
+        log = mta.log()
+    assert re.search(r"dsn=2\.[0-9]\.[0-9]", log)
+    env = envelope_of(d.jail).decode("utf-8")
+    assert env.startswith("FROM <jörg@exämple.org>\nSENT ;SMTPUTF8\nSENT ;DSN RET=HDRS ENVID=env-7\n")
+    assert "SENT ;DSN NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob@my.domain\nRCPT <bob@my.domain>\n" \
+        in env, env
