@@ -10,6 +10,7 @@ message as sent, with the same size limit and the same commit."""
 
 import os
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -363,3 +364,19 @@ def test_postfix_as_the_sender_uses_smtputf8_dsn_and_enhanced_codes(daemon_):
     assert env.startswith("FROM <jörg@exämple.org>\nSENT ;SMTPUTF8\nSENT ;DSN RET=HDRS ENVID=env-7\n")
     assert "SENT ;DSN NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob@my.domain\nRCPT <bob@my.domain>\n" \
         in env, env
+
+
+@pytest.mark.skipif(not shutil.which("swaks"), reason="needs swaks")
+def test_swaks_pipelining_sees_the_codes_and_is_accepted(smtpd):
+    """A real client pipelining after EHLO (swaks --pipeline): one group,
+    every reply with its enhanced code, the message accepted."""
+    srv = smtpd("allow:ALL:ALL:ALL\n", "-H")
+    p = subprocess.run(["swaks", "--pipeline", "--server", "%s:%d" % (srv.addr, srv.port),
+                        "--from", "alice@example.org", "--to", "bob@my.domain",
+                        "--helo", "client.example", "--timeout", "20"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "<-  250 2.1.0 sender is <alice@example.org>, sender OK" in p.stdout, p.stdout
+    assert re.search(r"<-  250 2\.1\.5 recipient <bob@my\.domain>, recipient OK", p.stdout)
+    assert re.search(r"<-  250 2\.0\.0 Message accepted for delivery", p.stdout)
+    assert len(spool_files(srv.jail)) == 1
