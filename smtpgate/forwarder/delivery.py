@@ -148,15 +148,16 @@ class Delivery:
     def dsn_flags(self, notify):
         """The sender's DSN wishes (RFC 3461) as Postfix's, Sendmail's and
         Exim's sendmail take them: -R full|hdrs, -V envid (decoded; only
-        if printable), -N for this call's recipients."""
+        if printable and not beginning with "-"), -N for this call's
+        recipients."""
         flags = []
         for word in self.msg.dsn.get("mail", "").split():
             key, _, value = word.partition("=")
             if key == "RET" and value in ("FULL", "HDRS"):
                 flags += ["-R", value.lower()]
             elif key == "ENVID":
-                envid = xtext_decode(value)
-                if envid.isprintable() and envid.isascii():
+                envid = xtext_decode(value)     # (never one an agent might take for an option)
+                if envid.isprintable() and envid.isascii() and not envid.startswith("-"):
                     flags += ["-V", envid]
         if notify:
             flags += ["-N", notify.lower()]

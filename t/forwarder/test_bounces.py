@@ -343,6 +343,14 @@ def test_dsn_wishes_reach_the_agent_one_call_per_notify(fwd_env):
         ["-oi", "-f", "alice@example.org", "-R", "hdrs", "-V", "QQ+1", "--", "c@my.domain"]])
 
 
+def test_an_envid_that_looks_like_an_option_is_not_passed(fwd_env):
+    put(fwd_env.spool, rcpts=[b"<a@my.domain>"], dsn=("ENVID=-oQ/tmp/x", [None]))
+    fwd_env.start()
+    assert wait_for(lambda: len(fwd_env.agent.calls()) == 1)
+    assert fwd_env.agent.calls()[0]["argv"][1:] == ["-oi", "-f", "alice@example.org", "--",
+                                                     "a@my.domain"]
+
+
 def test_a_message_without_dsn_is_called_as_ever(fwd_env):
     put(fwd_env.spool, rcpts=[b"<a@my.domain>", b"<b@my.domain>"])
     fwd_env.start()

@@ -92,7 +92,8 @@ ATTACKS = [
     ("<a@b.example,c@d.example>", True),
     ("<a@b.example>,c@d.example", True),
     ('<"a,b"@c.example>', False),
-    ("<a@b.example> NOTIFY=NEVER", True),
+    ("<a@b.example> NOTIFY=NEVER,-oQ/tmp/x", True),     # (NOTIFY=NEVER alone is DSN's)
+    ("<a@b.example> FOO=BAR", True),
     ("<a\x01b@c.example>", True),
     ("<a\x7fb@c.example>", True),
     ("<a\xe9b@c.example>", True),
@@ -154,7 +155,8 @@ def test_injection_through_addresses_is_harmless_end_to_end(smtpd, tree_factory)
 
 
 @pytest.mark.parametrize("sender", ["-oQ/tmp/x@a.example", "<-f@x.example>",
-                                    "<a@b.example,c@d.example>", "<a@b.example> RET=FULL"])
+                                    "<a@b.example,c@d.example>", "<a@b.example> RET=-oQ",
+                                    "<a@b.example> ENVID=a=b", "<a@b.example> NOTIFY=NEVER"])
 def test_hostile_senders_refused(smtpd, sender):
     srv = smtpd("allow:ALL:ALL:ALL\n", "-H")
     c = srv.connect()
