@@ -43,12 +43,18 @@ def ascii_domain(domain):
 
 def canonical(text):
     """An address or pattern (octets-str) with each non-ASCII label of its
-    domain in A-label form; unchanged when all ASCII or not convertible."""
+    domain in A-label form and a UTF-8 local part in lower case (Unicode's,
+    as ASCII's is lowered for every address); unchanged when all ASCII or
+    not UTF-8."""
     if text.isascii():
         return text
     local, at, domain = text.rpartition("@")
     if not at:
         local, domain = "", text
+    if not local.isascii():
+        u = utf8_text(local)
+        if u is not None:
+            local = u.lower().encode("utf-8").decode("latin-1")
     u = utf8_text(domain)
     if u is None:
         return text

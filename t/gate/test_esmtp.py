@@ -329,6 +329,7 @@ def test_rules_match_a_domain_in_both_forms(smtpd):
     assert c.cmd(u("RCPT TO:<x@EXÄMPLE.org>")) == (550, ["5.7.1 umlaut"])
     assert c.cmd(u("RCPT TO:<x@bücher.example>")) == (550, ["5.7.1 buecher"])
     assert c.cmd(u("RCPT TO:<jörg@my.domain>")) == (550, ["5.7.1 joerg"])
+    assert c.cmd(u("RCPT TO:<JÖRG@my.domain>")) == (550, ["5.7.1 joerg"])    # Unicode's case
     assert c.cmd(u("RCPT TO:<jorg@my.domain>"))[0] == 250
 
 
