@@ -386,6 +386,9 @@ class Session(Filtering):
         dsn = None if parsed is None else self.mail_params(parsed[1])
         if dsn is None:
             return
+        if not (self.utf8_asked or parsed[0].isascii()):    # (the look-ahead was fooled)
+            return self.refuse(chat.Reply(553, "SMTPUTF8 is required for a UTF-8 address "
+                                               "(RFC 6531)", detail="5.6.7"))
         self.env = Envelope(parsed[0], spool.new_name())    # its queue id, from now on
         self.env.dsn = dsn or None
         self.env.utf8 = self.utf8_asked

@@ -315,6 +315,7 @@ def test_bad_utf8_or_a_bad_idn_domain_is_refused(smtpd):
     assert c.cmd(u("MAIL FROM:<a@ex\u00e4mple..org> SMTPUTF8"))[0] == 501
     assert c.cmd(u("MAIL FROM:<a@\u2615\u0301x.org> SMTPUTF8"))[0] == 501   # not IDNA 2008
     assert c.cmd(u("MAIL FROM:<a\u0085b@example.org> SMTPUTF8"))[0] == 553  # a C1 control
+    assert c.cmd(u('MAIL FROM:<"x SMTPUTF8 y"@exämple.org>'))[0] == 553     # not a parameter
 
 
 def test_rules_match_a_domain_in_both_forms(smtpd):
