@@ -51,6 +51,16 @@ def ignore_stop_signals():
         signal.signal(sig, signal.SIG_IGN)
 
 
+def close_all(things):
+    """Close each descriptor or socket-like object, ignoring those already
+    closed (a forked child letting go of its parent's)."""
+    for x in things:
+        try:
+            os.close(x if isinstance(x, int) else x.fileno())
+        except OSError:
+            pass
+
+
 def drain(fd):
     """Read a non-blocking pipe (a signal wakeup fd) empty."""
     try:

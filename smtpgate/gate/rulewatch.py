@@ -57,11 +57,7 @@ class Watcher:
             status = os.EX_SOFTWARE
             try:
                 ours.close()
-                for x in self.close_in_child():
-                    try:
-                        os.close(x if isinstance(x, int) else x.fileno())
-                    except OSError:
-                        pass
+                process.close_all(self.close_in_child())
                 status = self.child(theirs)
             except BaseException as e:      # noqa: B036 -- a child never returns
                 log.crit("rules watcher: %s: %s", type(e).__name__, e)

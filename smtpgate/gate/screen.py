@@ -742,11 +742,7 @@ class Handle:
             status = os.EX_SOFTWARE
             try:
                 ours.close()
-                for x in self.close_in_child():
-                    try:
-                        os.close(x if isinstance(x, int) else x.fileno())
-                    except OSError:
-                        pass
+                process.close_all(self.close_in_child())
                 process.child_signals(signal.SIGTERM, signal.SIGCHLD)
                 process.leave_terminal(self.stderr and self.stderr.w)
                 process.set_title("smtpd: screen")

@@ -360,8 +360,8 @@ class Session(Filtering):
             return None
 
     def mail_params(self, params):
-        """SIZE=, BODY=, and DSN's RET= and ENVID= after EHLO: the DSN ones
-        as their envelope text ("" if none), or None (replied)."""
+        """SIZE=, BODY=, DSN's RET= and ENVID=, SMTPUTF8 after EHLO: (the DSN
+        ones as their envelope text or None, SMTPUTF8 said), or None (replied)."""
         if params and not self.esmtp:
             self.refuse(chat.SYNTAX)
             return None
@@ -374,8 +374,8 @@ class Session(Filtering):
         if self.config.maxsize and got.get("SIZE", 0) > self.config.maxsize:
             self.say(chat.TOO_BIG)
             return None
-        self.utf8_asked = got.get("SMTPUTF8", False)
-        return " ".join("%s=%s" % (k, got[k]) for k in ("RET", "ENVID") if k in got)
+        return (" ".join("%s=%s" % (k, got[k]) for k in ("RET", "ENVID") if k in got) or None,
+                got.get("SMTPUTF8", False))
 
     def smtp_mail(self, arg):
         if self.helo is None or self.env.sender is not None:
@@ -383,15 +383,15 @@ class Session(Filtering):
         # SMTPUTF8 (RFC 6531) lets the address itself be UTF-8: look ahead
         utf8 = bool(buildconf.SMTPD_SMTPUTF8) and self.esmtp and "SMTPUTF8" in arg.upper().split()
         parsed = self.address(arg, "FROM:", null_ok=True, utf8=utf8)
-        dsn = None if parsed is None else self.mail_params(parsed[1])
-        if dsn is None:
+        got = None if parsed is None else self.mail_params(parsed[1])
+        if got is None:
             return
-        if not (self.utf8_asked or parsed[0].isascii()):    # (the look-ahead was fooled)
+        dsn, utf8 = got
+        if not (utf8 or parsed[0].isascii()):       # (the look-ahead was fooled)
             return self.refuse(chat.Reply(553, "SMTPUTF8 is required for a UTF-8 address "
                                                "(RFC 6531)", detail="5.6.7"))
         self.env = Envelope(parsed[0], spool.new_name())    # its queue id, from now on
-        self.env.dsn = dsn or None
-        self.env.utf8 = self.utf8_asked
+        self.env.dsn, self.env.utf8 = dsn, utf8
         if self.milters is not None:
             sender = "" if parsed[0] == "<>" else bare(parsed[0])
             self.milter_values.update({"i": self.env.name, "{mail_addr}": sender})

@@ -16,8 +16,8 @@ import pytest
 
 import postfix
 from smtpgate import spool
-from harness import (children, needs_gdb, put, PYTHON, RECEIVED, run_inside, spool_files,
-                     TEST_CONSTANTS, wait_for)
+from harness import (children, Fwd, needs_gdb, put, PYTHON, RECEIVED, run_inside,
+                     spool_files, TEST_CONSTANTS, wait_for)
 
 SENDER = "alice@localhost"
 
@@ -399,17 +399,12 @@ def test_dsn_wishes_reach_a_real_postfix_through_its_sendmail(smtpd, tree_factor
             s.sendmail(SENDER, ["carol@localhost"], b"Subject: dsn\r\n\r\nhello\r\n",
                        mail_options=["RET=HDRS", "ENVID=env-42"],
                        rcpt_options=["NOTIFY=SUCCESS,FAILURE"])
-        tree = tree_factory(**TEST_CONSTANTS)
-        fwd = subprocess.Popen([PYTHON, os.path.join(tree, "smtpfwdd.py"), "-F", "-P", "1",
-                                "-d", srv.jail, "-s", mta.agent(), "-u", "nobody",
-                                "-g", "nogroup"], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        fwd = Fwd(tree_factory(**TEST_CONSTANTS), srv.jail, mta.agent())
         try:
             mta.wait_for_mail("carol")
             box = mta.wait_for_mail("alice").decode(errors="replace")
         finally:
-            fwd.terminate()
-            fwd.communicate(timeout=30)
+            fwd.stop()
     assert "Subject: Successful Mail Delivery Report" in box, box
     assert "Original-Envelope-Id: env-42" in box
     assert re.search(r"Action: (delivered|expanded)\nStatus: 2\.0\.0", box), box
@@ -429,16 +424,12 @@ def test_smtputf8_mail_reaches_a_real_postfix_through_its_sendmail(smtpd, tree_f
             s.sendmail(sender, ["carol@localhost"],
                        "Subject: grüße\r\n\r\nhallo\r\n".encode("utf-8"),
                        mail_options=["SMTPUTF8"])
-        tree = tree_factory(**TEST_CONSTANTS)
-        fwd = subprocess.Popen([PYTHON, os.path.join(tree, "smtpfwdd.py"), "-F", "-P", "1",
-                                "-d", srv.jail, "-s", mta.agent(), "-u", "nobody",
-                                "-g", "nogroup"], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        fwd = Fwd(tree_factory(**TEST_CONSTANTS), srv.jail, mta.agent())
         try:
             box = mta.wait_for_mail("carol")
         finally:
-            fwd.terminate()
-            log = fwd.communicate(timeout=30)[0].decode(errors="replace")
+            fwd.stop()
+            log = fwd.log()
     assert ("Return-Path: <%s>" % sender).encode("utf-8") in box, (box, log)
     assert "Subject: grüße".encode("utf-8") in box
 
