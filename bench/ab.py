@@ -19,9 +19,7 @@ DESCRIPTION
 import getopt
 import os
 import shlex
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,31 +55,9 @@ def tree_cpu(pid):
 
 
 def start(src, work, port, flags, makevars):
-    tree = os.path.join(work, "tree")
-    os.makedirs(tree)
-    for f in os.listdir(src):       # a flat tree (before the package) or not
-        if f.endswith(".py") and f != "buildconf.py" or f == "Makefile":
-            shutil.copy(os.path.join(src, f), tree)
-    if os.path.isdir(os.path.join(src, "smtpgate")):
-        shutil.copytree(os.path.join(src, "smtpgate"), os.path.join(tree, "smtpgate"),
-                        ignore=shutil.ignore_patterns("__pycache__"))
-    run.sh("make", "-s", "-C", tree, "buildconf.py", "SMTPD_MAX_PER_IP=200",
-           "SMTPD_PREFORK=8", *makevars, stdout=subprocess.DEVNULL)
-    run.compiled(tree)
-    jail = os.path.join(work, "jail")
-    os.makedirs(os.path.join(jail, "etc"))
-    open(os.path.join(jail, "etc", "smtpd_check_rules"), "w").write(run.RULES)
-    ids = []
-    if run.ROOT:
-        shutil.chown(jail, "nobody")
-        ids = ["-u", "nobody", "-g", "nogroup"]
-    os.chmod(jail, 0o700)
-    log = open(os.path.join(work, "smtpd.log"), "wb")
-    p = subprocess.Popen([run.PY, os.path.join(tree, "smtpd.py"), "-D", "-F", "-H", "-q",
-                          "-c", jail, "-l", "127.0.0.1", "-p", str(port), "-M", "64",
-                          "-m", "bench.example", "-i", os.path.join(work, "smtpd.pid")]
-                         + ids + shlex.split(flags), stdout=log, stderr=log)
-    run.wait_port(port)
+    p, jail, _ = run.start_gate(src, work, port,
+                                ["SMTPD_MAX_PER_IP=200", "SMTPD_PREFORK=8"] + list(makevars),
+                                ["-M", "64"] + shlex.split(flags))
     return p, jail
 
 

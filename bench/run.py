@@ -103,15 +103,24 @@ def wait_port(port, timeout=30):
 # ---------------------------------------------------------------- servers ----
 
 def start_ours(work):
+    # One client address drives every session, so lift the per-address cap.
+    return start_gate(TOP, work, PORTS["smtpd"], ["SMTPD_MAX_PER_IP=200", "SMTPD_PREFORK=8"],
+                      ["-M", "64"])
+
+
+def start_gate(src, work, port, makevars=(), flags=()):
+    """smtpd -D -F -H -q built from the checkout src (flat, before the
+    package, or not) with these Makefile variables, jailed in work/jail,
+    listening on 127.0.0.1:port -> (Popen, jail, tree)."""
     tree = os.path.join(work, "tree")
     os.makedirs(tree)
-    for f in ("smtpd.py", "smtpfwdd.py", "checkrules.py", "Makefile"):
-        shutil.copy(os.path.join(TOP, f), tree)
-    shutil.copytree(os.path.join(TOP, "smtpgate"), os.path.join(tree, "smtpgate"),
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    # One client address drives every session, so lift the per-address cap.
-    sh("make", "-s", "-C", tree, "buildconf.py", "SMTPD_MAX_PER_IP=200",
-       "SMTPD_PREFORK=8", stdout=subprocess.DEVNULL)
+    for f in os.listdir(src):
+        if f.endswith(".py") and f != "buildconf.py" or f == "Makefile":
+            shutil.copy(os.path.join(src, f), tree)
+    if os.path.isdir(os.path.join(src, "smtpgate")):
+        shutil.copytree(os.path.join(src, "smtpgate"), os.path.join(tree, "smtpgate"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    sh("make", "-s", "-C", tree, "buildconf.py", *makevars, stdout=subprocess.DEVNULL)
     compiled(tree)
     jail = os.path.join(work, "jail")
     os.makedirs(os.path.join(jail, "etc"))
@@ -123,11 +132,10 @@ def start_ours(work):
     os.chmod(jail, 0o700)
     log = open(os.path.join(work, "smtpd.log"), "wb")
     p = subprocess.Popen([PY, os.path.join(tree, "smtpd.py"), "-D", "-F", "-H", "-q",
-                          "-c", jail, "-l", "127.0.0.1", "-p", str(PORTS["smtpd"]),
-                          "-M", "64", "-m", "bench.example", "-i",
-                          os.path.join(work, "smtpd.pid")] + ids,
-                         stdout=log, stderr=log)
-    wait_port(PORTS["smtpd"])
+                          "-c", jail, "-l", "127.0.0.1", "-p", str(port),
+                          "-m", "bench.example", "-i", os.path.join(work, "smtpd.pid")]
+                         + ids + list(flags), stdout=log, stderr=log)
+    wait_port(port)
     return p, jail, tree
 
 

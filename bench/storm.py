@@ -34,11 +34,9 @@ import getopt
 import os
 import resource
 import selectors
-import shutil
 import smtplib
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -220,29 +218,9 @@ def descendants(pid):
 # ---------------------------------------------------------------- servers ----
 
 def start_ours(work):
-    tree = os.path.join(work, "tree")
-    os.makedirs(tree)
-    for f in ("smtpd.py", "smtpfwdd.py", "checkrules.py", "Makefile"):
-        shutil.copy(os.path.join(TOP, f), tree)
-    shutil.copytree(os.path.join(TOP, "smtpgate"), os.path.join(tree, "smtpgate"),
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    run.sh("make", "-s", "-C", tree, "buildconf.py", "SETTINGS_FILE=/nonexistent/smtpd.conf",
-           stdout=subprocess.DEVNULL)
-    run.compiled(tree)
-    jail = os.path.join(work, "jail")
-    os.makedirs(os.path.join(jail, "etc"))
-    open(os.path.join(jail, "etc", "smtpd_check_rules"), "w").write(run.RULES)
-    ids = []
-    if run.ROOT:
-        shutil.chown(jail, "nobody")
-        ids = ["-u", "nobody", "-g", "nogroup"]
-    os.chmod(jail, 0o700)
-    log = open(os.path.join(work, "smtpd.log"), "wb")
-    p = subprocess.Popen([run.PY, os.path.join(tree, "smtpd.py"), "-D", "-F", "-H", "-q",
-                          "-c", jail, "-l", "127.0.0.1", "-p", str(PORTS["ours"]),
-                          "-m", "bench.example", "-i", os.path.join(work, "smtpd.pid")] + ids,
-                         stdout=log, stderr=log)
-    run.wait_port(PORTS["ours"])
+    """Our gate with the Makefile's defaults (no settings file either)."""
+    p, jail, _ = run.start_gate(TOP, work, PORTS["ours"],
+                                ["SETTINGS_FILE=/nonexistent/smtpd.conf"])
     return p, jail
 
 
