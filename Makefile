@@ -216,6 +216,14 @@ AGENT_TIMEOUT = 3600
 #: int 0..31536000: seconds before a sender hears, once, that a message waits (4 h; 0 = never)
 DELAY_WARNING_TIME = 14400
 
+# ------------------------------------------------ metrics and log lines ----
+#: text: ADDRESS:PORT (numeric) where smtpd -D serves /metrics, e.g. 127.0.0.1:9425; empty = off
+SMTPD_METRICS_LISTEN =
+#: text: ADDRESS:PORT (numeric) where smtpfwdd serves /metrics, e.g. 127.0.0.1:9426; empty = off
+SMTPFWDD_METRICS_LISTEN =
+#: name: classic, logfmt or json: the one line per message, per session and per delivery
+SMTPD_LOG_FORMAT = classic
+
 -include config.mk
 
 # ------------------------------------------------------------ build rules ----
@@ -292,7 +300,7 @@ INSTALL_PYTHON = /usr/bin/python3
 # the modules git knows; the tests' trees copy the same list).
 PROGRAMS = smtpd smtpfwdd checkrules
 PACKAGE = smtpgate
-PACKAGE_MODULES = __init__ address counters idn deadline libc log net options params privileges \
+PACKAGE_MODULES = __init__ address counters idn deadline libc log metrics net options params privileges record \
 	process shm spool spooldir store text \
 	gate/__init__ gate/admission gate/channel gate/chat gate/client gate/config gate/connection gate/dnsbl gate/engine gate/filtering gate/handoff gate/judge gate/master gate/milter gate/milterwire gate/peer gate/proxy gate/rewrite gate/rulewatch gate/sandbox gate/screen gate/session gate/start gate/tester gate/tls gate/verify gate/worker \
 	forwarder/__init__ forwarder/bounce forwarder/config forwarder/daemon forwarder/delivery forwarder/queuetool forwarder/start \
@@ -302,7 +310,8 @@ EXAMPLES = etc/smtpd_check_rules.example etc/antispam_check_rules.example \
 	etc/init.d/smtpd etc/init.d/smtpfwdd etc/default/smtpd etc/default/smtpfwdd \
 	etc/rc.d/smtpd etc/rc.d/smtpfwdd \
 	etc/inetd.conf.smtpd etc/xinetd.d/smtpd etc/rsyslog-smtpd.conf etc/syslog-ng-smtpd.conf \
-	etc/haproxy.cfg etc/shared-store.secret.example etc/redis-acl.conf etc/smtpd.conf
+	etc/haproxy.cfg etc/shared-store.secret.example etc/redis-acl.conf etc/smtpd.conf \
+	etc/prometheus-smtpd.yml etc/grafana-smtpd.json
 # Where rsyslog reads snippets; the jail's log socket is added there.
 RSYSLOG_DIR = /etc/rsyslog.d
 

@@ -33,11 +33,15 @@ read with root's privileges.
                                                  counters (its row), deadline
     smtpd rules watcher  jailed, as a worker     gate/rulewatch (watch),
                                                  rules/ruleset (read_text)
+    smtpd metrics        jailed, as a worker     metrics (Server: reads the
+                                                 counters and the scoreboard)
     smtpd under inetd    root until the jail,    smtpd.py, gate/start, gate/chat
                          then as a worker        (its greeting), then as a worker
     smtpfwdd             -u/-g after             smtpfwdd.py, forwarder/config,
                          forwarder/start's       forwarder/start,
                          enter_jail              forwarder/daemon, spooldir
+    smtpfwdd metrics     -u/-g, seccomp          metrics (Server: reads the
+                                                 counters)
     delivery process     -u/-g                   forwarder/daemon
                                                  (delivery_process),
                                                  forwarder/delivery,
@@ -55,7 +59,8 @@ What every process shares sits at this package's root: spool (the only
 code that knows the spool file's format) and spooldir (its directory, hostile
 input), address (the one address parser),
 log, text (the sanitizers), privileges, process, net, libc, shm (memory
-the gate's processes share), counters (named, in it), deadline,
+the gate's processes share), counters (named, in it), metrics (their
+families and the HTTP server), record (the structured lines), deadline,
 options (command lines), params (the Makefile's table of constants),
 store (what several gates share through Redis: rates and caches; its
 secrets read by gate/engine as root, its client used by the workers).

@@ -13,12 +13,12 @@ import os
 import sys
 
 import buildconf
-from smtpgate import log, params, privileges
+from smtpgate import log, metrics, params, privileges, record
 
 SPOOL = os.path.normpath(os.path.join(buildconf.SPOOLDIR, buildconf.SPOOLSUBDIR))
 # What a SIGHUP cannot change: the spool and identity it runs in, its log.
 RESTART_ONLY = frozenset(("SPOOLDIR", "SPOOLSUBDIR", "SMTP_USER", "SMTP_GROUP", "PID_DIR",
-                          "LOG_FACILITY", "LOG_SOCKET"))
+                          "LOG_FACILITY", "LOG_SOCKET", "SMTPFWDD_METRICS_LISTEN"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,8 @@ def build(flags, reloading=False):
     a constant of the Makefile out of its bounds stops smtpfwdd with 78 (a
     reload gets the problems as a list: the daemon keeps what it has)."""
     problems = params.check(buildconf)
+    metrics.check_listen("SMTPFWDD_METRICS_LISTEN", buildconf.SMTPFWDD_METRICS_LISTEN, problems)
+    record.check("SMTPD_LOG_FORMAT", buildconf.SMTPD_LOG_FORMAT, problems)
     if problems and reloading:
         return problems
     for p in problems:

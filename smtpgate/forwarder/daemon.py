@@ -25,9 +25,10 @@ import stat
 import time
 
 import buildconf
-from smtpgate import log, params, process, spool, spooldir
+from smtpgate import counters, libc, log, metrics, params, process, spool, spooldir
 from smtpgate.forwarder import config as forwarder_config, queuetool
 from smtpgate.forwarder.delivery import Delivery
+from smtpgate.gate import sandbox
 from smtpgate.text import visible
 
 LOCKFILE = queuetool.LOCKFILE
@@ -68,15 +69,24 @@ def delivery_process(config, sock):
         finally:
             if delivery.f is not None:
                 delivery.f.close()      # releases the lock
-        sock.send(bytes([status]))
+        # the status, then for the metrics: the outcome, notifications queued
+        sock.send(bytes([status, RESULTS.index(delivery.result) if delivery.result in RESULTS
+                         else 255, min(255, delivery.bounces["failed"]),
+                         min(255, delivery.bounces["delayed"])]))
+
+
+RESULTS = metrics.DELIVERY_RESULTS
 
 
 class Forwarder:
     """The scanning loop: config (config.ForwarderConfig), the spool lock
     and the -i pid file, which the delivery processes must not keep."""
 
-    def __init__(self, config, lock_fd, pid_fd):
+    def __init__(self, config, lock_fd, pid_fd, metrics_listener=None):
         self.config, self.lock_fd, self.pid_fd = config, lock_fd, pid_fd
+        self.counts = counters.share(1, keys=metrics.smtpfwdd_layout(), gauges=metrics.GAUGES)
+        self.metrics = metrics.Handle(metrics_listener, "smtpfwdd: metric")
+        self.first_seen = {}        # name -> when the message arrived (the queue's age)
         self.workers = {}           # pid -> DeliveryHandle
         self.stopping = self.scan_now = self.hup = False
         self.generation = 0         # counts the SIGHUPs that changed settings
@@ -168,6 +178,11 @@ class Forwarder:
         else:
             if msg[0] == os.EX_NOPERM:      # could not open it: until it changes
                 self.unopened[w.name] = w.stamp
+            if len(msg) >= 4:
+                if msg[1] < len(RESULTS):
+                    counters.count(("smtpfwdd_deliveries", RESULTS[msg[1]]))
+                counters.count(("smtpfwdd_bounces", "failed"), msg[2])
+                counters.count(("smtpfwdd_bounces", "delayed"), msg[3])
             if not self.config.quiet:
                 log.debug("delivery of %s ended with %d", visible(w.name), msg[0])
         w.name = None
@@ -176,6 +191,8 @@ class Forwarder:
 
     def reap(self):
         for pid, status in process.reaped():
+            if self.metrics.ended(pid, status, self.stopping):
+                continue
             w = self.workers.pop(pid, None)
             if w is None:
                 continue
@@ -190,6 +207,8 @@ class Forwarder:
         while not self.stopping:
             if self.hup:
                 self.reload_settings()
+            if self.metrics.due():
+                self.start_metrics()
             self.scan()
             deadline = time.monotonic() + self.config.poll
             while not (self.stopping or self.scan_now) and time.monotonic() < deadline:
@@ -223,10 +242,69 @@ class Forwarder:
             seen.add(e.name)
             if e.name not in running and self.eligible(e, now):
                 self.dispatch(e.name, self.stamp)
-        for d in (self.skipped, self.unopened, self.warned):
+        for d in (self.skipped, self.unopened, self.warned, self.first_seen):
             for gone in [n for n in d if n not in seen]:
                 del d[gone]
         spooldir.prune_deferrals(self.config.spooldir, seen | running)
+        self.count_queue(entries, now)
+
+    def count_queue(self, entries, now):
+        """The queue's gauges: messages by state, the oldest one's age."""
+        states = dict.fromkeys(metrics.QUEUE_STATES, 0)
+        oldest = None
+        for e in entries:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode) or not spool.is_complete(st.st_mode):
+                continue
+            states["deferred" if spool.is_deferred(st.st_mode) else "queued"] += 1
+            born = self.arrival(e.name, st)
+            oldest = born if oldest is None else min(oldest, born)
+        for where in (spooldir.HOLD_DIR, spooldir.FAILED_DIR):
+            try:
+                names = os.listdir(os.path.join(self.config.spooldir, where))
+            except OSError:
+                names = []
+            states["held" if where == spooldir.HOLD_DIR else "failed"] = sum(
+                1 for n in names if n.startswith("smtpd") and "." not in n)
+        for state, n in states.items():
+            counters.set(("smtpfwdd_queue_messages", state), n)
+        counters.set(("smtpfwdd_queue_oldest_seconds",), now - oldest if oldest else 0)
+
+    def arrival(self, name, st):
+        """When a spool file was made (its birth time, asked once), else
+        its time when first seen."""
+        born = self.first_seen.get(name)
+        if born is None:
+            born = min(st.st_mtime, st.st_ctime)
+            try:
+                fd = os.open(os.path.join(os.fsencode(self.config.spooldir), name),
+                             os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                try:
+                    born = libc.birth_time(fd) or born
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass
+            self.first_seen[name] = born
+        return born
+
+    def start_metrics(self):
+        """The metrics server: smtpfwdd's user already, in the sandbox."""
+        def inherited():
+            return [self.lock_fd, self.wake_r, self.wake_w] \
+                + ([self.pid_fd] if self.pid_fd is not None else []) \
+                + [w.sock for w in self.workers.values()]
+
+        def enter():
+            try:
+                sandbox.enter()
+            except sandbox.SandboxError as e:
+                log.err("seccomp sandbox: %s; going on without it", e)
+
+        self.metrics.start(inherited, enter, lambda: metrics.render(self.counts.totals()))
 
     def eligible(self, entry, now):
         """Is this entry (lstat, never followed) a complete message due
@@ -296,6 +374,8 @@ class Forwarder:
                     os.close(self.pid_fd)
                 for w in self.workers.values():
                     w.sock.close()
+                if self.metrics.listener is not None:
+                    self.metrics.listener.close()
                 os.close(self.wake_r)
                 os.close(self.wake_w)
                 status = delivery_process(self.config, theirs)
@@ -317,6 +397,7 @@ class Forwarder:
             if w.name is not None:
                 log.warn("delivery of %s still running; left to finish alone", w.name)
             w.sock.close()          # idle workers see EOF and exit
+        self.metrics.stop()
         process.ignore_stop_signals()
         if self.pid_fd is not None:
             os.ftruncate(self.pid_fd, 0)    # stopped; root's init script removes it

@@ -34,7 +34,7 @@ import time
 
 from smtpgate.forwarder import bounce
 import buildconf
-from smtpgate import log
+from smtpgate import log, record
 from smtpgate.text import visible
 from smtpgate import spool, spooldir
 from smtpgate.address import bare, xtext_decode
@@ -104,6 +104,9 @@ class Delivery:
         self.path = os.path.join(os.fsencode(config.spooldir), name)
         self.f = None
         self.msg = None
+        self.result = None          # sent, deferred or failed (the metrics)
+        self.bounces = {"failed": 0, "delayed": 0}
+        self.agent_status = self.agent_said = None     # the last call's, for the record
 
     def give_up_for_now(self):
         """After an unexpected error: defer the file so that it is not
@@ -185,6 +188,7 @@ class Delivery:
             (notify, batch), calls = calls[0], calls[1:]
             rcpts = [x for _, b in calls for x in b]
             status, why, said = self.call(self.argv(sender, batch, notify))
+            self.agent_status, self.agent_said = status, visible(said, 300)
             names = [r for _, r in batch]
             if status == 0:
                 done += names
@@ -325,6 +329,7 @@ class Delivery:
         data = bounce.report(self.config.myname, sender, failures, headers, self.msg.arrival,
                              self.name, action, until, envid=envid)
         name = bounce.queue(self.config.spooldir, sender, data, self.config.myname)
+        self.bounces[action] += 1
         log.info("%s: %s notification %s to %s for %s", self.name,
                 "delivery status" if action == "failed" else "delay", name, sender, rcpts)
         return name
@@ -339,8 +344,18 @@ class Delivery:
         """The one line per message: the spool id, sender, recipients, size
         and Message-ID (to find the message in the MTA's log), and what
         became of it."""
+        self.result = "sent" if what.startswith("delivered") else \
+            "deferred" if what.startswith("deferred") else "failed"
         size, msgid = self.described()
-        if self.config.quiet:
+        if buildconf.SMTPD_LOG_FORMAT != "classic":
+            arrival = self.msg.arrival if self.msg is not None else None
+            log.info("%s", record.text("delivery", [
+                ("id", self.name), ("message_id", msgid), ("from", sender), ("to", names),
+                ("size", size), ("result", self.result), ("agent", self.config.agent),
+                ("agent_status", self.agent_status), ("reply", self.agent_said),
+                ("delay", None if arrival is None else round(time.time() - arrival, 3)),
+                ("detail", what)], buildconf.SMTPD_LOG_FORMAT))
+        elif self.config.quiet:
             log.info("%s from=%s%s size=%s message-id=%s status=%s", self.name, sender,
                     "".join(" to=%s" % n for n in names), size, msgid, what)
         else:

@@ -14,7 +14,7 @@ DESCRIPTION
     with its reason, held by a mail filter with its reason, malformed), age, size, sender and recipients (pending and
     sent), oldest first, aligned, with a summary line; -j prints one JSON
     object per message instead.  show: the envelope, state and headers of
-    one.  requeue: a failed message back into the queue, or a deferred one
+    one, and its record (record.py: smtpd's field names).  requeue: a failed message back into the queue, or a deferred one
     due now.  release: a message a filter quarantined (hold/) into the
     queue.  delete: removes one (logged).  flush: asks the running smtpfwdd
     to scan now (SIGUSR1).
@@ -49,7 +49,7 @@ import sys
 import time
 
 import buildconf
-from smtpgate import log, privileges
+from smtpgate import log, privileges, record
 from smtpgate.text import visible
 from smtpgate import spool, spooldir
 
@@ -274,9 +274,35 @@ def cmd_show(q, args):
         print("sent: %s" % r)
     with spooldir.open_readonly(name, dir_fd=d) as f:
         msg = spool.parse(f)
+        headers = spool.headers(f.fileno(), msg.body_offset)
+        print("record: %s" % visible(the_record(e, name, headers, msg, time.time())))
         print("")
-        sys.stdout.write(visible(spool.headers(f.fileno(), msg.body_offset), keep="\n\t"))
+        sys.stdout.write(visible(headers, keep="\n\t"))
     return os.EX_OK
+
+
+# smtpd's own trace header, the first of a spool file: what it knew of the client
+OUR_RECEIVED = re.compile(
+    rb"Received: from (\S*) \((\S*) \[([^\]]*)\]\)\s+(?:\(version=(\S+) cipher=(\S+)\)\s+)?"
+    rb"by \S+ \(smtpd\) with \S+ id (\S+);")
+
+
+def the_record(e, name, headers, msg, now):
+    """A queued message's record, in SMTPD_LOG_FORMAT (logfmt if classic)
+    with the field names of smtpd's line for it: what the spool file
+    holds (its envelope, our Received header) and where it is."""
+    m = OUR_RECEIVED.match(headers)
+    if m is not None and m.group(6) != name:
+        m = None                        # someone else's header: tells us nothing
+    got = [visible(x) if x is not None else None for x in m.groups()] if m else [None] * 6
+    fields = [("id", e.id), ("message_id", visible(spool.message_id(headers)))] + [
+        ("client_addr", got[2]), ("client_name", got[1]), ("helo", got[0]),
+        ("tls_version", got[3]), ("tls_cipher", got[4]),
+        ("from", e.sender), ("to", e.pending), ("sent", e.sent or None),
+        ("size", e.size), ("state", e.state), ("queue", e.where),
+        ("age", int(e.age(now))), ("reason", e.reason)]
+    form = buildconf.SMTPD_LOG_FORMAT
+    return record.text("message", fields, "json" if form == "json" else "logfmt")
 
 
 def cmd_requeue(q, args):

@@ -22,7 +22,7 @@ import time
 import daemon
 
 import buildconf
-from smtpgate import log, privileges, process
+from smtpgate import log, metrics, privileges, process
 from smtpgate.forwarder.daemon import Forwarder, LOCKFILE, TITLE
 from smtpgate.text import visible
 
@@ -35,20 +35,22 @@ def run(config):
         return check(config)
     process.set_title(TITLE)
     pid_fd, identity = pre_jail_init(config)
+    listener = metrics.bind("SMTPFWDD_METRICS_LISTEN", buildconf.SMTPFWDD_METRICS_LISTEN)
     enter_jail(config, identity)
     lock = take_lock(config.spooldir)
     if config.foreground:
         write_pid(lock, pid_fd)
-        return Forwarder(config, lock, pid_fd).run()
+        return Forwarder(config, lock, pid_fd, listener).run()
     log.log.close()          # DaemonContext closes every descriptor
-    kept = [lock] + ([pid_fd] if pid_fd is not None else [])
+    kept = [lock] + ([pid_fd] if pid_fd is not None else []) \
+        + ([listener.fileno()] if listener is not None else [])
     with daemon.DaemonContext(files_preserve=kept, working_directory=config.spooldir,
                               umask=0o077, signal_map={signal.SIGHUP: None,
                                                        signal.SIGTERM: "terminate"}):
         log.log.open("smtpfwdd", buildconf.LOG_FACILITY, pid=True, path=buildconf.LOG_SOCKET)
         relock(lock)
         write_pid(lock, pid_fd)
-        return Forwarder(config, lock, pid_fd).run()
+        return Forwarder(config, lock, pid_fd, listener).run()
 
 
 def check(config):

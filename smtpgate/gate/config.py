@@ -17,7 +17,7 @@ import os
 import sys
 
 import buildconf
-from smtpgate import log, net, params, privileges
+from smtpgate import log, metrics, net, params, privileges, record
 from smtpgate.gate import chat, sandbox
 
 
@@ -69,7 +69,7 @@ RESTART_ONLY = frozenset((
     "SMTPD_DNSBL_TTL", "SMTPD_SHARED_STORE", "SMTPD_SHARED_STORE_SECRETS",
     "SMTPD_SHARED_STORE_PREFIX", "SMTPD_SHARED_STORE_TIMEOUT", "SMTPD_VERIFY_CACHE",
     "SMTPD_VERIFY_CACHE_SIZE", "SMTPD_SCREEN_MAX", "SMTPD_SCREEN_ALLOW_SIZE",
-    "SMTPD_SCREEN_ALLOW_TTL"))
+    "SMTPD_SCREEN_ALLOW_TTL", "SMTPD_METRICS_LISTEN"))
 
 
 MILTER_ACTIONS = ("tempfail", "reject", "accept")     # milter.DEFAULTS
@@ -149,6 +149,8 @@ def constants():
     if buildconf.SMTPD_MILTER_DEFAULT_ACTION not in MILTER_ACTIONS:
         problems.append("SMTPD_MILTER_DEFAULT_ACTION = %s: not one of %s"
                         % (buildconf.SMTPD_MILTER_DEFAULT_ACTION, ", ".join(MILTER_ACTIONS)))
+    metrics.check_listen("SMTPD_METRICS_LISTEN", buildconf.SMTPD_METRICS_LISTEN, problems)
+    record.check("SMTPD_LOG_FORMAT", buildconf.SMTPD_LOG_FORMAT, problems)
     if buildconf.SMTPD_PREFORK > buildconf.SMTPD_MAXCHILDREN:
         problems.append("SMTPD_PREFORK = %d: more than SMTPD_MAXCHILDREN (%d)"
                         % (buildconf.SMTPD_PREFORK, buildconf.SMTPD_MAXCHILDREN))

@@ -39,7 +39,7 @@ import dns.rcode
 import dns.rdatatype
 
 import buildconf
-from smtpgate import log, shm
+from smtpgate import counters, log, shm
 from smtpgate.deadline import NONE, of as deadline_of
 from smtpgate.gate import admission
 from smtpgate.net import normalize_ip
@@ -277,16 +277,21 @@ class Scoring:
         score = 0
         for s in self.sites:
             a = self.answers.get(s.zone)
+            said = "clean"
             if isinstance(a, list):
                 wrong = [x for x in a if not dnslookup.is_listing(x)]
                 if wrong:
+                    said = "error"
                     log_once(s.zone, "code", "dnsbl: %s answers %s for %s: an error code of "
                              "the list, counted 0", s.zone, wrong[0], self.ip)
                 elif any(s.counts(x) for x in a):
+                    said = "listed"
                     score += s.weight
             elif a is not None:
+                said = "timeout" if a.startswith("no answer within") else "error"
                 log_once(s.zone, a.split()[0], "dnsbl: %s about %s: %s; counted 0",
                          s.zone, self.ip, a)
+            counters.count(("smtpd_dnsbl_lookups", s.zone, said))
         self.score = score
         return score
 

@@ -79,8 +79,12 @@ class Filtering:
         if self.milters is None:
             return False
         self.milter_values["{rcpt_addr}"] = bare(rcpt)
-        return self.milter_said(self.milters.rcpt(["<%s>" % bare(rcpt)] + params.split()),
-                                "RCPT", rcpt)
+        a = self.milters.rcpt(["<%s>" % bare(rcpt)] + params.split())
+        if self.milter_said(a, "RCPT", rcpt):
+            self.rcpt_outcome(rcpt, "tempfail" if milter.verdict(a) == "tempfail"
+                              else "refused", "milter")
+            return True
+        return False
 
     def milter_judge(self, env):
         """The end of the message: the filters judge the draft; their
@@ -112,12 +116,15 @@ class Filtering:
                         log.info("milter: %s body replaced by the filters", draft.name)
             except OSError as e:
                 log.err("writing the filtered message %s: %s", draft.name, e.strerror)
+                self.message_outcome(env, "tempfail", "spool")
                 return self.say(chat.NO_STORAGE)
             finally:
                 msg.close()
             self.env = env      # for milter_said's log line
             try:
                 if a.kind != "continue" and self.milter_said(a, "END-OF-MESSAGE", reply=False):
+                    self.message_outcome(env, "tempfail" if milter.verdict(a) == "tempfail"
+                                         else "refused", "milter")
                     self.ch.say(a.reply)
                     return True
             finally:
@@ -126,6 +133,7 @@ class Filtering:
             log.info("message %s from %s discarded (milter %s): from=%s, %d recipients",
                      draft.name, self.where, env.discard, escape(env.sender),
                      len(env.recipients))
+            self.message_outcome(env, "discarded", "milter")
             self.flush_summary()
             self.say(chat.ACCEPTED)
             return True

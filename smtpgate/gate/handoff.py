@@ -44,6 +44,7 @@ class Passed:
     allowlisted: bool = False   # that score allow-lists the client
     unread: bytes = b""         # what the client sent that is still to be read
     waited: float = 0.0         # seconds it waited for a worker
+    age: float = 0.0            # seconds since the front stage accepted it
 
     def encode(self):
         # (not dataclasses.asdict: its deep copy was a third of the front
@@ -85,12 +86,14 @@ def decode(data):
     score = d.get("score")
     if score is not None and (not isinstance(score, int) or abs(score) > 1 << 31):
         raise Bad("score")
-    waited = d.get("waited", 0.0)
+    waited, age = d.get("waited", 0.0), d.get("age", 0.0)
     if not isinstance(waited, (int, float)) or not 0 <= waited <= 86400:
         raise Bad("waited")
+    if not isinstance(age, (int, float)) or not 0 <= age <= 86400:
+        raise Bad("age")
     p.origin, p.helo, p.esmtp = origin, helo, bool(d.get("esmtp"))
     p.score, p.allowlisted, p.unread = score, bool(d.get("allowlisted")), unread.encode("latin-1")
-    p.waited = float(waited)
+    p.waited, p.age = float(waited), float(age)
     return p
 
 

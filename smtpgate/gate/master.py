@@ -41,7 +41,7 @@ import daemon.pidfile
 import lockfile
 
 import buildconf
-from smtpgate import counters, log, params, process
+from smtpgate import counters, log, metrics, params, process
 from smtpgate.gate import admission, rulewatch, screen
 from smtpgate.gate.admission import Scoreboard
 from smtpgate.gate.config import build as build_config, RESTART_ONLY
@@ -51,6 +51,7 @@ from smtpgate.rules.ruleset import parse, RuleError
 
 
 BACKLOG = 4096          # the kernel's queue of connections (net.core.somaxconn caps it)
+SCREEN_ROWS = 4         # counters' rows for front stages (one runs, old ones drain)
 
 
 class WorkerHandle:
@@ -202,7 +203,7 @@ def is_smtpd_master(pid):
 
 
 class Master:
-    def __init__(self, config, engine, listener, rules, rules_text, relay):
+    def __init__(self, config, engine, listener, rules, rules_text, relay, metrics_listener=None):
         self.config, self.listener = config, listener
         self.relay = relay          # -F: the jailed processes' stderr (log.Relay), or None
         self.engine = replace(engine, rules=FrozenRules(rules))   # what a new worker gets
@@ -211,7 +212,13 @@ class Master:
         self.next_watcher = 0
         self.reload_reason = None
         self.workers = {}           # pid -> WorkerHandle
-        self.counts = counters.share(config.maxchildren + 1)   # row 0 ours, slot + 1 theirs
+        # Row 0 ours, slot + 1 a worker's, then the front stages'.
+        self.counts = counters.share(
+            config.maxchildren + 1 + SCREEN_ROWS, gauges=metrics.GAUGES,
+            keys=metrics.smtpd_layout([m.text for m in config.milters],
+                                      [s.zone for s in config.dnsbl_sites]))
+        self.screen_rows = list(range(config.maxchildren + SCREEN_ROWS, config.maxchildren, -1))
+        self.metrics = metrics.Handle(metrics_listener, "smtpd: metrics")
         self.admission = admission.Admission(config.maxchildren, config.exempt, engine.shared)
         self.board = self.admission.board
         self.free_slots = list(range(config.maxchildren - 1, -1, -1))
@@ -232,7 +239,7 @@ class Master:
         self.sel.register(self.wake_r, selectors.EVENT_READ, None)
         if relay is not None:
             self.sel.register(relay, selectors.EVENT_READ, relay)
-        self.screen = screen.Handle(config, self.inherited, relay)
+        self.screen = self.new_screen_handle()
         self.old_screens = {}       # pid -> the Handle of a front stage passing on its last
 
     def inherited(self):
@@ -241,7 +248,39 @@ class Master:
                 + [w.ctrl for w in self.workers.values()]
                 + [x for x in (self.relay and self.relay.r, self.screen.sock,
                                self.watcher and self.watcher.sock) if x is not None]
-                + [h.sock for h in self.old_screens.values() if h.sock is not None])
+                + [h.sock for h in self.old_screens.values() if h.sock is not None]
+                + [x for x in (self.metrics.listener,) if x is not None])
+
+    def new_screen_handle(self):
+        h = screen.Handle(self.config, self.inherited, self.relay)
+        h.row = self.screen_rows.pop() if self.screen_rows else 0
+        return h
+
+    def screen_ended(self, h):
+        """A front stage ended: its counts fold into ours, its row is free."""
+        if h.row:
+            self.counts.retire(h.row)
+            self.screen_rows.append(h.row)
+            h.row = 0
+
+    def start_metrics(self):
+        """The metrics server: jailed and sandboxed as a worker, it reads
+        the counters and the scoreboard, never a client's octets."""
+        def inherited():
+            return [x for x in [self.listener] + self.inherited() if x is not self.metrics.listener]
+        self.metrics.start(inherited, lambda: enter_jail(self.config), self.metrics_page,
+                           self.relay and self.relay.w)
+
+    def metrics_page(self):
+        """(In the metrics process) the exposition text of this moment."""
+        board = self.board
+        busy = board.count(Scoreboard.BUSY) + board.count(Scoreboard.ENDING)
+        extra = [(("smtpd_sessions_active",), busy), (("smtpd_workers", "busy"), busy),
+                 (("smtpd_workers", "idle"), board.count(Scoreboard.IDLE))]
+        shared = self.engine.shared
+        if shared is not None:
+            extra.append((("smtpd_shared_store_up",), int(not shared.health.mm[0])))
+        return metrics.render(self.counts.totals(), extra, metrics.SMTPD_FIXED)
 
     def start_screen(self):
         """The front stage; again after it ended or for new settings.  Its
@@ -267,7 +306,7 @@ class Master:
         old.drain()
         self.sel.unregister(old.sock)
         self.old_screens[old.pid] = old
-        self.screen = screen.Handle(self.config, self.inherited, self.relay)
+        self.screen = self.new_screen_handle()
 
     def from_screen(self):
         """b"N": clients wait and no worker is idle (maintain forks more, up
@@ -304,6 +343,8 @@ class Master:
             self.start_watcher()
         if self.screen.pid is None and time.monotonic() >= self.next_fork:
             self.start_screen()
+        if self.metrics.due():
+            self.start_metrics()
         if self.screen.sock is None:
             return          # no front stage to give a worker's socket to (yet)
         idle = self.idle()
@@ -370,10 +411,16 @@ class Master:
                 self.watcher.pid = None     # reaped: its pid may be anyone's now
                 self.stop_watcher()
                 continue
+            if self.metrics.ended(pid, status, self.stopping):
+                continue
             if pid in self.old_screens:
-                self.old_screens.pop(pid).close()
+                h = self.old_screens.pop(pid)
+                h.close()
+                self.screen_ended(h)
                 continue
             if pid == self.screen.pid:
+                self.screen_ended(self.screen)
+                self.screen.row = self.screen_rows.pop() if self.screen_rows else 0
                 if not self.stopping:
                     log.warn("front stage %d ended with %s; starting it again", pid,
                              process.describe(status))
@@ -556,10 +603,12 @@ class Master:
         self.stop_watcher()
         for h in [self.screen] + list(self.old_screens.values()):
             h.stop()            # the connections it holds get 421
+        self.metrics.stop()
         for w in self.workers.values():
             self.retire(w)
         deadline = time.monotonic() + buildconf.SHUTDOWN_TIMEOUT
-        while (self.workers or self.screens()) and time.monotonic() < deadline:
+        while (self.workers or self.screens() or self.metrics.pid) \
+                and time.monotonic() < deadline:
             self.dispatch(0.2)
             self.child_exited = True
             self.reap()
@@ -629,15 +678,17 @@ def run(config, engine):
     check_jail_log_socket(config)
     screen.raise_file_limit()
     listener = bind(config)
+    metrics_listener = metrics.bind("SMTPD_METRICS_LISTEN", buildconf.SMTPD_METRICS_LISTEN)
     check_pidfile(config.pidfile)
     pidfile = daemon.pidfile.TimeoutPIDLockFile(config.pidfile, acquire_timeout=0)
     if config.foreground:
-        return serve(config, engine, listener, rules, text, pidfile, relay)
+        return serve(config, engine, listener, rules, text, pidfile, relay, metrics_listener)
     # SIGTERM from the moment the pid file names us until Master takes it
     # over ends us (DaemonContext.terminate): never ignored, or an init
     # script's quick start-then-stop would leave a master running.
     ctx = daemon.DaemonContext(
-        files_preserve=[listener.fileno()], umask=0o077, pidfile=pidfile,
+        files_preserve=[listener.fileno()] + ([metrics_listener.fileno()] if metrics_listener
+                                              else []), umask=0o077, pidfile=pidfile,
         signal_map={signal.SIGTERM: "terminate", signal.SIGINT: "terminate",
                     signal.SIGHUP: None})
     log.log.close()          # DaemonContext closes every descriptor
@@ -647,19 +698,19 @@ def run(config, engine):
         log.die(1, "already running (pid file %s)", config.pidfile)
     log.log.open("smtpd", buildconf.LOG_FACILITY, pid=config.log_pid, path=buildconf.LOG_SOCKET)
     try:
-        return serve(config, engine, listener, rules, text, None, None)
+        return serve(config, engine, listener, rules, text, None, None, metrics_listener)
     finally:
         ctx.close()
 
 
-def serve(config, engine, listener, rules, text, pidfile, relay):
+def serve(config, engine, listener, rules, text, pidfile, relay, metrics_listener=None):
     if pidfile is not None:
         try:
             pidfile.acquire()
         except lockfile.AlreadyLocked:
             log.die(1, "already running (pid file %s)", config.pidfile)
     try:
-        return Master(config, engine, listener, rules, text, relay).run()
+        return Master(config, engine, listener, rules, text, relay, metrics_listener).run()
     finally:
         if pidfile is not None:
             pidfile.release()

@@ -64,7 +64,7 @@ import struct
 import time
 
 import buildconf
-from smtpgate import log
+from smtpgate import counters, log
 from smtpgate.deadline import of as deadline_of
 from smtpgate.gate import chat, rewrite
 from smtpgate.gate.milterwire import (ABORT, ACTIONS, BODY, BODYEOB, Broken, CHUNK, CONNECT,
@@ -118,6 +118,14 @@ NOT_KEEPING = Keeper(False)
 # "discard" or "shutdown"; source names the filter.
 Answer = collections.namedtuple("Answer", "kind reply source")
 CONTINUE = Answer("continue", None, None)
+
+
+def verdict(a):
+    """An Answer as the metrics and the message's record name it:
+    continue, refuse, tempfail (a refusal of class 4), discard, shutdown."""
+    if a.kind == "refuse" and a.reply is not None and a.reply.code < 500:
+        return "tempfail"
+    return a.kind
 
 
 # -------------------------------------------------------------- filter ----
@@ -441,6 +449,7 @@ class Filter:
         (A session begun on a kept connection: none is kept again.)"""
         log.warn("milter %s: %s at %s; default action: %s", self.name, why,
                     STAGE_NAMES.get(stage, stage), self.default_action)
+        counters.count(("smtpd_milter_verdicts", self.name, "failed"))
         if self.kept:
             self.keeper.unkept["continue"].add(self.name)
         self.close(polite=False)
@@ -467,6 +476,7 @@ class Milters:
         self.filters = [Filter(e, default_action, deadline, keeper) for e in endpoints]
         self.values = values            # macro name -> value, kept by the session
         self.in_message = False         # a MAIL was reported, no ABORT since
+        self.verdicts = []              # (filter, verdict) at the end of the message
 
     def each(self, cmd, payload=b"", kind="command"):
         for f in self.filters:
@@ -479,6 +489,7 @@ class Milters:
             else:
                 if replay is not None:
                     replay.append((cmd, payload))
+            counters.count(("smtpd_milter_verdicts", f.name, verdict(a)))
             if a.kind != "continue":
                 return a
         return CONTINUE
@@ -522,6 +533,7 @@ class Milters:
 
     def mail(self, args):
         self.in_message = True
+        self.verdicts = []
         for f in self.filters:
             f.replay = None         # what was answered so far stands
         return self.each(MAIL, cstrings(*(a.encode("latin-1") for a in args)))
@@ -543,6 +555,8 @@ class Milters:
                 a = f.fail(str(e), BODYEOB)
             except rewrite.Invalid as e:        # a change that would spoil the spool file
                 a = f.fail("change refused: %s" % e, BODYEOB)
+            counters.count(("smtpd_milter_verdicts", f.name, verdict(a)))
+            self.verdicts.append((f.name, "hold" if f.held else verdict(a)))
             if a.kind != "continue":
                 return a
         return CONTINUE

@@ -44,7 +44,7 @@ import socket
 import time
 
 import buildconf
-from smtpgate import libc, log, net, process
+from smtpgate import counters, libc, log, net, process
 from smtpgate.gate import chat, handoff, proxy
 from smtpgate.gate.engine import enter_jail
 from smtpgate.gate.admission import network_key, network_text
@@ -139,6 +139,7 @@ class Screen:
             self.expire(time.monotonic())
             self.dispatch()
             self.judge_stress()
+            counters.set(HELD, len(self.clients))
         return self.close_all()
 
     def event(self, fd, ev):
@@ -243,6 +244,7 @@ class Screen:
                 self.queue.appendleft(c)
                 continue
             w.idle = False
+            counters.count(PASSED)
             self.forget(c)
             c.sock.close()
 
@@ -250,7 +252,8 @@ class Screen:
         return handoff.Passed(local=c.local, peer=c.peer, origin=c.origin, helo=c.helo,
                               esmtp=c.esmtp, score=c.score, allowlisted=c.allowlisted,
                               unread=c.buf[:handoff.UNREAD_MAX],
-                              waited=round(time.monotonic() - c.waiting_since, 3))
+                              waited=round(time.monotonic() - c.waiting_since, 3),
+                              age=round(time.monotonic() - c.since, 3))
 
     # -- a new connection --
 
@@ -277,6 +280,7 @@ class Screen:
         accept, its 421, its close; logged once a minute."""
         self.once("fds", log.err, "front stage: out of file descriptors with %d connections "
                   "held: refusing with 421", len(self.clients))
+        counters.count(refused("descriptors"))
         os.close(self.spare)
         try:
             sock, _ = self.listener.accept()
@@ -291,6 +295,7 @@ class Screen:
         if len(self.clients) >= buildconf.SMTPD_SCREEN_MAX:
             self.once("full", log.notice, "refused %s: the front stage holds %d connections "
                       "(SMTPD_SCREEN_MAX)", addr[0], len(self.clients))
+            counters.count(refused("full"))
             chat.send(sock, chat.NOT_AVAILABLE)
             return sock.close()
         sock.setblocking(False)
@@ -316,12 +321,14 @@ class Screen:
         except (proxy.ProxyError, OSError) as e:
             (log.debug if isinstance(e, proxy.Closed) else log.notice)(
                 "refused %s: %s", c.peer[0], e)
+            counters.count(refused("proxy"))
             return self.drop(c)
         if found is None:
             return
         length, names = found
         c.sock.recv(length)
         if names is None:               # the balancer's own: a health check
+            counters.count(refused("health_check"))
             c.state = HEALTH
             self.say(c, chat.GREETING % self.config.myname)
             return self.schedule(c, now + buildconf.SMTPD_PROXY_TIMEOUT)
@@ -341,6 +348,7 @@ class Screen:
             self.once(key, log.notice, "refused %s: %d connections from %s held already "
                       "(SMTPD_SCREEN_PER_NETWORK)", c.ip, self.per_net[key],
                       network_text(key))
+            counters.count(refused("network"))
             return self.refuse(c, chat.PER_NETWORK)
         c.key = key
         self.per_net[key] += 1
@@ -354,6 +362,7 @@ class Screen:
                     log.notice("refused %s: more than %d new sessions from %s in %d seconds",
                                c.ip, buildconf.SMTPD_MAX_RATE, network_text(c.key),
                                buildconf.SMTPD_RATE_WINDOW)
+                counters.count(refused("rate"))
                 return self.refuse(c, chat.RATE)
         if rep is not None and not c.exempt:
             c.scoring = rep.start(c.ip, self.engine.resolver, None)
@@ -401,6 +410,7 @@ class Screen:
         if n >= buildconf.SMTPD_MAX_PER_IP:
             log.notice("refused %s: %d sessions from %s already", c.ip, n,
                        network_text(c.key))
+            counters.count(refused("sessions"))
             return self.refuse(c, chat.PER_NETWORK)
         if c.paused and self.passes is not None and buildconf.SMTPD_SCREEN_ALLOW_TTL:
             self.passes.put(c.ip, 1, ttl=buildconf.SMTPD_SCREEN_ALLOW_TTL, now=time.time())
@@ -416,6 +426,7 @@ class Screen:
         if c.score >= rep.threshold:
             log.notice("dnsbl: refused %s: score %d (threshold %d): %s",
                        c.where, c.score, rep.threshold, s.detail())
+            counters.count(refused("dnsbl"))
             self.refuse(c, chat.REPUTATION % c.ip)
             return False
         if c.score:
@@ -442,6 +453,7 @@ class Screen:
             return self.pregreet(c, data)
         c.buf += data
         if len(c.buf) > handoff.UNREAD_MAX:
+            counters.count(refused("too_long"))
             return self.refuse(c, chat.NOT_AVAILABLE)
         if c.state in (COMMANDS, HEALTH):
             self.commands(c, now)
@@ -449,6 +461,7 @@ class Screen:
     def hangup(self, c, now):
         log.info("hangup: %s hung up after %.1f s in %s", c.where or c.peer[0],
                  now - c.since, c.state.lower())
+        counters.count(HUNG_UP)
         self.drop(c)
 
     def commands(self, c, now):
@@ -493,6 +506,7 @@ class Screen:
             log.info("disconnect: %s said %sQUIT after %.1f s, all in the front stage", c.where,
                      '%s "%s", then ' % ("EHLO" if c.esmtp else "HELO", escape(c.helo))
                      if c.helo is not None else "", time.monotonic() - c.since)
+            counters.count(QUIT)
             self.say(c, chat.CLOSING)
             self.drop(c)
         else:
@@ -523,11 +537,13 @@ class Screen:
     def pregreet(self, c, data):
         log.notice("pregreet: %s talked before the greeting: %s", c.where,
                    chat_escape(data[:60]))
+        counters.count(refused("pregreet"))
         self.refuse(c, chat.PREGREET)
 
     def out_of_sync(self, c, after):
         log.notice("improper command pipelining after %s from %s: %s", after, c.where,
                    chat_escape(c.buf[:60] or self.peek(c)[:60]))
+        counters.count(refused("pipelining"))
         self.refuse(c, chat.OUT_OF_SYNC)
 
     def timeout(self, c, now):
@@ -536,8 +552,10 @@ class Screen:
         if c.state == PROXY_STATE:
             log.notice("refused %s: no complete PROXY header within %d seconds", c.peer[0],
                        buildconf.SMTPD_PROXY_TIMEOUT)
+            counters.count(refused("proxy"))
             return self.drop(c)
         if c.state != HEALTH:
+            counters.count(refused("worker_wait" if c.state == WAITING else "command_timeout"))
             log.info("timeout: %s %s after %.1f s%s", c.where, "waited for a worker"
                      if c.state == WAITING else "sent no command", now - c.since,
                      " (stress)" if self.stressed else "")
@@ -664,6 +682,7 @@ class Screen:
         self.stopping = True
         self.stop_listening()
         for c in list(self.clients.values()):
+            counters.count(refused("stopping"))
             self.refuse(c, chat.NOT_AVAILABLE)
 
     def drain(self, why):
@@ -691,6 +710,17 @@ class Screen:
         if self.stressed:
             self.adm.stress.set(False)
         return os.EX_OK
+
+
+HELD = ("smtpd_front_connections",)
+PASSED = ("smtpd_connections", "accepted", "")
+HUNG_UP = ("smtpd_connections", "closed", "hangup")
+QUIT = ("smtpd_connections", "closed", "quit")
+
+
+def refused(reason):
+    """The counter of connections the front stage refused for reason."""
+    return ("smtpd_connections", "refused", reason)
 
 
 def count_down(counter, key):
@@ -734,6 +764,7 @@ class Handle:
     def __init__(self, config, close_in_child, stderr):
         self.config, self.close_in_child, self.stderr = config, close_in_child, stderr
         self.pid = self.sock = None
+        self.row = 0            # its row of the counters (the master's choice)
 
     def start(self, engine, listener, adm):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -747,6 +778,7 @@ class Handle:
                 process.leave_terminal(self.stderr and self.stderr.w)
                 process.set_title("smtpd: screen")
                 log.log.role = "screen: "
+                counters.use_row(self.row)
                 enter_jail(self.config)
                 status = Screen(self.config, engine, listener, theirs, adm).run()
             except BaseException as e:      # noqa: B036 -- a child never returns

@@ -23,7 +23,7 @@ import time
 import traceback
 
 import buildconf
-from smtpgate import counters, log, spool, spooldir
+from smtpgate import counters, log, metrics, record, spool, spooldir
 from smtpgate.deadline import Deadline
 from smtpgate.address import AddressError, bare, mail_params, parse_path, rcpt_params
 from smtpgate.gate import chat, verify
@@ -47,6 +47,7 @@ class Envelope:
         self.dsn = None             # DSN: "RET=.. ENVID=.." of MAIL, or None
         self.rcpt_dsn = []          # DSN: "NOTIFY=.. ORCPT=.." of each recipient, or None
         self.utf8 = False           # MAIL said SMTPUTF8: addresses and headers may be UTF-8
+        self.refused = []           # the recipients refused: {rcpt, result, reason}
 
 
 class Session(Filtering):
@@ -62,6 +63,8 @@ class Session(Filtering):
         self.client = peer.client       # what the rules see
         self.greeted = conn.greeted     # inetd mode sends the 220 before loading
         self.accepted = conn.accepted or time.monotonic()
+        # the connection's start: the front stage's accept, for a client it passed
+        self.since = self.accepted - (conn.passed.age if conn.passed is not None else 0.0)
         if deadline is None:
             deadline = Deadline.after(buildconf.SESSION_TIMEOUT)
         self.ch = Channel(conn.rfd, conn.wfd, buildconf.READ_TIMEOUT, deadline, conn.sock,
@@ -83,6 +86,10 @@ class Session(Filtering):
         self.milters = None         # milter.Milters, when filters are configured
         self.deadline = deadline
         self.received_header = b""
+        self.form = buildconf.SMTPD_LOG_FORMAT     # classic, or the records' (record.py)
+        self.last_helo = None
+        self.ids = []               # the queue ids of the messages accepted
+        self.refusals = 0           # recipients refused in the session
 
     # -- plumbing --
     # say(reply): a chat.Reply, batched until the next read, never an error:
@@ -146,6 +153,7 @@ class Session(Filtering):
             self.dialogue()
         except Closed as c:
             status, last = c.status, None
+            self.ending = str(c) or ("closed" if status != os.EX_OK else "quit")
             if status not in (os.EX_OK, os.EX_PROTOCOL) and str(c):
                 self.log("%s from %s" % (c, self.where), " %s." % c)
             if status != os.EX_OK and c.last_word:
@@ -155,6 +163,7 @@ class Session(Filtering):
                     traceback.format_exc().replace("\n", " | "))
             self.ch.out = []
             status, last = os.EX_SOFTWARE, chat.LOCAL_ERROR
+            self.ending = "software error"
         try:                            # the one ending: the last word, then goodbye
             if last is not None:
                 self.ch.say(last)
@@ -171,9 +180,58 @@ class Session(Filtering):
             if self.milters is not None:
                 self.milters.close()
             self.flush_summary()
+            if self.form != "classic":
+                self.session_record()
         if status != os.EX_OK or self.ch.unread_input():
             self.ch.linger()
         return status
+
+    # -- what the metrics count and the records tell --
+
+    def client_fields(self):
+        p = self.peer
+        tls = p.tls or (None, None)
+        return [("client_addr", p.ip_text), ("client_name", p.name or "unknown"),
+                ("helo", self.last_helo), ("tls_version", tls[0]), ("tls_cipher", tls[1]),
+                ("dnsbl_score", p.score if self.engine.reputation is not None else None)]
+
+    def session_record(self):
+        """The one line per session (SMTPD_LOG_FORMAT logfmt or json)."""
+        self.routine("%s", record.text("session", self.client_fields() + [
+            ("messages", len(self.ids)), ("ids", self.ids[:100]),
+            ("recipients_refused", self.refusals),
+            ("seconds", round(time.monotonic() - self.since, 3)),
+            ("end", getattr(self, "ending", "quit"))], self.form))
+
+    def rcpt_outcome(self, rcpt, result, reason=""):
+        """Count a RCPT's outcome; a refused one goes in the message's record."""
+        counters.count(("smtpd_recipients", result, reason))
+        if result != "accepted":
+            self.refusals += 1
+            if len(self.env.refused) < 100:
+                self.env.refused.append({"rcpt": rcpt, "result": result, "reason": reason})
+
+    def message_outcome(self, env, result, reason="", name=None, size=None, msgid=None):
+        """Count what became of a message at the end of its DATA (or last
+        BDAT); in logfmt or json, its one line.  True if that line was
+        written (the classic one is not, then)."""
+        counters.count(("smtpd_messages", result, reason))
+        seconds = time.monotonic() - self.since
+        if result == "accepted":
+            metrics.observe(seconds)
+            self.ids.append(name)
+        if self.form == "classic":
+            return False
+        verdicts = self.milters.verdicts if self.milters is not None else []
+        self.routine("%s", record.text("message", [("id", name or env.name),
+                                                    ("message_id", msgid)]
+                                       + self.client_fields() + [
+            ("from", env.sender), ("to", env.recipients), ("refused", env.refused or None),
+            ("size", size), ("milter", [{"filter": f, "verdict": v} for f, v in verdicts]
+                             or None),
+            ("seconds", round(seconds, 3)), ("result", result), ("reason", reason or None)],
+            self.form))
+        return True
 
     def dialogue(self):
         """Greet, then read, check and dispatch commands until Closed."""
@@ -294,6 +352,7 @@ class Session(Filtering):
     def hello(self, name, esmtp):
         """The client said HELO (or EHLO) name and gets its 250: noted, logged."""
         self.helo, self.esmtp = name, esmtp
+        self.last_helo = name
         self.ch.enhanced = chat.enhanced(esmtp)     # from the next reply on
         self.flush_summary()
         shown = escape(name)
@@ -330,11 +389,14 @@ class Session(Filtering):
             dropped = self.ch.start_tls(self.engine.tls_context)
         except Closed as e:
             log.notice("TLS handshake with %s failed: %s", self.where, e)
+            counters.count(("smtpd_tls_sessions", "failed"))
             raise Closed(os.EX_PROTOCOL, "") from None
         if dropped:
             log.notice("discarded %d octets that %s sent after STARTTLS, before TLS",
                       dropped, self.where)
         version, cipher = self.peer.tls = self.ch.tls_info()
+        counters.count(("smtpd_tls_sessions", version if version in metrics.TLS_VERSIONS
+                        else "other"))
         self.flush_summary()
         if not self.config.quiet:
             log.info("STARTTLS with %s: %s with cipher %s", self.where, version, cipher)
@@ -411,17 +473,21 @@ class Session(Filtering):
             return self.refuse(chat.BAD_SEQUENCE)
         parsed = self.address(arg, "TO:", null_ok=False, utf8=self.env.utf8)
         if parsed is None:
-            return
+            return self.rcpt_outcome(escape(arg[3:].strip()[:256]), "refused", "syntax")
         rcpt, params = parsed
         if params and not self.esmtp:
+            self.rcpt_outcome(rcpt, "refused", "syntax")
             return self.refuse(chat.UNKNOWN_PARAMETER)
         try:
             got = rcpt_params(params, dsn=bool(buildconf.SMTPD_DSN))
         except AddressError as e:
+            self.rcpt_outcome(rcpt, "refused", "syntax")
             return self.refuse(chat.BAD_DSN % e.text if e.code == 501 else chat.UNKNOWN_PARAMETER)
         if len(self.env.recipients) >= buildconf.MAX_RCPT:
+            self.rcpt_outcome(rcpt, "tempfail", "limit")
             return self.say(chat.TOO_MANY_RECIPIENTS)
         if self.check_rules(rcpt) and not self.milter_refused(rcpt, params):
+            self.rcpt_outcome(rcpt, "accepted")
             self.env.recipients.append(rcpt)
             self.env.rcpt_dsn.append(" ".join("%s=%s" % (k, got[k]) for k in ("NOTIFY", "ORCPT")
                                               if k in got) or None)
@@ -440,6 +506,7 @@ class Session(Filtering):
             v = self.judge.rules(self.env.sender, rcpt)
         except RuleError as e:
             log.err("%s", str(e).replace("\n", "; "))
+            self.rcpt_outcome(rcpt, "tempfail", "rules")
             self.ch.say(chat.RULES_INVALID)
             self.count_error()
             return False
@@ -450,6 +517,9 @@ class Session(Filtering):
         v = self.judge.verified(v, rcpt)
         if v.action == "allow":
             return True
+        self.rcpt_outcome(rcpt, "tempfail" if v.action in ("tempfail", "verify") else "refused",
+                          "verify" if v.action == "verify" or v.detail == "recipient verification"
+                          else "rules")
         who, shown = self.ident_where(), (escape(self.env.sender), escape(rcpt))
         log.info("%s from %s to %s: %s by %s%s", who, shown[0], shown[1], v.action,
                 v.rule.where if v.rule else "lookup failure" if v.action == "tempfail"
@@ -562,16 +632,20 @@ class Session(Filtering):
     def finish_message(self, env, reader):
         problem = reader.problem
         if not problem and self.config.paranoid and header_oddity(reader.headers):
+            self.message_outcome(env, "refused", "headers", size=reader.size)
             raise Closed(os.EX_PROTOCOL, "unprintable characters in headers")
         if problem == "bare":
             what, line = reader.bare
             log.notice("message from %s refused: %s in line %d", self.where, what, line)
+            self.message_outcome(env, "refused", "bare_line_ending", size=reader.size)
             return self.say(chat.BARE % (what, line))
         if problem:
             log.notice("message from %s refused: %s", self.where, problem)
             if problem == "size":
                 log.err("message body exceeds maximum size of %d", self.config.maxsize)
+                self.message_outcome(env, "refused", "size", size=reader.size)
                 return self.say(chat.STORAGE_EXCEEDED)
+            self.message_outcome(env, "tempfail", "data", size=reader.size)
             return self.say(chat.NO_STORAGE)
         held = None
         if self.milters is not None:
@@ -584,6 +658,7 @@ class Session(Filtering):
                                      sync=self.engine.dir_sync)
         except OSError as e:
             log.err("committing spool file: %s", e.strerror)
+            self.message_outcome(env, "tempfail", "spool", size=reader.size)
             return self.say(chat.NO_STORAGE)
         self.draft = None
         counters.add(counters.MESSAGES)
@@ -591,6 +666,10 @@ class Session(Filtering):
         if held:
             spooldir.note_hold(self.config.spooldir, name, held)
         msgid = spool.message_id(bytes(reader.headers))
+        if self.message_outcome(env, "accepted", "held" if held else "", name, reader.size,
+                                msgid):
+            self.flush_summary()
+            return self.say(chat.ACCEPTED)
         self.log("Received %d bytes of message body from %s as %s for %d recipients, "
                  "message-id=%s%s" % (reader.size, self.where, name, len(env.recipients), msgid,
                                       " (held: %s)" % held if held else ""),

@@ -453,3 +453,30 @@ def test_sigterm_the_moment_the_pid_file_appears_stops_smtpfwdd(fwd_env, tree, a
             os.kill(pid, signal.SIGKILL)
         if os.path.exists(pidfile):
             os.unlink(pidfile)
+
+
+def test_show_prints_the_messages_record(fwd_env, tree):
+    """smtpq show's record line: the field names of smtpd's line for the
+    message, from the envelope and smtpd's own Received header (another
+    one, first in a forged file, is not believed)."""
+    name = put(fwd_env.spool, rcpts=(b"<bob@my.domain>", b"<carol@my.domain>"))
+    status, out, _ = smtpq(tree, fwd_env.spool, "show", name)
+    assert status == 0
+    (line,) = [l for l in out.splitlines() if l.startswith("record: ")]
+    assert line.startswith("record: event=message id=%s " % name)
+    assert 'to="<bob@my.domain>,<carol@my.domain>"' in line or \
+        "to=<bob@my.domain>,<carol@my.domain>" in line
+    assert "from=<alice@example.org>" in line and "state=queued" in line
+    assert "client_addr" not in line        # the fixture's header names smtpdXXXXXX
+    body = (b"Received: from helo.example (mail.example.org [192.0.2.10])\n"
+            b"\t(version=TLSv1.3 cipher=TLS_AES_256_GCM_SHA384)\n"
+            b"\tby mx.my.domain (smtpd) with ESMTPS id %s;\n\tMon, 7 Dec 2026 10:00:00 +0000\n"
+            b"Subject: x\n\nbody\n")
+    with spool.Draft(fwd_env.spool, b"<alice@example.org>", [b"<bob@my.domain>"]) as d:
+        d.write(body % d.name.encode())
+        name = d.commit()
+    give_to_nobody(os.path.join(fwd_env.spool, name))
+    out = smtpq(tree, fwd_env.spool, "show", name)[1]
+    line = next(l for l in out.splitlines() if l.startswith("record: "))
+    assert "client_addr=192.0.2.10 client_name=mail.example.org helo=helo.example" in line
+    assert "tls_version=TLSv1.3 tls_cipher=TLS_AES_256_GCM_SHA384" in line
