@@ -90,6 +90,8 @@ GAUGES = [("smtpd_front_connections",)] + [("smtpfwdd_queue_messages", s) for s 
     + [("smtpfwdd_queue_oldest_seconds",)]
 
 CONNECTIONS_MAX = 16
+LINGER, DRAIN_MAX = 2.0, 1 << 20    # after an answer: seconds and octets read and dropped
+DRAINING = b"draining"
 REQUEST_MAX = 8192
 TIMEOUT = 5.0
 
@@ -236,6 +238,8 @@ class Server:
 
     def event(self, fd, ev):
         c = self.conns[fd]
+        if c[3] == DRAINING:
+            return self.drain(fd)
         if c[3] is not None:
             return self.write(fd)
         try:
@@ -295,10 +299,26 @@ class Server:
             return self.close(fd)
         c[3] = c[3][n:]
         if not c[3]:
+            # Half-close, then read what the client still sends until it
+            # closes (LINGER at most): closing with unread input would reset
+            # the connection, and the reset can destroy our answer unread.
             try:
                 c[0].shutdown(socket.SHUT_WR)
             except OSError:
-                pass
+                return self.close(fd)
+            c[1], c[2], c[3] = 0, time.monotonic() + LINGER, DRAINING
+            self.ep.modify(fd, select.EPOLLIN | select.EPOLLRDHUP)
+
+    def drain(self, fd):
+        c = self.conns[fd]
+        try:
+            data = c[0].recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        c[1] += len(data)
+        if not data or c[1] > DRAIN_MAX:
             self.close(fd)
 
     def close(self, fd):
