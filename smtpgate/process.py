@@ -91,12 +91,25 @@ def describe(status):
 
 
 def set_title(title):
-    """Name the process (ps, top, /proc/PID/comm), e.g. "smtpd: worker"."""
+    """Name the process (ps, top, /proc/PID/comm), e.g. "smtpd: worker":
+    prctl(PR_SET_NAME), which works after a change of user too (the
+    process is then no longer dumpable, and /proc/self/comm is root's)."""
+    import ctypes
+    from smtpgate import libc
+    name = ctypes.create_string_buffer(title.encode()[:15])
+    try:
+        libc.prctl(PR_SET_NAME, ctypes.addressof(name))
+        return
+    except OSError:
+        pass
     try:
         with open("/proc/self/comm", "w") as f:
             f.write(title[:15])
     except OSError:
         pass
+
+
+PR_SET_NAME = 15
 
 
 def stamp_of(st):
