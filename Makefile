@@ -27,7 +27,7 @@ SPOOLDIR = /var/spool/smtpd
 SPOOLSUBDIR = .
 #: path: the rules file, a path inside the jail
 CHECK_FILE = /etc/smtpd_check_rules
-#: path: the mail agent smtpfwdd runs for each spool file (smtpfwdd -s default)
+#: text: smtpfwdd's mail agent (-s default): a program run per spool file, or smtp:ADDR:PORT, lmtp:ADDR:PORT, lmtp:/path
 MAIL_AGENT = /usr/sbin/sendmail
 #: path: the directory of smtpd.pid (smtpd -i default: PID_DIR/smtpd.pid)
 PID_DIR = /var/run
@@ -215,6 +215,18 @@ QUEUE_LIFETIME = 432000
 AGENT_TIMEOUT = 3600
 #: int 0..31536000: seconds before a sender hears, once, that a message waits (4 h; 0 = never)
 DELAY_WARNING_TIME = 14400
+#: int 1..600: smtp:/lmtp: agent: seconds to connect to the MTA
+SMTPFWDD_CONNECT_TIMEOUT = 30
+#: int 1..3600: smtp:/lmtp: agent: seconds for each reply of the MTA
+SMTPFWDD_COMMAND_TIMEOUT = 300
+#: int 1..86400: smtp:/lmtp: agent: seconds for a message's data and its final reply
+SMTPFWDD_DATA_TIMEOUT = 600
+#: int 0..3600: smtp:/lmtp: agent: seconds a delivery process keeps an unused connection (0 = one per message)
+SMTPFWDD_KEEP_IDLE = 60
+#: path?: smtp:...+tls agent: the CA file the MTA's certificate must verify against (empty: the system's)
+SMTPFWDD_TLS_CA =
+#: text: smtp:...+tls agent: the name the MTA's certificate must carry (empty: its chain is enough)
+SMTPFWDD_TLS_NAME =
 
 # ------------------------------------------------ metrics and log lines ----
 #: text: ADDRESS:PORT (numeric) where smtpd -D serves /metrics, e.g. 127.0.0.1:9425; empty = off
@@ -303,7 +315,7 @@ PACKAGE = smtpgate
 PACKAGE_MODULES = __init__ address counters idn deadline libc log metrics net options params privileges record \
 	process shm spool spooldir store text \
 	gate/__init__ gate/admission gate/channel gate/chat gate/client gate/config gate/connection gate/dnsbl gate/engine gate/filtering gate/handoff gate/judge gate/master gate/milter gate/milterwire gate/peer gate/proxy gate/rewrite gate/rulewatch gate/sandbox gate/screen gate/session gate/start gate/tester gate/tls gate/verify gate/worker \
-	forwarder/__init__ forwarder/bounce forwarder/config forwarder/daemon forwarder/delivery forwarder/queuetool forwarder/start \
+	forwarder/__init__ forwarder/bounce forwarder/config forwarder/daemon forwarder/delivery forwarder/queuetool forwarder/relay forwarder/start \
 	rules/__init__ rules/dnslookup rules/ident rules/ruleset rules/tokens
 EXAMPLES = etc/smtpd_check_rules.example etc/antispam_check_rules.example \
 	etc/smtpd.service etc/smtpfwdd.service etc/smtpd.socket etc/smtpd@.service \
@@ -311,7 +323,7 @@ EXAMPLES = etc/smtpd_check_rules.example etc/antispam_check_rules.example \
 	etc/rc.d/smtpd etc/rc.d/smtpfwdd \
 	etc/inetd.conf.smtpd etc/xinetd.d/smtpd etc/rsyslog-smtpd.conf etc/syslog-ng-smtpd.conf \
 	etc/haproxy.cfg etc/shared-store.secret.example etc/redis-acl.conf etc/smtpd.conf \
-	etc/prometheus-smtpd.yml etc/grafana-smtpd.json
+	etc/prometheus-smtpd.yml etc/grafana-smtpd.json etc/postfix-master.cf.smtpfwdd
 # Where rsyslog reads snippets; the jail's log socket is added there.
 RSYSLOG_DIR = /etc/rsyslog.d
 

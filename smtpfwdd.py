@@ -46,7 +46,15 @@ USAGE = """usage: smtpfwdd.py [-Fq] [-d spooldir] [-u user] [-g group] [-s mailp
        smtpfwdd.py [-d spooldir] -Q list [-j] | show ID | requeue ID|all-failed
                    | delete ID | flush
        smtpfwdd.py -t [flags]"""
-FLAGS = {"-d": ("spooldir", options.absolute), "-s": ("agent", options.absolute),
+def agent(flag, value):
+    """-s: a program's absolute path, or smtp:... or lmtp:... (checked by
+    config.build, with the settings)."""
+    if value.startswith(("smtp:", "lmtp:")):
+        return value
+    return options.absolute(flag, value)
+
+
+FLAGS = {"-d": ("spooldir", options.absolute), "-s": ("agent", agent),
          "-i": ("pidfile", options.absolute), "-u": ("user", options.text),
          "-g": ("group", options.text), "-M": ("maxchildren", options.between(1, 1000)),
          "-P": ("poll", options.between(1, 1000)), "-q": ("quiet", True),

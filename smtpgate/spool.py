@@ -506,6 +506,24 @@ MESSAGE_ID = re.compile(rb"^message-id:[ \t]*((?:[^\n]|\n[ \t])*)", re.IGNORECAS
 MESSAGE_ID_MAX = 120
 
 
+# smtpd's own trace header, the first of a spool file (session.py's received())
+OUR_RECEIVED = re.compile(
+    rb"Received: from (\S*) \((\S*) \[([^\]]*)\]\)\s+(?:\(version=(\S+) cipher=(\S+)\)\s+)?"
+    rb"by \S+ \(smtpd\) with (\S+) id (\S+);")
+
+
+def our_received(headers, name):
+    """What smtpd's Received header says of the client of the message name
+    (bytes): {helo, name, addr, tls_version, tls_cipher, proto} as text, or
+    None when the first header is not smtpd's for this id."""
+    m = OUR_RECEIVED.match(headers)
+    if m is None or m.group(7) != (name if isinstance(name, bytes) else name.encode()):
+        return None
+    keys = ("helo", "name", "addr", "tls_version", "tls_cipher", "proto")
+    return {k: v.decode("utf-8", "replace") if v is not None else None
+            for k, v in zip(keys, m.groups())}
+
+
 def message_id(headers):
     """The Message-ID of a header section (bytes, LF or CRLF line ends),
     unfolded, escaped for a log line and at most MESSAGE_ID_MAX characters;

@@ -66,8 +66,9 @@ def status_of(exit_status, temporary=False):
 class Failure:
     """One recipient we give up on (or, delayed, still try)."""
 
-    def __init__(self, rcpt, status, words, detail=None):
+    def __init__(self, rcpt, status, words, detail=None, kind="x-unix"):
         self.rcpt = rcpt            # as stored, e.g. "<bob@my.domain>"
+        self.kind = kind            # the Diagnostic-Code's type: x-unix (an agent), smtp
         self.status = status        # "5.1.1"
         self.words = one_line(words)[:WORDS_MAX]
         self.detail = detail or words   # for the log and failed/NAME.reason
@@ -161,7 +162,7 @@ def delivery_status(myname, failures, arrival, action, envid=None, international
         final = "rfc822; %s" % rcpt if rcpt.isascii() else "utf-8; %s" % unicode_of(rcpt)
         blocks.append(fields(original + [("Final-Recipient", final),
                               ("Action", action), ("Status", f.status),
-                              ("Diagnostic-Code", "x-unix; %s" % (f.words or "no reason given"))]))
+                              ("Diagnostic-Code", "%s; %s" % (f.kind, f.words or "no reason given"))]))
     if international:       # (the email package writes only delivery-status' blocks)
         part.add_header("Content-Transfer-Encoding", "8bit")
         # (the email package writes a message/* text as ASCII only: a token

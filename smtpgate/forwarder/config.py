@@ -37,6 +37,18 @@ class ForwarderConfig:
     flags: tuple = ()                           # the command line's fields, for a reload
 
 
+def agent_problem(text):
+    """Why text is no mail agent (a program's absolute path, or smtp: or
+    lmtp: as relay.py reads them), or None."""
+    from smtpgate.forwarder import relay
+    try:
+        if relay.parse(text) is not None:
+            return None
+    except ValueError as e:
+        return str(e)
+    return None if text.startswith("/") else "not an absolute path, smtp: or lmtp:"
+
+
 def build(flags, reloading=False):
     """The ForwarderConfig for the command line's fields (options.parse);
     a constant of the Makefile out of its bounds stops smtpfwdd with 78 (a
@@ -44,6 +56,11 @@ def build(flags, reloading=False):
     problems = params.check(buildconf)
     metrics.check_listen("SMTPFWDD_METRICS_LISTEN", buildconf.SMTPFWDD_METRICS_LISTEN, problems)
     record.check("SMTPD_LOG_FORMAT", buildconf.SMTPD_LOG_FORMAT, problems)
+    agent = flags.get("agent", buildconf.MAIL_AGENT)
+    why = agent_problem(agent)
+    if why:
+        problems.append("MAIL_AGENT = %s: %s" % (agent, why) if "agent" not in flags
+                        else "-s %s: %s" % (agent, why))
     if problems and reloading:
         return problems
     for p in problems:

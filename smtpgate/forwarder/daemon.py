@@ -1,7 +1,8 @@
 """daemon - smtpfwdd's scanning loop and its delivery processes
 
 DESCRIPTION
-    Forwarder.run() scans the spool every -P seconds (or on SIGUSR1) and
+    Forwarder.run() scans the spool every -P seconds (or on SIGUSR1; at once
+    again while scans find work) and
     hands each complete smtpd* file to one of at most -M long-lived
     delivery processes (delivery_process: one Delivery after another,
     delivery.py), through a socket pair each: the name goes out, the exit
@@ -26,7 +27,7 @@ import time
 
 import buildconf
 from smtpgate import counters, libc, log, metrics, params, process, spool, spooldir
-from smtpgate.forwarder import config as forwarder_config, queuetool
+from smtpgate.forwarder import config as forwarder_config, queuetool, relay
 from smtpgate.forwarder.delivery import Delivery
 from smtpgate.gate import sandbox
 from smtpgate.text import visible
@@ -35,6 +36,7 @@ LOCKFILE = queuetool.LOCKFILE
 TITLE = queuetool.FORWARDER_TITLE.decode()     # what smtpq flush looks for
 DELIVERY_TITLE = "smtpfwdd: send"
 ALERT_EVERY = 86400
+RESCAN = 0.05           # seconds between scans while they find work
 
 
 class DeliveryHandle:
@@ -50,16 +52,27 @@ class DeliveryHandle:
 
 
 def delivery_process(config, sock):
-    """Deliver the files the master names until it closes the socket."""
+    """Deliver the files the master names until it closes the socket.  With
+    an smtp: or lmtp: agent, one connection to the MTA serves them all,
+    closed when unused for SMTPFWDD_KEEP_IDLE seconds."""
     process.child_signals(signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD)  # never cut short
+    spec = relay.parse(config.agent)
+    link = relay.Link(spec, config.myname) if spec is not None else None
     while True:
+        if link is not None and link.sock is not None:
+            r, _, _ = select.select([sock], [], [], buildconf.SMTPFWDD_KEEP_IDLE)
+            if not r:
+                link.close()
+                continue
         try:
             name = sock.recv(4096)
         except OSError:
-            return os.EX_OK
+            name = b""
         if not name:
+            if link is not None:
+                link.close()
             return os.EX_OK
-        delivery = Delivery(config, name)
+        delivery = Delivery(config, name, link)
         try:
             status = delivery.run()
         except Exception as e:
@@ -69,6 +82,8 @@ def delivery_process(config, sock):
         finally:
             if delivery.f is not None:
                 delivery.f.close()      # releases the lock
+            if link is not None and not buildconf.SMTPFWDD_KEEP_IDLE:
+                link.close()
         # the status, then for the metrics: the outcome, notifications queued
         sock.send(bytes([status, RESULTS.index(delivery.result) if delivery.result in RESULTS
                          else 255, min(255, delivery.bounces["failed"]),
@@ -209,17 +224,20 @@ class Forwarder:
                 self.reload_settings()
             if self.metrics.due():
                 self.start_metrics()
-            self.scan()
-            deadline = time.monotonic() + self.config.poll
+            # A scan that handed out work is followed by another at once (a
+            # breath apart): mail that keeps coming is never left a whole
+            # poll interval.  An idle spool is scanned every -P seconds.
+            handed = self.scan()
+            deadline = time.monotonic() + (RESCAN if handed else self.config.poll)
             while not (self.stopping or self.scan_now) and time.monotonic() < deadline:
                 self.sleep(deadline - time.monotonic())
             self.scan_now = False
         return self.shutdown()
 
     def scan(self):
-        """One pass over the spool.  Every entry is hostile input: one that
-        cannot be examined or delivered is logged once and skipped, and
-        never stops the delivery of the others."""
+        """One pass over the spool; how many files it handed out.  Every
+        entry is hostile input: one that cannot be examined or delivered is
+        logged once and skipped, and never stops the delivery of the others."""
         now = time.time()
         try:
             removed, problems = spooldir.remove_stale_drafts(
@@ -236,17 +254,20 @@ class Forwarder:
             seen.add(name)
             self.skip_once(name, why, "draft %s: %s; skipped")
         running = self.running()
+        handed = 0
         for e in entries:
             if self.stopping:
-                return
+                return handed
             seen.add(e.name)
             if e.name not in running and self.eligible(e, now):
                 self.dispatch(e.name, self.stamp)
+                handed += 1
         for d in (self.skipped, self.unopened, self.warned, self.first_seen):
             for gone in [n for n in d if n not in seen]:
                 del d[gone]
         spooldir.prune_deferrals(self.config.spooldir, seen | running)
         self.count_queue(entries, now)
+        return handed
 
     def count_queue(self, entries, now):
         """The queue's gauges: messages by state, the oldest one's age."""

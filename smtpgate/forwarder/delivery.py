@@ -24,6 +24,17 @@ OUTCOMES
     sender or to one unsafe on a command line: failed/ only, and a log line
     says so.  Once a message has waited DELAY_WARNING_TIME seconds (0: off),
     one "delayed" notification goes out; mode bit S_ISVTX records it.
+SMTP AND LMTP
+    With an agent smtp:... or lmtp:... (relay.py), the delivery process's
+    Link sends the message instead, at most RCPTS_MAX recipients a
+    transaction, and each recipient has its own answer: 2xx delivered,
+    4xx deferred, 5xx failed with the MTA's reply as the notification's
+    Diagnostic-Code (smtp; 550 5.1.1 ...).  When the message waits for
+    some recipients, those delivered are marked SENT first, so a retry
+    never repeats them.  A recipient the MTA never answered (down, hung,
+    out of step) is deferred; if the end of the message had gone out, the
+    MTA may have it already: the retry may deliver it twice, as Postfix's
+    would.
 """
 
 import os
@@ -32,7 +43,7 @@ import select
 import subprocess
 import time
 
-from smtpgate.forwarder import bounce
+from smtpgate.forwarder import bounce, relay
 import buildconf
 from smtpgate import log, record
 from smtpgate.text import visible
@@ -91,6 +102,13 @@ def check_recipient(r):
     return None
 
 
+def path(addr):
+    """A stored address as SMTP's path: in angle brackets (a file of the C
+    smtpd may hold one without)."""
+    b = bare(addr)
+    return "<>" if b in ("", "<>") else "<%s>" % b
+
+
 def octets(text):
     """An argument as the spool's octets (its str is latin-1)."""
     return text if text.isascii() else text.encode("latin-1")
@@ -99,8 +117,9 @@ def octets(text):
 class Delivery:
     """The delivery process's work on one spool file (name: bytes)."""
 
-    def __init__(self, config, name):
+    def __init__(self, config, name, link=None):
         self.config, self.name = config, visible(name)
+        self.link = link            # relay.Link with an smtp: or lmtp: agent, else None
         self.path = os.path.join(os.fsencode(config.spooldir), name)
         self.f = None
         self.msg = None
@@ -140,7 +159,98 @@ class Delivery:
                 failed.append((off, bounce.Failure(r, bounce.UNSAFE, why)))
             else:
                 safe.append((off, r))
+        if self.link is not None:
+            return self.relay(sender, safe, failed)
         return self.batches(sender, safe, failed)
+
+    # -- smtp: and lmtp: --
+
+    def relay(self, sender, rcpts, failed):
+        """The message over the Link, per recipient (see SMTP AND LMTP)."""
+        spec = self.link.spec
+        done, pending, why, status, said, last = [], [], None, "4.0.0", "", None
+        common = self.transaction_facts(sender, rcpts)
+        for i in range(0, len(rcpts), relay.RCPTS_MAX):
+            chunk = rcpts[i:i + relay.RCPTS_MAX]
+            t = common._replace(rcpts=[(path(r), self.msg.dsn.get(off, "")) for off, r in chunk])
+            try:
+                replies, trouble = self.link.transfer(t)
+            except relay.Trouble as e:
+                self.link.close(polite=False)
+                pending += rcpts[i:]
+                why, status, said = e.why, e.status, e.why
+                break
+            for (off, r), reply in zip(chunk, replies):
+                if reply is None:
+                    pending.append((off, r))
+                    why, status = trouble.why, trouble.status
+                    if trouble.sent:
+                        why += " after the end of the message went out: it may be delivered twice"
+                    said = why
+                    continue
+                last = reply
+                if reply.code < 400:
+                    done.append((off, r))
+                elif reply.code < 500:
+                    pending.append((off, r))
+                    why = said = "%s said to %s: %s" % (spec.text, r, reply)
+                    status = reply.status()
+                else:
+                    failed.append((off, bounce.Failure(
+                        r, reply.status(), str(reply), "%s said: %s" % (spec.text, reply),
+                        kind="smtp")))
+        self.agent_status = last.code if last is not None else None
+        self.agent_said = str(last) if last is not None else said or None
+        names = [r for _, r in done]
+        if done and (pending or failed):
+            spool.mark_sent(self.f, [off for off, _ in done])
+        if pending:
+            if names:
+                why += " (delivered to %s)" % ", ".join(names)
+            return self.defer(why, said, sender, pending, failed, status)
+        if failed:
+            return self.give_up(sender, failed, names)
+        if not spool.remove(self.path, self.f):
+            log.alert("%s: the name no longer holds the file delivered; left alone",
+                      self.name)
+        spooldir.drop_deferral(self.config.spooldir, os.path.basename(self.path))
+        self.outcome("delivered; %s said: %s" % (spec.text, last) if last is not None
+                     else "delivered", sender, names)
+        return os.EX_OK
+
+    def transaction_facts(self, sender, rcpts):
+        """What every transaction of this message says: a relay.Transaction
+        without its recipients."""
+        fd, msg = self.f.fileno(), self.msg
+        size = os.fstat(fd).st_size - msg.body_offset
+        headers = spool.headers(fd, msg.body_offset)
+        eightbit = False
+        os.lseek(fd, msg.body_offset, os.SEEK_SET)
+        while not eightbit:
+            chunk = os.read(fd, relay.CHUNK)
+            if not chunk:
+                break
+            eightbit = not chunk.isascii()
+        utf8_needed = msg.utf8 and not (sender.isascii() and headers.isascii()
+                                        and all(r.isascii() for _, r in rcpts))
+        return relay.Transaction(
+            sender=path(sender), rcpts=[], fd=fd,
+            body_offset=msg.body_offset, size=size, eightbit=eightbit,
+            utf8_needed=utf8_needed, mail_dsn=msg.dsn.get("mail", ""),
+            xforward=self.xforward(headers))
+
+    def xforward(self, headers):
+        """XFORWARD's attributes (Postfix): the client smtpd's own Received
+        header names, and our queue id; None without that header."""
+        got = spool.our_received(headers, os.path.basename(self.path))
+        if got is None:
+            return None
+        helo, name, addr, proto = got["helo"], got["name"], got["addr"], got["proto"]
+        return [("NAME", None if name in ("", "unknown") else name),
+                ("ADDR", None if addr in ("", "unknown") else addr),
+                ("HELO", helo if helo not in ("", "unknown") else None),
+                ("PROTO", "ESMTP" if proto.startswith("ESMTP") else "SMTP"),
+                ("IDENT", self.name), ("SOURCE", "REMOTE")]
 
     def argv(self, sender, batch, notify=None):
         """The agent's arguments; addresses as the octets stored (UTF-8

@@ -281,23 +281,15 @@ def cmd_show(q, args):
     return os.EX_OK
 
 
-# smtpd's own trace header, the first of a spool file: what it knew of the client
-OUR_RECEIVED = re.compile(
-    rb"Received: from (\S*) \((\S*) \[([^\]]*)\]\)\s+(?:\(version=(\S+) cipher=(\S+)\)\s+)?"
-    rb"by \S+ \(smtpd\) with \S+ id (\S+);")
-
-
 def the_record(e, name, headers, msg, now):
     """A queued message's record, in SMTPD_LOG_FORMAT (logfmt if classic)
     with the field names of smtpd's line for it: what the spool file
     holds (its envelope, our Received header) and where it is."""
-    m = OUR_RECEIVED.match(headers)
-    if m is not None and m.group(6) != name:
-        m = None                        # someone else's header: tells us nothing
-    got = [visible(x) if x is not None else None for x in m.groups()] if m else [None] * 6
+    got = spool.our_received(headers, name) or {}   # (someone else's tells us nothing)
     fields = [("id", e.id), ("message_id", visible(spool.message_id(headers)))] + [
-        ("client_addr", got[2]), ("client_name", got[1]), ("helo", got[0]),
-        ("tls_version", got[3]), ("tls_cipher", got[4]),
+        (k, visible(got[g]) if got.get(g) is not None else None)
+        for k, g in (("client_addr", "addr"), ("client_name", "name"), ("helo", "helo"),
+                     ("tls_version", "tls_version"), ("tls_cipher", "tls_cipher"))] + [
         ("from", e.sender), ("to", e.pending), ("sent", e.sent or None),
         ("size", e.size), ("state", e.state), ("queue", e.where),
         ("age", int(e.age(now))), ("reason", e.reason)]

@@ -72,7 +72,8 @@ def check(config):
                     not os.access(config.spooldir, os.R_OK | os.W_OK | os.X_OK):
                 problems.append("the spool %s cannot be entered and written by %s"
                                 % (config.spooldir, who))
-            if not os.path.isfile(config.agent) or not os.access(config.agent, os.X_OK):
+            if config.agent.startswith("/") and (not os.path.isfile(config.agent)
+                                                  or not os.access(config.agent, os.X_OK)):
                 problems.append("the mail agent %s is not a program %s may run"
                                 % (config.agent, who))
             for p in problems:
