@@ -102,6 +102,7 @@ class Forwarder:
         self.counts = counters.share(1, keys=metrics.smtpfwdd_layout(), gauges=metrics.GAUGES)
         self.metrics = metrics.Handle(metrics_listener, "smtpfwdd: metric")
         self.first_seen = {}        # name -> when the message arrived (the queue's age)
+        self.crashed = {}           # name -> not before (monotonic): its delivery process died
         self.workers = {}           # pid -> DeliveryHandle
         self.stopping = self.scan_now = self.hup = False
         self.generation = 0         # counts the SIGHUPs that changed settings
@@ -189,6 +190,7 @@ class Forwarder:
         if not msg:
             log.crit("delivery worker %d died delivering %s; it will be retried",
                     w.pid, visible(w.name))
+            self.crashed[w.name] = time.monotonic() + self.config.poll
             w.dead = True
         else:
             if msg[0] == os.EX_NOPERM:      # could not open it: until it changes
@@ -215,6 +217,7 @@ class Forwarder:
             if w.name is not None:
                 log.crit("delivery worker %d died delivering %s; it will be retried",
                         pid, visible(w.name))
+                self.crashed[w.name] = time.monotonic() + self.config.poll
 
     def run(self):
         log.info("scanning %s every %d seconds with %s", self.config.spooldir,
@@ -262,7 +265,7 @@ class Forwarder:
             if e.name not in running and self.eligible(e, now):
                 self.dispatch(e.name, self.stamp)
                 handed += 1
-        for d in (self.skipped, self.unopened, self.warned, self.first_seen):
+        for d in (self.skipped, self.unopened, self.warned, self.first_seen, self.crashed):
             for gone in [n for n in d if n not in seen]:
                 del d[gone]
         spooldir.prune_deferrals(self.config.spooldir, seen | running)
@@ -344,6 +347,10 @@ class Forwarder:
             return False
         if self.unopened.get(name) == self.stamp:
             return False        # logged when it failed to open; unchanged since
+        if name in self.crashed:
+            if time.monotonic() < self.crashed[name]:
+                return False    # a crash is retried a poll interval later, never in a loop
+            del self.crashed[name]
         if not spool.is_complete(st.st_mode):
             if now - st.st_mtime > ALERT_EVERY and \
                     now - self.warned.get(name, 0) >= ALERT_EVERY:

@@ -360,7 +360,7 @@ def test_a_message_without_dsn_is_called_as_ever(fwd_env):
 
 
 def test_notify_never_gets_no_notification_and_orcpt_envid_are_reported(fwd_env):
-    fwd_env.agent.statuses(67)
+    fwd_env.agent.statuses(67, 67, 75)       # the notification then waits
     name = put(fwd_env.spool, rcpts=[b"<a@my.domain>", b"<b@my.domain>"],
                dsn=("ENVID=env-1", ["NOTIFY=NEVER", "NOTIFY=FAILURE ORCPT=rfc822;B+2Bx@my.domain"]))
     f = fwd_env.start()
@@ -438,7 +438,7 @@ def test_a_notification_to_a_utf8_sender_is_international(fwd_env):
     """RFC 6533: to a UTF-8 sender, about a UTF-8 recipient, the report is
     message/global-delivery-status with headers in UTF-8, and its spool
     file is marked SMTPUTF8 (issue 38)."""
-    fwd_env.agent.statuses(67)
+    fwd_env.agent.statuses(67, 75)         # the notification then waits in the queue
     sender, rcpt = "<jörg@exämple.org>".encode(), "<bøb@my.domain>".encode()
     name = put(fwd_env.spool, sender=sender, rcpts=[rcpt], dsn=None)
     fwd_env.start()
