@@ -74,9 +74,10 @@ class Trouble(Exception):
     """The recipients not yet answered cannot be now: defer them.  sent:
     the message's end was sent and no answer came (the MTA may have it)."""
 
-    def __init__(self, why, status="4.4.2", sent=False):
+    def __init__(self, why, status="4.4.2", sent=False, first=False):
         super().__init__(why)
         self.why, self.status, self.sent = why, status, sent
+        self.first = first          # before the transaction's first answer
 
 
 class Reply:
@@ -107,7 +108,7 @@ class Link:
     def __init__(self, spec, myname):
         self.spec, self.myname = spec, myname
         self.sock = None
-        self.buf = b""
+        self.buf = self.pending = b""
         self.ext = {}               # EHLO keyword -> its parameters
         self.used = 0               # transactions on this connection
         self.last_use = 0.0
@@ -131,7 +132,7 @@ class Link:
         sock.setblocking(False)
         if family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock, self.buf, self.used = sock, b"", 0
+        self.sock, self.buf, self.pending, self.used = sock, b"", b"", 0
         try:
             greeting = self.reply(buildconf.SMTPFWDD_COMMAND_TIMEOUT)
             if greeting.code != 220:
@@ -207,7 +208,14 @@ class Link:
 
     # -- talking --
 
-    def write(self, data, deadline):
+    def write(self, data, deadline, buffered=False):
+        """Send data (after what was buffered); buffered: keep it for the
+        next write instead (commands pipelined with the next ones)."""
+        if buffered:
+            self.pending += data
+            return
+        if self.pending:
+            data, self.pending = self.pending + data, b""
         view = memoryview(data)
         while view:
             try:
@@ -264,9 +272,18 @@ class Link:
                 self.buf = b""
             self.fill(deadline)
 
-    def reply(self, seconds):
-        """The next reply, within seconds (a deadline for the whole reply)."""
-        deadline = time.monotonic() + seconds
+    def reply(self, seconds, first=False):
+        """The next reply, within seconds (a deadline for the whole reply).
+        first: the Trouble of a connection that fails here says so."""
+        if self.pending:
+            self.write(b"", time.monotonic() + seconds)
+        try:
+            return self.read_reply(time.monotonic() + seconds)
+        except Trouble as e:
+            e.first = first
+            raise
+
+    def read_reply(self, deadline):
         lines, code = [], None
         while True:
             raw = self.line(deadline)
@@ -285,10 +302,14 @@ class Link:
                 raise Trouble("%s: a reply of more than %d lines" % (self.spec.text, LINES_MAX),
                               "4.5.0")
 
-    def command(self, line):
-        self.write(line.encode("latin-1", "replace") + b"\r\n",
-                   time.monotonic() + buildconf.SMTPFWDD_COMMAND_TIMEOUT)
-        return self.reply(buildconf.SMTPFWDD_COMMAND_TIMEOUT)
+    def command(self, line, first=False):
+        try:
+            self.write(line.encode("latin-1", "replace") + b"\r\n",
+                       time.monotonic() + buildconf.SMTPFWDD_COMMAND_TIMEOUT)
+        except Trouble as e:
+            e.first = first
+            raise
+        return self.reply(buildconf.SMTPFWDD_COMMAND_TIMEOUT, first)
 
     # -- one transaction --
 
@@ -302,19 +323,45 @@ class Link:
     def transfer(self, t):
         """Send the Transaction t: (one Reply per recipient, None where
         none came; the Trouble that left those unanswered, or None).
-        Trouble itself when nothing was answered."""
-        if self.sock is not None and self.used and not (self.ready() and self.reset()):
+        Trouble itself when nothing was answered.  A kept connection that
+        fails before its first answer (the MTA closed it as we wrote) is
+        made anew, once."""
+        kept = self.sock is not None and self.used
+        if kept and not self.ready():
             self.close(polite=False)        # gone while kept: a new one
+            kept = False
         if self.sock is None:
             self.open()
+        try:
+            return self.transaction(t, kept)
+        except Trouble as e:
+            if not (kept and e.first):
+                raise
+            self.close(polite=False)
+        self.open()
+        return self.transaction(t, False)
+
+    def transaction(self, t, kept):
         self.used += 1
         self.last_use = time.monotonic()
         n = len(t.rcpts)
         if t.utf8_needed and "SMTPUTF8" not in self.ext:
+            if kept and not self.reset():
+                raise Trouble("%s: RSET failed" % self.spec.text, first=True)
             return [Reply(554, ["5.6.7 SMTPUTF8 is required, but %s does not offer it"
                                 % self.spec.text])] * n, None
+        pipelining = "PIPELINING" in self.ext
+        lead = ["RSET"] if kept else []             # (a kept connection: a clean slate)
         if "XFORWARD" in self.ext and t.xforward:
-            self.xforward(t.xforward)
+            lead += self.xforward_lines(t.xforward)
+        if pipelining:                  # RSET and XFORWARD go in the same write
+            self.write("".join(x + "\r\n" for x in lead).encode("latin-1", "replace"),
+                       time.monotonic() + buildconf.SMTPFWDD_COMMAND_TIMEOUT, buffered=True)
+        for i, x in enumerate(lead):
+            r = self.reply(buildconf.SMTPFWDD_COMMAND_TIMEOUT, first=i == 0) if pipelining \
+                else self.command(x, first=i == 0)
+            if x == "RSET" and r.code != 250:
+                raise Trouble("%s said to RSET: %s" % (self.spec.text, r), first=True)
         mail = "MAIL FROM:%s" % t.sender
         if "SIZE" in self.ext:
             mail += " SIZE=%d" % t.size
@@ -327,13 +374,14 @@ class Link:
             mail += " " + t.mail_dsn
         lines = [mail] + ["RCPT TO:%s%s" % (r, " " + p if dsn and p else "")
                           for r, p in t.rcpts]
-        if "PIPELINING" in self.ext:
+        if pipelining:
             self.write("".join(x + "\r\n" for x in lines + ["DATA"]).encode("latin-1", "replace"),
                        time.monotonic() + buildconf.SMTPFWDD_COMMAND_TIMEOUT)
-            replies = [self.reply(buildconf.SMTPFWDD_COMMAND_TIMEOUT) for _ in lines]
+            replies = [self.reply(buildconf.SMTPFWDD_COMMAND_TIMEOUT, first=not lead and i == 0)
+                       for i in range(len(lines))]
             data = self.reply(buildconf.SMTPFWDD_COMMAND_TIMEOUT)
         else:
-            replies = [self.command(lines[0])]
+            replies = [self.command(lines[0], first=not lead)]
             if replies[0].code == 250:
                 replies += [self.command(x) for x in lines[1:]]
             data = self.command("DATA") if any(r.code in (250, 251) for r in replies[1:]) \
@@ -360,19 +408,19 @@ class Link:
             out[i] = finals[k] if k < len(finals) else None
         return out, trouble
 
-    def xforward(self, attrs):
-        """XFORWARD in lines of at most 512 octets (a refusal changes nothing)."""
+    def xforward_lines(self, attrs):
+        """XFORWARD commands of at most 512 octets, of the attributes the
+        MTA named (a refusal of one changes nothing)."""
         offered = {a.upper() for a in self.ext.get("XFORWARD", [])}
         words = ["%s=%s" % (k, xtext(v) if v is not None else "[UNAVAILABLE]")
                  for k, v in attrs if k in offered]
-        line = ""
+        lines, line = [], ""
         for w in words:
             if line and len(line) + len(w) + 1 > 500:
-                self.command(line)
+                lines.append(line)
                 line = ""
             line = (line or "XFORWARD") + " " + w
-        if line:
-            self.command(line)
+        return lines + ([line] if line else [])
 
     def send_body(self, t, accepted):
         """The message, then its final replies: one per accepted recipient

@@ -112,6 +112,17 @@ def test_without_pipelining_one_command_at_a_time(fwd_env, mta):
     assert "SIZE=" not in m.transactions[0]["mail"]         # not offered: not sent
 
 
+def test_a_kept_connection_the_mta_closed_is_made_anew(fwd_env, mta):
+    """The MTA hangs up after each message (an idle timeout, a restart):
+    the next message goes on a new connection, at once, not deferred."""
+    m = mta(hangup_after=True)
+    names = [spooled(fwd_env.spool) for _ in range(3)]
+    f = start(fwd_env, m, "-M", "1")
+    assert m.wait(3)
+    assert wait_for(lambda: not any(present(fwd_env.spool, n) for n in names))
+    assert m.connections == 3 and "deferred" not in f.log()
+
+
 def test_an_unused_connection_is_closed_after_keep_idle(fwd_env, mta):
     m = mta()
     spooled(fwd_env.spool)

@@ -28,11 +28,12 @@ class Gone(Exception):
 
 class FakeMTA:
     def __init__(self, lmtp=False, path=None, extensions=EXTENSIONS, rcpt=None, final=None,
-                 greeting="220 fake.example ESMTP", tls=None, mail=None):
+                 greeting="220 fake.example ESMTP", tls=None, mail=None, hangup_after=False):
         self.lmtp, self.path = lmtp, path
         self.extensions = list(extensions) + (["STARTTLS"] if tls else [])
         self.rcpt_fn, self.final_fn, self.mail_fn = rcpt, final, mail
         self.greeting, self.tls = greeting, tls
+        self.hangup_after = hangup_after      # close the connection after each message
         self.connections = 0
         self.transactions = []
         self.commands = []          # every command line, in order, per connection index
@@ -131,6 +132,8 @@ class FakeMTA:
                     self.answer(c, self.final_fn(addr) if self.final_fn else None,
                                 "250 2.0.0 Ok: queued as FAKE%d" % len(self.transactions))
                 t = None
+                if self.hangup_after:
+                    raise Gone()
             elif verb == b"RSET":
                 t = None
                 c.say("250 2.0.0 Ok")
