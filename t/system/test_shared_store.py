@@ -377,3 +377,31 @@ def test_redis_killed_under_load_loses_no_session(daemon_, redis, tmp_path):
     assert results == [220] * 160
     assert max(slow) < 1.0, max(slow)
     assert all("using this gate's own state" in g.log() for g in (g1, g2))
+
+
+def test_the_metrics_say_whether_the_shared_store_answers(daemon_, redis, tmp_path):
+    """smtpd_shared_store_up (issue 39): 1 while Redis answers, 0 once a
+    call found it down, 1 again when it is back."""
+    import urllib.request
+    from harness import free_port
+    port = free_port()
+    (g,) = gates(daemon_, redis.port, tmp_path, n=1, SMTPD_MAX_RATE=100,
+                 SMTPD_METRICS_LISTEN="127.0.0.1:%d" % port)
+
+    def up():
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            return None
+        m = re.search(r"^smtpd_shared_store_up (\d+)$", text, re.M)
+        return int(m.group(1)) if m else None
+    assert greet(g, "127.0.0.9") == 220
+    assert wait_for(lambda: up() == 1)
+    redis.kill()
+    assert greet(g, "127.0.0.9") == 220
+    assert wait_for(lambda: up() == 0)
+    redis.start()
+    time.sleep(1.2)
+    assert greet(g, "127.0.0.9") == 220
+    assert wait_for(lambda: up() == 1)
