@@ -226,7 +226,8 @@ class Session(Filtering):
         self.routine("%s", record.text("message", [("id", name or env.name),
                                                     ("message_id", msgid)]
                                        + self.client_fields() + [
-            ("from", env.sender), ("to", env.recipients), ("refused", env.refused or None),
+            ("from", env.sender), ("rcpts", len(env.recipients)), ("to", env.recipients),
+            ("refused", env.refused or None),
             ("size", size), ("milter", [{"filter": f, "verdict": v} for f, v in verdicts]
                              or None),
             ("seconds", round(seconds, 3)), ("result", result), ("reason", reason or None)],

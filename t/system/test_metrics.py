@@ -301,6 +301,23 @@ def test_json_lines_are_json(daemon_):
                                "reason": "rules"}]
 
 
+def test_a_record_too_long_for_a_log_line_stays_json(daemon_):
+    """Sixty long recipients make a record past a syslog line: the lists
+    lose their ends, truncated says so, and the line is still JSON."""
+    d = metrics_gate(daemon_, ALLOW, SMTPD_LOG_FORMAT="json")
+    c = d.connect()
+    assert c.code() == 220
+    rcpts = ["%s%02d@my.domain" % ("r" * 50, i) for i in range(60)]
+    codes, reply = transaction(c, rcpts)
+    assert set(codes) == {250} and reply[0] == 250
+    c.cmd("QUIT")
+    assert wait_for(lambda: '{"event":"message"' in d.log())
+    line = next(l for l in d.log().splitlines() if '{"event":"message"' in l)
+    rec = json.loads(line[line.index("{"):])
+    assert rec["truncated"] is True and rec["rcpts"] == 60
+    assert 0 < len(rec["to"]) < 60 and rec["to"][0] == "<%s>" % rcpts[0]
+
+
 def test_a_bad_log_format_or_listen_address_stops_smtpd_with_78(tree_factory):
     from harness import TEST_CONSTANTS, make_jail, smtpd_argv, PYTHON  # noqa: F401
     for constants, said in ((dict(SMTPD_LOG_FORMAT="xml"), "SMTPD_LOG_FORMAT = xml"),
