@@ -210,12 +210,16 @@ class Delivery:
             return self.defer(why, said, sender, pending, failed, status)
         if failed:
             return self.give_up(sender, failed, names)
+        return self.delivered("delivered; %s said: %s" % (spec.text, last) if last is not None
+                              else "delivered", sender, names)
+
+    def delivered(self, what, sender, names):
+        """Every recipient delivered: the file goes, and the outcome is logged."""
         if not spool.remove(self.path, self.f):
             log.alert("%s: the name no longer holds the file delivered; left alone",
                       self.name)
         spooldir.drop_deferral(self.config.spooldir, os.path.basename(self.path))
-        self.outcome("delivered; %s said: %s" % (spec.text, last) if last is not None
-                     else "delivered", sender, names)
+        self.outcome(what, sender, names)
         return os.EX_OK
 
     def transaction_facts(self, sender, rcpts):
@@ -322,13 +326,8 @@ class Delivery:
             failed += [(off, bounce.Failure(r, code, said, why)) for off, r in batch]
         if failed:
             return self.give_up(sender, failed, done)
-        if not spool.remove(self.path, self.f):
-            log.alert("%s: the name no longer holds the file delivered; left alone",
-                     self.name)
-        spooldir.drop_deferral(self.config.spooldir, os.path.basename(self.path))
-        self.outcome("delivered" + ("; the agent said: %s" % " | ".join(words) if words else ""),
-                     sender, done)
-        return os.EX_OK
+        return self.delivered("delivered" + ("; the agent said: %s" % " | ".join(words)
+                                             if words else ""), sender, done)
 
     def call(self, argv):
         """Run the agent on the message, fed from the file we hold locked
