@@ -234,6 +234,7 @@ class Master:
         signal.signal(signal.SIGHUP, self.on_hup)
         signal.signal(signal.SIGCHLD, self.on_child)
         self.stopping = bool(STOPPED_EARLY)
+        self.hup = bool(HUP_EARLY)
         self.child_exited = False
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.wake_r, selectors.EVENT_READ, None)
@@ -657,11 +658,15 @@ def close(x):
         pass
 
 
-STOPPED_EARLY = []
+STOPPED_EARLY, HUP_EARLY = [], []
 
 
 def stop_early(*a):
     STOPPED_EARLY.append(True)
+
+
+def hup_early(*a):
+    HUP_EARLY.append(True)
 
 
 def run(config, engine):
@@ -670,9 +675,11 @@ def run(config, engine):
     process.set_title("smtpd: master")
     if config.foreground:
         # The port listens (and the title says master) before Master takes
-        # the signals over: a SIGTERM in between is a stop, not a death.
+        # the signals over: a SIGTERM in between is a stop, a SIGHUP a
+        # reload once it can, never a death.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, stop_early)
+        signal.signal(signal.SIGHUP, hup_early)
     relay = log.Relay() if config.foreground and log.Relay.wanted() else None
     rules, text = load_rules(config, relay)
     check_jail_log_socket(config)
@@ -690,7 +697,7 @@ def run(config, engine):
         files_preserve=[listener.fileno()] + ([metrics_listener.fileno()] if metrics_listener
                                               else []), umask=0o077, pidfile=pidfile,
         signal_map={signal.SIGTERM: "terminate", signal.SIGINT: "terminate",
-                    signal.SIGHUP: None})
+                    signal.SIGHUP: hup_early})
     log.log.close()          # DaemonContext closes every descriptor
     try:
         ctx.open()

@@ -96,6 +96,25 @@ def test_sigterm_the_moment_the_port_listens_is_a_clean_stop(daemon_, attempt):
     assert d.proc.wait(40) == 0, d.log()
 
 
+@pytest.mark.parametrize("attempt", range(3))
+def test_sighup_the_moment_the_port_listens_is_a_reload(daemon_, attempt):
+    """The same window for SIGHUP (the certificate reload test saw the
+    master die of it): the master lives, and reloads once it can."""
+    d = daemon_()
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", d.port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.005)
+    d.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: "SIGHUP: rules re-read" in d.log()), d.log()
+    assert d.proc.poll() is None
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(40) == 0, d.log()
+
+
 def test_stale_pid_file_is_replaced_and_second_instance_refused(daemon_, tree_factory):
     jail = make_jail()
     pidfile = jail + ".pid"
