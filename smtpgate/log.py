@@ -63,7 +63,10 @@ class Log:
     def connect(self):
         """True if the log socket answers; tried at most once per RETRY."""
         self.next_try = time.monotonic() + self.RETRY
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:        # out of descriptors (the front stage at its limit): no line, no crash
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        except OSError:
+            return False
         try:
             s.connect(self.path)
         except OSError:

@@ -168,3 +168,29 @@ def test_a_hostile_message_id_is_escaped_and_bounded(smtpd):
     (line,) = [l for l in srv.log().splitlines() if "message-id=" in l]
     assert "\x1b" not in line and "message-id=<\\x1b]0;x\\x07aaa" in line
     assert line.endswith("...") and len(line.split("message-id=")[1]) <= 4 * 120 + 3
+
+
+def test_a_line_logged_out_of_descriptors_is_dropped_not_a_crash(tree_factory):
+    """The front stage at its open-file limit logs it: with no syslog
+    socket connected, that line's reconnect found no descriptor and the
+    OSError ended the front stage (seen under load in the EMFILE test)."""
+    tree = tree_factory(**FWD_CONSTANTS)
+    code = """
+import os, resource, sys
+sys.path.insert(0, %r)
+from smtpgate import log
+log.log.open("smtpd", path="/nonexistent/log")
+held = []
+try:
+    while True:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+log.log.next_try = 0
+log.err("out of descriptors: %%d held", len(held))
+print("alive")
+""" % tree
+    p = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=60,
+                       preexec_fn=lambda: __import__("resource").setrlimit(
+                           __import__("resource").RLIMIT_NOFILE, (64, 64)))
+    assert p.returncode == 0 and p.stdout.strip() == "alive", p.stderr
