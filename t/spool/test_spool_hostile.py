@@ -106,9 +106,10 @@ def swap_during_first_batch(fwd_env, swap):
     f = fwd_env.start(MAXARGS=6)
     assert wait_for(lambda: fwd_env.agent.calls())
     swap(path)
-    assert wait_for(lambda: len(fwd_env.agent.calls()) == 2, 20), f.log()
+    # (a decoy left at the name may follow as a third call, once it is free)
+    assert wait_for(lambda: len(fwd_env.agent.calls()) >= 2, 20), f.log()
     body = original[original.index(b"BODY\n") + 5:]
-    for call in fwd_env.agent.calls():
+    for call in fwd_env.agent.calls()[:2]:
         assert call["stdin"].encode("latin-1") == body
     assert f.proc.poll() is None
     return f, path
