@@ -79,11 +79,9 @@ def test_sigterm_the_moment_the_pid_file_appears_stops_the_master(daemon_, attem
     assert wait_for(lambda: gone(pid), 20), "the master ignored SIGTERM"
 
 
-@pytest.mark.parametrize("attempt", range(3))
-def test_sigterm_the_moment_the_port_listens_is_a_clean_stop(daemon_, attempt):
-    """In the foreground the port listens (and the title says master)
-    before the master has its handlers: a SIGTERM then is a stop, exit
-    0, never a death by the signal (CI caught -15)."""
+def listening_at_once(daemon_):
+    """smtpd -D -F, returned the moment its port listens (before the
+    master may have its handlers)."""
     d = daemon_()
     deadline = time.time() + 20
     while time.time() < deadline:
@@ -92,6 +90,15 @@ def test_sigterm_the_moment_the_port_listens_is_a_clean_stop(daemon_, attempt):
             break
         except OSError:
             time.sleep(0.005)
+    return d
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_sigterm_the_moment_the_port_listens_is_a_clean_stop(daemon_, attempt):
+    """In the foreground the port listens (and the title says master)
+    before the master has its handlers: a SIGTERM then is a stop, exit
+    0, never a death by the signal (CI caught -15)."""
+    d = listening_at_once(daemon_)
     d.proc.send_signal(signal.SIGTERM)
     assert d.proc.wait(40) == 0, d.log()
 
@@ -100,14 +107,7 @@ def test_sigterm_the_moment_the_port_listens_is_a_clean_stop(daemon_, attempt):
 def test_sighup_the_moment_the_port_listens_is_a_reload(daemon_, attempt):
     """The same window for SIGHUP (the certificate reload test saw the
     master die of it): the master lives, and reloads once it can."""
-    d = daemon_()
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", d.port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.005)
+    d = listening_at_once(daemon_)
     d.proc.send_signal(signal.SIGHUP)
     assert wait_for(lambda: "SIGHUP: rules re-read" in d.log()), d.log()
     assert d.proc.poll() is None
