@@ -99,7 +99,6 @@ class Reply:
         return "%d %s" % (self.code, visible(self.text, 600))
 
 
-NO_DATA = Reply(554, ["5.5.1 no DATA: the MTA refused every recipient"])
 
 
 class Link:
@@ -111,7 +110,6 @@ class Link:
         self.buf = self.pending = b""
         self.ext = {}               # EHLO keyword -> its parameters
         self.used = 0               # transactions on this connection
-        self.last_use = 0.0
 
     # -- the connection --
 
@@ -343,7 +341,6 @@ class Link:
 
     def transaction(self, t, kept):
         self.used += 1
-        self.last_use = time.monotonic()
         n = len(t.rcpts)
         if t.utf8_needed and "SMTPUTF8" not in self.ext:
             if kept and not self.reset():
@@ -395,7 +392,7 @@ class Link:
         if mail_reply.code != 250:
             return [mail_reply] * n, None
         if data is None or data.code != 354:
-            return [rcpt_replies[i] if i not in accepted else (data or NO_DATA)
+            return [rcpt_replies[i] if i not in accepted else data
                     for i in range(n)], None
         out = list(rcpt_replies)
         try:
