@@ -99,8 +99,6 @@ class Reply:
         return "%d %s" % (self.code, visible(self.text, 600))
 
 
-
-
 class Link:
     """One connection to the MTA (see above)."""
 
