@@ -233,8 +233,13 @@ class Master:
             signal.signal(sig, self.on_stop)
         signal.signal(signal.SIGHUP, self.on_hup)
         signal.signal(signal.SIGCHLD, self.on_child)
-        self.stopping = bool(STOPPED_EARLY)
-        self.hup = bool(HUP_EARLY)
+        # Only ever set here, never cleared: a signal between installing
+        # our handlers and this line has set the flag itself (CI lost a
+        # SIGHUP to "self.hup = bool(HUP_EARLY)" overwriting it).
+        if STOPPED_EARLY:
+            self.stopping = True
+        if HUP_EARLY:
+            self.hup = True
         self.child_exited = False
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.wake_r, selectors.EVENT_READ, None)
