@@ -129,9 +129,9 @@ SMTPD_SCREEN_MAX = 20000
 SMTPD_SCREEN_PER_NETWORK = 50
 #: int 1..3600: seconds a client that passed may wait for a free worker before 421
 SMTPD_SCREEN_WAIT = 30
-#: int 0..2592000: seconds a client that passed the greeting pause skips it (0 = never)
+#: int 0..2592000: seconds a client that passed the greeting pause skips it, and one that had mail accepted goes to a worker at once (0 = never)
 SMTPD_SCREEN_ALLOW_TTL = 86400
-#: int 8..10000000: most client addresses that allow-list keeps (24 bytes each, fixed at start)
+#: int 8..10000000: most client addresses that allow-list keeps (28 bytes each, fixed at start)
 SMTPD_SCREEN_ALLOW_SIZE = 100000
 #: int 1..86400: under stress: seconds for a command and for a free worker (the greeting pause: a third)
 SMTPD_STRESS_TIMEOUT = 10

@@ -142,21 +142,37 @@ class RateTable(shm.Table):
 
 
 class PassTable(shm.Table):
-    """The clients that passed the greeting pause, by address, for
-    SMTPD_SCREEN_ALLOW_TTL seconds (postscreen's temporary allow-list)."""
+    """The clients that passed the greeting pause (PAUSED) or had a message
+    accepted (DELIVERED), by address, for SMTPD_SCREEN_ALLOW_TTL seconds
+    (postscreen's temporary allow-list)."""
+
+    PAUSED, DELIVERED = 1, 2
 
     def __init__(self, entries):
-        super().__init__("smtpd-passed", entries, 2)
+        super().__init__("smtpd-passed", entries, 3)
 
     def get(self, ip, now=None):
         with self:
-            return 1 if self.find(address_key(ip), self.now()) is not None else None
+            at = self.find(address_key(ip), self.now())
+            return None if at is None else self.w[at + self.VALUE]
 
     def put(self, ip, value, ttl, now=None):
         with self:
             now = self.now()
             at = self.take(address_key(ip), now)
             self.w[at + self.EXPIRES] = now + max(1, int(ttl * 10))
+            self.w[at + self.VALUE] = value
+
+    def peek(self, ip):
+        """get() without the lock (the front stage, per connection): a
+        word is read whole, so a write under way gives a miss or a value
+        about to change, never garbage; the entry's use is not counted."""
+        key, now = address_key(ip), self.now()
+        for e in self.slots(key):
+            at = e * self.per
+            if self.mm[at * 4:at * 4 + 16] == key and self.live(at, now):
+                return self.w[at + self.VALUE]
+        return None
 
 
 def address_key(ip):
@@ -187,20 +203,29 @@ class Admission:
     def __init__(self, slots, exempt, shared=None):
         self.board = Scoreboard(slots)
         self.stress = Stress()
-        self.passes = None
+        self.passes = self.passes_here = None     # passes_here: never over Redis
         if buildconf.SMTPD_SCREEN_ALLOW_TTL > 0:
-            self.passes = PassTable(buildconf.SMTPD_SCREEN_ALLOW_SIZE)
+            self.passes = self.passes_here = PassTable(buildconf.SMTPD_SCREEN_ALLOW_SIZE)
             if shared is not None:
                 from smtpgate import store      # noqa: only with a shared store
                 self.passes = store.Layered(self.passes, shared, b"pass:",
                                             lambda ip: ip.packed.hex().encode(),
-                                            lambda v: buildconf.SMTPD_SCREEN_ALLOW_TTL)
+                                            lambda v: buildconf.SMTPD_SCREEN_ALLOW_TTL
+                                            if v in (PassTable.PAUSED, PassTable.DELIVERED)
+                                            else None)
         self.rates = None
         if buildconf.SMTPD_MAX_RATE > 0:
             self.rates = RateTable(buildconf.SMTPD_RATE_TABLE, buildconf.SMTPD_MAX_RATE,
                                    buildconf.SMTPD_RATE_WINDOW)
         self.exempt = exempt
         self.shared = shared
+
+    def delivered(self, ip):
+        """A worker's client had a message accepted: the front stage may
+        pass it to a worker before the greeting next time (screen.py)."""
+        if self.passes_here is not None and self.passes_here.peek(ip) != PassTable.DELIVERED:
+            self.passes.put(ip, PassTable.DELIVERED, ttl=buildconf.SMTPD_SCREEN_ALLOW_TTL,
+                            now=time.time())        # (and to Redis: other gates skip the pause)
 
     def attempt(self, key):
         """(admitted, log this refusal) for a new session from key: the

@@ -41,6 +41,7 @@ class Connection:
     keeper: object = None       # the worker's milter.Keeper; None: keep no filter connection
     passed: object = None       # handoff.Passed: what the front stage did before (-D)
     stress: object = None       # admission.Stress: the front stage's word (-D), or None
+    on_message: object = None   # called with the client's address when a message is accepted
 
 
 def identify(config, engine, conn, deadline, scoring=None):

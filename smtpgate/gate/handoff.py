@@ -7,7 +7,8 @@ DESCRIPTION
     Passed: the client's ends (the PROXY header's when there was one),
     how we know them, the DNS lists' score, whether it is exempt, the
     HELO or EHLO it already answered, and the octets the client sent that
-    the front stage read but did not act on.  A worker says READY (one
+    the front stage read but did not act on -- or, for a client passed
+    before its greeting, that the worker is to greet it.  A worker says READY (one
     octet) when it can take a client: after it starts, and after each
     session; LEAVING when it is about to exit: the front stage forgets it
     and closes its end, and the worker serves any client sent before that
@@ -45,6 +46,7 @@ class Passed:
     unread: bytes = b""         # what the client sent that is still to be read
     waited: float = 0.0         # seconds it waited for a worker
     age: float = 0.0            # seconds since the front stage accepted it
+    greeted: bool = True        # False: passed at once (it had mail accepted); the worker greets
 
     def encode(self):
         # (not dataclasses.asdict: its deep copy was a third of the front
@@ -94,6 +96,10 @@ def decode(data):
     p.origin, p.helo, p.esmtp = origin, helo, bool(d.get("esmtp"))
     p.score, p.allowlisted, p.unread = score, bool(d.get("allowlisted")), unread.encode("latin-1")
     p.waited, p.age = float(waited), float(age)
+    greeted = d.get("greeted", True)
+    if not isinstance(greeted, bool) or not greeted and (helo is not None or unread):
+        raise Bad("greeted")
+    p.greeted = greeted
     return p
 
 

@@ -15,7 +15,9 @@ DESCRIPTION
     waits here for an idle worker (SMTPD_SCREEN_WAIT at most, then 421),
     and is passed to it with what was learned (handoff.py).  A client
     that passed the pause is remembered (PassTable, shared through the
-    store when configured) and skips the pause next time.
+    store when configured) and skips the pause next time; one that had a
+    message accepted goes to an idle worker at once next time, before
+    its greeting (postscreen's PASS OLD: at_once()).
 LIMITS
     SMTPD_SCREEN_MAX connections held (more get 421), SMTPD_SCREEN_PER_NETWORK
     of them per network; the master raises the open-file limit for them.
@@ -47,7 +49,7 @@ import buildconf
 from smtpgate import counters, libc, log, net, process
 from smtpgate.gate import chat, handoff, proxy
 from smtpgate.gate.engine import enter_jail
-from smtpgate.gate.admission import network_key, network_text
+from smtpgate.gate.admission import PassTable, network_key, network_text
 from smtpgate.text import escape, host_chars
 
 PROXY_STATE, PAUSE, COMMANDS, WAITING, HEALTH = "PROXY", "PAUSE", "COMMANDS", "WAITING", "HEALTH"
@@ -109,7 +111,8 @@ class Screen:
         self.asked = 0.0
         self.logged = {}
         self.spare = os.dup(ctl.fileno())       # given up for a moment at EMFILE
-        self.passes = adm.passes
+        self.passes, self.passes_here = adm.passes, adm.passes_here
+        self.family = int(listener.family)
         self.ep.register(listener.fileno(), select.EPOLLIN)
         self.ep.register(ctl.fileno(), select.EPOLLIN)
         signal.signal(signal.SIGUSR2, self.on_master_death)
@@ -224,7 +227,7 @@ class Screen:
     def dispatch(self):
         """Pass waiting clients to idle workers, oldest first."""
         while self.queue:
-            w = next((w for w in self.workers.values() if w.idle), None)
+            w = self.idle_worker()
             if w is None:
                 now = time.monotonic()
                 if now - self.asked >= ASKED_EVERY:
@@ -235,32 +238,41 @@ class Screen:
                         pass
                 return
             c = self.queue.popleft()
-            if c.fd not in self.clients:
-                continue
-            try:
-                handoff.send(w.sock, self.passed(c), c.fd)
-            except OSError:
-                w.idle = False          # gone, or full: its end says which soon
+            if c.fd in self.clients and not self.hand(w, c):
                 self.queue.appendleft(c)
-                continue
-            w.idle = False
-            counters.count(PASSED)
-            self.forget(c)
-            c.sock.close()
 
-    def passed(self, c):
+    def idle_worker(self):
+        return next((w for w in self.workers.values() if w.idle), None)
+
+    def hand(self, w, c, greeted=True):
+        """Pass c to the idle worker w: False if it cannot take it now."""
+        try:
+            handoff.send(w.sock, self.passed(c, greeted), c.fd)
+        except OSError:
+            w.idle = False          # gone, or full: its end says which soon
+            return False
+        w.idle = False
+        counters.count(PASSED)
+        self.forget(c)
+        c.sock.close()
+        return True
+
+    def passed(self, c, greeted):
+        now = time.monotonic()
         return handoff.Passed(local=c.local, peer=c.peer, origin=c.origin, helo=c.helo,
                               esmtp=c.esmtp, score=c.score, allowlisted=c.allowlisted,
                               unread=c.buf[:handoff.UNREAD_MAX],
-                              waited=round(time.monotonic() - c.waiting_since, 3),
-                              age=round(time.monotonic() - c.since, 3))
+                              waited=round(now - c.waiting_since, 3) if c.waiting_since else 0.0,
+                              age=round(now - c.since, 3), greeted=greeted)
 
     # -- a new connection --
 
     def accept(self):
         for _ in range(ACCEPTS):
             try:
-                sock, addr = self.listener.accept()
+                # (socket.accept() without its two enum conversions a call)
+                fd, addr = self.listener._accept()
+                sock = socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -305,8 +317,8 @@ class Screen:
             return sock.close()
         c = Client(sock, local, addr[:2], now)
         self.clients[c.fd] = c
-        self.ep.register(c.fd, select.EPOLLIN | select.EPOLLRDHUP)
         if net.member(net.normalize_ip(addr[0]), self.config.proxy_from):
+            self.ep.register(c.fd, select.EPOLLIN | select.EPOLLRDHUP)
             c.state = PROXY_STATE
             self.schedule(c, now + buildconf.SMTPD_PROXY_TIMEOUT)
         else:
@@ -364,6 +376,10 @@ class Screen:
                                buildconf.SMTPD_RATE_WINDOW)
                 counters.count(refused("rate"))
                 return self.refuse(c, chat.RATE)
+        if self.at_once(c, rep, cached):
+            return
+        if c.state is None:             # (one that sent a PROXY header is in the loop)
+            self.ep.register(c.fd, select.EPOLLIN | select.EPOLLRDHUP)
         if rep is not None and not c.exempt:
             c.scoring = rep.start(c.ip, self.engine.resolver, None)
             if c.scoring.fileno() >= 0:
@@ -378,6 +394,22 @@ class Screen:
         c.paused = pause > 0
         c.state, c.pause_end = PAUSE, now + pause
         self.pause_step(c, now)
+
+    def at_once(self, c, rep, cached):
+        """postscreen's "PASS OLD": a client that had mail accepted here in
+        the last SMTPD_SCREEN_ALLOW_TTL seconds goes to an idle worker before
+        its greeting, which the worker sends -- not under stress, not when
+        others wait, and with DNS lists only when its score is cached (and
+        below the threshold).  The pause and EHLO here would only cost it."""
+        if self.stressed or self.queue or self.passes_here is None \
+                or self.passes_here.peek(c.ip) != PassTable.DELIVERED:
+            return False
+        if rep is not None and not c.exempt:
+            if cached is None or cached >= rep.threshold:
+                return False
+            c.score, c.allowlisted = cached, rep.allowlisted(cached)
+        w = self.idle_worker()
+        return w is not None and self.hand(w, c, greeted=False)
 
     def known(self, ip):
         if self.passes is None or not buildconf.SMTPD_SCREEN_ALLOW_TTL:
@@ -413,7 +445,8 @@ class Screen:
             counters.count(refused("sessions"))
             return self.refuse(c, chat.PER_NETWORK)
         if c.paused and self.passes is not None and buildconf.SMTPD_SCREEN_ALLOW_TTL:
-            self.passes.put(c.ip, 1, ttl=buildconf.SMTPD_SCREEN_ALLOW_TTL, now=time.time())
+            self.passes.put(c.ip, PassTable.PAUSED, ttl=buildconf.SMTPD_SCREEN_ALLOW_TTL,
+                            now=time.time())
         c.state = COMMANDS
         self.sessions[c.key] += 1
         self.say(c, chat.GREETING % self.config.myname)
@@ -650,10 +683,11 @@ class Screen:
         """No longer ours: out of every table (the caller closes or passes it)."""
         if self.clients.pop(c.fd, None) is None:
             return
-        try:
-            self.ep.unregister(c.fd)
-        except (KeyError, ValueError, OSError):
-            pass
+        if c.state is not None:         # (None: passed at once, never in the loop)
+            try:
+                self.ep.unregister(c.fd)
+            except (KeyError, ValueError, OSError):
+                pass
         if c.scoring is not None:
             self.forget_scoring(c)
             c.scoring.close()

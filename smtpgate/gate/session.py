@@ -74,6 +74,7 @@ class Session(Filtering):
             self.ch.unread(self.passed.unread)
         self.say = self.ch.say
         self.on_end = conn.on_end       # called once, before the last reply goes out
+        self.on_message = conn.on_message
         self.keeper = conn.keeper       # the worker's kept filter connections, or None
         self.helo = None
         self.esmtp = False
@@ -220,6 +221,8 @@ class Session(Filtering):
         if result == "accepted":
             metrics.observe(seconds)
             self.ids.append(name)
+            if not reason and self.on_message is not None and self.peer.ip is not None:
+                self.on_message(self.peer.ip)       # (a held message does not count)
         if self.form == "classic":
             return False
         verdicts = self.milters.verdicts if self.milters is not None else []
@@ -255,7 +258,7 @@ class Session(Filtering):
         if self.greeted:
             return
         pause = buildconf.SMTPD_GREET_PAUSE
-        if pause and not self.peer.exempt:
+        if pause and not self.peer.exempt and self.passed is None:  # (it passed: no pause)
             said = self.pause(self.accepted + pause / 1000.0)
             if said is not None:
                 raise self.early_talker(said)

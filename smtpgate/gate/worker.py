@@ -6,8 +6,10 @@ DESCRIPTION
     or a word from the master ("Q": leave), checks the client's network
     against SMTPD_MAX_PER_IP on the scoreboard (421 if it has that many
     sessions already), and runs the session (connection.serve) from where
-    the front stage left it -- greeted, maybe after HELO or EHLO -- with its
-    kept filter connections (milter.Keeper).  After SMTPD_MAX_USE sessions,
+    the front stage left it -- greeted, maybe after HELO or EHLO, or not
+    yet greeted (a client passed at once) -- with its kept filter
+    connections (milter.Keeper); a message accepted puts the client's
+    address in the front stage's PassTable (admission.delivered).  After SMTPD_MAX_USE sessions,
     or asked to, it leaves: it says LEAVING, serves any client already on
     its way, and exits once the front stage has closed its end.  It tells
     the master ("N") when spare workers run low.  If the master dies, it
@@ -112,8 +114,9 @@ class Worker:
         try:
             return serve(self.config, self.engine, Connection(
                 sock.fileno(), sock.fileno(), sock=sock, local=passed.local,
-                peer=passed.peer, origin=passed.origin, greeted=True, passed=passed,
-                stress=self.adm.stress, on_end=self.release, keeper=self.keeper))
+                peer=passed.peer, origin=passed.origin, greeted=passed.greeted, passed=passed,
+                stress=self.adm.stress, on_end=self.release, keeper=self.keeper,
+                on_message=self.adm.delivered))
         finally:
             sock.close()
 

@@ -79,8 +79,8 @@ def transaction(c, rcpts=("<bob@my.domain>",), data=MESSAGE, helo="EHLO client.e
     return out
 
 
-def session(srv, **kw):
-    c = srv.connect()
+def session(srv, source=None, **kw):
+    c = srv.connect(source) if source else srv.connect()
     assert c.code() == 220
     out = transaction(c, **kw)
     c.cmd("QUIT")
@@ -186,7 +186,8 @@ WHERE = {b"C": "helo", b"H": "helo", b"M": "mail", b"R": "rcpt", b"T": "data"}
 def expected(stage, verdict, daemon=False):
     """(step that gets the filter's reply or None, its reply, spooled?).
     In -D mode the front stage answers EHLO: the filters hear CONNECT and
-    HELO when the client reaches a worker, at MAIL, which gets their refusal."""
+    HELO when the client reaches a worker, at MAIL, which gets their refusal
+    (unless it had mail accepted before: passed at once, as in inetd mode)."""
     said = {"reject": (550, ["5.7.1 Command rejected"]),
             "tempfail": (451, ["4.7.1 Service unavailable - try again later"]),
             "replycode": (554, ["5.7.1 Go away%, spammer"])}.get(verdict)
@@ -198,8 +199,8 @@ def expected(stage, verdict, daemon=False):
     return where.get(stage, "end"), said, False
 
 
-def check_verdict(srv, f, stage, verdict, daemon=False):
-    out = session(srv)
+def check_verdict(srv, f, stage, verdict, daemon=False, source=None):
+    out = session(srv, source)
     step, said, spooled = expected(stage, verdict, daemon)
     if step is None:
         assert out["end"][0] == 250, out
@@ -225,11 +226,13 @@ def test_each_verdict_at_each_stage_inetd(smtpd, filters, stage, verdict):
 def test_each_verdict_at_each_stage_daemon(daemon_, filters):
     f = filters()
     d = daemon_(ALLOW, "-f", f.spec).wait_ready()
+    n = 0
     for stage in STAGES:
         for verdict in sorted(VERDICTS):
             f.script = {stage: VERDICTS[verdict]}
             f.sessions.clear()
-            check_verdict(d, f, stage, verdict, daemon=True)
+            n += 1          # a client new each time: none had mail accepted (passed at once)
+            check_verdict(d, f, stage, verdict, daemon=True, source="127.0.1.%d" % n)
     assert "unexpected error" not in d.log()
 
 
@@ -588,9 +591,11 @@ def test_the_worker_serves_the_next_session_after_a_broken_filter(daemon_, filte
 def one_worker(daemon_, f, **constants):
     """smtpd -D with one worker and filter f (a FakeMilter or a Relay).  The
     readiness checks never reach the worker (the front stage answers them):
-    the filter has seen nothing yet."""
+    the filter has seen nothing yet.  No client is passed at once (its
+    allow-list off): each session's first command on the worker is MAIL,
+    whether or not the worker was idle yet when it connected."""
     d = daemon_(ALLOW, "-f", f.spec, SMTPD_PREFORK=1, SMTPD_MAXCHILDREN=1,
-                **dict(FAST, **constants)).wait_ready()
+                **(dict(FAST, SMTPD_SCREEN_ALLOW_TTL=0) | constants)).wait_ready()
     c = d.connect()
     assert c.code() == 220 and c.cmd("QUIT")[0] == 221
     c.close()
@@ -672,6 +677,23 @@ def test_a_filter_that_lacks_quit_nc(daemon_, filters):
         assert session(d)["end"][0] == 250
     assert [c.commands()[0] for c in f.sessions] == [b"O"] * 3
     assert "milter" not in d.log()
+
+
+def test_a_client_passed_at_once_is_heard_at_its_greeting_on_the_kept_connection(
+        daemon_, filters):
+    """A client that had mail accepted goes to the worker before its
+    greeting: the filter hears CONNECT then, and HELO at its EHLO, on the
+    connection the worker kept from the session before."""
+    f = filters()
+    d = one_worker(daemon_, f, SMTPD_SCREEN_ALLOW_TTL=86400)
+    for _ in range(3):
+        assert session(d)["end"][0] == 250
+        time.sleep(0.3)         # (the worker is idle again: the next is passed at once)
+    assert len(f.sessions) == 1
+    assert f.sessions[0].commands().count(b"C") == 3
+    assert f.sessions[0].commands().count(b"H") == 3
+    assert len(re.findall(r'worker: EHLO from UNKNOWN\(127\.0\.0\.1\) as "client\.example"',
+                          d.log())) == 3
 
 
 def test_a_filter_that_answers_quit_nc(daemon_, filters):

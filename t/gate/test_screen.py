@@ -22,7 +22,7 @@ import time
 import pytest
 
 import certs
-from fakemilter import FakeMilter
+from fakemilter import FakeMilter, pkt
 from harness import needs_gdb, run_inside, send, spool_files, wait_for
 from smtpgate.gate import handoff
 
@@ -69,6 +69,22 @@ def delivered(port):
 
 def lines(d, pattern):
     return re.findall(pattern, d.log(), re.M)
+
+
+def at_once(d, ip):
+    """A connection from ip that the front stage passed to a worker before
+    its greeting: the worker answers its EHLO (and logs it then, not at a
+    MAIL).  The worker says it is idle a moment after its last session
+    ends; until then the front stage greets a client itself."""
+    for attempt in range(20):
+        c = d.connect(ip)
+        assert c.code() == 220
+        assert c.cmd("EHLO try%d.example" % attempt)[0] == 250
+        if wait_for(lambda: lines(d, r'worker: EHLO from UNKNOWN\(%s\) as "try%d\.example"'
+                                  % (re.escape(ip), attempt)), 2):
+            return c
+        c.close()
+    raise AssertionError("never passed at once:\n" + d.log())
 
 
 # ------------------------------------------------------ the hand-over ----
@@ -152,6 +168,103 @@ def test_pipelined_commands_read_by_the_front_stage_reach_the_worker(daemon_):
     c.send(MESSAGE)
     assert c.reply()[0] == 250
     assert len(spool_files(d.jail)) == 1
+
+
+def test_a_client_that_had_mail_accepted_goes_to_a_worker_before_its_greeting(daemon_):
+    """postscreen's PASS OLD: once a message of 127.0.0.9 was accepted, its
+    next connection goes to the idle worker at once and the worker greets
+    it; a client that only said EHLO before is still held by the front
+    stage."""
+    d = daemon_(ALLOW, "-M", "1", SMTPD_PREFORK=1, SMTPD_SCREEN_WAIT=2).wait_ready()
+    ehlo_only = d.connect("127.0.0.8")
+    assert ehlo_only.code() == 220
+    assert ehlo_only.cmd("EHLO idle.example")[0] == 250
+    ehlo_only.cmd("QUIT")
+    c = d.connect("127.0.0.9")
+    assert c.code() == 220 and mail(c)[0] == 250
+    c.cmd("QUIT")
+
+    again = d.connect("127.0.0.8")          # held: the worker stays free
+    assert again.code() == 220
+    other = d.connect("127.0.0.10")
+    assert other.code() == 220
+    assert mail(other)[0] == 250
+    other.cmd("QUIT")
+    again.close()
+
+    old = at_once(d, "127.0.0.9")           # on the only worker, greeted by it
+    late = d.connect("127.0.0.11")
+    assert late.code() == 220
+    assert late.cmd("EHLO late.example")[0] == 250
+    assert late.cmd("MAIL FROM:<b@example.org>")[0] == 421     # no worker for it
+    assert lines(d, r"screen: timeout: UNKNOWN\(127\.0\.0\.11\) waited for a worker")
+    assert mail(old, helo=None)[0] == 250
+    assert old.cmd("QUIT")[0] == 221
+    assert len(spool_files(d.jail)) == 3
+
+
+def test_a_message_a_filter_held_earns_its_client_nothing(daemon_):
+    """Quarantined is not delivered: that client is still greeted, and
+    held, by the front stage next time (the only worker stays free)."""
+    f = FakeMilter({b"E": [pkt(b"q", b"suspect\0"), pkt(b"a")]})
+    try:
+        d = daemon_(ALLOW, "-M", "1", "-f", f.spec, SMTPD_PREFORK=1,
+                    SMTPD_SCREEN_WAIT=2).wait_ready()
+        c = d.connect("127.0.0.9")
+        assert c.code() == 220 and mail(c)[0] == 250
+        c.cmd("QUIT")
+        assert os.listdir(os.path.join(d.jail, "hold"))
+        again = d.connect("127.0.0.9")
+        assert again.code() == 220
+        other = d.connect("127.0.0.10")
+        assert other.code() == 220
+        assert other.cmd("EHLO other.example")[0] == 250
+        assert other.cmd("MAIL FROM:<b@example.org>")[0] == 250     # the worker is free
+        assert again.cmd("EHLO again.example")[0] == 250            # the front stage's
+        assert not lines(d, r"worker: EHLO from UNKNOWN\(127\.0\.0\.9\) as \"again")
+    finally:
+        f.close()
+
+
+def test_a_client_passed_before_its_greeting_is_checked_by_the_worker(daemon_):
+    """The worker that greets a client passed at once refuses one that
+    talks first (improper pipelining), as the front stage would have."""
+    d = daemon_(ALLOW, SMTPD_PREFORK=3).wait_ready()
+    c = d.connect("127.0.0.9")
+    assert c.code() == 220 and mail(c)[0] == 250
+    c.cmd("QUIT")
+    for _ in range(20):     # (until a worker is idle: else the front stage greets at once)
+        eager = d.connect("127.0.0.9")
+        eager.send("EHLO eager.example\r\n")
+        if eager.reply()[0] == 554:
+            break
+        time.sleep(0.2)
+    assert eager.closed()
+    assert wait_for(lambda: lines(d, r"worker: improper command pipelining after CONNECT "
+                                     r"from UNKNOWN\(127\.0\.0\.9\)"))
+    assert not lines(d, r"screen: improper command pipelining")
+
+
+def test_a_scored_client_passed_at_once_keeps_its_cached_score(daemon_, dnsz):
+    """With DNS lists, only a client whose score is cached (and below the
+    threshold) is passed at once: the worker's rules see that score."""
+    dnsz.add("8.2.0.192.bl.test", "A", "127.0.0.2")
+    d = daemon_("noto:DNSBL=1..5:ALL:carol@my.domain:550 5.7.1 scored\n" + ALLOW,
+                "-X", "127.0.0.0/8", SMTPD_PREFORK=3,       # (one idle at the second)
+                SMTPD_DNSBL_SITES="bl.test*2", SMTPD_DNSBL_THRESHOLD=10).wait_ready()
+    for _ in range(2):
+        c = d.connect()
+        c.send("PROXY TCP4 192.0.2.8 127.0.0.1 40001 25\r\n")
+        assert c.code() == 220
+        assert c.cmd("EHLO client.example")[0] == 250
+        assert c.cmd("MAIL FROM:<alice@example.org>")[0] == 250
+        assert c.cmd("RCPT TO:<carol@my.domain>") == (550, ["5.7.1 scored"])
+        assert c.cmd("RCPT TO:<bob@my.domain>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(MESSAGE)
+        assert c.reply()[0] == 250
+        assert c.cmd("QUIT")[0] == 221
+    assert len(lines(d, r"screen: dnsbl: UNKNOWN\(192\.0\.2\.8\) scores 2")) == 1
 
 
 # ---------------------------------------------- what never takes a worker ----
@@ -439,12 +552,15 @@ def test_handoff_decode_checks_every_field():
     good = handoff.Passed(local=("127.0.0.1", 25), peer=("192.0.2.7", 40000),
                           origin="proxy", helo="x", esmtp=True, score=3, unread=b"MAIL\r\n")
     assert handoff.decode(good.encode()) == good
+    at_once = handoff.Passed(local=("127.0.0.1", 25), peer=("192.0.2.7", 40000), greeted=False)
+    assert handoff.decode(at_once.encode()) == at_once
     bad = [b"", b"[]", b"{", b'{"peer": ["1.2.3.4", 70000]}',
            b'{"peer": ["1.2.3.4"]}', b'{"peer": [5, 25]}', b'{"origin": "health"}',
            b'{"helo": 5}', json.dumps({"helo": "x" * 513}).encode(),
            json.dumps({"unread": "x" * (handoff.UNREAD_MAX + 1)}).encode(),
            b'{"score": "3"}', b'{"score": 9999999999999}', b'{"waited": -1}',
-           b'{"local": ["' + b"1" * 65 + b'", 25]}']
+           b'{"local": ["' + b"1" * 65 + b'", 25]}', b'{"greeted": 0}',
+           b'{"greeted": false, "helo": "x"}', b'{"greeted": false, "unread": "MAIL"}']
     for data in bad:
         with pytest.raises(handoff.Bad):
             handoff.decode(data)

@@ -321,6 +321,27 @@ def test_a_client_that_passed_one_gates_pause_skips_the_others(daemon_, redis, t
     assert time.monotonic() - started >= 1.2
 
 
+def test_a_client_that_had_mail_accepted_at_one_gate_skips_the_others_pause(
+        daemon_, redis, tmp_path):
+    """What a worker remembers of a client whose message it accepted goes to
+    Redis too (value 2): another gate greets that client at once."""
+    g1, g2 = gates(daemon_, redis.port, tmp_path, SMTPD_GREET_PAUSE=1500)
+    c = g1.connect("127.0.0.7")
+    assert c.code() == 220
+    c.cmd("HELO client.example")
+    assert c.cmd("MAIL FROM:<a@example.org>")[0] == 250
+    assert c.cmd("RCPT TO:<bob@my.domain>")[0] == 250
+    assert c.cmd("DATA")[0] == 354
+    c.send(b"Subject: hi\r\n\r\nHello.\r\n.\r\n")
+    assert c.reply()[0] == 250
+    c.cmd("QUIT")
+    key = b"smtpd:pass:" + bytes([127, 0, 0, 7]).hex().encode()
+    assert wait_for(lambda: (redis.command("GET", key) or b"").startswith(b"2 "))
+    started = time.monotonic()
+    assert greet(g2, "127.0.0.7") == 220
+    assert time.monotonic() - started < 1.0
+
+
 @pytest.mark.parametrize("problem", ["missing", "world-readable", "no key", "bad url",
                                      "user twice", "user without password"])
 def test_bad_shared_store_configuration_stops_smtpd(daemon_, tmp_path, problem):
