@@ -19,7 +19,8 @@ DESCRIPTION
     when it was last used; 0: free), EXPIRES (deciseconds since the table
     was made; 0: never) and the user's from VALUE on.  The last word of the
     mapping counts uses, so that "least recently" is exact even among uses
-    of the same instant.  Callers hold lock() around find() and take().
+    of the same instant.  Callers hold lock() around find() and take();
+    look() is find() for a reader without it (it writes nothing).
 """
 
 import fcntl
@@ -89,14 +90,21 @@ class Table(Region):
     def live(self, at, now):
         return self.w[at + self.USE] and not 0 < self.w[at + self.EXPIRES] <= now
 
-    def find(self, key, now):
-        """The word offset of key's live entry, or None; it counts as used."""
+    def look(self, key, now):
+        """The word offset of key's live entry, or None; not counted as a
+        use, so that a reader without the lock writes nothing."""
         for e in self.slots(key):
             at = e * self.per
             if self.mm[at * 4:at * 4 + 16] == key and self.live(at, now):
-                self.w[at + self.USE] = self.next_use()
                 return at
         return None
+
+    def find(self, key, now):
+        """The word offset of key's live entry, or None; it counts as used."""
+        at = self.look(key, now)
+        if at is not None:
+            self.w[at + self.USE] = self.next_use()
+        return at
 
     def take(self, key, now):
         """The word offset of key's entry, made if it has none (its words

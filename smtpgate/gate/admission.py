@@ -167,12 +167,8 @@ class PassTable(shm.Table):
         """get() without the lock (the front stage, per connection): a
         word is read whole, so a write under way gives a miss or a value
         about to change, never garbage; the entry's use is not counted."""
-        key, now = address_key(ip), self.now()
-        for e in self.slots(key):
-            at = e * self.per
-            if self.mm[at * 4:at * 4 + 16] == key and self.live(at, now):
-                return self.w[at + self.VALUE]
-        return None
+        at = self.look(address_key(ip), self.now())
+        return None if at is None else self.w[at + self.VALUE]
 
 
 def address_key(ip):

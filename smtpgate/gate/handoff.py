@@ -8,11 +8,12 @@ DESCRIPTION
     how we know them, the DNS lists' score, whether it is exempt, the
     HELO or EHLO it already answered, and the octets the client sent that
     the front stage read but did not act on -- or, for a client passed
-    before its greeting, that the worker is to greet it.  A worker says READY (one
-    octet) when it can take a client: after it starts, and after each
-    session; LEAVING when it is about to exit: the front stage forgets it
-    and closes its end, and the worker serves any client sent before that
-    close (datagrams keep their order) -- none is lost in between.  Nothing in a message is trusted: decode() checks every field
+    before its greeting, that the worker is to greet it.  A worker says
+    READY (one octet) when it can take a client: after it starts, and
+    after each session; LEAVING when it is about to exit: the front stage
+    forgets it and closes its end, and the worker serves any client sent
+    before that close (datagrams keep their order) -- none is lost in
+    between.  Nothing in a message is trusted: decode() checks every field
     and its bounds (a front stage is as jailed as a worker, no more).
 FORMAT
     One datagram: JSON of the fields below, at most MESSAGE_MAX octets,

@@ -9,8 +9,8 @@ DESCRIPTION
     the front stage left it -- greeted, maybe after HELO or EHLO, or not
     yet greeted (a client passed at once) -- with its kept filter
     connections (milter.Keeper); a message accepted puts the client's
-    address in the front stage's PassTable (admission.delivered).  After SMTPD_MAX_USE sessions,
-    or asked to, it leaves: it says LEAVING, serves any client already on
+    address in the front stage's PassTable (admission.delivered).  After
+    SMTPD_MAX_USE sessions, or asked to, it leaves: it says LEAVING, serves any client already on
     its way, and exits once the front stage has closed its end.  It tells
     the master ("N") when spare workers run low.  If the master dies, it
     serves what the front stage still passes on (that one accepts no more),
