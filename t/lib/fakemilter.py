@@ -46,6 +46,7 @@ class Conn:
         self.macros = {}            # command letter -> {name: value}
         self.offer = None           # (version, actions, protocol) the client offered
         self.closed = threading.Event()
+        self.owed = False           # quit_nc="late": an answer to QUIT_NC still to send
 
     def commands(self):
         return [c for c, _ in self.events if c != b"D"]
@@ -68,7 +69,8 @@ class FakeMilter:
         self.script = dict(script or {})
         self.quit_nc = quit_nc          # False: hang up at QUIT_NC (a filter that lacks it);
                                         # "answer": answer it, against the protocol;
-                                        # "late": answer it 0.3 seconds later
+                                        # "late": answer it after the next command
+                                        # arrived, in one write with that one's answer
         self.version, self.actions, self.protocol = version, actions, protocol
         self.symlists, self.optneg = symlists, optneg
         self.lsock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
@@ -144,9 +146,10 @@ class FakeMilter:
         if cmd == b"Q":
             return False
         if cmd == b"K":                 # QUIT_NC: a CONNECT follows (or a close)
-            if self.quit_nc in ("answer", "late"):      # against the protocol
-                if self.quit_nc == "late":
-                    time.sleep(0.3)
+            if self.quit_nc == "late":  # against the protocol, behind the next answer
+                c.owed = True
+                return True
+            if self.quit_nc == "answer":
                 return self.send(c, [pkt(b"c")])
             return self.quit_nc
         if cmd == b"A":
@@ -158,6 +161,9 @@ class FakeMilter:
             if self.protocol & NO_REPLY.get(cmd, 0):
                 return True
             todo = [pkt(b"c")]
+        if c.owed and todo and isinstance(todo[0], bytes):
+            c.owed = False              # one write: the late answer, then this one
+            todo = [pkt(b"c") + todo[0]] + list(todo[1:])
         return self.send(c, todo)
 
     def send(self, c, items):
