@@ -59,7 +59,9 @@ def parse_networks(text, what):
 
 def member(ip, networks):
     """Is ip (an ipaddress object, IPv4-mapped already IPv4) in networks?"""
-    return ip is not None and any(ip.version == n.version and ip in n for n in networks)
+    if not networks or ip is None:
+        return False
+    return any(ip.version == n.version and ip in n for n in networks)
 
 
 def parse_backend(text):

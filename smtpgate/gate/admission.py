@@ -31,6 +31,7 @@ import buildconf
 from smtpgate import shm
 
 MAPPED = b"\0" * 10 + b"\xff\xff"
+NOTED_FOR, NOTED_MAX = 60.0, 1024      # Admission.delivered's memory
 
 
 def network_key(ip):
@@ -163,11 +164,12 @@ class PassTable(shm.Table):
             self.w[at + self.EXPIRES] = now + max(1, int(ttl * 10))
             self.w[at + self.VALUE] = value
 
-    def peek(self, ip):
-        """get() without the lock (the front stage, per connection): a
-        word is read whole, so a write under way gives a miss or a value
-        about to change, never garbage; the entry's use is not counted."""
-        at = self.look(address_key(ip), self.now())
+    def peek(self, key):
+        """get() of address_key(ip) without the lock (the front stage, per
+        connection): a word is read whole, so a write under way gives a
+        miss or a value about to change, never garbage; the entry's use is
+        not counted."""
+        at = self.look(key, self.now())
         return None if at is None else self.w[at + self.VALUE]
 
 
@@ -215,11 +217,22 @@ class Admission:
                                    buildconf.SMTPD_RATE_WINDOW)
         self.exempt = exempt
         self.shared = shared
+        self.noted = {}         # (a worker's) address key -> until when it need not look again
 
     def delivered(self, ip):
         """A worker's client had a message accepted: the front stage may
-        pass it to a worker before the greeting next time (screen.py)."""
-        if self.passes_here is not None and self.passes_here.peek(ip) != PassTable.DELIVERED:
+        pass it to a worker before the greeting next time (screen.py).
+        Looked up once in NOTED_FOR seconds per client and worker (its
+        next messages change nothing there)."""
+        if self.passes_here is None:
+            return
+        key, now = address_key(ip), time.monotonic()
+        if self.noted.get(key, 0.0) > now:
+            return
+        if len(self.noted) >= NOTED_MAX:
+            self.noted.clear()
+        self.noted[key] = now + min(NOTED_FOR, buildconf.SMTPD_SCREEN_ALLOW_TTL / 10)
+        if self.passes_here.peek(key) != PassTable.DELIVERED:
             self.passes.put(ip, PassTable.DELIVERED, ttl=buildconf.SMTPD_SCREEN_ALLOW_TTL,
                             now=time.time())        # (and to Redis: other gates skip the pause)
 

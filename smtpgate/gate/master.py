@@ -640,13 +640,15 @@ class Master:
         try:
             process.child_signals(signal.SIGTERM, signal.SIGCHLD)   # the master ends sessions
             process.leave_terminal(self.relay and self.relay.w)
+            family = self.listener.family
             for x in [self.listener] + self.inherited():
                 close(x)
             process.set_title("smtpd: worker")
             log.log.role = "worker: "
             counters.use_row(slot + 1)
             enter_jail(self.config)
-            status = Worker(self.config, self.engine, ctrl, hand, self.admission, slot).run()
+            status = Worker(self.config, self.engine, ctrl, hand, self.admission, slot,
+                            family).run()
         except SystemExit as e:
             status = e.code if isinstance(e.code, int) else os.EX_SOFTWARE
         except BaseException as e:

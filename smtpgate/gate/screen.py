@@ -49,7 +49,7 @@ import buildconf
 from smtpgate import counters, libc, log, net, process
 from smtpgate.gate import chat, handoff, proxy
 from smtpgate.gate.engine import enter_jail
-from smtpgate.gate.admission import PassTable, network_key, network_text
+from smtpgate.gate.admission import PassTable, address_key, network_key, network_text
 from smtpgate.text import escape, host_chars
 
 PROXY_STATE, PAUSE, COMMANDS, WAITING, HEALTH = "PROXY", "PAUSE", "COMMANDS", "WAITING", "HEALTH"
@@ -61,6 +61,8 @@ LINE_MAX = 512
 ACCEPTS = 256               # connections accepted a turn of the loop
 ASKED_EVERY = 0.1           # seconds between two b"N" to the master
 LOG_EVERY = 60
+ADDRESSES = 4096            # address texts whose parse is kept (and old() answers)
+OLD_FOR = 10.0              # seconds old()'s yes is kept
 LINGER = 1.0                # seconds a last reply's connection reads before its close
 FILES_SPARE = 1024          # descriptors beyond the connections' (workers, DNS, logs)
 
@@ -68,14 +70,14 @@ FILES_SPARE = 1024          # descriptors beyond the connections' (workers, DNS,
 class Client:
     """One connection the front stage holds."""
 
-    __slots__ = ("sock", "fd", "local", "peer", "origin", "ip", "key", "where", "state",
+    __slots__ = ("sock", "fd", "local", "peer", "origin", "ip", "key", "state",
                  "since", "due", "buf", "scoring", "asking", "score", "allowlisted", "exempt",
                  "helo", "esmtp", "pause_end", "paused", "waiting_since", "answered")
 
-    def __init__(self, sock, local, peer, now):
-        self.sock, self.fd = sock, sock.fileno()
-        self.local, self.peer, self.origin = local, peer, None
-        self.ip = self.key = self.where = None
+    def __init__(self, fd, peer, now):
+        self.fd, self.sock = fd, None       # (sock: once it is held, hold())
+        self.local, self.peer, self.origin = None, peer, None
+        self.ip = self.key = None
         self.state, self.since, self.due, self.buf = None, now, now, b""
         self.scoring = self.score = None
         self.asking = -1        # the DNS lists' socket while it is in the loop
@@ -84,12 +86,17 @@ class Client:
         self.pause_end = self.waiting_since = 0.0
         self.answered = 0
 
+    @property
+    def where(self):
+        """The client as the log names it (once its address is known)."""
+        return None if self.ip is None else "UNKNOWN(%s)" % self.ip
+
 
 class Worker:
-    __slots__ = ("sock", "slot", "idle")
+    __slots__ = ("sock", "slot")
 
     def __init__(self, sock, slot):
-        self.sock, self.slot, self.idle = sock, slot, False
+        self.sock, self.slot = sock, slot
 
 
 class Screen:
@@ -102,6 +109,9 @@ class Screen:
         self.per_net = collections.Counter()       # network -> connections held
         self.sessions = collections.Counter()      # network -> of them greeted
         self.workers = {}               # hand-over socket fd -> Worker
+        self.idle = {}                  # of them, those that said READY: fd -> Worker
+        self.addresses = {}             # address text -> (ip, network key, PassTable key)
+        self.olds = {}                  # PassTable key -> until when old() need not look
         self.queue = collections.deque()        # Clients waiting for a worker
         self.timers = []                # (due, fd, since) heap; stale entries skipped
         self.lingering = {}             # fd -> socket: a last reply went out (linger)
@@ -113,8 +123,9 @@ class Screen:
         self.spare = os.dup(ctl.fileno())       # given up for a moment at EMFILE
         self.passes, self.passes_here = adm.passes, adm.passes_here
         self.family = int(listener.family)
-        self.ep.register(listener.fileno(), select.EPOLLIN)
-        self.ep.register(ctl.fileno(), select.EPOLLIN)
+        self.listen_fd, self.ctl_fd = listener.fileno(), ctl.fileno()
+        self.ep.register(self.listen_fd, select.EPOLLIN)
+        self.ep.register(self.ctl_fd, select.EPOLLIN)
         signal.signal(signal.SIGUSR2, self.on_master_death)
         libc.set_parent_death_signal(signal.SIGUSR2)
 
@@ -146,9 +157,9 @@ class Screen:
         return self.close_all()
 
     def event(self, fd, ev):
-        if fd == self.listener.fileno():
+        if fd == self.listen_fd:
             self.accept()
-        elif fd == self.ctl.fileno():
+        elif fd == self.ctl_fd:
             self.from_master()
         elif fd in self.workers:
             self.from_worker(self.workers[fd])
@@ -217,11 +228,13 @@ class Screen:
             return
         except OSError:
             data = b""
+        fd = w.sock.fileno()
         if data == handoff.READY:
-            w.idle = True
+            self.idle[fd] = w
         elif data == handoff.LEAVING or not data:   # it leaves, or has ended
-            self.ep.unregister(w.sock.fileno())
-            del self.workers[w.sock.fileno()]
+            self.ep.unregister(fd)
+            del self.workers[fd]
+            self.idle.pop(fd, None)
             w.sock.close()
 
     def dispatch(self):
@@ -242,19 +255,17 @@ class Screen:
                 self.queue.appendleft(c)
 
     def idle_worker(self):
-        return next((w for w in self.workers.values() if w.idle), None)
+        return next(iter(self.idle.values()), None)
 
     def hand(self, w, c, greeted=True):
         """Pass c to the idle worker w: False if it cannot take it now."""
+        del self.idle[w.sock.fileno()]     # (gone or full if this fails: its end says which)
         try:
             handoff.send(w.sock, self.passed(c, greeted), c.fd)
         except OSError:
-            w.idle = False          # gone, or full: its end says which soon
             return False
-        w.idle = False
         counters.count(PASSED)
-        self.forget(c)
-        c.sock.close()
+        self.drop(c)
         return True
 
     def passed(self, c, greeted):
@@ -272,7 +283,6 @@ class Screen:
             try:
                 # (socket.accept() without its two enum conversions a call)
                 fd, addr = self.listener._accept()
-                sock = socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -285,7 +295,7 @@ class Screen:
                 if not (self.stopping or self.draining or e.errno == errno.EINVAL):
                     log.err("front stage: accept: %s; no more connections", e.strerror)
                 return self.stop_listening()
-            self.new_client(sock, addr)
+            self.new_client(fd, addr)
 
     def no_descriptors(self):
         """The open-file limit: a spare descriptor makes room for one more
@@ -302,27 +312,43 @@ class Screen:
             pass
         self.spare = os.dup(self.ctl.fileno())
 
-    def new_client(self, sock, addr):
+    def new_client(self, fd, addr):
+        """A descriptor accepted: a Client, with no socket object yet (a
+        client passed at once never needs one here)."""
         now = time.monotonic()
+        c = Client(fd, addr[:2], now)
         if len(self.clients) >= buildconf.SMTPD_SCREEN_MAX:
             self.once("full", log.notice, "refused %s: the front stage holds %d connections "
                       "(SMTPD_SCREEN_MAX)", addr[0], len(self.clients))
             counters.count(refused("full"))
-            chat.send(sock, chat.NOT_AVAILABLE)
-            return sock.close()
-        sock.setblocking(False)
-        try:
-            local = sock.getsockname()[:2]
-        except OSError:
-            return sock.close()
-        c = Client(sock, local, addr[:2], now)
-        self.clients[c.fd] = c
-        if net.member(net.normalize_ip(addr[0]), self.config.proxy_from):
+            chat.send(fd, chat.NOT_AVAILABLE)   # (blocking, but into an empty buffer)
+            return os.close(fd)
+        if self.config.proxy_from and net.member(net.normalize_ip(addr[0]),
+                                                 self.config.proxy_from):
+            if not self.hold(c):
+                return
             self.ep.register(c.fd, select.EPOLLIN | select.EPOLLRDHUP)
             c.state = PROXY_STATE
             self.schedule(c, now + buildconf.SMTPD_PROXY_TIMEOUT)
         else:
             self.admit(c, now)
+
+    def hold(self, c):
+        """c stays here a while (or hears a refusal): its socket object, made
+        non-blocking, and our end's address; False if it is gone already."""
+        try:
+            c.sock = socket.socket(self.family, socket.SOCK_STREAM, 0, c.fd)
+        except OSError:
+            os.close(c.fd)
+            return False
+        c.sock.setblocking(False)
+        try:
+            c.local = c.sock.getsockname()[:2]
+        except OSError:
+            c.sock.close()
+            return False
+        self.clients[c.fd] = c
+        return True
 
     def read_proxy(self, c, now):
         try:
@@ -347,37 +373,53 @@ class Screen:
         c.peer, c.local, c.origin = names[0], names[1], "proxy"
         self.admit(c, now)
 
+    def address(self, text):
+        """(ip, network key, PassTable key) of an address's text, kept for
+        the next connection from it (at most ADDRESSES of them); ValueError."""
+        got = self.addresses.get(text)
+        if got is None:
+            ip = net.normalize_ip(text)
+            if ip is None:
+                raise ValueError("no address")
+            got = ip, network_key(ip), address_key(ip)
+            if len(self.addresses) >= ADDRESSES:
+                self.addresses.clear()
+            self.addresses[text] = got
+        return got
+
     def admit(self, c, now):
         """Admission, the DNS lists' questions, the pause: who may stay."""
         try:
-            c.ip = net.normalize_ip(c.peer[0])
+            c.ip, key, passkey = self.address(c.peer[0])
         except ValueError:
             return self.drop(c)
-        c.where = "UNKNOWN(%s)" % c.ip
-        key = network_key(c.ip)
         c.exempt = net.member(c.ip, self.adm.exempt)
-        if self.per_net[key] >= buildconf.SMTPD_SCREEN_PER_NETWORK and not c.exempt:
+        held = self.per_net.get(key, 0)
+        if held >= buildconf.SMTPD_SCREEN_PER_NETWORK and not c.exempt:
+            if c.sock is None and not self.hold(c):
+                return
             self.once(key, log.notice, "refused %s: %d connections from %s held already "
-                      "(SMTPD_SCREEN_PER_NETWORK)", c.ip, self.per_net[key],
-                      network_text(key))
+                      "(SMTPD_SCREEN_PER_NETWORK)", c.ip, held, network_text(key))
             counters.count(refused("network"))
             return self.refuse(c, chat.PER_NETWORK)
-        c.key = key
-        self.per_net[key] += 1
         rep = self.engine.reputation
         cached = rep.cached(c.ip) if rep is not None and not c.exempt else None
         if self.adm.rates is not None and not c.exempt \
                 and not (rep is not None and rep.allowlisted(cached)):
-            admitted, tell = self.adm.attempt(c.key)
+            admitted, tell = self.adm.attempt(key)
             if not admitted:
+                if c.sock is None and not self.hold(c):
+                    return
                 if tell:
                     log.notice("refused %s: more than %d new sessions from %s in %d seconds",
-                               c.ip, buildconf.SMTPD_MAX_RATE, network_text(c.key),
+                               c.ip, buildconf.SMTPD_MAX_RATE, network_text(key),
                                buildconf.SMTPD_RATE_WINDOW)
                 counters.count(refused("rate"))
                 return self.refuse(c, chat.RATE)
-        if self.at_once(c, rep, cached):
+        if self.at_once(c, passkey, rep, cached) or c.sock is None and not self.hold(c):
             return
+        c.key = key                     # (held from here: it counts for its network)
+        self.per_net[key] = held + 1
         if c.state is None:             # (one that sent a PROXY header is in the loop)
             self.ep.register(c.fd, select.EPOLLIN | select.EPOLLRDHUP)
         if rep is not None and not c.exempt:
@@ -395,14 +437,13 @@ class Screen:
         c.state, c.pause_end = PAUSE, now + pause
         self.pause_step(c, now)
 
-    def at_once(self, c, rep, cached):
+    def at_once(self, c, passkey, rep, cached):
         """postscreen's "PASS OLD": a client that had mail accepted here in
         the last SMTPD_SCREEN_ALLOW_TTL seconds goes to an idle worker before
         its greeting, which the worker sends -- not under stress, not when
         others wait, and with DNS lists only when its score is cached (and
         below the threshold).  The pause and EHLO here would only cost it."""
-        if self.stressed or self.queue or self.passes_here is None \
-                or self.passes_here.peek(c.ip) != PassTable.DELIVERED:
+        if self.stressed or self.queue or self.passes_here is None or not self.old(passkey):
             return False
         if rep is not None and not c.exempt:
             if cached is None or cached >= rep.threshold:
@@ -410,6 +451,20 @@ class Screen:
             c.score, c.allowlisted = cached, rep.allowlisted(cached)
         w = self.idle_worker()
         return w is not None and self.hand(w, c, greeted=False)
+
+    def old(self, passkey):
+        """Did this client have mail accepted here (PassTable DELIVERED)?  A
+        yes is kept OLD_FOR seconds at most (a tenth of the table's TTL):
+        the next connections from it skip the table's keyed hash."""
+        now = time.monotonic()
+        if self.olds.get(passkey, 0.0) > now:
+            return True
+        if self.passes_here.peek(passkey) != PassTable.DELIVERED:
+            return False
+        if len(self.olds) >= ADDRESSES:
+            self.olds.clear()
+        self.olds[passkey] = now + min(OLD_FOR, buildconf.SMTPD_SCREEN_ALLOW_TTL / 10)
+        return True
 
     def known(self, ip):
         if self.passes is None or not buildconf.SMTPD_SCREEN_ALLOW_TTL:
@@ -699,7 +754,10 @@ class Screen:
     def drop(self, c):
         self.forget(c)
         try:
-            c.sock.close()
+            if c.sock is None:
+                os.close(c.fd)          # (never held: a bare descriptor)
+            else:
+                c.sock.close()
         except OSError:
             pass
 
@@ -730,13 +788,14 @@ class Screen:
         self.stop_listening()
 
     def stop_listening(self):
-        if self.listener.fileno() < 0:
+        if self.listen_fd < 0:
             return
         try:
-            self.ep.unregister(self.listener.fileno())
+            self.ep.unregister(self.listen_fd)
         except (KeyError, ValueError, OSError):
             pass
         self.listener.close()
+        self.listen_fd = -1         # (its number is soon a client's)
 
     def close_all(self):
         for c in list(self.clients.values()):

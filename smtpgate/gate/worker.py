@@ -38,9 +38,11 @@ class Worker:
     from the master, check the client's network against SMTPD_MAX_PER_IP,
     serve."""
 
-    def __init__(self, config, engine, ctrl, hand, adm, slot):
+    def __init__(self, config, engine, ctrl, hand, adm, slot, family=None):
         self.config, self.engine = config, engine
         self.ctrl, self.hand = ctrl, hand
+        self.ctrl_fd, self.hand_fd = ctrl.fileno(), hand.fileno()
+        self.family = family            # the listener's: its clients' sockets
         self.adm, self.board, self.slot = adm, adm.board, slot
         self.poller = select.poll()
         self.poller.register(ctrl.fileno(), select.POLLIN)
@@ -71,12 +73,13 @@ class Worker:
                 events = self.poller.poll()
             except InterruptedError:
                 continue
-            if any(fd == self.ctrl.fileno() for fd, _ in events) and self.told_to_leave():
+            fds = [fd for fd, _ in events]
+            if self.ctrl_fd in fds and self.told_to_leave():
                 return None
-            if not any(fd == self.hand.fileno() for fd, _ in events):
+            if self.hand_fd not in fds:
                 continue
             try:
-                passed, sock = handoff.receive(self.hand)
+                passed, sock = handoff.receive(self.hand, self.family)
             except handoff.Bad as e:
                 log.err("a hand-over from the front stage: %s", e)
                 return self.next_client()
@@ -105,6 +108,12 @@ class Worker:
         return False
 
     def serve(self, passed, sock):
+        if passed.local is None:        # (passed at once: the front stage did not ask)
+            try:
+                passed.local = sock.getsockname()[:2]
+            except OSError:
+                sock.close()
+                return os.EX_OK
         if not self.admit(sock, passed):
             return os.EX_OK
         self.used += 1
@@ -127,7 +136,7 @@ class Worker:
             self.hand.send(handoff.LEAVING)
             self.hand.settimeout(LEAVE_WAIT)
             while True:
-                passed, sock = handoff.receive(self.hand)
+                passed, sock = handoff.receive(self.hand, self.family)
                 if passed is None:
                     break
                 self.board.set(self.slot, Scoreboard.IDLE)

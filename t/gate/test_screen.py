@@ -11,6 +11,7 @@ front stage dies, stress mode comes and goes, the open-file limit gets
 their own."""
 
 import array
+import dataclasses
 import json
 import os
 import re
@@ -243,6 +244,22 @@ def test_a_client_passed_before_its_greeting_is_checked_by_the_worker(daemon_):
     assert wait_for(lambda: lines(d, r"worker: improper command pipelining after CONNECT "
                                      r"from UNKNOWN\(127\.0\.0\.9\)"))
     assert not lines(d, r"screen: improper command pipelining")
+
+
+def test_a_client_passed_at_once_is_asked_for_its_ident_user(daemon_, ident_server):
+    """The front stage passes a client at once without asking its socket
+    for our end's address; the worker does, so the ident question (which
+    names both ports) is still asked, and a user@ rule still matches."""
+    ident_server("127.0.0.32", "JOE")
+    d = daemon_("allow:joe@ALL:ALL:ALL\nnoto:ALL:ALL:ALL:550 %U not allowed\n",
+                SMTPD_PREFORK=2).wait_ready()
+    c = d.connect("127.0.0.32")
+    assert c.code() == 220 and mail(c)[0] == 250
+    c.cmd("QUIT")
+    old = at_once(d, "127.0.0.32")
+    assert mail(old, helo=None)[0] == 250
+    old.cmd("QUIT")
+    assert len(spool_files(d.jail)) == 2
 
 
 def test_a_scored_client_passed_at_once_keeps_its_cached_score(daemon_, dnsz):
@@ -550,7 +567,10 @@ def test_sigterm_gives_held_connections_421(daemon_):
 
 def test_handoff_decode_checks_every_field():
     good = handoff.Passed(local=("127.0.0.1", 25), peer=("192.0.2.7", 40000),
-                          origin="proxy", helo="x", esmtp=True, score=3, unread=b"MAIL\r\n")
+                          origin="proxy", helo='x"\u00e9', esmtp=True, score=3, allowlisted=True,
+                          unread=b"MAIL\r\n\xff", waited=1.5, age=2.25)
+    assert all(getattr(good, f.name) != f.default for f in dataclasses.fields(good)
+               if f.name != "greeted")      # (every field carried, as the next line sees)
     assert handoff.decode(good.encode()) == good
     at_once = handoff.Passed(local=("127.0.0.1", 25), peer=("192.0.2.7", 40000), greeted=False)
     assert handoff.decode(at_once.encode()) == at_once
