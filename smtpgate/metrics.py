@@ -21,6 +21,7 @@ DESCRIPTION
     the parent starts it again if it ends.
 """
 
+import bisect
 import errno
 import os
 import select
@@ -122,7 +123,8 @@ def smtpfwdd_layout():
 def observe(seconds):
     """One message's time to its 250, into the histogram (the sum kept in
     microseconds)."""
-    le = next((b for b in BUCKETS if seconds <= b), float("inf"))
+    i = bisect.bisect_left(BUCKETS, seconds)
+    le = BUCKETS[i] if i < len(BUCKETS) else float("inf")
     counters.count(("smtpd_message_seconds", le))
     counters.count(("smtpd_message_seconds_sum",), int(seconds * 1e6))
 

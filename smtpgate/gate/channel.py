@@ -104,14 +104,11 @@ class Channel:
     def step(self, what):
         """A new step begins: a "command" (its line and our reply, or the
         STARTTLS handshake) or "DATA"; it must be over within its time."""
-        stressed = self.stress is not None and self.stress.on()
-        if what == "DATA":
-            seconds = buildconf.SMTPD_STRESS_DATA_TIMEOUT if stressed else \
-                buildconf.SMTPD_DATA_TIMEOUT
-            seconds = min(seconds, buildconf.SMTPD_DATA_TIMEOUT)
+        if self.stress is not None and self.stress.on():
+            seconds = min(buildconf.SMTPD_STRESS_DATA_TIMEOUT, buildconf.SMTPD_DATA_TIMEOUT) \
+                if what == "DATA" else min(buildconf.SMTPD_STRESS_TIMEOUT, self.read_timeout)
         else:
-            seconds = buildconf.SMTPD_STRESS_TIMEOUT if stressed else self.read_timeout
-            seconds = min(seconds, self.read_timeout)
+            seconds = buildconf.SMTPD_DATA_TIMEOUT if what == "DATA" else self.read_timeout
         self.step_what, self.step_seconds = what, seconds
         self.step_end = time.monotonic() + seconds
 
