@@ -51,6 +51,8 @@ from smtpgate.rules.ruleset import parse, RuleError
 
 
 BACKLOG = 4096          # the kernel's queue of connections (net.core.somaxconn caps it)
+SCREEN_QUICK = 10       # seconds: a front stage that ends sooner ended "at its start"
+SCREEN_BACKOFF = 30     # seconds between such restarts at most
 SCREEN_ROWS = 4         # counters' rows for front stages (one runs, old ones drain)
 
 
@@ -225,6 +227,8 @@ class Master:
         self.stopping = self.hup = False
         self.fork_backoff = 0
         self.next_fork = 0
+        self.screen_deaths = 0      # front stages in a row that ended soon after their start
+        self.next_screen = 0        # not started again before (SCREEN_BACKOFF)
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
         os.set_blocking(self.wake_r, False)
@@ -314,6 +318,20 @@ class Master:
         self.old_screens[old.pid] = old
         self.screen = self.new_screen_handle()
 
+    def screen_delay(self):
+        """Seconds before the next front stage: none after one that ran a
+        while (or the first that did not), then 1, 2, 4 ... SCREEN_BACKOFF
+        for each more that ends within SCREEN_QUICK seconds of its start --
+        one that cannot start (a broken jail, no memory) is not forked ten
+        times a second, with a log line each."""
+        if time.monotonic() - self.screen.started >= SCREEN_QUICK:
+            self.screen_deaths = 0
+        self.screen_deaths += 1
+        delay = min(2 ** (self.screen_deaths - 2), SCREEN_BACKOFF) \
+            if self.screen_deaths >= 2 else 0
+        self.next_screen = time.monotonic() + delay
+        return delay
+
     def from_screen(self):
         """b"N": clients wait and no worker is idle (maintain forks more, up
         to -M); end of file: it ended (reap() starts it again)."""
@@ -347,7 +365,8 @@ class Master:
     def maintain(self):
         if self.watcher is None and time.monotonic() >= self.next_watcher:
             self.start_watcher()
-        if self.screen.pid is None and time.monotonic() >= self.next_fork:
+        if self.screen.pid is None and time.monotonic() >= max(self.next_fork,
+                                                                self.next_screen):
             self.start_screen()
         if self.metrics.due():
             self.start_metrics()
@@ -428,8 +447,10 @@ class Master:
                 self.screen_ended(self.screen)
                 self.screen.row = self.screen_rows.pop() if self.screen_rows else 0
                 if not self.stopping:
-                    log.warn("front stage %d ended with %s; starting it again", pid,
-                             process.describe(status))
+                    delay = self.screen_delay()
+                    log.warn("front stage %d ended with %s; starting it again%s", pid,
+                             process.describe(status),
+                             " in %d seconds" % delay if delay else "")
                 if self.screen.sock is not None:
                     self.sel.unregister(self.screen.sock)
                     self.screen.close()

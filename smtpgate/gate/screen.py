@@ -858,6 +858,7 @@ class Handle:
         self.config, self.close_in_child, self.stderr = config, close_in_child, stderr
         self.pid = self.sock = None
         self.row = 0            # its row of the counters (the master's choice)
+        self.started = 0.0      # time.monotonic() of the last start()
 
     def start(self, engine, listener, adm):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -879,7 +880,7 @@ class Handle:
             os._exit(status)
         theirs.close()
         ours.setblocking(False)
-        self.pid, self.sock = pid, ours
+        self.pid, self.sock, self.started = pid, ours, time.monotonic()
         return self
 
     def add(self, hand, slot):

@@ -415,6 +415,28 @@ def test_a_front_stage_killed_loses_no_acknowledged_message(daemon_):
     assert len(spool_files(d.jail)) == 5
 
 
+def test_a_front_stage_that_keeps_dying_at_its_start_is_restarted_ever_more_slowly(daemon_):
+    """Killed the moment it starts, again and again (as one that cannot
+    start would end): the first comes back at once, then after 1 s, 2 s
+    -- not ten times a second with a log line each -- and once one runs,
+    mail flows."""
+    d = daemon_().wait_ready()
+    seen, started = [], []
+    while len(seen) < 3:
+        assert wait_for(lambda: d.screen() not in [None] + seen, 10), d.log()
+        pid = d.screen()
+        seen.append(pid)
+        started.append(time.monotonic())
+        os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: d.screen() not in [None] + seen, 10)
+    started.append(time.monotonic())
+    assert lines(d, r"front stage %d ended with .*; starting it again$" % seen[0])
+    assert lines(d, r"front stage %d ended with .*; starting it again in 1 seconds$" % seen[1])
+    assert lines(d, r"front stage %d ended with .*; starting it again in 2 seconds$" % seen[2])
+    assert started[2] - started[1] >= 0.9 and started[3] - started[2] >= 1.9
+    assert wait_for(lambda: delivered(d.port))
+
+
 def test_a_worker_killed_loses_no_acknowledged_message(daemon_):
     d = daemon_(READ_TIMEOUT=30).wait_ready()
     assert send(d.port) == {}
