@@ -31,7 +31,8 @@ import buildconf
 from smtpgate import shm
 
 MAPPED = b"\0" * 10 + b"\xff\xff"
-NOTED_FOR, NOTED_MAX = 60.0, 1024      # Admission.delivered's memory
+NOTED_FOR, NOTED_MAX = 60.0, 1024      # Admission.delivered's memory (and old()'s size)
+OLD_FOR = 10.0                          # seconds Admission.old() keeps a yes
 
 
 def network_key(ip):
@@ -59,6 +60,7 @@ class Scoreboard(shm.Region):
 
     SLOT, STATE, SINCE = 32, 16, 24
     FREE, IDLE, BUSY, ENDING = 0, 1, 2, 3     # ENDING: session over, closing
+    HANDED = 4          # the front stage is sending it a client (reserve())
 
     def __init__(self, n):
         super().__init__("smtpd-scoreboard", n * self.SLOT)
@@ -89,14 +91,36 @@ class Scoreboard(shm.Region):
             pos = self.mm.find(key, pos + 1)
         return n
 
-    def claim(self, slot, key, limit):
+    def claim(self, slot, key, limit, accepted=False):
         """Mark slot busy with key unless limit slots already have it;
-        the number of sessions key already had."""
+        the number of sessions key already had -- or None for a client the
+        worker accepted itself while the front stage was reserving it for
+        another (that one is on its way: this one goes to the front stage)."""
         with self:
+            if accepted and self.mm[slot * self.SLOT + self.STATE] == self.HANDED:
+                return None
             n = self.sessions(key)
             if n < limit:
                 self.set(slot, self.BUSY, key)
             return n
+
+    def reserve(self, slot):
+        """The front stage: mark an idle worker's slot HANDED before it
+        sends the worker a client; False if it is not idle (it accepted a
+        client itself)."""
+        with self:
+            at = slot * self.SLOT + self.STATE
+            if self.mm[at] != self.IDLE:
+                return False
+            self.mm[at] = self.HANDED
+            return True
+
+    def unreserve(self, slot):
+        """The hand-over failed: the slot is idle again (if still HANDED)."""
+        with self:
+            at = slot * self.SLOT + self.STATE
+            if self.mm[at] == self.HANDED:
+                self.mm[at] = self.IDLE
 
 
 class RateTable(shm.Table):
@@ -179,16 +203,35 @@ def address_key(ip):
 
 class Stress(shm.Region):
     """One word the screen sets while it is under stress; the workers read
-    it (channel.py: a command's deadline)."""
+    it (channel.py: a command's deadline); one it sets while it is out of
+    descriptors (crowded()).  And the front stage's
+    generation, which the master counts up as it starts one: a worker
+    accepts clients itself only while the front stage it was made for is
+    the current one (worker.py)."""
 
     def __init__(self):
         super().__init__("smtpd-stress", 8)
+        self.gen = memoryview(self.mm).cast("I")
 
     def on(self):
         return self.mm[0] == 1
 
     def set(self, on):
         self.mm[0] = int(on)
+
+    def set_crowded(self, on):
+        self.mm[1] = int(on)
+
+    def crowded(self):
+        """The front stage is out of descriptors: a worker refuses what it
+        would give it."""
+        return self.mm[1] == 1
+
+    def generation(self):
+        return self.gen[1]
+
+    def next_generation(self):
+        self.gen[1] = (self.gen[1] + 1) & 0xFFFFFFFF
 
 
 class Admission:
@@ -218,6 +261,7 @@ class Admission:
         self.exempt = exempt
         self.shared = shared
         self.noted = {}         # (a worker's) address key -> until when it need not look again
+        self.olds = {}          # address key -> until when old() need not look again
 
     def delivered(self, ip):
         """A worker's client had a message accepted: the front stage may
@@ -235,6 +279,23 @@ class Admission:
         if self.passes_here.peek(key) != PassTable.DELIVERED:
             self.passes.put(ip, PassTable.DELIVERED, ttl=buildconf.SMTPD_SCREEN_ALLOW_TTL,
                             now=time.time())        # (and to Redis: other gates skip the pause)
+
+    def old(self, key):
+        """Did the client of address_key key have mail accepted here
+        (PassTable DELIVERED)?  A yes is kept OLD_FOR seconds at most (a
+        tenth of the table's TTL): the next connections from it skip the
+        table's keyed hash."""
+        if self.passes_here is None:
+            return False
+        now = time.monotonic()
+        if self.olds.get(key, 0.0) > now:
+            return True
+        if self.passes_here.peek(key) != PassTable.DELIVERED:
+            return False
+        if len(self.olds) >= NOTED_MAX:
+            self.olds.clear()
+        self.olds[key] = now + min(OLD_FOR, buildconf.SMTPD_SCREEN_ALLOW_TTL / 10)
+        return True
 
     def attempt(self, key):
         """(admitted, log this refusal) for a new session from key: the

@@ -13,8 +13,11 @@ DESCRIPTION
     after each session; LEAVING when it is about to exit: the front stage
     forgets it and closes its end, and the worker serves any client sent
     before that close (datagrams keep their order) -- none is lost in
-    between.  Nothing in a message is trusted: decode() checks every field
-    and its bounds (a front stage is as jailed as a worker, no more).
+    between.  GIVEN (with a descriptor and the peer's address as JSON):
+    a connection the worker accepted itself and gives the front stage.
+    Nothing in a message is trusted: decode() and given_peer() check
+    every field and its bounds (a front stage is as jailed as a worker, no
+    more).
 FORMAT
     One datagram: JSON of the fields below, at most MESSAGE_MAX octets,
     and the client's descriptor in its ancillary data.
@@ -28,6 +31,7 @@ import socket
 
 READY = b"R"                # a worker can take a client
 LEAVING = b"L"              # a worker leaves: the front stage closes its end
+GIVEN = b"C"                # a worker gives the front stage a connection it accepted
 MESSAGE_MAX = 65536
 UNREAD_MAX = 16384          # octets of the client the front stage may pass on
 ANCILLARY = socket.CMSG_SPACE(4 * array.array("i").itemsize)    # room for 4 descriptors
@@ -123,6 +127,41 @@ def send(sock, passed, fd):
     """Hand fd and passed over sock (the worker's); OSError."""
     sock.sendmsg([passed.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                       array.array("i", [fd]))], socket.MSG_DONTWAIT)
+
+
+def give(sock, fd, peer):
+    """A worker: the connection fd it accepted (from peer) to the front
+    stage, over its hand-over socket; OSError."""
+    sock.sendmsg([GIVEN + "".join(ENCODE(peer[:2], 0)).encode()],
+                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
+                 socket.MSG_DONTWAIT)
+
+
+def receive_word(sock):
+    """The front stage: (octets, [descriptors]) of a worker's next word;
+    OSError."""
+    fds = array.array("i")
+    data, anc, flags, _ = sock.recvmsg(256, ANCILLARY, socket.MSG_DONTWAIT)
+    for level, kind, cdata in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])
+    if flags & TRUNCATED and data[:1] != GIVEN:
+        data = b"?"             # (a given connection says so itself: given_peer)
+    return data, list(fds)
+
+
+def given_peer(data, fds):
+    """The client's (address, port) of a GIVEN word with its one
+    descriptor; Bad."""
+    if len(fds) != 1:
+        raise Bad("%d descriptors with a given connection" % len(fds))
+    try:
+        peer = pair(json.loads(data[1:].decode("latin-1")), "peer")
+    except ValueError:
+        raise Bad("a given connection's peer is not JSON") from None
+    if peer is None:
+        raise Bad("a given connection without its peer")
+    return peer
 
 
 def receive(sock, family=None):

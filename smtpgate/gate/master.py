@@ -297,6 +297,8 @@ class Master:
         workers are new ones, so that it knows each one's readiness from its
         first word: the old ones are the old front stage's, and leave when
         it ends (their hand-over socket closes)."""
+        self.admission.stress.next_generation()     # (the old workers stop accepting)
+        self.admission.stress.set_crowded(False)
         try:
             self.screen.start(self.engine, self.listener, self.admission)
         except OSError as e:
@@ -661,15 +663,14 @@ class Master:
         try:
             process.child_signals(signal.SIGTERM, signal.SIGCHLD)   # the master ends sessions
             process.leave_terminal(self.relay and self.relay.w)
-            family = self.listener.family
-            for x in [self.listener] + self.inherited():
+            for x in self.inherited():
                 close(x)
             process.set_title("smtpd: worker")
             log.log.role = "worker: "
             counters.use_row(slot + 1)
             enter_jail(self.config)
             status = Worker(self.config, self.engine, ctrl, hand, self.admission, slot,
-                            family).run()
+                            self.listener).run()
         except SystemExit as e:
             status = e.code if isinstance(e.code, int) else os.EX_SOFTWARE
         except BaseException as e:

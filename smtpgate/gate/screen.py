@@ -17,7 +17,9 @@ DESCRIPTION
     that passed the pause is remembered (PassTable, shared through the
     store when configured) and skips the pause next time; one that had a
     message accepted goes to an idle worker at once next time, before
-    its greeting (postscreen's PASS OLD: at_once()).
+    its greeting (postscreen's PASS OLD: at_once()) -- usually without us:
+    idle workers wait on the listener ahead of us (behind_workers()),
+    serve such a client themselves and give us every other connection.
 LIMITS
     SMTPD_SCREEN_MAX connections held (more get 421), SMTPD_SCREEN_PER_NETWORK
     of them per network; the master raises the open-file limit for them.
@@ -30,7 +32,9 @@ LIMITS
 PROTOCOL (master)
     The master sends, on the screen's control socket, b"W" with a worker's
     hand-over socket (SCM_RIGHTS) for each worker it forks, b"Q" to stop;
-    the screen sends b"N" when clients wait and no worker is idle.
+    the screen sends b"N" when clients wait and no worker is idle.  On a
+    worker's socket: READY, LEAVING and GIVEN from it, Passed to it
+    (handoff.py); before a Passed, Scoreboard.reserve() marks its slot.
 """
 
 import array
@@ -58,11 +62,13 @@ ANSWERED = (b"HELO", b"EHLO", b"NOOP", b"RSET", b"QUIT")   # the commands answer
 ANSWERED_MAX = 10           # then the next goes to a worker, whatever it is
 PRINTABLE = re.compile(rb"[\x20-\x7e]*\Z")   # (else a session refuses it, or -P's HELO check)
 LINE_MAX = 512
+LISTENING = select.EPOLLIN | select.EPOLLEXCLUSIVE     # (see behind_workers)
 ACCEPTS = 256               # connections accepted a turn of the loop
+NEAR_LIMIT = 64             # descriptors: from_worker makes sure of room for one
+CROWDED_ROOM = 16           # connections fewer than then, and workers give us theirs again
 ASKED_EVERY = 0.1           # seconds between two b"N" to the master
 LOG_EVERY = 60
-ADDRESSES = 4096            # address texts whose parse is kept (and old() answers)
-OLD_FOR = 10.0              # seconds old()'s yes is kept
+ADDRESSES = 4096            # address texts whose parse is kept
 LINGER = 1.0                # seconds a last reply's connection reads before its close
 FILES_SPARE = 1024          # descriptors beyond the connections' (workers, DNS, logs)
 
@@ -93,10 +99,11 @@ class Client:
 
 
 class Worker:
-    __slots__ = ("sock", "slot")
+    __slots__ = ("sock", "slot", "fresh")
 
     def __init__(self, sock, slot):
         self.sock, self.slot = sock, slot
+        self.fresh = True       # it has not said READY yet
 
 
 class Screen:
@@ -111,20 +118,22 @@ class Screen:
         self.workers = {}               # hand-over socket fd -> Worker
         self.idle = {}                  # of them, those that said READY: fd -> Worker
         self.addresses = {}             # address text -> (ip, network key, PassTable key)
-        self.olds = {}                  # PassTable key -> until when old() need not look
         self.queue = collections.deque()        # Clients waiting for a worker
         self.timers = []                # (due, fd, since) heap; stale entries skipped
         self.lingering = {}             # fd -> socket: a last reply went out (linger)
         self.linger_queue = collections.deque()     # (due, fd, socket), oldest first
         self.stopping = self.draining = self.orphaned = False
         self.stressed = False
+        self.crowded = 0                # connections held when descriptors ran out
         self.asked = 0.0
         self.logged = {}
         self.spare = os.dup(ctl.fileno())       # given up for a moment at EMFILE
+        self.fixed_fds = self.spare + 1         # (about what we hold but do not count)
+        self.fd_limit, self.limit_read = resource.getrlimit(resource.RLIMIT_NOFILE)[0], 0.0
         self.passes, self.passes_here = adm.passes, adm.passes_here
         self.family = int(listener.family)
         self.listen_fd, self.ctl_fd = listener.fileno(), ctl.fileno()
-        self.ep.register(self.listen_fd, select.EPOLLIN)
+        self.ep.register(self.listen_fd, LISTENING)
         self.ep.register(self.ctl_fd, select.EPOLLIN)
         signal.signal(signal.SIGUSR2, self.on_master_death)
         libc.set_parent_death_signal(signal.SIGUSR2)
@@ -153,6 +162,9 @@ class Screen:
             self.expire(time.monotonic())
             self.dispatch()
             self.judge_stress()
+            if self.crowded and len(self.clients) < self.crowded - CROWDED_ROOM:
+                self.crowded = 0
+                self.adm.stress.set_crowded(False)
             counters.set(HELD, len(self.clients))
         return self.close_all()
 
@@ -222,20 +234,67 @@ class Screen:
                 os.close(fd)
 
     def from_worker(self, w):
+        full = self.near_limit() and not self.room()
         try:
-            data = w.sock.recv(16)
+            data, fds = handoff.receive_word(w.sock)
         except (BlockingIOError, InterruptedError):
-            return
+            data, fds = None, []
         except OSError:
-            data = b""
+            data, fds = b"", []
+        if full:                        # (the spare's place took a given connection)
+            for x in fds:
+                chat.send(x, chat.NOT_AVAILABLE)
+                os.close(x)
+            self.spare = os.dup(self.ctl_fd)
+            if fds:
+                return self.no_descriptors(given=True)
+            fds = []
+        if data is None:
+            return
         fd = w.sock.fileno()
+        if data[:1] == handoff.GIVEN:
+            if not fds:                 # (the kernel found no room for it: it is lost)
+                self.limit_read = 0.0   # (the limit was lowered: read it now)
+                return self.no_descriptors(given=True)
+            return self.given(data, fds)
+        for x in fds:
+            os.close(x)
         if data == handoff.READY:
+            if w.fresh:             # (its wait on the listener is queued now)
+                w.fresh = False
+                self.behind_workers()
             self.idle[fd] = w
         elif data == handoff.LEAVING or not data:   # it leaves, or has ended
             self.ep.unregister(fd)
             del self.workers[fd]
             self.idle.pop(fd, None)
             w.sock.close()
+
+    def behind_workers(self):
+        """Our wait on the listener to the end of its queue, behind every
+        worker's: a new connection wakes an idle worker (which serves a
+        client passed before at once, and gives us any other), and us only
+        when none is waiting (EPOLLEXCLUSIVE)."""
+        if self.listen_fd < 0:
+            return
+        try:
+            self.ep.unregister(self.listen_fd)
+            self.ep.register(self.listen_fd, LISTENING)
+        except OSError as e:
+            log.err("front stage: epoll on the listener: %s", e.strerror)
+
+    def given(self, data, fds):
+        """A connection a worker accepted and gives us: a new client."""
+        try:
+            addr = handoff.given_peer(data, fds)
+        except handoff.Bad as e:
+            for x in fds:
+                os.close(x)
+            return log.err("a connection from a worker: %s", e)
+        if self.stopping:               # (draining, it sees what its workers give through)
+            chat.send(fds[0], chat.NOT_AVAILABLE)
+            return os.close(fds[0])
+        self.new_client(fds[0], addr)
 
     def dispatch(self):
         """Pass waiting clients to idle workers, oldest first."""
@@ -260,9 +319,12 @@ class Screen:
     def hand(self, w, c, greeted=True):
         """Pass c to the idle worker w: False if it cannot take it now."""
         del self.idle[w.sock.fileno()]     # (gone or full if this fails: its end says which)
+        if not self.board.reserve(w.slot):
+            return False                # it accepted a client itself: READY again after
         try:
             handoff.send(w.sock, self.passed(c, greeted), c.fd)
         except OSError:
+            self.board.unreserve(w.slot)
             return False
         counters.count(PASSED)
         self.drop(c)
@@ -297,12 +359,42 @@ class Screen:
                 return self.stop_listening()
             self.new_client(fd, addr)
 
-    def no_descriptors(self):
+    def near_limit(self):
+        """Might a descriptor a worker gives us not fit?  Counted from what
+        we hold, with room for what we do not count; the open-file limit
+        is read again once a second (a test lowers it under us)."""
+        now = time.monotonic()
+        if now - self.limit_read >= 1.0:
+            self.limit_read = now
+            self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        held = len(self.clients) + len(self.lingering) + len(self.by_scoring) + len(self.workers)
+        return held + self.fixed_fds + NEAR_LIMIT >= self.fd_limit
+
+    def room(self):
+        """Near the limit, before a worker's word is received (its
+        descriptor, if any, needs a place): is there one?  If not, the
+        spare is given up for it (from_worker refuses it with 421 and
+        takes the spare back)."""
+        try:
+            os.close(os.dup(self.ctl_fd))
+            return True
+        except OSError:
+            os.close(self.spare)
+            return False
+
+    def no_descriptors(self, given=False):
         """The open-file limit: a spare descriptor makes room for one more
-        accept, its 421, its close; logged once a minute."""
+        accept, its 421, its close; logged once a minute.  A connection a
+        worker gave us was closed by the kernel (no descriptor to receive
+        it in): the workers refuse with 421 themselves until we hold fewer
+        (Stress.crowded)."""
         self.once("fds", log.err, "front stage: out of file descriptors with %d connections "
                   "held: refusing with 421", len(self.clients))
         counters.count(refused("descriptors"))
+        self.crowded = len(self.clients)
+        self.adm.stress.set_crowded(True)
+        if given:
+            return
         os.close(self.spare)
         try:
             sock, _ = self.listener.accept()
@@ -443,28 +535,18 @@ class Screen:
         its greeting, which the worker sends -- not under stress, not when
         others wait, and with DNS lists only when its score is cached (and
         below the threshold).  The pause and EHLO here would only cost it."""
-        if self.stressed or self.queue or self.passes_here is None or not self.old(passkey):
+        if self.stressed or self.queue or not self.adm.old(passkey):
             return False
         if rep is not None and not c.exempt:
             if cached is None or cached >= rep.threshold:
                 return False
             c.score, c.allowlisted = cached, rep.allowlisted(cached)
-        w = self.idle_worker()
-        return w is not None and self.hand(w, c, greeted=False)
-
-    def old(self, passkey):
-        """Did this client have mail accepted here (PassTable DELIVERED)?  A
-        yes is kept OLD_FOR seconds at most (a tenth of the table's TTL):
-        the next connections from it skip the table's keyed hash."""
-        now = time.monotonic()
-        if self.olds.get(passkey, 0.0) > now:
-            return True
-        if self.passes_here.peek(passkey) != PassTable.DELIVERED:
-            return False
-        if len(self.olds) >= ADDRESSES:
-            self.olds.clear()
-        self.olds[passkey] = now + min(OLD_FOR, buildconf.SMTPD_SCREEN_ALLOW_TTL / 10)
-        return True
+        while True:
+            w = self.idle_worker()
+            if w is None:
+                return False
+            if self.hand(w, c, greeted=False):
+                return True
 
     def known(self, ip):
         if self.passes is None or not buildconf.SMTPD_SCREEN_ALLOW_TTL:
@@ -802,6 +884,8 @@ class Screen:
             self.refuse(c, chat.NOT_AVAILABLE)
         if self.stressed:
             self.adm.stress.set(False)
+        if self.crowded:
+            self.adm.stress.set_crowded(False)
         return os.EX_OK
 
 

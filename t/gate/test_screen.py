@@ -246,6 +246,63 @@ def test_a_client_passed_before_its_greeting_is_checked_by_the_worker(daemon_):
     assert not lines(d, r"screen: improper command pipelining")
 
 
+def test_a_client_that_had_mail_accepted_is_served_while_the_front_stage_is_stopped(daemon_):
+    """An idle worker accepts a new connection itself (the front stage
+    waits last on the listener): one from a client that had mail
+    accepted, it serves -- greeted by the worker -- and any other it gives
+    the front stage, which greets it.  With the front stage stopped, the
+    first is served and the second waits."""
+    d = daemon_(ALLOW, SMTPD_PREFORK=3).wait_ready()
+    c = d.connect("127.0.0.9")
+    assert c.code() == 220 and mail(c)[0] == 250
+    c.cmd("QUIT")
+    screen = d.screen()
+    os.kill(screen, signal.SIGSTOP)
+    try:
+        old = d.connect("127.0.0.9")
+        assert old.code() == 220
+        assert mail(old)[0] == 250
+        assert old.cmd("QUIT")[0] == 221
+        new = socket.create_connection(("127.0.0.1", d.port), timeout=1,
+                                       source_address=("127.0.0.10", 0))
+        with pytest.raises(socket.timeout):
+            new.recv(512)               # (given to the front stage, which is stopped)
+    finally:
+        os.kill(screen, signal.SIGCONT)
+    new.settimeout(10)
+    assert new.recv(512).startswith(b"220 ")
+    new.close()
+    assert len(spool_files(d.jail)) == 2
+    assert lines(d, r'worker: EHLO from UNKNOWN\(127\.0\.0\.9\) as "client\.example"')
+
+
+def test_after_new_settings_a_client_served_at_once_meets_them(daemon_, tmp_path):
+    """A settings SIGHUP makes a new front stage with new workers, and the
+    old ones stop accepting connections themselves: a client that had mail
+    accepted, served by whichever worker wakes for it, meets the new
+    settings."""
+    settings = tmp_path / "smtpd.conf"
+    settings.write_text("")
+    d = daemon_(ALLOW, SMTPD_PREFORK=3, SETTINGS_FILE=str(settings)).wait_ready()
+    c = d.connect("127.0.0.9")
+    assert c.code() == 220 and mail(c)[0] == 250
+    c.cmd("QUIT")
+    held = d.connect("127.0.0.20")          # keeps the old front stage (and workers) alive
+    assert held.code() == 220
+    old_workers = set(d.workers())
+    settings.write_text("SMTPD_CHUNKING = 0\n")
+    os.kill(d.master_pid(), signal.SIGHUP)
+    assert wait_for(lambda: "settings re-read" in d.log()), d.log()
+    assert wait_for(lambda: set(d.workers()) - old_workers)
+    for _ in range(6):
+        again = d.connect("127.0.0.9")
+        assert again.code() == 220
+        keywords = again.cmd("EHLO client.example")[1]
+        assert "CHUNKING" not in keywords, keywords
+        again.cmd("QUIT")
+    held.close()
+
+
 def test_a_client_passed_at_once_is_asked_for_its_ident_user(daemon_, ident_server):
     """The front stage passes a client at once without asking its socket
     for our end's address; the worker does, so the ident question (which
@@ -638,3 +695,49 @@ def test_handoff_receive_refuses_a_message_without_exactly_one_descriptor():
     finally:
         a.close()
         b.close()
+
+
+def test_a_given_connection_is_checked_and_its_descriptors_kept_or_closed():
+    """A worker's GIVEN: exactly one descriptor, the peer as (address,
+    port); anything else is refused and its descriptors are the caller's
+    to close."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    x, y = socket.socketpair()
+    try:
+        handoff.give(a, x.fileno(), ("192.0.2.7", 40000, 0, 0))
+        data, fds = handoff.receive_word(b)
+        assert data[:1] == handoff.GIVEN and len(fds) == 1
+        assert handoff.given_peer(data, fds) == ("192.0.2.7", 40000)
+        os.close(fds[0])
+        for data, fds in [(b'C["192.0.2.7",40000]', []), (b'C["192.0.2.7",40000]', [7, 8]),
+                          (b"C{", [7]), (b"Cnull", [7]), (b'C["192.0.2.7",70000]', [7]),
+                          (b'C[5,25]', [7])]:
+            with pytest.raises(handoff.Bad):
+                handoff.given_peer(data, fds)
+        a.send(handoff.READY)
+        assert handoff.receive_word(b) == (handoff.READY, [])
+    finally:
+        for s in (a, b, x, y):
+            s.close()
+
+
+def test_the_scoreboard_settles_a_hand_over_against_a_worker_own_accept():
+    """reserve() takes an idle slot for a hand-over; a worker that accepted
+    a connection meanwhile is told so by claim() (None: give it to the
+    front stage); a busy slot cannot be reserved; unreserve() undoes a
+    hand-over that failed."""
+    from smtpgate.gate.admission import Scoreboard, MAPPED
+    board, key = Scoreboard(2), MAPPED + bytes([192, 0, 2, 7])
+    board.set(0, Scoreboard.IDLE)
+    assert board.reserve(0)
+    assert board.claim(0, key, 10, accepted=True) is None
+    assert board.state(0) == Scoreboard.HANDED
+    assert board.claim(0, key, 10) == 0 and board.state(0) == Scoreboard.BUSY
+    assert not board.reserve(0)
+    board.set(1, Scoreboard.IDLE)
+    assert board.claim(1, key, 10, accepted=True) == 1      # its own: claimed
+    assert not board.reserve(1)
+    board.set(1, Scoreboard.IDLE)
+    assert board.reserve(1)
+    board.unreserve(1)
+    assert board.state(1) == Scoreboard.IDLE
