@@ -87,7 +87,8 @@ class Worker:
         return self.leave()
 
     def next_client(self):
-        """(Passed, socket) of the next client, or None when it is time to
+        """(Passed, socket, admitted) of the next client -- admitted: one we
+        accepted ourselves, our slot claimed -- or None when it is time to
         leave (the master said so, or it or the front stage is gone)."""
         try:
             self.hand.send(handoff.READY)
@@ -126,8 +127,8 @@ class Worker:
         postscreen's PASS OLD, without the front stage's hop)?  Only where
         the front stage would pass them at once on its own: not under
         stress (take()), not once a new front stage has its own workers
-        (new settings: take()), and never with what only it knows -- a PROXY header, DNS lists' scores,
-        the rate table."""
+        (new settings: take()), and never with what only it knows -- a
+        PROXY header, DNS lists' scores, the rate table."""
         adm = self.adm
         return (adm.passes_here is not None and adm.rates is None and not self.config.proxy_from
                 and self.engine.reputation is None)
