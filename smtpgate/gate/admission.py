@@ -31,8 +31,7 @@ import buildconf
 from smtpgate import shm
 
 MAPPED = b"\0" * 10 + b"\xff\xff"
-NOTED_FOR, NOTED_MAX = 60.0, 1024      # Admission.delivered's memory (and old()'s size)
-OLD_FOR = 10.0                          # seconds Admission.old() keeps a yes
+OLD_FOR, OLD_MAX = 10.0, 1024          # Admission.old()'s memory: seconds, clients
 
 
 def network_key(ip):
@@ -204,10 +203,10 @@ def address_key(ip):
 class Stress(shm.Region):
     """One word the screen sets while it is under stress; the workers read
     it (channel.py: a command's deadline); one it sets while it is out of
-    descriptors (crowded()).  And the front stage's
-    generation, which the master counts up as it starts one: a worker
-    accepts clients itself only while the front stage it was made for is
-    the current one (worker.py)."""
+    descriptors (crowded()).  And the front stage's generation, which the
+    master counts up as it starts one: a worker accepts clients itself
+    only while the front stage it was made for is the current one
+    (worker.py)."""
 
     def __init__(self):
         super().__init__("smtpd-stress", 8)
@@ -260,23 +259,13 @@ class Admission:
                                    buildconf.SMTPD_RATE_WINDOW)
         self.exempt = exempt
         self.shared = shared
-        self.noted = {}         # (a worker's) address key -> until when it need not look again
         self.olds = {}          # address key -> until when old() need not look again
 
     def delivered(self, ip):
-        """A worker's client had a message accepted: the front stage may
-        pass it to a worker before the greeting next time (screen.py).
-        Looked up once in NOTED_FOR seconds per client and worker (its
-        next messages change nothing there)."""
-        if self.passes_here is None:
-            return
-        key, now = address_key(ip), time.monotonic()
-        if self.noted.get(key, 0.0) > now:
-            return
-        if len(self.noted) >= NOTED_MAX:
-            self.noted.clear()
-        self.noted[key] = now + min(NOTED_FOR, buildconf.SMTPD_SCREEN_ALLOW_TTL / 10)
-        if self.passes_here.peek(key) != PassTable.DELIVERED:
+        """A worker's client had a message accepted: it is passed at once
+        next time (screen.py, worker.py) -- recorded unless old() knows it
+        already (its next messages change nothing there)."""
+        if self.passes_here is not None and not self.old(address_key(ip)):
             self.passes.put(ip, PassTable.DELIVERED, ttl=buildconf.SMTPD_SCREEN_ALLOW_TTL,
                             now=time.time())        # (and to Redis: other gates skip the pause)
 
@@ -292,7 +281,7 @@ class Admission:
             return True
         if self.passes_here.peek(key) != PassTable.DELIVERED:
             return False
-        if len(self.olds) >= NOTED_MAX:
+        if len(self.olds) >= OLD_MAX:
             self.olds.clear()
         self.olds[key] = now + min(OLD_FOR, buildconf.SMTPD_SCREEN_ALLOW_TTL / 10)
         return True

@@ -129,6 +129,15 @@ def send(sock, passed, fd):
                                       array.array("i", [fd]))], socket.MSG_DONTWAIT)
 
 
+def descriptors(anc):
+    """The descriptors (SCM_RIGHTS) of recvmsg's ancillary data."""
+    fds = array.array("i")
+    for level, kind, cdata in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])
+    return fds
+
+
 def give(sock, fd, peer):
     """A worker: the connection fd it accepted (from peer) to the front
     stage, over its hand-over socket; OSError."""
@@ -140,14 +149,10 @@ def give(sock, fd, peer):
 def receive_word(sock):
     """The front stage: (octets, [descriptors]) of a worker's next word;
     OSError."""
-    fds = array.array("i")
     data, anc, flags, _ = sock.recvmsg(256, ANCILLARY, socket.MSG_DONTWAIT)
-    for level, kind, cdata in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])
     if flags & TRUNCATED and data[:1] != GIVEN:
         data = b"?"             # (a given connection says so itself: given_peer)
-    return data, list(fds)
+    return data, list(descriptors(anc))
 
 
 def given_peer(data, fds):
@@ -168,11 +173,8 @@ def receive(sock, family=None):
     """(Passed, client socket) of the next message on sock; (None, None) at
     end of file; Bad (its descriptors closed) for anything else.  family:
     the listener's, which spares the socket's three questions to learn it."""
-    fds = array.array("i")
     data, anc, flags, _ = sock.recvmsg(MESSAGE_MAX, ANCILLARY)
-    for level, kind, cdata in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])
+    fds = descriptors(anc)
     if not data and not fds:
         return None, None
     try:

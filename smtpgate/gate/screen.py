@@ -130,7 +130,7 @@ class Screen:
         self.spare = os.dup(ctl.fileno())       # given up for a moment at EMFILE
         self.fixed_fds = self.spare + 1         # (about what we hold but do not count)
         self.fd_limit, self.limit_read = resource.getrlimit(resource.RLIMIT_NOFILE)[0], 0.0
-        self.passes, self.passes_here = adm.passes, adm.passes_here
+        self.passes = adm.passes
         self.family = int(listener.family)
         self.listen_fd, self.ctl_fd = listener.fileno(), ctl.fileno()
         self.ep.register(self.listen_fd, LISTENING)
@@ -207,16 +207,13 @@ class Screen:
     # -- the master and the workers --
 
     def from_master(self):
-        fds = array.array("i")
         try:
-            data, anc, _, _ = self.ctl.recvmsg(64, socket.CMSG_SPACE(fds.itemsize))
+            data, anc, _, _ = self.ctl.recvmsg(64, socket.CMSG_SPACE(array.array("i").itemsize))
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data, anc = b"", []
-        for level, kind, cdata in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])
+        fds = handoff.descriptors(anc)
         if not data:
             self.orphaned = True
             self.ep.unregister(self.ctl.fileno())
@@ -248,7 +245,6 @@ class Screen:
             self.spare = os.dup(self.ctl_fd)
             if fds:
                 return self.no_descriptors(given=True)
-            fds = []
         if data is None:
             return
         fd = w.sock.fileno()
@@ -820,7 +816,7 @@ class Screen:
         """No longer ours: out of every table (the caller closes or passes it)."""
         if self.clients.pop(c.fd, None) is None:
             return
-        if c.state is not None:         # (None: passed at once, never in the loop)
+        if c.state is not None:         # (None: refused at admission, never in the loop)
             try:
                 self.ep.unregister(c.fd)
             except (KeyError, ValueError, OSError):
