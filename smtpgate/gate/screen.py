@@ -66,6 +66,7 @@ LISTENING = select.EPOLLIN | select.EPOLLEXCLUSIVE     # (see behind_workers)
 ACCEPTS = 256               # connections accepted a turn of the loop
 NEAR_LIMIT = 64             # descriptors: from_worker makes sure of room for one
 CROWDED_ROOM = 16           # connections fewer than then, and workers give us theirs again
+CAP_RECHECK = 0.2           # seconds before a client at SMTPD_MAX_PER_IP is counted again
 ASKED_EVERY = 0.1           # seconds between two b"N" to the master
 LOG_EVERY = 60
 ADDRESSES = 4096            # address texts whose parse is kept
@@ -78,7 +79,8 @@ class Client:
 
     __slots__ = ("sock", "fd", "local", "peer", "origin", "ip", "key", "state",
                  "since", "due", "buf", "scoring", "asking", "score", "allowlisted", "exempt",
-                 "helo", "esmtp", "pause_end", "paused", "waiting_since", "answered")
+                 "helo", "esmtp", "pause_end", "paused", "waiting_since", "answered",
+                 "rechecked")
 
     def __init__(self, fd, peer, now):
         self.fd, self.sock = fd, None       # (sock: once it is held, hold())
@@ -91,6 +93,7 @@ class Client:
         self.helo, self.esmtp = None, False
         self.pause_end = self.waiting_since = 0.0
         self.answered = 0
+        self.rechecked = False  # greet() counted its network at the cap once
 
     @property
     def where(self):
@@ -569,10 +572,17 @@ class Screen:
         if c.scoring is not None:
             if not self.judge_reputation(c):
                 return
+            c.scoring = None            # (judged, its socket closed)
         if buildconf.SMTPD_FORBID_UNAUTH_PIPELINING and self.waiting_input(c):
             return self.out_of_sync(c, "CONNECT")
         n = self.sessions[c.key] + self.board.sessions(c.key)
         if n >= buildconf.SMTPD_MAX_PER_IP:
+            if not c.rechecked:
+                # One of those counted may have hung up in the event we have
+                # not read yet (a client that reconnects at once after its
+                # QUIT): ask again after those are read, then refuse.
+                c.rechecked = True
+                return self.schedule(c, now + CAP_RECHECK)
             log.notice("refused %s: %d sessions from %s already", c.ip, n,
                        network_text(c.key))
             counters.count(refused("sessions"))
